@@ -1,0 +1,225 @@
+"""Budgets and allocation methods: one pruning ratio per group under global cost targets.
+
+Costs come from an exact multilinear model of the dense network: a layer's MACs scale with the
+kept fraction of the group that owns its output channels times that of the group that owns its
+input channels (a parameter tensor likewise, per dimension). With the channel counts that
+``keep_count`` gives, the model predicts the pruned network's MACs and parameters exactly (for the
+layers ``metrics.module_macs`` counts); the prune stage measures them again anyway.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Sequence
+
+import numpy as np
+import torch
+from torch import nn
+
+from .graph import GroupInfo, keep_count
+
+METHODS = ("uniform", "global", "sensitivity")
+COSTS = ("macs", "params")
+
+
+class BudgetError(ValueError):
+    """A target that cannot be met within the allowed per-group ratios."""
+
+
+@dataclass
+class Term:
+    value: float
+    groups: tuple[int, ...]  # indices of the groups whose kept fraction scales this term
+
+
+class CostModel:
+    def __init__(self, model: nn.Module, groups: Sequence[GroupInfo], module_macs: dict[str, int]) -> None:
+        self.groups = list(groups)
+        self.sizes = np.array([g.size for g in groups], dtype=np.int64)
+        out_of: dict[str, int] = {}
+        in_of: dict[str, int] = {}
+        for gi, g in enumerate(groups):
+            for m in g.members:
+                (out_of if m.out else in_of)[m.module] = gi
+        mods = dict(model.named_modules())
+        self.terms: dict[str, list[Term]] = {"macs": [], "params": []}
+        for name, value in module_macs.items():
+            self.terms["macs"].append(Term(float(value), self._governing(name, mods[name], out_of, in_of, both=True)))
+        for name, mod in mods.items():
+            for pname, p in mod.named_parameters(recurse=False):
+                both = pname == "weight" and p.dim() >= 2
+                self.terms["params"].append(Term(float(p.numel()), self._governing(name, mod, out_of, in_of, both=both)))
+        self.dense = {k: self.cost(k, np.zeros(len(groups))) for k in COSTS}
+
+    @staticmethod
+    def _governing(name: str, mod: nn.Module, out_of: dict, in_of: dict, both: bool) -> tuple[int, ...]:
+        gs = set()
+        if name in out_of:
+            gs.add(out_of[name])
+        if both and name in in_of and not (isinstance(mod, nn.modules.conv._ConvNd) and mod.groups > 1):
+            gs.add(in_of[name])
+        return tuple(sorted(gs))
+
+    def keep_fractions(self, ratios: np.ndarray, round_to: int = 1) -> np.ndarray:
+        return np.array([keep_count(int(s), float(r), round_to) / s for s, r in zip(self.sizes, ratios)])
+
+    def cost(self, kind: str, ratios: np.ndarray, round_to: int = 1) -> float:
+        f = self.keep_fractions(ratios, round_to)
+        return float(sum(t.value * float(np.prod(f[list(t.groups)])) for t in self.terms[kind]))
+
+    def fraction(self, kind: str, ratios: np.ndarray, round_to: int = 1) -> float:
+        return self.cost(kind, ratios, round_to) / self.dense[kind]
+
+
+@dataclass
+class Allocation:
+    ratios: np.ndarray
+    predicted: dict[str, float]  # kept fraction per cost kind
+    predicted_loss: float = math.nan
+
+
+def _meets(cm: CostModel, ratios: np.ndarray, targets: dict[str, float], round_to: int) -> bool:
+    return all(cm.fraction(k, ratios, round_to) <= t + 1e-12 for k, t in targets.items())
+
+
+def _check_reachable(cm: CostModel, targets: dict[str, float], max_ratio: float, round_to: int) -> None:
+    full = np.full(len(cm.groups), max_ratio)
+    for k, t in targets.items():
+        best = cm.fraction(k, full, round_to)
+        if best > t + 1e-12:
+            raise BudgetError(
+                f"prune.target.{k}={t} cannot be met: with prune.max_ratio={max_ratio} on every group "
+                f"the model keeps {best:.4f} of its {k} (best reachable value)"
+            )
+
+
+def _result(cm: CostModel, ratios: np.ndarray, round_to: int, loss: float = math.nan) -> Allocation:
+    return Allocation(ratios, {k: cm.fraction(k, ratios, round_to) for k in COSTS}, loss)
+
+
+def uniform(cm: CostModel, targets: dict[str, float], max_ratio: float, round_to: int = 1) -> Allocation:
+    """The smallest single ratio for all groups that meets every target (bisection)."""
+    _check_reachable(cm, targets, max_ratio, round_to)
+    lo, hi = 0.0, max_ratio
+    n = len(cm.groups)
+    if _meets(cm, np.zeros(n), targets, round_to):
+        return _result(cm, np.zeros(n), round_to)
+    for _ in range(50):
+        mid = (lo + hi) / 2
+        if _meets(cm, np.full(n, mid), targets, round_to):
+            hi = mid
+        else:
+            lo = mid
+    return _result(cm, np.full(n, hi), round_to)
+
+
+def global_ranking(
+    cm: CostModel, scores: dict[str, torch.Tensor], targets: dict[str, float], max_ratio: float, round_to: int = 1
+) -> Allocation:
+    """Rank all channels of all groups by importance (each group's scores divided by their mean) and
+    remove the least important ones until every target is met."""
+    _check_reachable(cm, targets, max_ratio, round_to)
+    entries = []
+    for gi, g in enumerate(cm.groups):
+        s = scores[g.name].double()
+        s = s / (s.abs().mean() + 1e-12)
+        for rank_in_group, v in enumerate(torch.sort(s, stable=True).values.tolist()):
+            entries.append((v, gi, rank_in_group))
+    entries.sort()
+    sizes = cm.sizes
+    cap = np.array([s - keep_count(int(s), max_ratio, round_to) for s in sizes])
+
+    def ratios_for(k: int) -> np.ndarray:
+        removed = np.zeros(len(sizes), dtype=np.int64)
+        for v, gi, _ in entries[:k]:
+            if removed[gi] < cap[gi]:
+                removed[gi] += 1
+        return removed / sizes
+
+    lo, hi = 0, len(entries)
+    while lo < hi:
+        mid = (lo + hi) // 2
+        if _meets(cm, ratios_for(mid), targets, round_to):
+            hi = mid
+        else:
+            lo = mid + 1
+    return _result(cm, ratios_for(lo), round_to)
+
+
+def sensitivity(
+    cm: CostModel,
+    grid: Sequence[float],
+    damage: np.ndarray,
+    targets: dict[str, float],
+    max_ratio: float,
+    round_to: int = 1,
+    step: float = 0.025,
+) -> Allocation:
+    """Spend the budget where the measured damage per unit of cost saved is smallest.
+
+    ``damage[g, r]`` is the measured loss increase when group ``g`` alone is pruned at ``grid[r]``
+    (NaN: not measured or skipped, treated as unusable). Curves are interpolated linearly between
+    grid points (damage 0 at ratio 0) onto a fine grid. A greedy multiple-choice knapsack: at each
+    step every group may jump to any larger candidate ratio; the jump with the least damage per
+    cost saved wins (this looks past plateaus instead of only at the next step). Costs are exact
+    for the current state of all other groups (the cost is linear in one group's kept fraction).
+    Assumes damages add up across groups; see cluster_docs/allocation.md.
+    """
+    _check_reachable(cm, targets, max_ratio, round_to)
+    n = len(cm.groups)
+    grid = np.asarray(grid, dtype=np.float64)
+    cand = np.unique(np.concatenate([np.arange(0.0, max_ratio + 1e-9, step), grid[grid <= max_ratio + 1e-9]]))
+    curves = np.full((n, len(cand)), np.inf)
+    for g in range(n):
+        xs = np.concatenate([[0.0], grid])
+        ys = np.concatenate([[0.0], damage[g]])
+        ok = np.isfinite(ys)
+        xs, ys = xs[ok], ys[ok]
+        inside = cand <= xs.max() + 1e-9
+        curves[g, inside] = np.maximum(np.interp(cand[inside], xs, ys), 0.0)
+    state = np.zeros(n, dtype=np.int64)  # index into cand per group
+    kinds = list(targets)
+
+    def ratios_of(st: np.ndarray) -> np.ndarray:
+        return cand[st]
+
+    while not _meets(cm, ratios_of(state), targets, round_to):
+        r = ratios_of(state)
+        fr = {k: cm.fraction(k, r, round_to) for k in kinds}
+        weights = {k: (1.0 if fr[k] > targets[k] + 1e-12 else 1e-3) for k in kinds}
+        best = None
+        for g in range(n):
+            if state[g] + 1 >= len(cand):
+                continue
+            # cost is affine in group g's kept fraction: two evaluations give the line
+            lo_r, hi_r = r.copy(), r.copy()
+            lo_r[g], hi_r[g] = 0.0, 1.0
+            f_lo = 1.0
+            f_hi = keep_count(int(cm.sizes[g]), 1.0, round_to) / cm.sizes[g]
+            if f_hi >= f_lo:
+                continue
+            slope = {k: (cm.fraction(k, lo_r, round_to) - cm.fraction(k, hi_r, round_to)) / (f_lo - f_hi) for k in kinds}
+            f_now = keep_count(int(cm.sizes[g]), r[g], round_to) / cm.sizes[g]
+            for j in range(state[g] + 1, len(cand)):
+                if not np.isfinite(curves[g, j]):
+                    break
+                f_new = keep_count(int(cm.sizes[g]), cand[j], round_to) / cm.sizes[g]
+                if f_new >= f_now:
+                    continue
+                saved = sum(weights[k] * slope[k] * (f_now - f_new) for k in kinds)
+                if saved <= 0:
+                    continue
+                dmg = curves[g, j] - curves[g, state[g]]
+                score = dmg / saved
+                if best is None or score < best[0]:
+                    best = (score, g, j)
+        if best is None:
+            raise BudgetError(
+                "prune.method=sensitivity: the measured curves cannot reach the targets "
+                f"{targets} (groups stopped early or max_ratio too small); the best reachable is "
+                f"{ {k: round(cm.fraction(k, ratios_of(state), round_to), 4) for k in kinds} }"
+            )
+        state[best[1]] = best[2]
+    r = ratios_of(state)
+    loss = float(sum(curves[g, state[g]] for g in range(n)))
+    return _result(cm, r, round_to, loss)

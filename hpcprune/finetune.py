@@ -1,0 +1,166 @@
+"""The DDP fine-tuning job (one submitit job, N tasks, one torch.distributed group).
+
+Each task rebuilds the pruned model from the run file (dense weights + plan), trains its share of
+the data (DistributedSampler), and rank 0 writes a checkpoint after every epoch (atomic rename).
+On requeue (Slurm preemption or timeout) submitit calls ``checkpoint()``; the new job resumes from
+the last completed epoch: weights, optimizer, scheduler, history. The job never writes the run
+file: rank 0 returns the history and the final weights' path, and the driver records them.
+"""
+from __future__ import annotations
+
+import hashlib
+import math
+import os
+import time
+from typing import Any
+
+import torch
+from torch import nn
+from torch.nn import functional as F
+
+from .metrics import EvalSums, batch_sums, task_loss
+
+
+def _digest(model: nn.Module) -> str:
+    h = hashlib.sha256()
+    for k, v in sorted(model.state_dict().items()):
+        h.update(k.encode())
+        h.update(v.detach().cpu().contiguous().numpy().tobytes())
+    return h.hexdigest()[:16]
+
+
+class FinetuneJob:
+    """Callable submitted to submitit; ``spec`` is plain data (resolved config, paths)."""
+
+    def __init__(self, spec: dict[str, Any]) -> None:
+        self.spec = spec
+
+    def checkpoint(self, *args: Any, **kwargs: Any) -> Any:
+        import submitit
+
+        return submitit.helpers.DelayedSubmission(FinetuneJob(self.spec))
+
+    def __call__(self) -> dict[str, Any]:
+        import torch.distributed as dist
+        from omegaconf import OmegaConf
+
+        from .runs import build_data, dense_model, pruned_model
+        from .store import RunFile
+
+        spec = self.spec
+        rank, world = 0, 1
+        if spec["distributed"]:
+            import submitit
+
+            env = submitit.helpers.TorchDistributedEnvironment()
+            if spec.get("master_port"):
+                os.environ.setdefault("MASTER_PORT", str(spec["master_port"]))
+                env = submitit.helpers.TorchDistributedEnvironment()
+            env.export(set_cuda_visible_devices=False)
+            rank, world = env.rank, env.world_size
+        cfg = OmegaConf.create(spec["config"])
+        ft = cfg.finetune
+        threads = int(spec.get("threads", 0)) or max(1, (os.cpu_count() or 1) // max(1, spec.get("local_tasks", world)))
+        torch.set_num_threads(threads)
+        use_cuda = torch.cuda.is_available() and cfg.device in ("auto", "cuda")
+        device = torch.device(f"cuda:{int(os.environ.get('LOCAL_RANK', 0)) % torch.cuda.device_count()}" if use_cuda else "cpu")
+        if spec["distributed"]:
+            dist.init_process_group("nccl" if use_cuda else "gloo", rank=rank, world_size=world)
+        try:
+            return self._train(spec, cfg, ft, rank, world, device, build_data, dense_model, pruned_model, RunFile)
+        finally:
+            if spec["distributed"] and dist.is_initialized():
+                dist.destroy_process_group()
+
+    def _train(self, spec, cfg, ft, rank, world, device, build_data, dense_model, pruned_model, RunFile) -> dict[str, Any]:
+        import torch.distributed as dist
+
+        run = RunFile(spec["run_file"])
+        torch.manual_seed(cfg.seed)
+        data = build_data(cfg.data)
+        model = pruned_model(run, cfg, weights="pruned").to(device)
+        teacher = None
+        if ft.distill.weight > 0:
+            teacher = dense_model(run, cfg).to(device).eval()
+            for p in teacher.parameters():
+                p.requires_grad_(False)
+        ddp = model
+        if world > 1:
+            ddp = nn.parallel.DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
+        opt = torch.optim.AdamW(model.parameters(), lr=ft.lr, weight_decay=ft.weight_decay)
+        steps_per_epoch = 1
+        sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=max(1, ft.epochs * steps_per_epoch))
+        sampler = torch.utils.data.distributed.DistributedSampler(
+            data.train, num_replicas=world, rank=rank, shuffle=True, seed=cfg.seed, drop_last=True
+        )
+        loader = torch.utils.data.DataLoader(data.train, batch_size=ft.batch_size, sampler=sampler, drop_last=True)
+        ckpt_path = os.path.join(spec["work_dir"], "checkpoint.pt")
+        history: list[list[float]] = []
+        start = 0
+        if os.path.exists(ckpt_path):
+            ck = torch.load(ckpt_path, map_location=device, weights_only=False)
+            model.load_state_dict(ck["model"])
+            opt.load_state_dict(ck["optimizer"])
+            sched.load_state_dict(ck["scheduler"])
+            history = ck["history"]
+            start = ck["epoch"] + 1
+        val_idx = list(range(rank, len(data.val), world))  # exact shards, no padding
+        val = torch.utils.data.DataLoader(torch.utils.data.Subset(data.val, val_idx), batch_size=256)
+        T = float(ft.distill.temperature)
+        for epoch in range(start, ft.epochs):
+            t0 = time.perf_counter()
+            sampler.set_epoch(epoch)
+            ddp.train()
+            lr = opt.param_groups[0]["lr"]
+            loss_sum, n = 0.0, 0
+            for x, y in loader:
+                x, y = x.to(device), y.to(device)
+                logits = ddp(x)
+                loss = task_loss(logits, y)
+                if teacher is not None:
+                    with torch.no_grad():
+                        t_logits = teacher(x)
+                    kd = F.kl_div(
+                        F.log_softmax(logits / T, -1).flatten(0, -2),
+                        F.log_softmax(t_logits / T, -1).flatten(0, -2),
+                        reduction="batchmean",
+                        log_target=True,
+                    ) * (T * T)
+                    w = float(ft.distill.weight)
+                    loss = (1 - w) * loss + w * kd
+                opt.zero_grad(set_to_none=True)
+                loss.backward()
+                opt.step()
+                loss_sum += loss.item() * x.shape[0]
+                n += x.shape[0]
+            sched.step()
+            sums = EvalSums()
+            model.eval()
+            with torch.inference_mode():
+                for x, y in val:
+                    sums = sums + batch_sums(model(x.to(device)), y.to(device))
+            tot = torch.tensor([sums.correct, sums.loss, sums.count, loss_sum, n], dtype=torch.float64, device=device)
+            if world > 1:
+                dist.all_reduce(tot)
+            s = EvalSums(*tot[:3].tolist())
+            row = [epoch, tot[3].item() / max(1.0, tot[4].item()), s.metric(data.metric), s.mean_loss(), lr, time.perf_counter() - t0]
+            history.append(row)
+            if rank == 0:
+                tmp = ckpt_path + ".tmp"
+                torch.save(
+                    {"epoch": epoch, "model": model.state_dict(), "optimizer": opt.state_dict(), "scheduler": sched.state_dict(), "history": history},
+                    tmp,
+                )
+                os.replace(tmp, ckpt_path)
+                print(f"finetune epoch {epoch + 1}/{ft.epochs}: loss {row[1]:.4f} val {data.metric} {row[2]:.4f}", flush=True)
+            if world > 1:
+                dist.barrier()
+            if math.isnan(row[1]):
+                raise FloatingPointError(f"fine-tuning loss became NaN at epoch {epoch}")
+        out: dict[str, Any] = {"rank": rank, "world_size": world, "digest": _digest(model)}
+        if rank == 0:
+            final = os.path.join(spec["work_dir"], "final.pt")
+            torch.save({k: v.cpu() for k, v in model.state_dict().items()}, final + ".tmp")
+            os.replace(final + ".tmp", final)
+            out.update(history=history, weights=final)
+        return out

@@ -1,0 +1,85 @@
+"""Build models and data from a config, and rebuild dense / pruned / fine-tuned models from a run file.
+
+A run file holds no pickled modules: a pruned model is the config's model, the stored dense
+weights, the stored plan (kept channel indices per group) and, once fine-tuned, the stored final
+weights.
+"""
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from omegaconf import DictConfig, OmegaConf
+from torch import nn
+
+from .graph import Graph
+from .store import RunFile, read_state_dict
+
+
+def build_model(model_cfg: Any) -> nn.Module:
+    from hydra.utils import instantiate
+
+    return instantiate(model_cfg, _convert_="all")
+
+
+def build_data(data_cfg: Any) -> Any:
+    from hydra.utils import instantiate
+
+    return instantiate(data_cfg, _convert_="all")
+
+
+def load_config(run: RunFile) -> DictConfig:
+    return OmegaConf.create(run.attrs()["config"])
+
+
+def read_plan(run: RunFile) -> dict[str, list[int]]:
+    with run.read() as f:
+        if "pruned/plan" not in f:
+            raise KeyError(f"{run.path}: no pruning plan yet (the prune stage has not completed)")
+        plan = f["pruned/plan"]
+        order = [n.decode() if isinstance(n, bytes) else str(n) for n in plan.attrs["groups"]]
+        return {name: plan[name][()].tolist() for name in order}
+
+
+def dense_model(run: RunFile, cfg: DictConfig | None = None) -> nn.Module:
+    cfg = cfg or load_config(run)
+    model = build_model(cfg.model)
+    with run.read() as f:
+        model.load_state_dict(read_state_dict(f["baseline/weights"]))
+    return model.eval()
+
+
+def example_input(run: RunFile) -> torch.Tensor:
+    with run.read() as f:
+        return torch.from_numpy(f["baseline/example_input"][()])
+
+
+def pruned_model(run: RunFile, cfg: DictConfig | None = None, weights: str = "final") -> nn.Module:
+    """The pruned model: dense weights + plan; with ``weights="final"`` and a fine-tuned run, the
+    fine-tuned weights (else the pruned weights before fine-tuning)."""
+    cfg = cfg or load_config(run)
+    model = dense_model(run, cfg)
+    ignore = list(cfg.groups.ignore) if cfg.groups.ignore else []
+    graph = Graph(model, example_input(run), _ignore_names(model, ignore))
+    graph.apply_plan(read_plan(run))
+    if weights == "final":
+        with run.read() as f:
+            if "final/weights" in f:
+                model.load_state_dict(read_state_dict(f["final/weights"]))
+    return model.eval()
+
+
+def load_pruned(path: str, weights: str = "final") -> nn.Module:
+    """Rebuild the pruned (and, when done, fine-tuned) model of the run file at ``path``."""
+    return pruned_model(RunFile(path), weights=weights)
+
+
+def _ignore_names(model: nn.Module, ignore: list[str]) -> list[str]:
+    """``groups.ignore`` names, or by default the last Linear layer (the classifier output)."""
+    if ignore:
+        return ignore
+    linears = [n for n, m in model.named_modules() if isinstance(m, nn.Linear)]
+    return linears[-1:]
+
+
+ignore_names = _ignore_names

@@ -1,0 +1,291 @@
+"""Sensitivity analysis: the (group, ratio) cell grid, its schedule over ranks, cell evaluation.
+
+A cell prunes one group at one ratio (least important channels first) and evaluates the model on
+the fixed calibration batches. Cells are evaluated by zeroing the group's channels in place on one
+model per rank and restoring them afterwards (no deep copy, no re-trace). For an ``nn.Sequential``
+model the activations entering the first block a group touches are the same for every ratio of
+that group: they are computed once per group and only the rest of the network runs per ratio.
+
+Scheduling: the cells of a group form chunks (a group's ratios, split when there are many ranks);
+rank 0 hands chunks out dynamically, most expensive first, and evaluates chunks itself between
+serving requests. Every worker holds a second chunk in reserve so it never waits for rank 0.
+A cell's numbers depend only on the model, the group, the ratio and the batches, never on which
+rank computed it or in which order.
+"""
+from __future__ import annotations
+
+import copy
+import logging
+import math
+import time
+from collections import deque
+from dataclasses import dataclass
+from typing import Any, Callable, Sequence
+
+import numpy as np
+import torch
+from torch import nn
+
+from .graph import Graph, GroupInfo, keep_count, mask_group
+from .metrics import EvalSums, batch_sums
+from .world import World
+
+log = logging.getLogger(__name__)
+
+PENDING, DONE, SKIPPED = 0, 1, 2
+_TAG_WORK, _TAG_RESULT = 11, 12
+
+
+@dataclass
+class CellResult:
+    group: int
+    ratio: int
+    status: int
+    sums: tuple[float, float, float]
+    seconds: float
+    rank: int
+
+
+@dataclass
+class Chunk:
+    group: int
+    ratios: list[int]  # ratio indices, ascending
+    cost: float = 0.0
+
+
+class Evaluator:
+    """Evaluates cells on one rank's model and calibration batches."""
+
+    def __init__(
+        self,
+        model: nn.Module,
+        groups: Sequence[GroupInfo],
+        orders: dict[str, list[int]],
+        ratios: Sequence[float],
+        batches: Sequence[tuple[torch.Tensor, torch.Tensor]],
+        example_input: torch.Tensor,
+        ignore: Sequence[str] = (),
+        cache_prefix: bool = True,
+    ) -> None:
+        self.model = model.eval()
+        self.modules = dict(model.named_modules())
+        self.groups = list(groups)
+        self.orders = orders
+        self.ratios = list(ratios)
+        self.batches = list(batches)
+        self.example_input = example_input
+        self.ignore = list(ignore)
+        self.children = list(model.children()) if (cache_prefix and isinstance(model, nn.Sequential)) else None
+
+    def _idxs(self, g: GroupInfo, ratio: float) -> list[int]:
+        n = g.size - keep_count(g.size, ratio)
+        return self.orders[g.name][:n]
+
+    @torch.inference_mode()
+    def _prefix(self, k: int) -> list[torch.Tensor]:
+        outs = []
+        for x, _ in self.batches:
+            for child in self.children[:k]:  # type: ignore[index]
+                x = child(x)
+            outs.append(x)
+        return outs
+
+    @torch.inference_mode()
+    def _suffix_sums(self, k: int, inputs: Sequence[torch.Tensor]) -> EvalSums:
+        total = EvalSums()
+        for h, (_, y) in zip(inputs, self.batches):
+            for child in self.children[k:]:  # type: ignore[index]
+                h = child(h)
+            total = total + batch_sums(h, y)
+        return total
+
+    @torch.inference_mode()
+    def _full_sums(self, model: nn.Module) -> EvalSums:
+        total = EvalSums()
+        for x, y in self.batches:
+            total = total + batch_sums(model(x), y)
+        return total
+
+    def run_chunk(
+        self, chunk: Chunk, rank: int, stop_below: Callable[[float], bool] | None = None, between: Callable[[], None] | None = None
+    ) -> list[CellResult]:
+        g = self.groups[chunk.group]
+        results: list[CellResult] = []
+        k = g.top_index if (self.children is not None and g.maskable) else -1
+        prefix = self._prefix(k) if k > 0 else None
+        stopped = False
+        for r in chunk.ratios:
+            if stopped:
+                results.append(CellResult(chunk.group, r, SKIPPED, (math.nan,) * 3, 0.0, rank))
+                continue
+            t0 = time.perf_counter()
+            idxs = self._idxs(g, self.ratios[r])
+            if g.maskable:
+                mask = mask_group(self.modules, g, idxs)
+                try:
+                    sums = self._suffix_sums(k, prefix) if prefix is not None else self._full_sums(self.model)
+                finally:
+                    mask.restore()
+            else:  # exact fallback: prune a copy
+                sums = self._pruned_copy_sums(g, idxs)
+            results.append(CellResult(chunk.group, r, DONE, sums.as_tuple(), time.perf_counter() - t0, rank))
+            if stop_below is not None and stop_below(sums):
+                stopped = True
+            if between is not None:
+                between()
+        return results
+
+    def _pruned_copy_sums(self, g: GroupInfo, idxs: list[int]) -> EvalSums:
+        model = copy.deepcopy(self.model)
+        graph = Graph(model, self.example_input, self.ignore)
+        graph.prune_group(g.name, idxs)
+        return self._full_sums(model)
+
+    def chunk_cost(self, chunk: Chunk, macs_by_top: list[float] | None) -> float:
+        """Relative cost: forward MACs after the cached prefix, times the number of ratios."""
+        g = self.groups[chunk.group]
+        if macs_by_top is None or g.top_index <= 0 or not g.maskable:
+            suffix = 1.0
+            prefix = 0.0
+        else:
+            total = sum(macs_by_top) or 1.0
+            suffix = sum(macs_by_top[g.top_index :]) / total
+            prefix = 1.0 - suffix
+        return prefix + suffix * len(chunk.ratios)
+
+
+def macs_by_top_child(model: nn.Module, module_macs: dict[str, int]) -> list[float] | None:
+    if not isinstance(model, nn.Sequential):
+        return None
+    n = len(list(model.children()))
+    out = [0.0] * n
+    for name, m in module_macs.items():
+        head = name.split(".")[0]
+        if head.isdigit() and int(head) < n:
+            out[int(head)] += m
+    return out
+
+
+def make_chunks(pending: np.ndarray, world_size: int) -> list[Chunk]:
+    """Chunks of pending cells: one per group, split so that there are a few per rank."""
+    chunks = []
+    n_groups = pending.shape[0]
+    per_group = [list(np.nonzero(pending[g])[0]) for g in range(n_groups)]
+    total = sum(len(p) for p in per_group)
+    if total == 0:
+        return []
+    want = max(1, min(total, 3 * world_size))
+    nonempty = sum(1 for p in per_group if p)
+    pieces = max(1, math.ceil(want / max(1, nonempty)))
+    for g, rs in enumerate(per_group):
+        if not rs:
+            continue
+        k = min(len(rs), pieces)
+        for part in np.array_split(np.array(rs), k):
+            chunks.append(Chunk(g, [int(r) for r in part]))
+    return chunks
+
+
+def run_sensitivity(
+    world: World,
+    evaluator: Evaluator,
+    pending: np.ndarray,
+    macs_by_top: list[float] | None,
+    on_results: Callable[[list[CellResult]], None] | None = None,
+    stop_below: Callable[[float], bool] | None = None,
+    progress: Any = None,
+) -> list[CellResult]:
+    """Evaluate every pending cell over all ranks; rank 0 returns all results, others return []."""
+    if world.size == 1 or world.comm is None:
+        chunks = make_chunks(pending, 1)
+        results: list[CellResult] = []
+        for ch in sorted(chunks, key=lambda c: -evaluator.chunk_cost(c, macs_by_top)):
+            res = evaluator.run_chunk(ch, 0, stop_below)
+            results += res
+            if progress is not None:
+                progress.update(len(res))
+            if on_results is not None:
+                on_results(res)
+        return results
+    if world.rank == 0:
+        return _master(world, evaluator, pending, macs_by_top, on_results, stop_below, progress)
+    _worker(world, evaluator, stop_below)
+    return []
+
+
+def _master(world, evaluator, pending, macs_by_top, on_results, stop_below, progress) -> list[CellResult]:
+    from mpi4py import MPI
+
+    comm = world.comm
+    chunks = make_chunks(pending, world.size)
+    for ch in chunks:
+        ch.cost = evaluator.chunk_cost(ch, macs_by_top)
+    queue = deque(sorted(chunks, key=lambda c: -c.cost))
+    results: list[CellResult] = []
+    in_flight = {r: 0 for r in range(1, world.size)}  # chunks a worker holds and has not returned
+
+    def reply(rank: int) -> None:
+        chunk = queue.popleft() if queue else None  # None: nothing more for this request
+        comm.send(chunk, dest=rank, tag=_TAG_WORK)
+        if chunk is not None:
+            in_flight[rank] += 1
+
+    def take(res: list[CellResult]) -> None:
+        results.extend(res)
+        if progress is not None:
+            progress.update(len(res))
+        if on_results is not None:
+            on_results(res)
+
+    def serve() -> bool:
+        served = False
+        status = MPI.Status()
+        while comm.Iprobe(source=MPI.ANY_SOURCE, tag=_TAG_RESULT, status=status):
+            src = status.Get_source()
+            take(comm.recv(source=src, tag=_TAG_RESULT))
+            in_flight[src] -= 1
+            reply(src)  # exactly one reply per result message
+            served = True
+        return served
+
+    for _ in range(2):  # every worker starts with a chunk to work on and one in reserve
+        for r in range(1, world.size):
+            reply(r)
+    while queue:
+        serve()
+        take(evaluator.run_chunk(queue.popleft(), 0, stop_below, between=serve))
+    while any(in_flight.values()):  # drain without busy-waiting
+        if not serve():
+            time.sleep(0.002)
+    return results
+
+
+def _worker(world: World, evaluator: Evaluator, stop_below) -> None:
+    from mpi4py import MPI
+
+    comm = world.comm
+    local: deque[Chunk] = deque()
+    owed = 2  # replies rank 0 still owes this rank: the two initial sends
+
+    def receive(block: bool) -> None:
+        nonlocal owed
+        while owed > 0:
+            if not comm.Iprobe(source=0, tag=_TAG_WORK):
+                if not block:
+                    return
+                time.sleep(0.002)
+                continue
+            msg = comm.recv(source=0, tag=_TAG_WORK)
+            owed -= 1
+            if msg is not None:
+                local.append(msg)
+            block = block and not local
+
+    while local or owed:
+        receive(block=not local)
+        if not local:
+            continue
+        res = evaluator.run_chunk(local.popleft(), world.rank, stop_below)
+        comm.send(res, dest=0, tag=_TAG_RESULT)
+        owed += 1
+    del MPI

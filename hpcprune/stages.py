@@ -1,0 +1,561 @@
+"""The stages of a sweep, in order, each skipped when the run file already holds its result.
+
+``Sweep.run()`` is called on every rank. Rank 0 owns the run file (the only writer, one
+transaction per write) and runs baseline, allocation, pruning and the fine-tune job; every rank
+evaluates sensitivity cells. Ranks other than 0 wait at a sleeping barrier while rank 0 works.
+"""
+from __future__ import annotations
+
+import json
+import logging
+import math
+import os
+import socket
+import sys
+import time
+from typing import Any
+
+import numpy as np
+import torch
+from omegaconf import DictConfig, OmegaConf
+
+from . import __version__, allocate, importance, launch, metrics
+from .graph import Graph, keep_count
+from .runs import build_data, build_model, ignore_names, read_plan
+from .sensitivity import DONE, PENDING, SKIPPED, Evaluator, macs_by_top_child, run_sensitivity
+from .store import RunFile, RunFileError, RunLock, put_attrs, read_state_dict, replace_group, write_state_dict
+from .world import World
+
+log = logging.getLogger("hpcprune.stages")
+
+# keys that may change between a run and its resumption without changing any result
+_RESUME_IGNORED = ("launcher", "threads", "device", "resume", "sensitivity.flush_s", "hydra")
+
+
+class ConfigError(ValueError):
+    pass
+
+
+def _flat(d: Any, prefix: str = "") -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    if isinstance(d, dict):
+        for k, v in d.items():
+            out.update(_flat(v, f"{prefix}{k}."))
+    else:
+        out[prefix[:-1]] = d
+    return out
+
+
+def validate(cfg: DictConfig) -> None:
+    """Raise ConfigError naming the first bad value."""
+
+    def bad(key: str, value: Any, why: str) -> None:
+        raise ConfigError(f"{key}={value}: {why}")
+
+    t = cfg.prune.target
+    given = {k: t[k] for k in t if t[k] is not None}
+    for k in given:
+        if k not in allocate.COSTS:
+            bad(f"prune.target.{k}", given[k], f"unknown target (choose from {', '.join(allocate.COSTS)})")
+        if not isinstance(given[k], (int, float)) or not 0 < given[k] < 1:
+            bad(f"prune.target.{k}", given[k], "a target is the fraction of the dense cost to keep, in (0, 1)")
+    if not given:
+        bad("prune.target", dict(t), "give at least one target (macs or params)")
+    ratios = list(cfg.sensitivity.ratios)
+    if not ratios:
+        bad("sensitivity.ratios", ratios, "the ratio grid is empty")
+    for r in ratios:
+        if not isinstance(r, (int, float)) or not 0 < r < 1:
+            bad("sensitivity.ratios", ratios, f"ratio {r} is outside (0, 1)")
+    if any(b <= a for a, b in zip(ratios, ratios[1:])):
+        bad("sensitivity.ratios", ratios, "ratios must be strictly increasing")
+    if not 0 < cfg.prune.max_ratio < 1:
+        bad("prune.max_ratio", cfg.prune.max_ratio, "must be in (0, 1)")
+    if int(cfg.prune.round_to) < 1:
+        bad("prune.round_to", cfg.prune.round_to, "must be a positive integer")
+    if cfg.prune.method not in allocate.METHODS:
+        bad("prune.method", cfg.prune.method, f"unknown method (choose from {', '.join(allocate.METHODS)})")
+    if cfg.importance not in importance.CRITERIA:
+        bad("importance", cfg.importance, f"unknown criterion (choose from {', '.join(importance.CRITERIA)})")
+    if cfg.launcher.name not in launch.LAUNCHERS:
+        bad("launcher.name", cfg.launcher.name, f"unknown launcher (choose from {', '.join(launch.LAUNCHERS)})")
+    if not 0 <= cfg.finetune.distill.weight <= 1:
+        bad("finetune.distill.weight", cfg.finetune.distill.weight, "must be in [0, 1]")
+    for key in ("finetune.epochs", "baseline.epochs", "prune.bn_recalib_batches"):
+        v = OmegaConf.select(cfg, key)
+        if not isinstance(v, int) or v < 0:
+            bad(key, v, "must be a non-negative integer")
+    for key in ("finetune.batch_size", "baseline.batch_size", "sensitivity.batch_size"):
+        v = OmegaConf.select(cfg, key)
+        if not isinstance(v, int) or v < 1:
+            bad(key, v, "must be a positive integer")
+    if cfg.checkpoint is not None and not os.path.isfile(str(cfg.checkpoint)):
+        bad("checkpoint", cfg.checkpoint, "no such file")
+    if cfg.device not in ("auto", "cpu", "cuda") and not str(cfg.device).startswith("cuda:"):
+        bad("device", cfg.device, "use auto, cpu, cuda or cuda:N")
+
+
+class Sweep:
+    def __init__(self, cfg: DictConfig, world: World, run_dir: str) -> None:
+        self.cfg = cfg
+        self.world = world
+        self.run_dir = os.path.abspath(run_dir)
+        self.rf = RunFile(os.path.join(self.run_dir, "run.h5"))
+        self.main = world.is_main
+        self.lock: RunLock | None = None
+        self.timings: dict[str, float] = {}
+
+    # ---- driver -----------------------------------------------------------------------------------
+    def run(self) -> int:
+        t_start = time.perf_counter()
+        problem = self._prepare() if self.main else None
+        problem = self.world.bcast(problem)
+        if problem:
+            if self.main:
+                print(f"hpcprune: error: {problem}", file=sys.stderr, flush=True)
+            return 2
+        # rank 0 works alone (others sleep) in every stage but sensitivity: it may use every core,
+        # and the same thread count with 1 or N ranks keeps dense training bit-identical
+        threads = self.world.set_threads(int(self.cfg.threads), alone=True)
+        self.device = self.world.device(str(self.cfg.device))
+        torch.manual_seed(int(self.cfg.seed))
+        log.info("rank %d/%d on %s, device %s, %d threads, run dir %s", self.world.rank, self.world.size,
+                 socket.gethostname(), self.device, threads, self.run_dir)
+        try:
+            self.data = build_data(self.cfg.data)
+            self.metric_name = self.data.metric
+            if self.main and not self._done("baseline"):
+                self._timed("baseline", self.baseline)
+            self.world.barrier()
+            self.model = self._dense_model()
+            threads = self.world.set_threads(int(self.cfg.threads))
+            self._timed("groups", self.groups)
+            self._timed("sensitivity", self.sensitivity)
+            self.world.set_threads(int(self.cfg.threads), alone=True)
+            if self.main:
+                for name, fn in (("allocation", self.allocation), ("pruned", self.prune), ("final", self.finetune)):
+                    if not self._done(name):
+                        self._timed(name, fn)
+                self.rf.set_status("complete", wall_s=time.perf_counter() - t_start)
+                self._print_summary()
+        except BaseException as e:
+            if self.main and self.rf.exists():
+                try:
+                    self.rf.set_status("failed", f"{type(e).__name__}: {e}")
+                except Exception:  # the original error matters more
+                    log.exception("could not record the failure in the run file")
+            raise
+        finally:
+            if self.lock is not None:
+                self.lock.release()
+        self.world.barrier()  # waiting ranks sleep here while rank 0 fine-tunes
+        return 0
+
+    def _timed(self, stage: str, fn: Any) -> None:
+        t0 = time.perf_counter()
+        fn()
+        self.timings[stage] = time.perf_counter() - t0
+        if self.main:
+            log.info("stage %s: %.1f s", stage, self.timings[stage])
+
+    def _done(self, stage: str) -> bool:
+        return stage in self.rf.done_stages()
+
+    def _prepare(self) -> str | None:
+        """Rank 0: validate, lock the run directory, open or create the run file. An error string
+        (not an exception) so that every rank exits the same way."""
+        try:
+            validate(self.cfg)
+            os.makedirs(self.run_dir, exist_ok=True)
+            if not os.access(self.run_dir, os.W_OK):
+                return f"hydra.run.dir={self.run_dir}: the run directory is not writable"
+            self.lock = RunLock(self.run_dir).acquire()
+            resolved = OmegaConf.to_yaml(self.cfg, resolve=True)
+            if self.rf.exists():
+                self.rf.check()
+                self._check_resume(resolved)
+                self.rf.set_status("running", "", world_size=self.world.size)
+                log.info("resuming %s (done: %s)", self.rf.path, ", ".join(self.rf.done_stages()) or "nothing")
+            else:
+                self.rf.create(resolved, self._meta())
+        except (ConfigError, RunFileError, OSError, ValueError, RuntimeError) as e:
+            if self.lock is not None:
+                self.lock.release()
+                self.lock = None
+            return str(e)
+        return None
+
+    def _check_resume(self, resolved: str) -> None:
+        stored = _flat(OmegaConf.to_container(OmegaConf.create(self.rf.attrs()["config"])))
+        now = _flat(OmegaConf.to_container(OmegaConf.create(resolved)))
+        diff = [
+            f"{k}: {stored.get(k)!r} -> {now.get(k)!r}"
+            for k in sorted(set(stored) | set(now))
+            if stored.get(k) != now.get(k) and not k.startswith(_RESUME_IGNORED)
+        ]
+        if diff and not self.cfg.resume.force:
+            raise ConfigError(
+                f"{self.rf.path} was made with a different config ({'; '.join(diff[:5])}); "
+                "use another hydra.run.dir, or resume.force=true to continue anyway"
+            )
+
+    def _meta(self) -> dict[str, Any]:
+        import h5py
+        import torch_pruning as tp
+
+        hosts = sorted({socket.gethostname()})
+        return {
+            "world_size": self.world.size,
+            "hosts": json.dumps(hosts),
+            "versions": json.dumps(
+                {"hpcprune": __version__, "torch": torch.__version__, "torch_pruning": tp.__version__,
+                 "h5py": h5py.__version__, "python": sys.version.split()[0]}
+            ),
+            "run_dir": self.run_dir,
+        }
+
+    # ---- baseline ---------------------------------------------------------------------------------
+    def baseline(self) -> None:
+        cfg = self.cfg
+        model = build_model(cfg.model)
+        if cfg.checkpoint:
+            state = torch.load(str(cfg.checkpoint), map_location="cpu", weights_only=True)
+            if isinstance(state, dict) and "state_dict" in state:
+                state = state["state_dict"]
+            try:
+                model.load_state_dict(state)
+            except RuntimeError as e:
+                first = str(e).strip().splitlines()[-1].strip()
+                raise ConfigError(f"checkpoint={cfg.checkpoint}: does not fit the model ({first})") from None
+            trained = False
+        else:
+            train_dense(model, self.data, cfg, self.device)
+            trained = True
+        model = model.cpu().eval()
+        example = self.data.example_input
+        val = metrics.make_batches(self.data.val, 256)
+        sums = metrics.evaluate(model, val)
+        mm = metrics.module_macs(model, example[:1])
+        lat = metrics.latency_ms(model.to(self.device), example.to(self.device), cfg.baseline.latency_batch, repeats=cfg.baseline.latency_repeats)
+        model.cpu()
+        rec = dict(
+            metric=sums.metric(self.metric_name), loss=sums.mean_loss(), metric_name=self.metric_name,
+            higher_is_better=metrics.METRIC_HIGHER_IS_BETTER[self.metric_name], params=metrics.params(model),
+            macs=sum(mm.values()), latency_ms=lat, latency_batch=cfg.baseline.latency_batch,
+            latency_device=str(self.device), trained_here=trained,
+        )
+        log.info("dense: %s %.4f, %d params, %d MACs, %.2f ms", self.metric_name, rec["metric"], rec["params"], rec["macs"], lat)
+        with self.rf.write() as f:
+            g = replace_group(f, "baseline")
+            put_attrs(g, rec)
+            write_state_dict(g.create_group("weights"), model.state_dict())
+            g.create_dataset("example_input", data=example.numpy())
+            g.attrs["complete"] = True
+
+    def _dense_model(self) -> torch.nn.Module:
+        model = build_model(self.cfg.model)
+        with self.rf.read() as f:
+            model.load_state_dict(read_state_dict(f["baseline/weights"]))
+            self.base = {k: v for k, v in f["baseline"].attrs.items()}
+        return model.eval()
+
+    # ---- groups -----------------------------------------------------------------------------------
+    def groups(self) -> None:
+        """Every rank builds the same graph and scores; rank 0 records them once."""
+        self.example = self.data.example_input
+        self.ignore = ignore_names(self.model, list(self.cfg.groups.ignore or []))
+        self.graph = Graph(self.model, self.example[:1], self.ignore)
+        self.calib = metrics.make_batches(self.data.calib, int(self.cfg.sensitivity.batch_size), self.device)
+        if len(self.data.calib) == 0:
+            raise ConfigError("data.calib_samples: the calibration set is empty")
+        calib_cpu = [(x.cpu(), y.cpu()) for x, y in self.calib]
+        self.scores = importance.group_scores(self.graph, str(self.cfg.importance), calib_cpu, int(self.cfg.seed))
+        self.orders = {n: importance.prune_order(s) for n, s in self.scores.items()}
+        self.module_macs = metrics.module_macs(self.model, self.example[:1])
+        self.cost = allocate.CostModel(self.model, self.graph.groups, self.module_macs)
+        if not self.graph.groups:
+            raise ConfigError(f"model {self.cfg.model._target_}: no prunable groups found")
+        if self.main and not self._done("groups"):
+            gs = self.graph.groups
+            per_channel = []
+            for i, g in enumerate(gs):
+                r = np.zeros(len(gs))
+                r[i] = 1.0 - (g.size - 1) / g.size
+                per_channel.append(self.cost.dense["macs"] - self.cost.cost("macs", r))
+            with self.rf.write() as f:
+                h = replace_group(f, "groups")
+                h.create_dataset("name", data=np.array([g.name for g in gs], dtype=object), dtype=_str_dtype())
+                h.create_dataset("kind", data=np.array([g.kind for g in gs], dtype=object), dtype=_str_dtype())
+                h.create_dataset("size", data=np.array([g.size for g in gs], dtype=np.int64))
+                h.create_dataset("maskable", data=np.array([g.maskable for g in gs]))
+                h.create_dataset("macs_per_channel", data=np.array(per_channel, dtype=np.float64))
+                h.create_dataset(
+                    "members", data=np.array([json.dumps([[m.module, "out" if m.out else "in"] for m in g.members]) for g in gs], dtype=object), dtype=_str_dtype()
+                )
+                imp = h.create_group("importance")
+                for g in gs:
+                    imp.create_dataset(g.name, data=self.scores[g.name].numpy())
+                h.attrs["criterion"] = str(self.cfg.importance)
+                h.attrs["ignored"] = json.dumps(self.ignore)
+                h.attrs["complete"] = True
+        log.info("%d groups: %s", len(self.graph.groups), ", ".join(f"{g.name}({g.size})" for g in self.graph.groups))
+
+    # ---- sensitivity ------------------------------------------------------------------------------
+    def sensitivity(self) -> None:
+        cfg = self.cfg
+        ratios = [float(r) for r in cfg.sensitivity.ratios]
+        G, R = len(self.graph.groups), len(ratios)
+        state = None
+        if self.main:
+            state = self._sensitivity_state(ratios)
+        pending = self.world.bcast(state["status"] == PENDING if state is not None else None)
+        if not pending.any():
+            return
+        higher = bool(metrics.METRIC_HIGHER_IS_BETTER[self.metric_name])
+        floor = cfg.sensitivity.early_stop_floor
+        stop = None
+        if floor is not None:
+            name = self.metric_name
+            stop = (lambda s: s.metric(name) < floor) if higher else (lambda s: s.metric(name) > floor)
+        evaluator = Evaluator(
+            self.model.to(self.device), self.graph.groups, self.orders, ratios, self.calib, self.example[:1].to(self.device),
+            self.ignore, bool(cfg.sensitivity.cache_prefix),
+        )
+        macs_top = macs_by_top_child(self.model, self.module_macs)
+        t0 = time.perf_counter()
+        buffer: list[Any] = []
+        last = [time.perf_counter()]
+
+        def on_results(res: list[Any]) -> None:
+            buffer.extend(res)
+            if time.perf_counter() - last[0] >= float(cfg.sensitivity.flush_s):
+                self._flush_cells(state, buffer)
+                last[0] = time.perf_counter()
+
+        bar = None
+        if self.main:
+            from tqdm import tqdm
+
+            bar = tqdm(total=int(pending.sum()), desc="sensitivity", unit="cell", file=sys.stderr, disable=None)
+        results = run_sensitivity(self.world, evaluator, pending, macs_top, on_results if self.main else None, stop, bar)
+        if bar is not None:
+            bar.close()
+        self.model.cpu()
+        if self.main:
+            self._flush_cells(state, buffer, complete=True, wall=time.perf_counter() - t0)
+            log.info("sensitivity: %d cells on %d ranks in %.1f s", len(results), self.world.size, time.perf_counter() - t0)
+
+    def _sensitivity_state(self, ratios: list[float]) -> dict[str, np.ndarray]:
+        G, R = len(self.graph.groups), len(ratios)
+        with self.rf.read() as f:
+            if "sensitivity" in f:
+                s = f["sensitivity"]
+                if list(s["ratios"][()]) != ratios:
+                    raise RunFileError(f"{self.rf.path}: stored ratio grid {list(s['ratios'][()])} differs from {ratios}")
+                return {k: s[k][()] for k in ("metric", "loss", "seconds", "rank", "status")}
+        return {
+            "metric": np.full((G, R), np.nan), "loss": np.full((G, R), np.nan), "seconds": np.full((G, R), np.nan),
+            "rank": np.full((G, R), -1, dtype=np.int32), "status": np.zeros((G, R), dtype=np.int8),
+        }
+
+    def _flush_cells(self, state: dict[str, np.ndarray], buffer: list[Any], complete: bool = False, wall: float | None = None) -> None:
+        for c in buffer:
+            if c.status == DONE:
+                sums = metrics.EvalSums(*c.sums)
+                state["metric"][c.group, c.ratio] = sums.metric(self.metric_name)
+                state["loss"][c.group, c.ratio] = sums.mean_loss()
+            state["status"][c.group, c.ratio] = c.status
+            state["seconds"][c.group, c.ratio] = c.seconds
+            state["rank"][c.group, c.ratio] = c.rank
+        buffer.clear()
+        with self.rf.write() as f:
+            s = f["sensitivity"] if "sensitivity" in f else f.create_group("sensitivity")
+            if "ratios" not in s:
+                s.create_dataset("ratios", data=np.array([float(r) for r in self.cfg.sensitivity.ratios]))
+            for k, v in state.items():
+                if k in s:
+                    s[k][...] = v
+                else:
+                    s.create_dataset(k, data=v)
+            s.attrs["metric_name"] = self.metric_name
+            s.attrs["dense_metric"] = self.base["metric"]
+            s.attrs["dense_loss"] = self.base["loss"]
+            s.attrs["calib_samples"] = len(self.data.calib)
+            s.attrs["world_size"] = self.world.size
+            s.attrs["status_codes"] = "0 pending, 1 done, 2 skipped (early stop)"
+            if complete:
+                s.attrs["wall_s"] = float(wall or 0.0) + float(s.attrs.get("wall_s", 0.0))
+                s.attrs["complete"] = True
+
+    # ---- allocation -------------------------------------------------------------------------------
+    def _targets(self) -> dict[str, float]:
+        t = self.cfg.prune.target
+        return {k: float(t[k]) for k in t if t[k] is not None}
+
+    def allocation(self) -> None:
+        cfg = self.cfg
+        targets = self._targets()
+        method = str(cfg.prune.method)
+        max_ratio, round_to = float(cfg.prune.max_ratio), int(cfg.prune.round_to)
+        if method == "uniform":
+            alloc = allocate.uniform(self.cost, targets, max_ratio, round_to)
+        elif method == "global":
+            alloc = allocate.global_ranking(self.cost, self.scores, targets, max_ratio, round_to)
+        else:
+            with self.rf.read() as f:
+                loss = f["sensitivity/loss"][()]
+                status = f["sensitivity/status"][()]
+            damage = np.where(status == DONE, loss - float(self.base["loss"]), np.nan)
+            alloc = allocate.sensitivity(self.cost, list(cfg.sensitivity.ratios), damage, targets, max_ratio, round_to)
+        log.info("allocation (%s): ratios %s, predicted kept %s", method, np.round(alloc.ratios, 3).tolist(),
+                 {k: round(v, 4) for k, v in alloc.predicted.items()})
+        with self.rf.write() as f:
+            a = replace_group(f, "allocation")
+            a.create_dataset("ratio", data=alloc.ratios)
+            a.create_dataset("keep", data=np.array([keep_count(g.size, r, round_to) for g, r in zip(self.graph.groups, alloc.ratios)]))
+            put_attrs(a, {"method": method, "targets": json.dumps(targets), "max_ratio": max_ratio, "round_to": round_to,
+                          "predicted_macs": alloc.predicted["macs"], "predicted_params": alloc.predicted["params"],
+                          "predicted_loss_increase": alloc.predicted_loss})
+            a.attrs["complete"] = True
+
+    # ---- prune ------------------------------------------------------------------------------------
+    def prune(self) -> None:
+        cfg = self.cfg
+        round_to = int(cfg.prune.round_to)
+        with self.rf.read() as f:
+            ratios = f["allocation/ratio"][()]
+        plan = {}
+        for g, r in zip(self.graph.groups, ratios):
+            n_prune = g.size - keep_count(g.size, float(r), round_to)
+            plan[g.name] = sorted(self.orders[g.name][n_prune:])
+        model = self._dense_model()
+        graph = Graph(model, self.example[:1], self.ignore)
+        graph.apply_plan(plan)
+        recal = int(cfg.prune.bn_recalib_batches)
+        if recal:
+            loader = torch.utils.data.DataLoader(self.data.train, batch_size=int(cfg.baseline.batch_size), shuffle=True,
+                                                 generator=torch.Generator().manual_seed(int(cfg.seed)))
+            batches = []
+            for x, y in loader:
+                batches.append((x, y))
+                if len(batches) >= recal:
+                    break
+            metrics.recalibrate_bn(model, batches)
+        rec = self._measure(model)
+        targets = self._targets()
+        for k, t in targets.items():
+            kept = rec[f"{k}_kept"]
+            if kept > t + 1e-9:
+                raise RuntimeError(f"pruned model keeps {kept:.4f} of the dense {k}, above prune.target.{k}={t}")
+        log.info("pruned: %s %.4f, %.3f MACs kept, %.3f params kept, %.2f ms", self.metric_name, rec["metric"],
+                 rec["macs_kept"], rec["params_kept"], rec["latency_ms"])
+        with self.rf.write() as f:
+            p = replace_group(f, "pruned")
+            put_attrs(p, rec)
+            p.attrs["bn_recalib_batches"] = recal
+            pl = p.create_group("plan")
+            for name, kept in plan.items():
+                pl.create_dataset(name, data=np.array(kept, dtype=np.int64))
+            pl.attrs["groups"] = np.array(list(plan), dtype=object).astype(str).tolist()
+            write_state_dict(p.create_group("weights"), model.state_dict())
+            p.attrs["complete"] = True
+
+    def _measure(self, model: torch.nn.Module) -> dict[str, Any]:
+        model = model.eval()
+        sums = metrics.evaluate(model, metrics.make_batches(self.data.val, 256))
+        m = metrics.macs(model, self.example[:1])
+        p = metrics.params(model)
+        lat = metrics.latency_ms(model.to(self.device), self.example.to(self.device), int(self.cfg.baseline.latency_batch),
+                                 repeats=int(self.cfg.baseline.latency_repeats))
+        model.cpu()
+        return dict(metric=sums.metric(self.metric_name), loss=sums.mean_loss(), params=p, macs=m, latency_ms=lat,
+                    macs_kept=m / float(self.base["macs"]), params_kept=p / float(self.base["params"]),
+                    latency_speedup=float(self.base["latency_ms"]) / lat)
+
+    # ---- fine-tune --------------------------------------------------------------------------------
+    def finetune(self) -> None:
+        from .finetune import FinetuneJob
+        from .runs import pruned_model
+
+        cfg = self.cfg
+        work = os.path.join(self.run_dir, "finetune")
+        os.makedirs(work, exist_ok=True)
+        ntasks = launch.num_tasks(cfg.launcher)
+        history: list[list[float]] = []
+        digests: list[str] = []
+        job_id = ""
+        if int(cfg.finetune.epochs) > 0:
+            spec = {
+                "config": OmegaConf.to_container(cfg, resolve=True),
+                "run_file": self.rf.path,
+                "work_dir": work,
+                "distributed": cfg.launcher.name != "debug",
+                "local_tasks": ntasks if cfg.launcher.name == "local" else int(cfg.launcher.get("tasks_per_node", 1)),
+            }
+            job = launch.submit(cfg.launcher, os.path.join(work, "submitit"), FinetuneJob(spec))
+            job_id = str(job.job_id)
+            log.info("fine-tune job %s: %d task(s) on launcher %s, logs in %s", job_id, ntasks, cfg.launcher.name,
+                     os.path.join(work, "submitit"))
+            try:
+                outs = launch.results(job)
+            except Exception as e:
+                raise RuntimeError(f"fine-tune job {job_id} failed: {str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__} "
+                                   f"(logs: {os.path.join(work, 'submitit')})") from e
+            outs = sorted(outs, key=lambda o: o["rank"])
+            digests = [o["digest"] for o in outs]
+            history = outs[0]["history"]
+            state = torch.load(outs[0]["weights"], map_location="cpu", weights_only=True)
+            model = pruned_model(self.rf, cfg, weights="pruned")
+            model.load_state_dict(state)
+        else:
+            model = pruned_model(self.rf, cfg, weights="pruned")
+        rec = self._measure(model)
+        log.info("fine-tuned: %s %.4f (dense %.4f)", self.metric_name, rec["metric"], float(self.base["metric"]))
+        with self.rf.write() as f:
+            ft = replace_group(f, "finetune")
+            ds = ft.create_dataset("history", data=np.array(history, dtype=np.float64).reshape(-1, 6))
+            ds.attrs["columns"] = ["epoch", "train_loss", "val_metric", "val_loss", "lr", "seconds"]
+            put_attrs(ft, {"world_size": ntasks, "launcher": str(cfg.launcher.name), "job_id": job_id,
+                           "rank_digests": json.dumps(digests), "epochs": int(cfg.finetune.epochs),
+                           "distill_weight": float(cfg.finetune.distill.weight)})
+            ft.attrs["complete"] = True
+            fin = replace_group(f, "final")
+            put_attrs(fin, rec)
+            write_state_dict(fin.create_group("weights"), model.state_dict())
+            fin.attrs["complete"] = True
+
+    # ---- summary ----------------------------------------------------------------------------------
+    def _print_summary(self) -> None:
+        from .report import format_table, summarize
+
+        row = summarize(self.rf.path)
+        print(format_table([row]), flush=True)
+        print(f"run file: {self.rf.path}", flush=True)
+
+
+def _str_dtype() -> Any:
+    import h5py
+
+    return h5py.string_dtype()
+
+
+def train_dense(model: torch.nn.Module, data: Any, cfg: DictConfig, device: str) -> None:
+    """Train the dense model from scratch (rank 0 only; other ranks wait, sleeping)."""
+    from tqdm import tqdm
+
+    b = cfg.baseline
+    torch.manual_seed(int(cfg.seed))
+    model.to(device).train()
+    loader = torch.utils.data.DataLoader(data.train, batch_size=int(b.batch_size), shuffle=True,
+                                         generator=torch.Generator().manual_seed(int(cfg.seed)), drop_last=True)
+    opt = torch.optim.AdamW(model.parameters(), lr=float(b.lr), weight_decay=float(b.weight_decay))
+    sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=float(b.lr), total_steps=max(1, int(b.epochs) * len(loader)))
+    for _ in tqdm(range(int(b.epochs)), desc="dense training", unit="epoch", file=sys.stderr, disable=None):
+        for x, y in loader:
+            x, y = x.to(device), y.to(device)
+            loss = metrics.task_loss(model(x), y)
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+            sched.step()
+    model.eval()

@@ -1,0 +1,107 @@
+"""The sweep driver (Hydra entry point): runs the stages, resuming from the run file.
+
+    python -m hpcprune.sweep [overrides]             # one process
+    mpiexec -n 4 python -m hpcprune.sweep [...]      # sensitivity over 4 MPI ranks
+
+Every rank runs this entry point. Rank 0 decides the run directory, owns the run file and runs
+baseline, allocation, pruning and the fine-tune job; all ranks share the sensitivity cells.
+"""
+from __future__ import annotations
+
+import logging
+import os
+import sys
+import time
+from typing import Any
+
+from .world import World, run_guarded
+
+log = logging.getLogger("hpcprune")
+_WORLD: World | None = None
+_CONF_DIR = os.path.join(os.path.dirname(__file__), "conf")
+_GROUPS = ("model", "data", "launcher")
+
+
+def _choices(group: str) -> list[str]:
+    return sorted(f[:-5] for f in os.listdir(os.path.join(_CONF_DIR, group)) if f.endswith(".yaml"))
+
+
+def precheck_argv(argv: list[str]) -> str | None:
+    """Config group choices are checked before Hydra composes (its own error spans many lines)."""
+    for arg in argv:
+        key, sep, value = arg.partition("=")
+        key = key.lstrip("+~")
+        if sep and key in _GROUPS and value not in _choices(key):
+            return f"unknown {key} {value!r} (choose from: {', '.join(_choices(key))})"
+    return None
+
+
+def _inject_run_dir(world: World, argv: list[str]) -> list[str]:
+    """Under MPI every rank must use the run directory rank 0 picks (Hydra's default is a timestamp)."""
+    if world.size == 1:
+        return argv
+    stamp = world.bcast(time.strftime("%Y-%m-%d/%H-%M-%S") if world.is_main else None)
+    keys = {a.split("=", 1)[0] for a in argv}
+    extra = []
+    if "hydra.run.dir" not in keys:
+        extra.append(f"hydra.run.dir=outputs/{stamp}")
+    if "hydra.sweep.dir" not in keys:
+        extra.append(f"hydra.sweep.dir=multirun/{stamp}")
+    if not world.is_main:
+        extra.append("hydra.output_subdir=null")
+    return argv + extra
+
+
+def _setup_logging(world: World, run_dir: str) -> None:
+    root = logging.getLogger("hpcprune")
+    for h in list(root.handlers):
+        root.removeHandler(h)
+    root.setLevel(logging.DEBUG)
+    root.propagate = False
+    fmt = logging.Formatter(f"%(asctime)s [rank {world.rank}] %(name)s: %(message)s", "%H:%M:%S")
+    if world.is_main:
+        os.makedirs(run_dir, exist_ok=True)
+        fh = logging.FileHandler(os.path.join(run_dir, "sweep.log"))
+        sh = logging.StreamHandler(sys.stderr)
+        sh.setFormatter(logging.Formatter("[hpcprune] %(message)s"))
+        sh.setLevel(logging.INFO)
+        root.addHandler(sh)
+    else:
+        os.makedirs(os.path.join(run_dir, "logs"), exist_ok=True)
+        fh = logging.FileHandler(os.path.join(run_dir, "logs", f"rank{world.rank}.log"))
+    fh.setFormatter(fmt)
+    root.addHandler(fh)
+
+
+def _task(cfg: Any) -> None:
+    from hydra.core.hydra_config import HydraConfig
+
+    from .stages import Sweep
+
+    world = _WORLD or World.from_env()
+    run_dir = HydraConfig.get().runtime.output_dir
+    _setup_logging(world, run_dir)
+    rc = run_guarded(world, lambda: Sweep(cfg, world, run_dir).run())
+    if rc:
+        sys.exit(rc)
+
+
+def main() -> None:
+    global _WORLD
+    world = World.from_env()
+    _WORLD = world
+    argv = sys.argv[1:]
+    bad = precheck_argv(argv)
+    if bad:
+        if world.is_main:
+            print(f"hpcprune: error: {bad}", file=sys.stderr)
+        sys.exit(2)
+    sys.argv = [sys.argv[0]] + _inject_run_dir(world, argv)
+
+    import hydra
+
+    hydra.main(config_path="conf", config_name="config", version_base=None)(_task)()
+
+
+if __name__ == "__main__":
+    main()

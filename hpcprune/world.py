@@ -1,0 +1,140 @@
+"""The MPI world: rank, size, device, work split, gather, and ending every rank on any error.
+
+mpi4py is imported only when the process was started by an MPI launcher (``mpiexec``/``srun
+--mpi=pmi2``); a plain ``python -m hpcprune.sweep`` is a world of one and never touches MPI.
+Waiting ranks never block inside an MPI collective: MPICH busy-polls there and would burn the
+cores that the working ranks (or the fine-tune job) need. They post a non-blocking request and
+sleep between tests instead.
+"""
+from __future__ import annotations
+
+import logging
+import os
+import sys
+import time
+from typing import Any, Callable
+
+log = logging.getLogger(__name__)
+
+# environment variables that MPI launchers set in every rank they start
+_LAUNCHER_VARS = ("PMI_RANK", "PMI_SIZE", "PMI_FD", "PMIX_RANK", "OMPI_COMM_WORLD_SIZE", "MPI_LOCALNRANKS")
+# prefixes of variables a child process must not inherit from an MPI rank (see clean_env)
+_MPI_ENV_PREFIXES = ("PMI_", "PMIX_", "HYDRA_", "HYDI_", "MPIR_", "MPICH_", "MPI_", "OMPI_", "I_MPI_", "FI_PROVIDER")
+
+
+def launched_by_mpi() -> bool:
+    return any(v in os.environ for v in _LAUNCHER_VARS)
+
+
+def clean_env(env: dict[str, str] | None = None) -> dict[str, str]:
+    """A copy of ``env`` without the MPI launcher's variables, for processes started from a rank.
+
+    A process that inherits ``PMI_*`` from rank 0 of ``mpiexec -n 2`` and initialises MPI aborts in
+    MPI_Init ("PMI_Init returned -1").
+    """
+    env = dict(os.environ if env is None else env)
+    return {k: v for k, v in env.items() if not k.startswith(_MPI_ENV_PREFIXES)}
+
+
+class World:
+    """Rank and size of this process; a single-process world when not under an MPI launcher."""
+
+    def __init__(self, comm: Any = None) -> None:
+        self.comm = comm
+        self.rank = comm.Get_rank() if comm is not None else 0
+        self.size = comm.Get_size() if comm is not None else 1
+        self.local_rank, self.local_size = 0, 1
+        if comm is not None:
+            from mpi4py import MPI
+
+            local = comm.Split_type(MPI.COMM_TYPE_SHARED, key=self.rank)
+            self.local_rank, self.local_size = local.Get_rank(), local.Get_size()
+            local.Free()
+        self.is_main = self.rank == 0
+
+    @classmethod
+    def from_env(cls) -> "World":
+        if not launched_by_mpi():
+            return cls(None)
+        from mpi4py import MPI  # noqa: WPS433 - imported only under an MPI launcher
+
+        return cls(MPI.COMM_WORLD)
+
+    # ---- collectives that do not spin -------------------------------------------------------
+    def _wait(self, request: Any, poll_s: float = 0.02) -> Any:
+        while True:
+            done, value = request.test()
+            if done:
+                return value
+            time.sleep(poll_s)
+
+    def barrier(self) -> None:
+        """A barrier that sleeps instead of busy-polling while it waits."""
+        if self.comm is not None:
+            self._wait(self.comm.Ibarrier())
+
+    def bcast(self, obj: Any, root: int = 0) -> Any:
+        """Broadcast a picklable object; non-root ranks wait sleeping (a barrier first), then receive."""
+        if self.comm is None:
+            return obj
+        self.barrier()
+        return self.comm.bcast(obj, root=root)
+
+    def allreduce_sum(self, values: Any) -> Any:
+        if self.comm is None:
+            return values
+        import numpy as np
+        from mpi4py import MPI
+
+        arr = np.ascontiguousarray(values, dtype=np.float64)
+        out = np.empty_like(arr)
+        self.barrier()
+        self.comm.Allreduce(arr, out, op=MPI.SUM)
+        return out
+
+    def abort(self, code: int = 1) -> None:
+        if self.comm is not None and self.size > 1:
+            self.comm.Abort(code)
+        sys.exit(code)
+
+    # ---- threads and devices ----------------------------------------------------------------
+    @staticmethod
+    def cores() -> int:
+        return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+
+    def set_threads(self, threads: int, alone: bool = False) -> int:
+        """Torch intra-op threads: ``threads`` or, when 0, the cores / ranks on this node; with
+        ``alone`` (the other ranks sleep meanwhile) every core this process may use."""
+        import torch
+
+        if threads <= 0:
+            threads = self.cores() if alone else max(1, self.cores() // self.local_size)
+        torch.set_num_threads(threads)
+        return threads
+
+    def device(self, spec: str) -> str:
+        """``auto``: one GPU per local rank when there are GPUs, else cpu; or an explicit device."""
+        import torch
+
+        if spec == "auto":
+            if torch.cuda.is_available():
+                return f"cuda:{self.local_rank % torch.cuda.device_count()}"
+            return "cpu"
+        if spec == "cuda" and torch.cuda.is_available():
+            return f"cuda:{self.local_rank % torch.cuda.device_count()}"
+        return spec
+
+
+def run_guarded(world: World, fn: Callable[[], int], err_stream: Any = None) -> int:
+    """Run ``fn``; on an exception print one line naming the rank and end every rank (MPI_Abort)."""
+    try:
+        return fn()
+    except SystemExit:
+        raise
+    except BaseException as e:  # noqa: B902 - any failure on any rank must end all ranks
+        where = f"rank {world.rank}/{world.size}: " if world.size > 1 else ""
+        stream = err_stream or sys.stderr
+        print(f"hpcprune: error: {where}{type(e).__name__}: {e}", file=stream, flush=True)
+        log.debug("fatal error on rank %d", world.rank, exc_info=True)
+        world.abort(1)
+        return 1

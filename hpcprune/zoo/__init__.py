@@ -1,0 +1,1 @@
+"""Built-in models and data sets. Users bring their own through Hydra ``_target_`` entries."""
