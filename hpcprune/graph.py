@@ -60,7 +60,8 @@ class Graph:
         self.ignored = [self.by_name[n] for n in ignore]
         was = model.training
         model.eval()
-        self.dg = tp.DependencyGraph().build_dependency(model, example_inputs=example_input)
+        with torch.enable_grad():  # the graph is traced through autograd
+            self.dg = tp.DependencyGraph().build_dependency(model, example_inputs=example_input)
         model.train(was)
         self._tp_groups: dict[str, Any] = {}
         self.groups = self._enumerate()

@@ -55,17 +55,25 @@ def example_input(run: RunFile) -> torch.Tensor:
 
 
 def pruned_model(run: RunFile, cfg: DictConfig | None = None, weights: str = "final") -> nn.Module:
-    """The pruned model: dense weights + plan; with ``weights="final"`` and a fine-tuned run, the
-    fine-tuned weights (else the pruned weights before fine-tuning)."""
+    """The pruned model rebuilt from the dense weights and the plan, then loaded with stored weights:
+
+    ``plan``: dense weights cut by the plan, nothing else; ``pruned``: the weights right after
+    pruning (BatchNorm statistics re-estimated); ``final``: the fine-tuned weights when the run has
+    them, else the pruned ones.
+    """
+    if weights not in ("plan", "pruned", "final"):
+        raise ValueError(f"weights={weights!r}: choose plan, pruned or final")
     cfg = cfg or load_config(run)
     model = dense_model(run, cfg)
     ignore = list(cfg.groups.ignore) if cfg.groups.ignore else []
     graph = Graph(model, example_input(run), _ignore_names(model, ignore))
     graph.apply_plan(read_plan(run))
-    if weights == "final":
+    if weights != "plan":
         with run.read() as f:
-            if "final/weights" in f:
-                model.load_state_dict(read_state_dict(f["final/weights"]))
+            for key in (("final/weights", "pruned/weights") if weights == "final" else ("pruned/weights",)):
+                if key in f:
+                    model.load_state_dict(read_state_dict(f[key]))
+                    break
     return model.eval()
 
 

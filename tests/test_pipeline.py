@@ -1,0 +1,115 @@
+"""The whole pipeline, for real: subprocess sweeps, real mpiexec ranks, a real submitit local job
+with 2 DDP processes, the run file read back with h5py."""
+import json
+
+import h5py
+import numpy as np
+import pytest
+import torch
+
+import hpcprune
+from hpcprune import metrics
+from hpcprune.runs import build_data, load_config, pruned_model
+from hpcprune.store import RunFile
+
+from conftest import FAST, run_sweep
+
+
+@pytest.mark.mpi
+def test_default_single_vs_two_ranks(tmp_path):
+    """The embedded default, once in one process and once over 2 MPI ranks."""
+    a, b = tmp_path / "A", tmp_path / "B"
+    pa = run_sweep(a)
+    run_sweep(b, ranks=2)
+    assert "run file:" in pa.stdout and "complete" in pa.stdout
+    with h5py.File(a / "run.h5") as fa, h5py.File(b / "run.h5") as fb:
+        for f, world in ((fa, 1), (fb, 2)):
+            assert f.attrs["status"] == "complete"
+            assert f.attrs["world_size"] == world
+            assert f.attrs["schema_version"] == 1
+            assert (f["sensitivity/status"][()] == 1).all()
+            # the fine-tune ran as 2 DDP processes, which ended with identical weights
+            assert f["finetune"].attrs["world_size"] == 2
+            digests = json.loads(f["finetune"].attrs["rank_digests"])
+            assert len(digests) == 2 and digests[0] == digests[1]
+            assert f["final"].attrs["macs_kept"] <= 0.5
+            assert f["pruned"].attrs["macs"] <= 0.5 * f["baseline"].attrs["macs"]
+            assert f["final"].attrs["metric"] >= f["baseline"].attrs["metric"] - 0.02
+            assert f["finetune/history"].shape == (6, 6)
+        assert set(fb["sensitivity/rank"][()].ravel()) == {0, 1}  # both ranks computed cells
+        np.testing.assert_allclose(fa["sensitivity/metric"][()], fb["sensitivity/metric"][()], atol=1e-5)
+        np.testing.assert_allclose(fa["sensitivity/loss"][()], fb["sensitivity/loss"][()], atol=1e-5)
+
+
+def test_run_file_contents(fast_run):
+    rf = RunFile(str(fast_run / "run.h5"))
+    with rf.read() as f:
+        names = [n.decode() if isinstance(n, bytes) else n for n in f["groups/name"][()]]
+        G, R = len(names), len(f["sensitivity/ratios"])
+        assert f["sensitivity/metric"].shape == (G, R) == f["sensitivity/seconds"].shape == f["sensitivity/rank"].shape
+        assert f["allocation/ratio"].shape == (G,)
+        assert set(f["pruned/plan"].keys()) == set(names)
+        assert "config" in f.attrs and "prune:" in f.attrs["config"]
+        for stage in ("baseline", "pruned", "final"):
+            for key in ("metric", "params", "macs", "latency_ms"):
+                assert np.isfinite(f[stage].attrs[key]), (stage, key)
+
+
+def test_residual_group_is_sensitive(fast_run):
+    """The stem group is coupled through the first block's residual add; cutting it hurts."""
+    with h5py.File(fast_run / "run.h5") as f:
+        names = [n.decode() if isinstance(n, bytes) else n for n in f["groups/name"][()]]
+        members = json.loads(f["groups/members"][names.index("0.0")])
+        assert ["1.conv2", "out"] in members and ["0.0", "out"] in members  # coupled by the add
+        curve = f["sensitivity/metric"][names.index("0.0")]
+        dense = f["baseline"].attrs["metric"]
+        assert curve[-1] < dense - 0.05
+        assert np.all(np.diff(f["sensitivity/loss"][names.index("0.0")]) > -0.05)
+
+
+def test_plan_rebuild_matches(fast_run):
+    """Dense weights + stored plan + stored weights rebuild the pruned and the fine-tuned model."""
+    path = str(fast_run / "run.h5")
+    rf = RunFile(path)
+    cfg = load_config(rf)
+    data = build_data(cfg.data)
+    batches = metrics.make_batches(data.val, 256)
+    final = hpcprune.load_pruned(path)
+    sums = metrics.evaluate(final, batches)
+    fin = rf.attrs("final")
+    assert sums.metric("accuracy") == fin["metric"]
+    assert metrics.params(final) == fin["params"]
+    assert metrics.macs(final, data.example_input[:1]) == fin["macs"]
+    pr = pruned_model(rf, cfg, weights="pruned")
+    assert metrics.evaluate(pr, batches).metric("accuracy") == rf.attrs("pruned")["metric"]
+
+
+def test_resume_skips_finished_stages(fast_run):
+    before = h5py.File(fast_run / "run.h5", "r")
+    created = before.attrs["created"]
+    metric = before["sensitivity/metric"][()]
+    before.close()
+    p = run_sweep(fast_run, *FAST)
+    assert "resuming" in p.stderr and "fine-tune job" not in p.stderr
+    with h5py.File(fast_run / "run.h5") as f:
+        assert f.attrs["created"] == created and f.attrs["status"] == "complete"
+        np.testing.assert_array_equal(f["sensitivity/metric"][()], metric)
+
+
+def test_resume_refuses_changed_config(fast_run):
+    p = run_sweep(fast_run, *FAST, "prune.target.macs=0.4", check=False)
+    assert p.returncode != 0
+    lines = [l for l in p.stderr.strip().splitlines() if l]
+    assert len(lines) == 1 and "prune.target.macs: 0.5 -> 0.4" in lines[0], p.stderr
+    assert RunFile(str(fast_run / "run.h5")).attrs()["status"] == "complete"
+
+
+@pytest.mark.parametrize("method", ["uniform", "global"])
+def test_methods_meet_targets(tmp_path, method):
+    d = tmp_path / method
+    run_sweep(d, *FAST, f"prune.method={method}", "prune.target.macs=0.4", "prune.target.params=0.5", "finetune.epochs=0",
+              "launcher=debug")
+    with h5py.File(d / "run.h5") as f:
+        assert f["allocation"].attrs["method"] == method
+        assert f["pruned"].attrs["macs_kept"] <= 0.4 and f["pruned"].attrs["params_kept"] <= 0.5
+        assert f.attrs["status"] == "complete"
