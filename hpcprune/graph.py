@@ -33,7 +33,7 @@ class GroupInfo:
     size: int  # channels in the group
     members: list[Member]
     maskable: bool  # every member can be masked exactly in place (else cells prune a copy)
-    top_index: int  # first top-level child of an nn.Sequential model the group touches (-1: unknown)
+    sliceable: bool = False  # every member indexes the group's channels 1:1 (no concat/flatten mapping)
 
     @property
     def modules(self) -> list[str]:
@@ -70,11 +70,14 @@ class Graph:
         infos = []
         for g in self.dg.get_all_groups(ignored_layers=self.ignored, root_module_types=(nn.modules.conv._ConvNd, nn.Linear)):
             members: list[Member] = []
-            for dep, _ in g:
+            identity = True
+            for dep, idxs in g:
                 mod = dep.target.module
                 if mod not in self.names:  # an op node (add, relu, reshape): nothing to cut
                     continue
-                members.append(Member(self.names[mod], self.dg.is_out_channel_pruning_fn(dep.handler)))
+                out = self.dg.is_out_channel_pruning_fn(dep.handler)
+                members.append(Member(self.names[mod], out))
+                identity = identity and [int(i) for i in idxs] == list(range(len(idxs))) and _dim_size(mod, out) == len(idxs)
             members.sort(key=lambda m: (self.order[m.module], not m.out))
             outs = [m for m in members if m.out]
             name = outs[0].module
@@ -82,7 +85,8 @@ class Graph:
             size = int(self.dg.get_out_channels(root_mod))
             kind = "neurons" if isinstance(root_mod, nn.Linear) else "channels"
             maskable = all(self._maskable(self.by_name[m.module], m.out) for m in members)
-            infos.append(GroupInfo(name, kind, size, members, maskable, self._top_index(members)))
+            sliceable = maskable and identity
+            infos.append(GroupInfo(name, kind, size, members, maskable, sliceable))
             self._tp_groups[name] = root_mod
         infos.sort(key=lambda gi: self.order[gi.name])
         return infos
@@ -94,12 +98,6 @@ class Graph:
             # depthwise: in and out are the same channels; other grouped convs index inputs per group
             return mod.groups == 1 or (mod.groups == mod.in_channels == mod.out_channels)
         return True
-
-    def _top_index(self, members: list[Member]) -> int:
-        if not isinstance(self.model, nn.Sequential):
-            return -1
-        tops = [int(m.module.split(".")[0]) for m in members if m.module.split(".")[0].isdigit()]
-        return min(tops) if tops else -1
 
     # ---- pruning ----------------------------------------------------------------------------------
     def prune_group(self, name: str, idxs: Sequence[int]) -> None:
@@ -182,3 +180,67 @@ def mask_group(model_modules: dict[str, nn.Module], group: GroupInfo, idxs: Sequ
         else:
             mask._zero(w, (slice(None), i))
     return mask
+
+
+def _dim_size(mod: nn.Module, out: bool) -> int:
+    if isinstance(mod, nn.modules.batchnorm._BatchNorm):
+        return mod.num_features
+    if isinstance(mod, nn.modules.conv._ConvNd):
+        return mod.out_channels if (out or mod.groups > 1) else mod.in_channels
+    if isinstance(mod, nn.Linear):
+        return mod.out_features if out else mod.in_features
+    return -1
+
+
+@dataclass
+class Slice:
+    """Cuts a group's channels out of its member layers in place (smaller tensors, exactly the
+    computation of the physically pruned model); ``restore()`` puts the original tensors back."""
+
+    saved: list[tuple[Any, str, Any]] = field(default_factory=list)
+
+    def _set(self, obj: Any, attr: str, value: Any) -> None:
+        self.saved.append((obj, attr, getattr(obj, attr)))
+        setattr(obj, attr, value)
+
+    def _data(self, t: torch.Tensor | None, value: Any) -> None:
+        if t is not None:
+            self._set(t, "data", value)
+
+    def restore(self) -> None:
+        for obj, attr, value in reversed(self.saved):
+            setattr(obj, attr, value)
+        self.saved.clear()
+
+
+def slice_group(model_modules: dict[str, nn.Module], group: GroupInfo, keep: Sequence[int]) -> Slice:
+    """Keep only channels ``keep`` of ``group`` in every member (for ``group.sliceable`` groups)."""
+    if not group.sliceable:
+        raise ValueError(f"group {group.name} cannot be sliced in place")
+    sl = Slice()
+    seen: set[str] = set()
+    for m in group.members:
+        mod = model_modules[m.module]
+        if m.module in seen and isinstance(mod, nn.modules.conv._ConvNd) and mod.groups > 1:
+            continue  # a depthwise conv's in and out channels are the same: cut once
+        seen.add(m.module)
+        k = torch.as_tensor(list(keep), dtype=torch.long, device=mod.weight.device if getattr(mod, "weight", None) is not None else "cpu")
+        if isinstance(mod, nn.modules.batchnorm._BatchNorm):
+            for name in ("weight", "bias"):
+                t = getattr(mod, name)
+                sl._data(t, t.data.index_select(0, k) if t is not None else None)
+            for name in ("running_mean", "running_var"):
+                buf = getattr(mod, name)
+                if buf is not None:
+                    sl._set(mod, name, buf.index_select(0, k))
+            continue
+        depthwise = isinstance(mod, nn.modules.conv._ConvNd) and mod.groups > 1
+        if m.out or depthwise:
+            sl._data(mod.weight, mod.weight.data.index_select(0, k))
+            if mod.bias is not None:
+                sl._data(mod.bias, mod.bias.data.index_select(0, k))
+            if depthwise:
+                sl._set(mod, "groups", len(keep))
+        else:
+            sl._data(mod.weight, mod.weight.data.index_select(1, k))
+    return sl

@@ -26,7 +26,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from .graph import Graph, GroupInfo, keep_count, mask_group
+from .graph import Graph, GroupInfo, keep_count, mask_group, slice_group
 from .metrics import EvalSums, batch_sums
 from .world import World
 
@@ -53,8 +53,35 @@ class Chunk:
     cost: float = 0.0
 
 
+def flatten_chain(model: nn.Module) -> list[tuple[str, nn.Module]] | None:
+    """The model as a chain of (name, module), nested ``nn.Sequential``s expanded; None when the
+    model is not a chain (then every cell runs the full forward)."""
+    if not isinstance(model, nn.Sequential):
+        return None
+    chain: list[tuple[str, nn.Module]] = []
+
+    def walk(prefix: str, seq: nn.Sequential) -> None:
+        for name, child in seq.named_children():
+            full = f"{prefix}{name}"
+            if isinstance(child, nn.Sequential):
+                walk(full + ".", child)
+            else:
+                chain.append((full, child))
+
+    walk("", model)
+    return chain
+
+
 class Evaluator:
-    """Evaluates cells on one rank's model and calibration batches."""
+    """Evaluates cells on one rank's model and calibration batches.
+
+    Per group, the evaluator finds the first chain element the group touches and caches what
+    enters it (or, when that element is a layer whose output channels are the group's channels,
+    what leaves it: those channels are then simply sliced out). Per ratio it cuts the channels out
+    of the member layers in place (``slice_group``: the pruned model's exact computation), or
+    zeroes them (``mask_group``) where index mappings forbid slicing, or, for layers that can be
+    neither, prunes a copy.
+    """
 
     def __init__(
         self,
@@ -66,6 +93,7 @@ class Evaluator:
         example_input: torch.Tensor,
         ignore: Sequence[str] = (),
         cache_prefix: bool = True,
+        slice_channels: bool = True,
     ) -> None:
         self.model = model.eval()
         self.modules = dict(model.named_modules())
@@ -75,26 +103,48 @@ class Evaluator:
         self.batches = list(batches)
         self.example_input = example_input
         self.ignore = list(ignore)
-        self.children = list(model.children()) if (cache_prefix and isinstance(model, nn.Sequential)) else None
+        self.slice_channels = slice_channels
+        self.chain = flatten_chain(model) if cache_prefix else None
 
     def _idxs(self, g: GroupInfo, ratio: float) -> list[int]:
         n = g.size - keep_count(g.size, ratio)
         return self.orders[g.name][:n]
 
+    def entry(self, g: GroupInfo) -> tuple[int, bool]:
+        """(chain index where a cell's forward starts, whether the cache is that element's output)."""
+        if self.chain is None or not g.maskable:
+            return 0, False
+        touched = [
+            i for i, (name, _) in enumerate(self.chain)
+            if any(m.module == name or m.module.startswith(name + ".") for m in g.members)
+        ]
+        if not touched:
+            return 0, False
+        k = touched[0]
+        name, mod = self.chain[k]
+        roles = {m.out for m in g.members if m.module == name}
+        leaf_out = roles == {True} and isinstance(mod, (nn.modules.conv._ConvNd, nn.Linear))
+        leaf_out = leaf_out and not (isinstance(mod, nn.modules.conv._ConvNd) and mod.groups > 1)
+        if leaf_out and g.sliceable and self.slice_channels:
+            return k + 1, True
+        return k, False
+
     @torch.inference_mode()
     def _prefix(self, k: int) -> list[torch.Tensor]:
         outs = []
         for x, _ in self.batches:
-            for child in self.children[:k]:  # type: ignore[index]
+            for _, child in self.chain[:k]:  # type: ignore[index]
                 x = child(x)
             outs.append(x)
         return outs
 
     @torch.inference_mode()
-    def _suffix_sums(self, k: int, inputs: Sequence[torch.Tensor]) -> EvalSums:
+    def _suffix_sums(self, k: int, inputs: Sequence[torch.Tensor], keep: torch.Tensor | None) -> EvalSums:
         total = EvalSums()
         for h, (_, y) in zip(inputs, self.batches):
-            for child in self.children[k:]:  # type: ignore[index]
+            if keep is not None:
+                h = h.index_select(1, keep)
+            for _, child in self.chain[k:]:  # type: ignore[index]
                 h = child(h)
             total = total + batch_sums(h, y)
         return total
@@ -107,11 +157,12 @@ class Evaluator:
         return total
 
     def run_chunk(
-        self, chunk: Chunk, rank: int, stop_below: Callable[[float], bool] | None = None, between: Callable[[], None] | None = None
+        self, chunk: Chunk, rank: int, stop_below: Callable[[EvalSums], bool] | None = None,
+        between: Callable[[], None] | None = None,
     ) -> list[CellResult]:
         g = self.groups[chunk.group]
         results: list[CellResult] = []
-        k = g.top_index if (self.children is not None and g.maskable) else -1
+        k, sliced_cache = self.entry(g)
         prefix = self._prefix(k) if k > 0 else None
         stopped = False
         for r in chunk.ratios:
@@ -120,14 +171,27 @@ class Evaluator:
                 continue
             t0 = time.perf_counter()
             idxs = self._idxs(g, self.ratios[r])
-            if g.maskable:
-                mask = mask_group(self.modules, g, idxs)
-                try:
-                    sums = self._suffix_sums(k, prefix) if prefix is not None else self._full_sums(self.model)
-                finally:
-                    mask.restore()
-            else:  # exact fallback: prune a copy
-                sums = self._pruned_copy_sums(g, idxs)
+            keep_t = None
+            if g.sliceable and self.slice_channels:
+                drop = set(idxs)
+                keep = [i for i in range(g.size) if i not in drop]
+                cut: Any = slice_group(self.modules, g, keep)
+                if sliced_cache:
+                    keep_t = torch.as_tensor(keep, dtype=torch.long, device=self.batches[0][0].device)
+            elif g.maskable:
+                cut = mask_group(self.modules, g, idxs)
+            else:
+                cut = None
+            try:
+                if cut is None:  # exact fallback: prune a copy
+                    sums = self._pruned_copy_sums(g, idxs)
+                elif prefix is not None:
+                    sums = self._suffix_sums(k, prefix, keep_t)
+                else:
+                    sums = self._full_sums(self.model)
+            finally:
+                if cut is not None:
+                    cut.restore()
             results.append(CellResult(chunk.group, r, DONE, sums.as_tuple(), time.perf_counter() - t0, rank))
             if stop_below is not None and stop_below(sums):
                 stopped = True
@@ -141,29 +205,15 @@ class Evaluator:
         graph.prune_group(g.name, idxs)
         return self._full_sums(model)
 
-    def chunk_cost(self, chunk: Chunk, macs_by_top: list[float] | None) -> float:
-        """Relative cost: forward MACs after the cached prefix, times the number of ratios."""
-        g = self.groups[chunk.group]
-        if macs_by_top is None or g.top_index <= 0 or not g.maskable:
-            suffix = 1.0
-            prefix = 0.0
-        else:
-            total = sum(macs_by_top) or 1.0
-            suffix = sum(macs_by_top[g.top_index :]) / total
-            prefix = 1.0 - suffix
-        return prefix + suffix * len(chunk.ratios)
-
-
-def macs_by_top_child(model: nn.Module, module_macs: dict[str, int]) -> list[float] | None:
-    if not isinstance(model, nn.Sequential):
-        return None
-    n = len(list(model.children()))
-    out = [0.0] * n
-    for name, m in module_macs.items():
-        head = name.split(".")[0]
-        if head.isdigit() and int(head) < n:
-            out[int(head)] += m
-    return out
+    def chunk_cost(self, chunk: Chunk, module_macs: dict[str, int] | None) -> float:
+        """Relative cost: forward MACs before the cache point once, after it once per ratio."""
+        k, _ = self.entry(self.groups[chunk.group])
+        if module_macs is None or self.chain is None:
+            return float(len(chunk.ratios))
+        per = [sum(v for n, v in module_macs.items() if n == name or n.startswith(name + ".")) for name, _ in self.chain]
+        total = sum(per) or 1.0
+        suffix = sum(per[k:]) / total
+        return (1.0 - suffix) + suffix * len(chunk.ratios)
 
 
 def make_chunks(pending: np.ndarray, world_size: int) -> list[Chunk]:
@@ -190,7 +240,7 @@ def run_sensitivity(
     world: World,
     evaluator: Evaluator,
     pending: np.ndarray,
-    macs_by_top: list[float] | None,
+    module_macs: dict[str, int] | None,
     on_results: Callable[[list[CellResult]], None] | None = None,
     stop_below: Callable[[float], bool] | None = None,
     progress: Any = None,
@@ -199,7 +249,7 @@ def run_sensitivity(
     if world.size == 1 or world.comm is None:
         chunks = make_chunks(pending, 1)
         results: list[CellResult] = []
-        for ch in sorted(chunks, key=lambda c: -evaluator.chunk_cost(c, macs_by_top)):
+        for ch in sorted(chunks, key=lambda c: -evaluator.chunk_cost(c, module_macs)):
             res = evaluator.run_chunk(ch, 0, stop_below)
             results += res
             if progress is not None:
@@ -208,18 +258,18 @@ def run_sensitivity(
                 on_results(res)
         return results
     if world.rank == 0:
-        return _master(world, evaluator, pending, macs_by_top, on_results, stop_below, progress)
+        return _master(world, evaluator, pending, module_macs, on_results, stop_below, progress)
     _worker(world, evaluator, stop_below)
     return []
 
 
-def _master(world, evaluator, pending, macs_by_top, on_results, stop_below, progress) -> list[CellResult]:
+def _master(world, evaluator, pending, module_macs, on_results, stop_below, progress) -> list[CellResult]:
     from mpi4py import MPI
 
     comm = world.comm
     chunks = make_chunks(pending, world.size)
     for ch in chunks:
-        ch.cost = evaluator.chunk_cost(ch, macs_by_top)
+        ch.cost = evaluator.chunk_cost(ch, module_macs)
     queue = deque(sorted(chunks, key=lambda c: -c.cost))
     results: list[CellResult] = []
     in_flight = {r: 0 for r in range(1, world.size)}  # chunks a worker holds and has not returned

@@ -22,7 +22,7 @@ from omegaconf import DictConfig, OmegaConf
 from . import __version__, allocate, importance, launch, metrics
 from .graph import Graph, keep_count
 from .runs import build_data, build_model, ignore_names, read_plan
-from .sensitivity import DONE, PENDING, SKIPPED, Evaluator, macs_by_top_child, run_sensitivity
+from .sensitivity import DONE, PENDING, Evaluator, run_sensitivity
 from .store import RunFile, RunFileError, RunLock, put_attrs, read_state_dict, replace_group, write_state_dict
 from .world import World
 
@@ -321,7 +321,6 @@ class Sweep:
             self.model.to(self.device), self.graph.groups, self.orders, ratios, self.calib, self.example[:1].to(self.device),
             self.ignore, bool(cfg.sensitivity.cache_prefix),
         )
-        macs_top = macs_by_top_child(self.model, self.module_macs)
         t0 = time.perf_counter()
         buffer: list[Any] = []
         last = [time.perf_counter()]
@@ -337,7 +336,7 @@ class Sweep:
             from tqdm import tqdm
 
             bar = tqdm(total=int(pending.sum()), desc="sensitivity", unit="cell", file=sys.stderr, disable=None)
-        results = run_sensitivity(self.world, evaluator, pending, macs_top, on_results if self.main else None, stop, bar)
+        results = run_sensitivity(self.world, evaluator, pending, self.module_macs, on_results if self.main else None, stop, bar)
         if bar is not None:
             bar.close()
         self.model.cpu()

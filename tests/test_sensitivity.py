@@ -1,0 +1,95 @@
+"""The sensitivity engine gives the naive loop's numbers (deepcopy, prune, full forward per cell)."""
+import copy
+
+import numpy as np
+import pytest
+import torch
+
+from hpcprune import importance, metrics
+from hpcprune.graph import Graph, keep_count
+from hpcprune.sensitivity import DONE, SKIPPED, Evaluator, make_chunks, run_sensitivity
+from hpcprune.world import World
+from hpcprune.zoo.models import MLP, resnet
+
+RATIOS = [0.2, 0.5, 0.8]
+
+
+def _setup(kind):
+    torch.manual_seed(0)
+    if kind == "resnet":
+        model, x, ignore = resnet(1, 10, (8, 16, 32), (1, 2, 1)), torch.randn(64, 1, 8, 8), ["5.fc"]
+        for m in model.modules():
+            if isinstance(m, torch.nn.BatchNorm2d):
+                m.running_mean.uniform_(-0.5, 0.5)
+                m.running_var.uniform_(0.5, 2.0)
+                m.bias.data.uniform_(-0.2, 0.2)
+    else:
+        model, x, ignore = MLP(64, 10, (32, 16)), torch.randn(64, 1, 8, 8), ["5"]
+    model.eval()
+    y = torch.randint(0, 10, (64,))
+    batches = [(x[:40], y[:40]), (x[40:], y[40:])]
+    graph = Graph(model, x[:1], ignore)
+    scores = importance.group_scores(graph, "l2")
+    orders = {n: importance.prune_order(s) for n, s in scores.items()}
+    return model, x, ignore, graph, orders, batches
+
+
+def _matrix(results, G):
+    m = np.full((G, len(RATIOS)), np.nan)
+    for c in results:
+        if c.status == DONE:
+            m[c.group, c.ratio] = c.sums[1] / c.sums[2]
+    return m
+
+
+def _naive(model, x, ignore, graph, orders, batches):
+    m = np.full((len(graph.groups), len(RATIOS)), np.nan)
+    for gi, g in enumerate(graph.groups):
+        for ri, r in enumerate(RATIOS):
+            pruned = copy.deepcopy(model)
+            Graph(pruned, x[:1], ignore).prune_group(g.name, orders[g.name][: g.size - keep_count(g.size, r)])
+            s = metrics.evaluate(pruned, batches)
+            m[gi, ri] = s.loss / s.count
+    return m
+
+
+@pytest.mark.parametrize("kind", ["resnet", "mlp"])
+@pytest.mark.parametrize("cache,slice_", [(True, True), (True, False), (False, False)])
+def test_engine_equals_naive_loop(kind, cache, slice_):
+    model, x, ignore, graph, orders, batches = _setup(kind)
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    ev = Evaluator(model, graph.groups, orders, RATIOS, batches, x[:1], ignore, cache_prefix=cache, slice_channels=slice_)
+    G = len(graph.groups)
+    res = run_sensitivity(World(None), ev, np.ones((G, len(RATIOS)), bool), metrics.module_macs(model, x[:1]))
+    assert len(res) == G * len(RATIOS)
+    np.testing.assert_allclose(_matrix(res, G), _naive(model, x, ignore, graph, orders, batches), atol=1e-5, rtol=1e-5)
+    for k, v in model.state_dict().items():  # nothing leaks into the model
+        assert torch.equal(v, before[k]), k
+
+
+def test_cache_starts_after_the_first_block():
+    model, x, ignore, graph, orders, batches = _setup("resnet")
+    ev = Evaluator(model, graph.groups, orders, RATIOS, batches, x[:1], ignore)
+    entries = {g.name: ev.entry(g) for g in graph.groups}
+    assert entries["0.0"] == (1, True)  # the stem conv's output is cached and sliced
+    assert ev.chain[entries["3.conv1"][0]][0] == "3"  # a block's own conv1 group starts at that block
+    assert all(k > 0 for k, _ in entries.values())
+
+
+def test_early_stop_records_skips():
+    model, x, ignore, graph, orders, batches = _setup("resnet")
+    ev = Evaluator(model, graph.groups, orders, RATIOS, batches, x[:1], ignore)
+    G = len(graph.groups)
+    res = run_sensitivity(World(None), ev, np.ones((G, len(RATIOS)), bool), None, stop_below=lambda s: True)
+    by = {(c.group, c.ratio): c.status for c in res}
+    for g in range(G):
+        assert by[(g, 0)] == DONE and by[(g, 1)] == SKIPPED and by[(g, 2)] == SKIPPED
+
+
+def test_chunks_cover_every_pending_cell_once():
+    pending = np.ones((5, 9), bool)
+    pending[1, 3:] = False
+    for world in (1, 2, 7, 64):
+        chunks = make_chunks(pending, world)
+        cells = [(c.group, r) for c in chunks for r in c.ratios]
+        assert sorted(cells) == sorted(zip(*np.nonzero(pending)))
