@@ -1,0 +1,177 @@
+"""Sensitivity analysis: the naive Torch-Pruning loop vs hpcprune's engine on 1 and 2 MPI ranks.
+
+    python benchmarks/sensitivity_bench.py                 # Fashion-MNIST ResNet, 9 ratios, 2,000 images
+    python benchmarks/sensitivity_bench.py --device cuda   # cells/s on a GPU (naive loop skipped with --no-naive)
+
+(a) naive: per cell deepcopy the model, build a DependencyGraph, prune the group, evaluate;
+(b) the engine on 1 rank; (c) the engine on 2 ranks (mpiexec -n 2), each at 1 thread.
+All three must give the same loss/accuracy matrix (1e-5). The last line is one JSON object.
+"""
+from __future__ import annotations
+
+import argparse
+import copy
+import json
+import os
+import subprocess
+import sys
+import tempfile
+import time
+
+import numpy as np
+import torch
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+sys.path.insert(0, os.path.dirname(HERE))
+
+from hpcprune import importance, metrics  # noqa: E402
+from hpcprune.graph import Graph, keep_count  # noqa: E402
+from hpcprune.sensitivity import DONE, Evaluator, run_sensitivity  # noqa: E402
+from hpcprune.world import World  # noqa: E402
+from hpcprune.zoo import data as zdata  # noqa: E402
+from hpcprune.zoo.models import resnet  # noqa: E402
+
+RATIOS = [0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9]
+CACHE = os.path.expanduser("~/.cache/hpcprune")
+
+
+def setup(args):
+    """Model (trained briefly and cached), calibration batches, groups, orders: identical on every rank."""
+    torch.manual_seed(0)
+    model = resnet(1, 10, (32, 64, 128), (2, 2, 2), stem_stride=2)
+    if args.synthetic:
+        g = torch.Generator().manual_seed(0)
+        x = torch.randn(args.calib, 1, 28, 28, generator=g)
+        y = torch.randint(0, 10, (args.calib,), generator=g)
+        calib = torch.utils.data.TensorDataset(x, y)
+        for m in model.modules():
+            if isinstance(m, torch.nn.BatchNorm2d):
+                m.running_var.uniform_(0.5, 2.0, generator=g)
+    else:
+        data = zdata.fashion_mnist(calib_samples=args.calib)
+        calib = data.calib
+        ckpt = os.path.join(CACHE, "bench_resnet_fmnist_1ep.pt")
+        if os.path.exists(ckpt):
+            model.load_state_dict(torch.load(ckpt, weights_only=True))
+        else:  # one quick epoch: enough for meaningful curves; cached for later runs
+            os.makedirs(CACHE, exist_ok=True)
+            opt = torch.optim.AdamW(model.parameters(), 2e-3)
+            loader = torch.utils.data.DataLoader(data.train, batch_size=128, shuffle=True,
+                                                 generator=torch.Generator().manual_seed(0))
+            model.train()
+            for x, y in loader:
+                opt.zero_grad()
+                metrics.task_loss(model(x), y).backward()
+                opt.step()
+            torch.save(model.state_dict(), ckpt + ".tmp")
+            os.replace(ckpt + ".tmp", ckpt)
+    model.eval()
+    batches = metrics.make_batches(calib, args.batch_size, args.device)
+    example = batches[0][0][:1]
+    model.to(args.device)
+    ignore = ["7.fc"]
+    graph = Graph(model, example, ignore)
+    scores = importance.group_scores(graph, "l2")
+    orders = {n: importance.prune_order(s) for n, s in scores.items()}
+    return model, batches, example, ignore, graph, orders
+
+
+def to_matrix(results, G):
+    loss, acc = np.full((G, len(RATIOS)), np.nan), np.full((G, len(RATIOS)), np.nan)
+    for c in results:
+        if c.status == DONE:
+            loss[c.group, c.ratio] = c.sums[1] / c.sums[2]
+            acc[c.group, c.ratio] = c.sums[0] / c.sums[2]
+    return loss, acc
+
+
+def naive(model, batches, example, ignore, graph, orders):
+    """What a user writes with Torch-Pruning: deepcopy, re-trace, prune, full evaluation per cell."""
+    G = len(graph.groups)
+    loss, acc = np.full((G, len(RATIOS)), np.nan), np.full((G, len(RATIOS)), np.nan)
+    for gi, g in enumerate(graph.groups):
+        for ri, r in enumerate(RATIOS):
+            m = copy.deepcopy(model)
+            Graph(m, example, ignore).prune_group(g.name, orders[g.name][: g.size - keep_count(g.size, r)])
+            s = metrics.evaluate(m, batches)
+            loss[gi, ri], acc[gi, ri] = s.loss / s.count, s.correct / s.count
+    return loss, acc
+
+
+def engine(world, model, batches, example, ignore, graph, orders):
+    ev = Evaluator(model, graph.groups, orders, RATIOS, batches, example, ignore)
+    pending = np.ones((len(graph.groups), len(RATIOS)), bool)
+    mm = metrics.module_macs(model, example)
+    world.barrier()
+    t0 = time.perf_counter()
+    res = run_sensitivity(world, ev, pending, mm)
+    return res, time.perf_counter() - t0
+
+
+def worker(args):
+    world = World.from_env()
+    torch.set_num_threads(args.threads)
+    model, batches, example, ignore, graph, orders = setup(args)
+    res, secs = engine(world, model, batches, example, ignore, graph, orders)
+    if world.is_main:
+        loss, acc = to_matrix(res, len(graph.groups))
+        np.savez(args.out, loss=loss, acc=acc, seconds=secs)
+
+
+def main():
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--device", default="cpu")
+    ap.add_argument("--calib", type=int, default=2000)
+    ap.add_argument("--batch-size", type=int, default=500)
+    ap.add_argument("--threads", type=int, default=1)
+    ap.add_argument("--synthetic", action="store_true", help="random inputs (no Fashion-MNIST files needed)")
+    ap.add_argument("--no-naive", action="store_true")
+    ap.add_argument("--no-mpi", action="store_true")
+    ap.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
+    ap.add_argument("--out", default=None, help=argparse.SUPPRESS)
+    args = ap.parse_args()
+    if args.worker:
+        return worker(args)
+    torch.set_num_threads(args.threads)
+    model, batches, example, ignore, graph, orders = setup(args)
+    G = len(graph.groups)
+    print(f"{G} groups x {len(RATIOS)} ratios = {G * len(RATIOS)} cells, {args.calib} images, device {args.device}, "
+          f"{args.threads} thread(s) per rank", flush=True)
+    out: dict = {"cells": G * len(RATIOS), "device": args.device, "threads_per_rank": args.threads}
+    ref = None
+    if not args.no_naive:
+        t0 = time.perf_counter()
+        ref = naive(model, batches, example, ignore, graph, orders)
+        out["naive_s"] = time.perf_counter() - t0
+        print(f"(a) naive loop:     {out['naive_s']:.1f} s", flush=True)
+    res, secs = engine(World(None), model, batches, example, ignore, graph, orders)
+    e1 = to_matrix(res, G)
+    out["engine_1rank_s"] = secs
+    print(f"(b) engine, 1 rank: {secs:.1f} s", flush=True)
+    identical = True
+    if ref is not None:
+        identical &= bool(np.allclose(e1[0], ref[0], atol=1e-5) and np.allclose(e1[1], ref[1], atol=1e-5))
+        out["max_abs_diff_naive"] = float(np.nanmax(np.abs(e1[0] - ref[0])))
+        out["speedup_vs_naive"] = out["naive_s"] / secs
+    if not args.no_mpi:
+        with tempfile.TemporaryDirectory() as tmp:
+            npz = os.path.join(tmp, "e2.npz")
+            mpiexec = os.path.join(os.path.dirname(sys.executable), "mpiexec")
+            cmd = [mpiexec, "-n", "2", sys.executable, os.path.abspath(__file__), "--worker", "--out", npz,
+                   "--device", args.device, "--calib", str(args.calib), "--batch-size", str(args.batch_size),
+                   "--threads", str(args.threads)] + (["--synthetic"] if args.synthetic else [])
+            subprocess.run(cmd, check=True)
+            e2 = np.load(npz)
+            out["engine_2rank_s"] = float(e2["seconds"])
+            identical &= bool(np.allclose(e2["loss"], e1[0], atol=1e-5) and np.allclose(e2["acc"], e1[1], atol=1e-5))
+        print(f"(c) engine, 2 ranks: {out['engine_2rank_s']:.1f} s", flush=True)
+        out["parallel_efficiency_2"] = secs / (2 * out["engine_2rank_s"])
+        if "naive_s" in out:
+            out["speedup_2rank_vs_naive"] = out["naive_s"] / out["engine_2rank_s"]
+    out["cells_per_s_1rank"] = out["cells"] / secs
+    out["identical"] = identical
+    print(json.dumps({k: (round(v, 4) if isinstance(v, float) else v) for k, v in out.items()}))
+
+
+if __name__ == "__main__":
+    main()
