@@ -14,7 +14,7 @@ import sys
 import time
 from typing import Any
 
-from .world import World, run_guarded
+from .world import MPIMismatch, World, run_guarded
 
 log = logging.getLogger("hpcprune")
 _WORLD: World | None = None
@@ -88,7 +88,12 @@ def _task(cfg: Any) -> None:
 
 def main() -> None:
     global _WORLD
-    world = World.from_env()
+    try:
+        world = World.from_env()
+    except MPIMismatch as e:
+        if os.environ.get("PMI_RANK", os.environ.get("OMPI_COMM_WORLD_RANK", "0")) == "0":
+            print(f"hpcprune: error: {e}", file=sys.stderr)
+        sys.exit(2)
     _WORLD = world
     argv = sys.argv[1:]
     bad = precheck_argv(argv)

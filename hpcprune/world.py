@@ -36,6 +36,10 @@ def clean_env(env: dict[str, str] | None = None) -> dict[str, str]:
     return {k: v for k, v in env.items() if not k.startswith(_MPI_ENV_PREFIXES)}
 
 
+class MPIMismatch(RuntimeError):
+    """The MPI launcher and mpi4py's MPI library disagree on the world size."""
+
+
 class World:
     """Rank and size of this process; a single-process world when not under an MPI launcher."""
 
@@ -58,7 +62,17 @@ class World:
             return cls(None)
         from mpi4py import MPI  # noqa: WPS433 - imported only under an MPI launcher
 
-        return cls(MPI.COMM_WORLD)
+        world = cls(MPI.COMM_WORLD)
+        expected = next((int(os.environ[v]) for v in ("PMI_SIZE", "OMPI_COMM_WORLD_SIZE") if os.environ.get(v, "").isdigit()), None)
+        if expected is not None and expected != world.size:
+            # e.g. MPICH's mpiexec starting an Open MPI build of mpi4py: every process would be a
+            # world of one, all computing everything and racing for the same run directory
+            raise MPIMismatch(
+                f"the launcher started {expected} ranks but MPI reports a world of {world.size}: mpi4py uses "
+                f"another MPI library ({MPI.Get_library_version().splitlines()[0].strip()}) than this mpiexec; "
+                "use the mpiexec of that MPI (the mpich wheel's: .venv/bin/mpiexec) or srun --mpi=pmi2"
+            )
+        return world
 
     # ---- collectives that do not spin -------------------------------------------------------
     def _wait(self, request: Any, poll_s: float = 0.02) -> Any:

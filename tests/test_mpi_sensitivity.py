@@ -1,0 +1,99 @@
+"""Sensitivity over real mpiexec ranks: identical matrices for 1, 2 and 3 ranks, and a run killed
+mid-sensitivity (SIGKILL of the whole mpiexec process group) resumes to the identical matrix,
+computing only the missing cells."""
+import os
+import re
+import signal
+import subprocess
+import time
+
+import h5py
+import numpy as np
+import pytest
+
+from conftest import ROOT, run_sweep, sweep_cmd
+
+SENS = [
+    "baseline.epochs=4",
+    "finetune.epochs=0",
+    "launcher=debug",
+    "baseline.latency_repeats=3",
+    "sensitivity.batch_size=2",  # many small batches: cells slow enough to be killed midway
+    "data.calib_samples=256",
+]
+
+pytestmark = pytest.mark.mpi
+
+
+def _matrix(path):
+    with h5py.File(path) as f:
+        return f["sensitivity/loss"][()], f["sensitivity/metric"][()], f["sensitivity/status"][()], f["sensitivity/rank"][()]
+
+
+@pytest.fixture(scope="module")
+def one_rank(tmp_path_factory):
+    d = tmp_path_factory.mktemp("w1") / "run"
+    run_sweep(d, *SENS)
+    return _matrix(d / "run.h5")
+
+
+def test_three_ranks_identical(tmp_path, one_rank):
+    run_sweep(tmp_path / "w3", *SENS, ranks=3, timeout=400)
+    loss, metric, status, rank = _matrix(tmp_path / "w3" / "run.h5")
+    assert (status == 1).all()
+    assert set(rank.ravel()) == {0, 1, 2}
+    np.testing.assert_allclose(loss, one_rank[0], atol=1e-5)
+    np.testing.assert_allclose(metric, one_rank[1], atol=1e-5)
+
+
+def test_kill_mid_sensitivity_resumes(tmp_path, one_rank):
+    d = tmp_path / "killed"
+    proc = subprocess.Popen(sweep_cmd(d, *SENS, "sensitivity.flush_s=0", ranks=2), cwd=ROOT, start_new_session=True,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    h5 = d / "run.h5"
+    done_before = None
+    deadline = time.time() + 240
+    try:
+        while time.time() < deadline:
+            time.sleep(0.2)
+            if proc.poll() is not None:
+                break
+            try:
+                with h5py.File(h5, "r") as f:
+                    if "sensitivity" in f:
+                        n = int((f["sensitivity/status"][()] == 1).sum())
+                        if n >= 8:
+                            break
+            except (OSError, KeyError):
+                continue
+        assert proc.poll() is None, "the sweep ended before it could be killed"
+        os.killpg(proc.pid, signal.SIGKILL)  # the whole job: mpiexec and both ranks
+        proc.wait(timeout=30)
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+    # the run file survived the kill and holds what was gathered
+    with h5py.File(h5, "r") as f:
+        assert f.attrs["status"] == "running"
+        st = f["sensitivity/status"][()]
+        secs_before = f["sensitivity/seconds"][()]
+        done_before = st == 1
+        assert 8 <= done_before.sum() < st.size
+    p = run_sweep(d, *SENS, ranks=2, timeout=400)
+    missing = int(st.size - done_before.sum())
+    m = re.search(r"sensitivity: (\d+) cells", p.stderr)
+    assert m and int(m.group(1)) == missing, p.stderr[-2000:]
+    loss, metric, status, _ = _matrix(h5)
+    assert (status == 1).all()
+    np.testing.assert_allclose(loss, one_rank[0], atol=1e-5)
+    np.testing.assert_allclose(metric, one_rank[1], atol=1e-5)
+    with h5py.File(h5, "r") as f:  # cells finished before the kill were not computed again
+        np.testing.assert_array_equal(f["sensitivity/seconds"][()][done_before], secs_before[done_before])
+        assert f.attrs["status"] == "complete"
+
+
+def test_more_ranks_than_cells(tmp_path, one_rank):
+    """3 ranks for 2 cells: idle ranks finish cleanly, numbers unchanged."""
+    run_sweep(tmp_path / "few", *SENS, "model=mlp", "sensitivity.ratios=[0.5]", ranks=3, timeout=300)
+    loss, _, status, _ = _matrix(tmp_path / "few" / "run.h5")
+    assert loss.shape == (2, 1) and (status == 1).all()
