@@ -17,6 +17,7 @@ import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 from matplotlib.colors import CenteredNorm  # noqa: E402
 from matplotlib.patches import Rectangle  # noqa: E402
+from matplotlib.ticker import MaxNLocator  # noqa: E402
 
 if TYPE_CHECKING:
     from .report import Run
@@ -38,6 +39,7 @@ class Figure:
     fig: Any                   # matplotlib.figure.Figure
     data: dict[str, Any] = field(default_factory=dict)
     caption: str = ""
+    png: bytes | None = None   # rendered once, by report.figure_png
 
 
 def _worse_is_red(higher_is_better: bool) -> Any:
@@ -58,8 +60,7 @@ def sensitivity_heatmap(run: "Run", index: int) -> Figure | None:
     finite = np.abs(change[status == DONE])
     finite = finite[np.isfinite(finite)]
     half = float(finite.max()) if finite.size and finite.max() > 0 else 1.0
-    cmap = _worse_is_red(run.higher_is_better).copy()
-    cmap.set_bad("#f2f2f2")
+    cmap = _worse_is_red(run.higher_is_better).with_extremes(bad="#f2f2f2")
     im = ax.imshow(shown, cmap=cmap, norm=CenteredNorm(0.0, half), aspect="auto")
     annotate = G * R <= 400
     for g in range(G):
@@ -100,12 +101,13 @@ def sensitivity_curves(run: "Run", index: int) -> Figure | None:
     fig, ax = plt.subplots(figsize=(6.4, 1.3 + 0.36 * max(len(run.groups), 8)), dpi=DPI, layout="constrained")
     x = np.concatenate([[0.0], s["ratios"]])
     curves = {}
-    cmap = plt.get_cmap("viridis")
+    many = len(run.groups) > 10
+    cmap = plt.get_cmap("viridis" if many else "tab10")
     for g, name in enumerate(run.groups):
         y = np.where(s["status"][g] == DONE, s["metric"][g], np.nan)
         y = np.concatenate([[s["reference"]], y])
         curves[name] = y
-        ax.plot(x, y, marker="o", markersize=3, linewidth=1.3, color=cmap(g / max(1, len(run.groups) - 1)), label=name)
+        ax.plot(x, y, marker="o", markersize=3, linewidth=1.3, color=cmap(g / max(1, len(run.groups) - 1) if many else g), label=name)
     ax.axhline(s["reference"], color="black", linestyle="--", linewidth=0.8, label="dense")
     ax.set_xlabel("fraction of the group's channels removed (one group at a time)")
     ax.set_ylabel(f"{run.metric_name} on the calibration set")
@@ -114,7 +116,8 @@ def sensitivity_curves(run: "Run", index: int) -> Figure | None:
     ax.legend(fontsize=7, ncol=2 if len(run.groups) > 8 else 1, loc="best")
     return Figure(f"sens-curves-{index}", f"Sensitivity curves: {run.label}",
                   f"Per-group sensitivity curves of run {run.label}: {run.metric_name} against pruning ratio for {len(run.groups)} groups",
-                  fig, {"run": run.path, "x": x, "curves": curves})
+                  fig, {"run": run.path, "x": x, "curves": curves},
+                  f"Ratio 0 and the dashed line: the reference, {s['reference_name']}. Skipped and pending cells are left out.")
 
 
 # ---- allocation -------------------------------------------------------------------------------------
@@ -252,6 +255,7 @@ def finetune_curves(runs: Sequence["Run"], fig_id: str = "finetune") -> Figure |
     a2.set_ylabel(f"val {runs[0].metric_name}")
     a2.set_title(f"fine-tuning: val {runs[0].metric_name} (dashed: dense)", fontsize=10)
     for a in (a1, a2):
+        a.xaxis.set_major_locator(MaxNLocator(integer=True))
         a.grid(alpha=0.3)
         a.legend(fontsize=7)
     return Figure(fig_id, "Fine-tuning", f"Fine-tuning curves of {len(runs)} runs: train loss and val {runs[0].metric_name} per epoch",
@@ -285,7 +289,7 @@ def timings_chart(runs: Sequence["Run"], fig_id: str = "timings") -> Figure | No
     ax.set_xlabel("seconds (wall clock, rank 0)")
     ax.set_title("time per stage", fontsize=10)
     ax.set_xlim(0, max((sum(d["segments"].values()) for d in data.values()), default=1) * 1.3)
-    ax.legend(fontsize=7, ncol=7, loc="lower right")
+    fig.legend(fontsize=7.5, ncol=7, loc="outside lower center", frameon=False)
     ax.grid(axis="x", alpha=0.3)
     return Figure(fig_id, "Time per stage", f"Stacked bars of seconds per stage for {len(runs)} runs", fig, data)
 

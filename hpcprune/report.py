@@ -146,10 +146,15 @@ def load_run(path: str) -> Run:
             run.history_columns = _strs(ds.attrs.get("columns", ["epoch", "train_loss", "val_metric", "val_loss", "lr", "seconds"]))
         run.wall = _get(root, "wall_s")
         run.worlds = {"sweep": _get(root, "world_size"), "sensitivity": sens.get("world_size"), "finetune": ft.get("world_size")}
-        # per-stage seconds: a `seconds` attribute on the stage group when the run file has one,
-        # else the "stage NAME: X s" lines of sweep.log next to the run file
+        # per-stage seconds: a `seconds` attribute on the stage groups, else the root attribute
+        # `stage_seconds` (JSON), else the "stage NAME: X s" lines of sweep.log next to the run file
         stored = {s: _get(f[s].attrs, "seconds") for s in STAGES if s in f}
         stored = {s: float(v) for s, v in stored.items() if v is not None}
+        if not stored and root.get("stage_seconds"):
+            try:
+                stored = {k: float(v) for k, v in json.loads(root["stage_seconds"]).items() if k in STAGES and v is not None}
+            except (ValueError, TypeError, AttributeError):
+                stored = {}
         if stored:
             run.timings, run.timing_source = stored, "run file"
         else:
@@ -178,7 +183,8 @@ def load_run(path: str) -> Run:
         row["ft_tasks"] = _get(ft, "world_size")
         row["t_sens"] = _get(sens, "wall_s")
         hist = run.history
-        row["t_ft"] = float(hist[:, 5].sum()) if hist is not None and len(hist) else None
+        sec = run.history_columns.index("seconds") if "seconds" in run.history_columns else None
+        row["t_ft"] = float(hist[:, sec].sum()) if hist is not None and len(hist) and sec is not None else None
         run.row = row
     return run
 
@@ -220,16 +226,21 @@ def label_runs(runs: Sequence[Run]) -> None:
 
 
 # ---- table ------------------------------------------------------------------------------------------
-def _fmt(v: Any) -> str:
+SECONDS = {"t_sens", "t_ft", "wall"}
+
+
+def _fmt(v: Any, key: str = "") -> str:
     if v is None:
         return "-"
     if isinstance(v, float):
+        if key in SECONDS:
+            return f"{v:.1f}"
         return f"{v:.4f}" if abs(v) < 10 else f"{v:.1f}"
     return str(v)
 
 
 def format_table(rows: list[dict[str, Any]]) -> str:
-    cells = [[h for _, h in COLUMNS]] + [[_fmt(r.get(k)) for k, _ in COLUMNS] for r in rows]
+    cells = [[h for _, h in COLUMNS]] + [[_fmt(r.get(k), k) for k, _ in COLUMNS] for r in rows]
     widths = [max(len(c[i]) for c in cells) for i in range(len(COLUMNS))]
     lines = ["  ".join(c[i].ljust(widths[i]) for i in range(len(COLUMNS))).rstrip() for c in cells]
     lines.insert(1, "  ".join("-" * w for w in widths))
@@ -358,10 +369,13 @@ def build_figures(runs: Sequence[Run]) -> list[Any]:
     return figs
 
 
-def _png(fig: Any) -> bytes:
-    buf = io.BytesIO()
-    fig.savefig(buf, format="png", dpi=fig.dpi)
-    return buf.getvalue()
+def figure_png(f: Any) -> bytes:
+    """The figure as PNG bytes (rendered once for both --png and --html)."""
+    if f.png is None:
+        buf = io.BytesIO()
+        f.fig.savefig(buf, format="png", dpi=f.fig.dpi)
+        f.png = buf.getvalue()
+    return f.png
 
 
 def write_pngs(out_dir: str, figs: Sequence[Any]) -> list[str]:
@@ -370,7 +384,7 @@ def write_pngs(out_dir: str, figs: Sequence[Any]) -> list[str]:
     for f in figs:
         p = os.path.join(out_dir, f"{f.id}.png")
         with open(p, "wb") as fh:
-            fh.write(_png(f.fig))
+            fh.write(figure_png(f))
         paths.append(p)
     return paths
 
@@ -394,15 +408,17 @@ code{background:#eee;padding:0 3px;border-radius:3px}
 """
 
 
-def _cell(v: Any, num: bool | None = None) -> str:
+def _cell(v: Any, num: bool | None = None, key: str = "", fmt: str = "") -> str:
     num = isinstance(v, (int, float)) and not isinstance(v, bool) if num is None else num
-    return f'<td class="num">{html.escape(_fmt(v))}</td>' if num else f"<td>{html.escape(_fmt(v))}</td>"
+    text = format(v, fmt) if fmt and isinstance(v, float) else _fmt(v, key)
+    return f'<td class="num">{html.escape(text)}</td>' if num else f"<td>{html.escape(text)}</td>"
 
 
 def _img(f: Any) -> str:
-    b64 = base64.b64encode(_png(f.fig)).decode()
+    b64 = base64.b64encode(figure_png(f)).decode()
     cap = f"<figcaption>{html.escape(f.caption)}</figcaption>" if f.caption else ""
-    return (f'<figure id="{f.id}"><img id="img-{f.id}" alt="{html.escape(f.alt, quote=True)}" '
+    return (f'<figure id="{f.id}"><img id="img-{f.id}" title="{html.escape(f.title, quote=True)}" '
+            f'alt="{html.escape(f.alt, quote=True)}" '
             f'src="data:image/png;base64,{b64}">{cap}</figure>')
 
 
@@ -423,7 +439,7 @@ def render_html(runs: Sequence[Run], figs: Sequence[Any], title: str = "hpcprune
     for r in runs:
         st = html.escape(str(r.row.get("status")))
         out.append(f'<tr class="{st}" data-path="{html.escape(r.path, quote=True)}"><td>{html.escape(r.label)}</td>'
-                   + "".join(_cell(r.row.get(k), None if k not in ("run", "status", "method", "target") else False)
+                   + "".join(_cell(r.row.get(k), None if k not in ("run", "status", "method", "target") else False, k)
                              for k, _ in COLUMNS) + "</tr>")
     out.append("</tbody></table>")
     # config diff
@@ -455,7 +471,9 @@ def render_html(runs: Sequence[Run], figs: Sequence[Any], title: str = "hpcprune
         pair = [by_id[k] for k in (f"sens-heatmap-{i}", f"sens-curves-{i}") if k in by_id]
         if pair:
             any_sens = True
-            out.append(f"<h3>{html.escape(r.label)}</h3><div class=\"pair\">" + "".join(_img(f) for f in pair) + "</div>")
+            same = next((o.label for o in runs[:i] if _same_grid(o, r)), None)
+            note = f' <small class="note">(the same grid as {html.escape(same)})</small>' if same else ""
+            out.append(f"<h3>{html.escape(r.label)}{note}</h3><div class=\"pair\">" + "".join(_img(f) for f in pair) + "</div>")
     if not any_sens:
         out.append('<p class="note">No sensitivity results yet.</p>')
     out.append('<h2 id="ft-sec">Fine-tuning</h2>')
@@ -466,6 +484,12 @@ def render_html(runs: Sequence[Run], figs: Sequence[Any], title: str = "hpcprune
     out.append(_timings_table(runs))
     out.append("</main></body></html>")
     return "\n".join(out)
+
+
+def _same_grid(a: Run, b: Run) -> bool:
+    if a.sens is None or b.sens is None or a.groups != b.groups:
+        return False
+    return all(np.array_equal(a.sens[k], b.sens[k], equal_nan=True) for k in ("ratios", "metric", "status"))
 
 
 def _timings_table(runs: Sequence[Run]) -> str:
@@ -479,7 +503,8 @@ def _timings_table(runs: Sequence[Run]) -> str:
         eff = cells / r.timings["sensitivity"] if cells is not None and r.timings.get("sensitivity") else None
         vals = [r.label, *[r.timings.get(s) for s in STAGES], r.wall, r.worlds.get("sweep"), r.worlds.get("sensitivity"),
                 r.worlds.get("finetune"), cells, eff, r.timing_source or "-"]
-        rows.append("<tr>" + "".join(_cell(v) for v in vals) + "</tr>")
+        fmts = ["", *[".1f"] * len(STAGES), ".1f", "", "", "", ".1f", ".2f", ""]
+        rows.append("<tr>" + "".join(_cell(v, fmt=f) for v, f in zip(vals, fmts)) + "</tr>")
     stage_heads = [{"pruned": "prune", "final": "fine-tune"}.get(h, h) for h in head]
     return ('<table id="timings-table"><thead><tr>' + "".join(f"<th>{html.escape(h)}</th>" for h in stage_heads)
             + "</tr></thead><tbody>" + "".join(rows) + "</tbody></table>"
@@ -497,6 +522,10 @@ def find_runs(paths: list[str]) -> list[str]:
         else:
             out.append(p)
     return out
+
+
+def _parent(path: str) -> None:
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -540,23 +569,28 @@ def main(argv: list[str] | None = None) -> int:
         error(f"no run matches {' '.join('--filter ' + f for f in args.filter)}")
         return 1
     print(format_table([r.row for r in runs]))
-    if args.csv:
-        write_csv(args.csv, runs)
-    if args.html or args.png:
-        from . import plots
+    try:
+        if args.csv:
+            _parent(args.csv)
+            write_csv(args.csv, runs)
+        if args.html or args.png:
+            from . import plots
 
-        figs = build_figures(runs)
-        try:
-            if args.png:
-                for p in write_pngs(args.png, figs):
-                    print(f"wrote {p}", file=sys.stderr)
-            if args.html:
-                os.makedirs(os.path.dirname(os.path.abspath(args.html)), exist_ok=True)
-                with open(args.html, "w") as fh:
-                    fh.write(render_html(runs, figs))
-                print(f"wrote {args.html}", file=sys.stderr)
-        finally:
-            plots.close(figs)
+            figs = build_figures(runs)
+            try:
+                if args.png:
+                    for p in write_pngs(args.png, figs):
+                        print(f"wrote {p}", file=sys.stderr)
+                if args.html:
+                    _parent(args.html)
+                    with open(args.html, "w") as fh:
+                        fh.write(render_html(runs, figs))
+                    print(f"wrote {args.html}", file=sys.stderr)
+            finally:
+                plots.close(figs)
+    except OSError as e:
+        error(f"cannot write {e.filename}: {e.strerror}")
+        return 2
     return 2 if refused else 0
 
 
