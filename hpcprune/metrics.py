@@ -125,9 +125,22 @@ def macs(model: nn.Module, example_input: torch.Tensor) -> int:
     return sum(module_macs(model, example_input).values())
 
 
+def latency_ms(model: nn.Module, example: torch.Tensor, batch_size: int, warmup: int = 3, repeats: int = 10, threads: int = 1) -> float:
+    """Median wall time of one forward at ``batch_size`` on the example's device, in milliseconds.
+
+    On the CPU it runs at ``threads`` torch threads (0: as set), so that numbers compare across runs
+    and machines load (spinning OpenMP threads on busy cores inflate times a hundredfold)."""
+    saved = torch.get_num_threads()
+    if threads > 0 and not example.is_cuda:
+        torch.set_num_threads(threads)
+    try:
+        return _latency_ms(model, example, batch_size, warmup, repeats)
+    finally:
+        torch.set_num_threads(saved)
+
+
 @torch.inference_mode()
-def latency_ms(model: nn.Module, example: torch.Tensor, batch_size: int, warmup: int = 3, repeats: int = 10) -> float:
-    """Median wall time of one forward at ``batch_size`` on the example's device, in milliseconds."""
+def _latency_ms(model: nn.Module, example: torch.Tensor, batch_size: int, warmup: int, repeats: int) -> float:
     model.eval()
     reps = math.ceil(batch_size / example.shape[0])
     x = example.repeat(reps, *([1] * (example.dim() - 1)))[:batch_size]

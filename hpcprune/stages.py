@@ -136,7 +136,8 @@ class Sweep:
                 for name, fn in (("allocation", self.allocation), ("pruned", self.prune), ("final", self.finetune)):
                     if not self._done(name):
                         self._timed(name, fn)
-                self.rf.set_status("complete", wall_s=time.perf_counter() - t_start)
+                total = float(self.rf.attrs().get("wall_s_total", 0.0) or 0.0) + time.perf_counter() - t_start
+                self.rf.set_status("complete", wall_s=time.perf_counter() - t_start, wall_s_total=total)
                 self._print_summary()
         except BaseException as e:
             if self.main and self.rf.exists():
@@ -152,11 +153,15 @@ class Sweep:
         return 0
 
     def _timed(self, stage: str, fn: Any) -> None:
+        was_done = self.main and self._done(stage)
         t0 = time.perf_counter()
         fn()
         self.timings[stage] = time.perf_counter() - t0
         if self.main:
             log.info("stage %s: %.1f s", stage, self.timings[stage])
+            if not was_done and self._done(stage):
+                with self.rf.write() as f:
+                    f[stage].attrs["seconds"] = self.timings[stage] + float(f[stage].attrs.get("seconds", 0.0))
 
     def _done(self, stage: str) -> bool:
         return stage in self.rf.done_stages()
@@ -236,7 +241,8 @@ class Sweep:
         val = metrics.make_batches(self.data.val, 256)
         sums = metrics.evaluate(model, val)
         mm = metrics.module_macs(model, example[:1])
-        lat = metrics.latency_ms(model.to(self.device), example.to(self.device), cfg.baseline.latency_batch, repeats=cfg.baseline.latency_repeats)
+        lat = metrics.latency_ms(model.to(self.device), example.to(self.device), cfg.baseline.latency_batch,
+                                 repeats=cfg.baseline.latency_repeats, threads=int(cfg.baseline.latency_threads))
         model.cpu()
         rec = dict(
             metric=sums.metric(self.metric_name), loss=sums.mean_loss(), metric_name=self.metric_name,
@@ -317,6 +323,9 @@ class Sweep:
         if floor is not None:
             name = self.metric_name
             stop = (lambda s: s.metric(name) < floor) if higher else (lambda s: s.metric(name) > floor)
+        # damage is measured against the dense model on the same calibration batches
+        dense_calib = metrics.evaluate(self.model.to(self.device), self.calib)
+        self.dense_calib = (dense_calib.metric(self.metric_name), dense_calib.mean_loss())
         evaluator = Evaluator(
             self.model.to(self.device), self.graph.groups, self.orders, ratios, self.calib, self.example[:1].to(self.device),
             self.ignore, bool(cfg.sensitivity.cache_prefix),
@@ -379,6 +388,7 @@ class Sweep:
             s.attrs["metric_name"] = self.metric_name
             s.attrs["dense_metric"] = self.base["metric"]
             s.attrs["dense_loss"] = self.base["loss"]
+            s.attrs["dense_calib_metric"], s.attrs["dense_calib_loss"] = self.dense_calib
             s.attrs["calib_samples"] = len(self.data.calib)
             s.attrs["world_size"] = self.world.size
             s.attrs["status_codes"] = "0 pending, 1 done, 2 skipped (early stop)"
@@ -404,7 +414,8 @@ class Sweep:
             with self.rf.read() as f:
                 loss = f["sensitivity/loss"][()]
                 status = f["sensitivity/status"][()]
-            damage = np.where(status == DONE, loss - float(self.base["loss"]), np.nan)
+                ref = float(f["sensitivity"].attrs["dense_calib_loss"])
+            damage = np.where(status == DONE, loss - ref, np.nan)
             alloc = allocate.sensitivity(self.cost, list(cfg.sensitivity.ratios), damage, targets, max_ratio, round_to)
         log.info("allocation (%s): ratios %s, predicted kept %s", method, np.round(alloc.ratios, 3).tolist(),
                  {k: round(v, 4) for k, v in alloc.predicted.items()})
@@ -465,7 +476,7 @@ class Sweep:
         m = metrics.macs(model, self.example[:1])
         p = metrics.params(model)
         lat = metrics.latency_ms(model.to(self.device), self.example.to(self.device), int(self.cfg.baseline.latency_batch),
-                                 repeats=int(self.cfg.baseline.latency_repeats))
+                                 repeats=int(self.cfg.baseline.latency_repeats), threads=int(self.cfg.baseline.latency_threads))
         model.cpu()
         return dict(metric=sums.metric(self.metric_name), loss=sums.mean_loss(), params=p, macs=m, latency_ms=lat,
                     macs_kept=m / float(self.base["macs"]), params_kept=p / float(self.base["params"]),
@@ -491,15 +502,17 @@ class Sweep:
                 "distributed": cfg.launcher.name != "debug",
                 "local_tasks": ntasks if cfg.launcher.name == "local" else int(cfg.launcher.get("tasks_per_node", 1)),
             }
-            job = launch.submit(cfg.launcher, os.path.join(work, "submitit"), FinetuneJob(spec))
+            # a new submitit folder per submission: job ids (Slurm after a state wipe, local pids) come
+            # back, and a stale result pickle under a reused id would make a new job look finished
+            folder = os.path.join(work, "submitit", time.strftime("%Y%m%d-%H%M%S-") + str(os.getpid()))
+            job = launch.submit(cfg.launcher, folder, FinetuneJob(spec))
             job_id = str(job.job_id)
-            log.info("fine-tune job %s: %d task(s) on launcher %s, logs in %s", job_id, ntasks, cfg.launcher.name,
-                     os.path.join(work, "submitit"))
+            log.info("fine-tune job %s: %d task(s) on launcher %s, logs in %s", job_id, ntasks, cfg.launcher.name, folder)
             try:
                 outs = launch.results(job)
             except Exception as e:
                 raise RuntimeError(f"fine-tune job {job_id} failed: {str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__} "
-                                   f"(logs: {os.path.join(work, 'submitit')})") from e
+                                   f"(logs: {folder})") from e
             outs = sorted(outs, key=lambda o: o["rank"])
             digests = [o["digest"] for o in outs]
             history = outs[0]["history"]
