@@ -303,6 +303,8 @@ def _master(world, evaluator, pending, module_macs, on_results, stop_below, prog
             reply(r)
     while queue:
         serve()
+        if not queue:  # serving may have handed out the last chunk
+            break
         take(evaluator.run_chunk(queue.popleft(), 0, stop_below, between=serve))
     while any(in_flight.values()):  # drain without busy-waiting
         if not serve():
