@@ -33,6 +33,7 @@ from .world import World
 log = logging.getLogger(__name__)
 
 PENDING, DONE, SKIPPED = 0, 1, 2
+_CHUNKS_PER_RANK = 4  # granularity that keeps dynamic balancing effective (see sensitivity_scaling.py)
 _TAG_WORK, _TAG_RESULT = 11, 12
 
 
@@ -44,6 +45,9 @@ class CellResult:
     sums: tuple[float, float, float]
     seconds: float
     rank: int
+    shard: int = 0  # a cell split over ranks: this share of its calibration batches
+    shards: int = 1
+    prefix_s: float = 0.0  # time to compute the chunk's cached activations (first cell of a chunk)
 
 
 @dataclass
@@ -51,6 +55,32 @@ class Chunk:
     group: int
     ratios: list[int]  # ratio indices, ascending
     cost: float = 0.0
+    shard: int = 0  # with more ranks than cells, a cell's calibration batches are split
+    shards: int = 1
+
+
+class Gather:
+    """Combines the shards of split cells, in shard order (so the sums do not depend on arrival)."""
+
+    def __init__(self) -> None:
+        self.partial: dict[tuple[int, int], dict[int, CellResult]] = {}
+
+    def add(self, results: list[CellResult]) -> list[CellResult]:
+        done = []
+        for c in results:
+            if c.shards == 1:
+                done.append(c)
+                continue
+            parts = self.partial.setdefault((c.group, c.ratio), {})
+            parts[c.shard] = c
+            if len(parts) == c.shards:
+                del self.partial[(c.group, c.ratio)]
+                ordered = [parts[i] for i in range(c.shards)]
+                sums = tuple(float(sum(p.sums[j] for p in ordered)) for j in range(3))
+                done.append(CellResult(c.group, c.ratio, DONE, sums,  # type: ignore[arg-type]
+                                       sum(p.seconds for p in ordered), ordered[0].rank, 0, 1,
+                                       sum(p.prefix_s for p in ordered)))
+        return done
 
 
 def flatten_chain(model: nn.Module) -> list[tuple[str, nn.Module]] | None:
@@ -130,18 +160,18 @@ class Evaluator:
         return k, False
 
     @torch.inference_mode()
-    def _prefix(self, k: int) -> list[torch.Tensor]:
+    def _prefix(self, k: int, batches: Sequence[tuple[torch.Tensor, torch.Tensor]]) -> list[torch.Tensor]:
         outs = []
-        for x, _ in self.batches:
+        for x, _ in batches:
             for _, child in self.chain[:k]:  # type: ignore[index]
                 x = child(x)
             outs.append(x)
         return outs
 
     @torch.inference_mode()
-    def _suffix_sums(self, k: int, inputs: Sequence[torch.Tensor], keep: torch.Tensor | None) -> EvalSums:
+    def _suffix_sums(self, k: int, inputs: Sequence[torch.Tensor], keep: torch.Tensor | None, batches: Sequence) -> EvalSums:
         total = EvalSums()
-        for h, (_, y) in zip(inputs, self.batches):
+        for h, (_, y) in zip(inputs, batches):
             if keep is not None:
                 h = h.index_select(1, keep)
             for _, child in self.chain[k:]:  # type: ignore[index]
@@ -150,9 +180,9 @@ class Evaluator:
         return total
 
     @torch.inference_mode()
-    def _full_sums(self, model: nn.Module) -> EvalSums:
+    def _full_sums(self, model: nn.Module, batches: Sequence) -> EvalSums:
         total = EvalSums()
-        for x, y in self.batches:
+        for x, y in batches:
             total = total + batch_sums(model(x), y)
         return total
 
@@ -163,7 +193,13 @@ class Evaluator:
         g = self.groups[chunk.group]
         results: list[CellResult] = []
         k, sliced_cache = self.entry(g)
-        prefix = self._prefix(k) if k > 0 else None
+        batches = self.batches
+        if chunk.shards > 1:
+            batches = [self.batches[i] for i in np.array_split(np.arange(len(self.batches)), chunk.shards)[chunk.shard]]
+            stop_below = None  # a share of the batches cannot decide an early stop
+        t_prefix = time.perf_counter()
+        prefix = self._prefix(k, batches) if k > 0 else None
+        t_prefix = time.perf_counter() - t_prefix
         stopped = False
         for r in chunk.ratios:
             if stopped:
@@ -184,26 +220,27 @@ class Evaluator:
                 cut = None
             try:
                 if cut is None:  # exact fallback: prune a copy
-                    sums = self._pruned_copy_sums(g, idxs)
+                    sums = self._pruned_copy_sums(g, idxs, batches)
                 elif prefix is not None:
-                    sums = self._suffix_sums(k, prefix, keep_t)
+                    sums = self._suffix_sums(k, prefix, keep_t, batches)
                 else:
-                    sums = self._full_sums(self.model)
+                    sums = self._full_sums(self.model, batches)
             finally:
                 if cut is not None:
                     cut.restore()
-            results.append(CellResult(chunk.group, r, DONE, sums.as_tuple(), time.perf_counter() - t0, rank))
+            results.append(CellResult(chunk.group, r, DONE, sums.as_tuple(), time.perf_counter() - t0, rank,
+                                      chunk.shard, chunk.shards, t_prefix if not results else 0.0))
             if stop_below is not None and stop_below(sums):
                 stopped = True
             if between is not None:
                 between()
         return results
 
-    def _pruned_copy_sums(self, g: GroupInfo, idxs: list[int]) -> EvalSums:
+    def _pruned_copy_sums(self, g: GroupInfo, idxs: list[int], batches: Sequence) -> EvalSums:
         model = copy.deepcopy(self.model)
         graph = Graph(model, self.example_input, self.ignore)
         graph.prune_group(g.name, idxs)
-        return self._full_sums(model)
+        return self._full_sums(model, batches)
 
     def chunk_cost(self, chunk: Chunk, module_macs: dict[str, int] | None) -> float:
         """Relative cost: forward MACs before the cache point once, after it once per ratio."""
@@ -213,26 +250,35 @@ class Evaluator:
         per = [sum(v for n, v in module_macs.items() if n == name or n.startswith(name + ".")) for name, _ in self.chain]
         total = sum(per) or 1.0
         suffix = sum(per[k:]) / total
-        return (1.0 - suffix) + suffix * len(chunk.ratios)
+        return ((1.0 - suffix) + suffix * len(chunk.ratios)) / chunk.shards
 
 
-def make_chunks(pending: np.ndarray, world_size: int) -> list[Chunk]:
-    """Chunks of pending cells: one per group, split so that there are a few per rank."""
-    chunks = []
-    n_groups = pending.shape[0]
-    per_group = [list(np.nonzero(pending[g])[0]) for g in range(n_groups)]
-    total = sum(len(p) for p in per_group)
-    if total == 0:
+def make_chunks(
+    pending: np.ndarray, world_size: int, n_batches: int = 1, cost: Callable[[int, list[int]], float] | None = None
+) -> list[Chunk]:
+    """Chunks of pending cells, about four per rank by cost.
+
+    On one rank a chunk is a group's pending ratios (its cached activations serve them all). With
+    more ranks, a chunk costlier than 1/(4 x ranks) of the work is split: first its ratios, then,
+    when a single cell is still too big (more ranks than cells, as with 256 GPUs for 400 cells),
+    its calibration batches into shards (at most one per batch); rank 0 adds the shards' partial
+    sums in shard order. ``cost(group, ratios)`` is a relative cost (default: the number of cells).
+    """
+    cost = cost or (lambda g, rs: float(len(rs)))
+    per_group = {g: [int(r) for r in np.nonzero(pending[g])[0]] for g in range(pending.shape[0])}
+    per_group = {g: rs for g, rs in per_group.items() if rs}
+    if not per_group:
         return []
-    want = max(1, min(total, 3 * world_size))
-    nonempty = sum(1 for p in per_group if p)
-    pieces = max(1, math.ceil(want / max(1, nonempty)))
-    for g, rs in enumerate(per_group):
-        if not rs:
-            continue
-        k = min(len(rs), pieces)
+    if world_size == 1:
+        return [Chunk(g, rs) for g, rs in per_group.items()]
+    target = sum(cost(g, rs) for g, rs in per_group.items()) / (_CHUNKS_PER_RANK * world_size)
+    chunks = []
+    for g, rs in per_group.items():
+        k = min(len(rs), max(1, math.ceil(cost(g, rs) / target)))
         for part in np.array_split(np.array(rs), k):
-            chunks.append(Chunk(g, [int(r) for r in part]))
+            part_l = [int(r) for r in part]
+            shards = min(n_batches, max(1, math.ceil(cost(g, part_l) / target))) if len(part_l) == 1 else 1
+            chunks += [Chunk(g, part_l, 0.0, i, shards) for i in range(shards)]
     return chunks
 
 
@@ -258,16 +304,26 @@ def run_sensitivity(
                 on_results(res)
         return results
     if world.rank == 0:
-        return _master(world, evaluator, pending, module_macs, on_results, stop_below, progress)
+        gather = Gather()
+
+        def report(res: list[CellResult]) -> None:  # complete cells only: shards are combined first
+            done = gather.add(res)
+            if progress is not None:
+                progress.update(len(done))
+            if on_results is not None and done:
+                on_results(done)
+
+        return Gather().add(_master(world, evaluator, pending, module_macs, report, stop_below))
     _worker(world, evaluator, stop_below)
     return []
 
 
-def _master(world, evaluator, pending, module_macs, on_results, stop_below, progress) -> list[CellResult]:
+def _master(world, evaluator, pending, module_macs, on_results, stop_below) -> list[CellResult]:
     from mpi4py import MPI
 
     comm = world.comm
-    chunks = make_chunks(pending, world.size)
+    chunks = make_chunks(pending, world.size, len(evaluator.batches),
+                         lambda g, rs: evaluator.chunk_cost(Chunk(g, rs), module_macs))
     for ch in chunks:
         ch.cost = evaluator.chunk_cost(ch, module_macs)
     queue = deque(sorted(chunks, key=lambda c: -c.cost))
@@ -282,10 +338,7 @@ def _master(world, evaluator, pending, module_macs, on_results, stop_below, prog
 
     def take(res: list[CellResult]) -> None:
         results.extend(res)
-        if progress is not None:
-            progress.update(len(res))
-        if on_results is not None:
-            on_results(res)
+        on_results(res)
 
     def serve() -> bool:
         served = False

@@ -360,10 +360,13 @@ class Sweep:
                 s = f["sensitivity"]
                 if list(s["ratios"][()]) != ratios:
                     raise RunFileError(f"{self.rf.path}: stored ratio grid {list(s['ratios'][()])} differs from {ratios}")
-                return {k: s[k][()] for k in ("metric", "loss", "seconds", "rank", "status")}
+                state = {k: s[k][()] for k in ("metric", "loss", "seconds", "rank", "status")}
+                state["prefix_seconds"] = s["prefix_seconds"][()] if "prefix_seconds" in s else np.zeros(G)
+                return state
         return {
             "metric": np.full((G, R), np.nan), "loss": np.full((G, R), np.nan), "seconds": np.full((G, R), np.nan),
             "rank": np.full((G, R), -1, dtype=np.int32), "status": np.zeros((G, R), dtype=np.int8),
+            "prefix_seconds": np.zeros(G),  # time to compute a group's cached activations (last chunk)
         }
 
     def _flush_cells(self, state: dict[str, np.ndarray], buffer: list[Any], complete: bool = False, wall: float | None = None) -> None:
@@ -373,6 +376,8 @@ class Sweep:
                 state["metric"][c.group, c.ratio] = sums.metric(self.metric_name)
                 state["loss"][c.group, c.ratio] = sums.mean_loss()
             state["status"][c.group, c.ratio] = c.status
+            if c.prefix_s > 0:
+                state["prefix_seconds"][c.group] = c.prefix_s
             state["seconds"][c.group, c.ratio] = c.seconds
             state["rank"][c.group, c.ratio] = c.rank
         buffer.clear()

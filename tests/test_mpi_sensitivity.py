@@ -93,7 +93,12 @@ def test_kill_mid_sensitivity_resumes(tmp_path, one_rank):
 
 
 def test_more_ranks_than_cells(tmp_path, one_rank):
-    """3 ranks for 2 cells: idle ranks finish cleanly, numbers unchanged."""
-    run_sweep(tmp_path / "few", *SENS, "model=mlp", "sensitivity.ratios=[0.5]", ranks=3, timeout=300)
-    loss, _, status, _ = _matrix(tmp_path / "few" / "run.h5")
+    """3 ranks for 2 cells: each cell's batches are split over ranks; same numbers as 1 rank."""
+    few = [*SENS, "model=mlp", "sensitivity.ratios=[0.5]"]
+    run_sweep(tmp_path / "one", *few, timeout=300)
+    run_sweep(tmp_path / "few", *few, ranks=3, timeout=300)
+    ref = _matrix(tmp_path / "one" / "run.h5")
+    loss, metric, status, _ = _matrix(tmp_path / "few" / "run.h5")
     assert loss.shape == (2, 1) and (status == 1).all()
+    np.testing.assert_allclose(loss, ref[0], atol=1e-5)
+    np.testing.assert_allclose(metric, ref[1], atol=1e-5)

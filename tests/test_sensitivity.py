@@ -93,3 +93,24 @@ def test_chunks_cover_every_pending_cell_once():
         chunks = make_chunks(pending, world)
         cells = [(c.group, r) for c in chunks for r in c.ratios]
         assert sorted(cells) == sorted(zip(*np.nonzero(pending)))
+
+
+def test_sharded_cells_add_up_to_whole_cells():
+    """More ranks than cells: a cell's batches are split in shards whose partial sums add up."""
+    from hpcprune.sensitivity import Gather
+
+    model, x, ignore, graph, orders, batches = _setup("resnet")
+    batches = [(x[i : i + 8], torch.randint(0, 10, (8,), generator=torch.Generator().manual_seed(i))) for i in range(0, 64, 8)]
+    ev = Evaluator(model, graph.groups, orders, RATIOS, batches, x[:1], ignore)
+    pending = np.zeros((len(graph.groups), len(RATIOS)), bool)
+    pending[1, 1] = pending[3, 2] = True  # 2 cells for 7 ranks
+    chunks = make_chunks(pending, 7, len(batches))
+    assert len(chunks) == 16 and {c.shards for c in chunks} == {8}  # one shard per batch
+    gather = Gather()
+    done = []
+    for c in reversed(chunks):  # shards arrive in any order
+        done += gather.add(ev.run_chunk(c, rank=0))
+    whole = {(c.group, c.ratio): c for c in run_sensitivity(World(None), ev, pending, None)}
+    assert len(done) == 2
+    for c in done:
+        np.testing.assert_allclose(c.sums, whole[(c.group, c.ratio)].sums, rtol=1e-9)
