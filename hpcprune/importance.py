@@ -1,20 +1,23 @@
 """Channel importance criteria: which channels of a group go first.
 
-``scores(name, graph, batches)`` returns one score per group channel (higher = keep). Scores that
-need data (``taylor``) are sums over calibration batches, so that shares computed on several ranks
-add up to the single-rank result.
+``group_scores(graph, criterion, batches)`` returns one score per group channel (higher = keep).
+Scores that need data (``taylor``: first-order |w * dL/dw|; ``activation``: mean |activation| of
+the channel times the norm of the weights that produce it, Wanda-style) are built from sums over
+the calibration batches: with ``reduce`` (an all-reduce over MPI ranks) each rank takes a share of
+the batches and the sums are added, which equals the single-rank result.
 """
 from __future__ import annotations
 
 from typing import Callable, Sequence
 
+import numpy as np
 import torch
 import torch_pruning as tp
 
 from .graph import Graph
 from .metrics import task_loss
 
-CRITERIA = ("l1", "l2", "bn_scale", "taylor", "random")
+CRITERIA = ("l1", "l2", "bn_scale", "taylor", "activation", "random")
 
 
 def _magnitude(p: int) -> Callable:
@@ -23,26 +26,30 @@ def _magnitude(p: int) -> Callable:
 
 
 def group_scores(
-    graph: Graph, criterion: str, batches: Sequence[tuple[torch.Tensor, torch.Tensor]] = (), seed: int = 0
+    graph: Graph,
+    criterion: str,
+    batches: Sequence[tuple[torch.Tensor, torch.Tensor]] = (),
+    seed: int = 0,
+    reduce: Callable[[np.ndarray], np.ndarray] | None = None,
 ) -> dict[str, torch.Tensor]:
-    """Importance of every channel of every group of ``graph``'s (dense) model."""
+    """Importance of every channel of every group of ``graph``'s (dense) model.
+
+    ``batches`` is this rank's share of the calibration batches; ``reduce`` sums an array over
+    ranks (None: a single rank holding every batch).
+    """
     if criterion not in CRITERIA:
         raise ValueError(f"importance={criterion!r} is not a known criterion (choose from {', '.join(CRITERIA)})")
+    reduce = reduce or (lambda a: a)
     out: dict[str, torch.Tensor] = {}
     if criterion == "random":
         for i, g in enumerate(graph.groups):
             gen = torch.Generator().manual_seed(seed * 1000003 + i)
             out[g.name] = torch.rand(g.size, generator=gen, dtype=torch.float64)
         return out
+    if criterion == "activation":
+        return _activation_scores(graph, batches, reduce)
     if criterion == "taylor":
-        model = graph.model
-        model.zero_grad(set_to_none=True)
-        was = model.training
-        model.eval()
-        for x, y in batches:
-            # summed (not averaged) loss: gradients of shares add up across ranks
-            task_loss(model(x), y, reduction="sum").backward()
-        model.train(was)
+        _summed_gradients(graph.model, batches, reduce)
         imp: Callable = tp.importance.GroupTaylorImportance(group_reduction="mean", normalizer=None)
     elif criterion == "bn_scale":
         imp = tp.importance.BNScaleImportance(group_reduction="mean", normalizer=None)
@@ -56,6 +63,69 @@ def group_scores(
             out[g.name] = s.detach().double().cpu()
     if criterion == "taylor":
         graph.model.zero_grad(set_to_none=True)
+    return out
+
+
+def _summed_gradients(model: torch.nn.Module, batches: Sequence, reduce: Callable) -> None:
+    """Gradients of the loss summed over all calibration samples (this rank's share, then reduced)."""
+    model.zero_grad(set_to_none=True)
+    was = model.training
+    model.eval()
+    for x, y in batches:
+        task_loss(model(x), y, reduction="sum").backward()
+    model.train(was)
+    params = list(model.parameters())
+    for p in params:
+        if p.grad is None:
+            p.grad = torch.zeros_like(p)
+    flat = np.concatenate([p.grad.detach().double().cpu().numpy().ravel() for p in params])
+    flat = reduce(flat)
+    i = 0
+    for p in params:
+        n = p.numel()
+        p.grad.copy_(torch.from_numpy(flat[i : i + n]).view_as(p).to(p.grad.dtype))
+        i += n
+
+
+def _activation_scores(graph: Graph, batches: Sequence, reduce: Callable) -> dict[str, torch.Tensor]:
+    """mean |activation| of each channel at the group's first producing layer x that layer's
+    output-weight norm (Wanda-style: small weights on large activations still matter)."""
+    modules = dict(graph.model.named_modules())
+    sums = {g.name: torch.zeros(g.size, dtype=torch.float64) for g in graph.groups}
+    counts = {g.name: 0.0 for g in graph.groups}
+    hooks = []
+
+    def hook_for(name: str):
+        def hook(mod, inp, out):
+            ch_dim = 1 if isinstance(mod, torch.nn.modules.conv._ConvNd) else out.dim() - 1
+            dims = [d for d in range(out.dim()) if d != ch_dim]
+            sums[name] += out.detach().abs().double().sum(dim=dims).cpu()
+            counts[name] += out.numel() / out.shape[ch_dim]
+
+        return hook
+
+    for g in graph.groups:
+        hooks.append(modules[g.name].register_forward_hook(hook_for(g.name)))
+    try:
+        with torch.no_grad():
+            was = graph.model.training
+            graph.model.eval()
+            for x, _ in batches:
+                graph.model(x)
+            graph.model.train(was)
+    finally:
+        for h in hooks:
+            h.remove()
+    names = [g.name for g in graph.groups]
+    flat = reduce(np.concatenate([sums[n].numpy() for n in names] + [np.array([counts[n] for n in names])]))
+    out: dict[str, torch.Tensor] = {}
+    i = 0
+    total = flat[-len(names):]
+    for j, g in enumerate(graph.groups):
+        act = torch.from_numpy(flat[i : i + g.size].copy()) / max(total[j], 1.0)
+        i += g.size
+        w = modules[g.name].weight.detach().double().cpu()
+        out[g.name] = act * w.flatten(1).norm(dim=1)
     return out
 
 

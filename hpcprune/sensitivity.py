@@ -124,6 +124,7 @@ class Evaluator:
         ignore: Sequence[str] = (),
         cache_prefix: bool = True,
         slice_channels: bool = True,
+        recal_batches: Sequence[tuple[torch.Tensor, torch.Tensor]] = (),
     ) -> None:
         self.model = model.eval()
         self.modules = dict(model.named_modules())
@@ -135,6 +136,9 @@ class Evaluator:
         self.ignore = list(ignore)
         self.slice_channels = slice_channels
         self.chain = flatten_chain(model) if cache_prefix else None
+        # training batches on which each cell re-estimates the BatchNorm statistics downstream of
+        # the cut (pruning shifts them; without this, cells overstate the damage of pruning)
+        self.recal_batches = list(recal_batches)
 
     def _idxs(self, g: GroupInfo, ratio: float) -> list[int]:
         n = g.size - keep_count(g.size, ratio)
@@ -199,6 +203,7 @@ class Evaluator:
             stop_below = None  # a share of the batches cannot decide an early stop
         t_prefix = time.perf_counter()
         prefix = self._prefix(k, batches) if k > 0 else None
+        recal_prefix = self._prefix(k, self.recal_batches) if (k > 0 and self.recal_batches) else None
         t_prefix = time.perf_counter() - t_prefix
         stopped = False
         for r in chunk.ratios:
@@ -218,6 +223,7 @@ class Evaluator:
                 cut = mask_group(self.modules, g, idxs)
             else:
                 cut = None
+            bn_saved = self._recalibrate(k, recal_prefix, keep_t) if (self.recal_batches and cut is not None) else None
             try:
                 if cut is None:  # exact fallback: prune a copy
                     sums = self._pruned_copy_sums(g, idxs, batches)
@@ -226,6 +232,10 @@ class Evaluator:
                 else:
                     sums = self._full_sums(self.model, batches)
             finally:
+                if bn_saved is not None:
+                    for bn, (mean, var, momentum, tracked) in bn_saved:
+                        bn.running_mean, bn.running_var, bn.momentum = mean, var, momentum
+                        bn.num_batches_tracked.copy_(tracked)
                 if cut is not None:
                     cut.restore()
             results.append(CellResult(chunk.group, r, DONE, sums.as_tuple(), time.perf_counter() - t0, rank,
@@ -235,6 +245,37 @@ class Evaluator:
             if between is not None:
                 between()
         return results
+
+    def _suffix_bns(self, k: int) -> list[nn.Module]:
+        roots = [m for _, m in self.chain[k:]] if (self.chain is not None and k > 0) else [self.model]
+        return [m for r in roots for m in r.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
+
+    @torch.no_grad()
+    def _recalibrate(self, k: int, recal_prefix: Sequence[torch.Tensor] | None, keep: torch.Tensor | None) -> list:
+        """Re-estimate the BatchNorm statistics after the cut point on the recalibration batches
+        (cumulative average); returns what ``run_chunk`` restores afterwards."""
+        bns = self._suffix_bns(k)
+        saved = [(bn, (bn.running_mean, bn.running_var, bn.momentum, bn.num_batches_tracked.clone())) for bn in bns]
+        for bn in bns:
+            bn.running_mean = torch.zeros_like(bn.running_mean)
+            bn.running_var = torch.ones_like(bn.running_var)
+            bn.num_batches_tracked.zero_()
+            bn.momentum = None
+            bn.train()
+        try:
+            if recal_prefix is not None:
+                for h in recal_prefix:
+                    if keep is not None:
+                        h = h.index_select(1, keep)
+                    for _, child in self.chain[k:]:  # type: ignore[index]
+                        h = child(h)
+            else:
+                for x, _ in self.recal_batches:
+                    self.model(x)
+        finally:
+            for bn in bns:
+                bn.eval()
+        return saved
 
     def _pruned_copy_sums(self, g: GroupInfo, idxs: list[int], batches: Sequence) -> EvalSums:
         model = copy.deepcopy(self.model)

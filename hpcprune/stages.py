@@ -81,7 +81,7 @@ def validate(cfg: DictConfig) -> None:
         bad("launcher.name", cfg.launcher.name, f"unknown launcher (choose from {', '.join(launch.LAUNCHERS)})")
     if not 0 <= cfg.finetune.distill.weight <= 1:
         bad("finetune.distill.weight", cfg.finetune.distill.weight, "must be in [0, 1]")
-    for key in ("finetune.epochs", "baseline.epochs", "prune.bn_recalib_batches"):
+    for key in ("finetune.epochs", "baseline.epochs", "prune.bn_recalib_batches", "sensitivity.bn_recalib_batches"):
         v = OmegaConf.select(cfg, key)
         if not isinstance(v, int) or v < 0:
             bad(key, v, "must be a non-negative integer")
@@ -274,8 +274,10 @@ class Sweep:
         self.calib = metrics.make_batches(self.data.calib, int(self.cfg.sensitivity.batch_size), self.device)
         if len(self.data.calib) == 0:
             raise ConfigError("data.calib_samples: the calibration set is empty")
-        calib_cpu = [(x.cpu(), y.cpu()) for x, y in self.calib]
-        self.scores = importance.group_scores(self.graph, str(self.cfg.importance), calib_cpu, int(self.cfg.seed))
+        # data-driven criteria: each rank scores its share of the batches, the sums are all-reduced
+        share = [(x.cpu(), y.cpu()) for x, y in self.calib[self.world.rank :: self.world.size]]
+        reduce = self.world.allreduce_sum if self.world.size > 1 else None
+        self.scores = importance.group_scores(self.graph, str(self.cfg.importance), share, int(self.cfg.seed), reduce)
         self.orders = {n: importance.prune_order(s) for n, s in self.scores.items()}
         self.module_macs = metrics.module_macs(self.model, self.example[:1])
         self.cost = allocate.CostModel(self.model, self.graph.groups, self.module_macs)
@@ -329,6 +331,7 @@ class Sweep:
         evaluator = Evaluator(
             self.model.to(self.device), self.graph.groups, self.orders, ratios, self.calib, self.example[:1].to(self.device),
             self.ignore, bool(cfg.sensitivity.cache_prefix),
+            recal_batches=[(x.to(self.device), y) for x, y in self._train_batches(int(cfg.sensitivity.bn_recalib_batches))],
         )
         t0 = time.perf_counter()
         buffer: list[Any] = []
@@ -448,14 +451,7 @@ class Sweep:
         graph.apply_plan(plan)
         recal = int(cfg.prune.bn_recalib_batches)
         if recal:
-            loader = torch.utils.data.DataLoader(self.data.train, batch_size=int(cfg.baseline.batch_size), shuffle=True,
-                                                 generator=torch.Generator().manual_seed(int(cfg.seed)))
-            batches = []
-            for x, y in loader:
-                batches.append((x, y))
-                if len(batches) >= recal:
-                    break
-            metrics.recalibrate_bn(model, batches)
+            metrics.recalibrate_bn(model, self._train_batches(recal))
         rec = self._measure(model)
         targets = self._targets()
         for k, t in targets.items():
@@ -474,6 +470,19 @@ class Sweep:
             pl.attrs["groups"] = np.array(list(plan), dtype=object).astype(str).tolist()
             write_state_dict(p.create_group("weights"), model.state_dict())
             p.attrs["complete"] = True
+
+    def _train_batches(self, n: int) -> list[tuple[torch.Tensor, torch.Tensor]]:
+        """The first ``n`` batches of a seeded shuffle of the training data (the same on every rank)."""
+        if n <= 0:
+            return []
+        loader = torch.utils.data.DataLoader(self.data.train, batch_size=int(self.cfg.baseline.batch_size), shuffle=True,
+                                             generator=torch.Generator().manual_seed(int(self.cfg.seed)))
+        batches = []
+        for x, y in loader:
+            batches.append((x, y))
+            if len(batches) >= n:
+                break
+        return batches
 
     def _measure(self, model: torch.nn.Module) -> dict[str, Any]:
         model = model.eval()

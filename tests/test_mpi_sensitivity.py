@@ -102,3 +102,16 @@ def test_more_ranks_than_cells(tmp_path, one_rank):
     assert loss.shape == (2, 1) and (status == 1).all()
     np.testing.assert_allclose(loss, ref[0], atol=1e-5)
     np.testing.assert_allclose(metric, ref[1], atol=1e-5)
+
+
+@pytest.mark.parametrize("criterion", ["taylor", "activation"])
+def test_data_driven_scores_over_two_ranks_equal_one(tmp_path, criterion):
+    """Taylor and activation statistics: each rank scores a share of the batches, sums all-reduced."""
+    fast = [*SENS, f"importance={criterion}", "sensitivity.ratios=[0.5]", "sensitivity.batch_size=64"]
+    run_sweep(tmp_path / "one", *fast)
+    run_sweep(tmp_path / "two", *fast, ranks=2)
+    with h5py.File(tmp_path / "one" / "run.h5") as a, h5py.File(tmp_path / "two" / "run.h5") as b:
+        assert a["groups"].attrs["criterion"] == criterion
+        for name in a["groups/importance"]:
+            np.testing.assert_allclose(b["groups/importance"][name][()], a["groups/importance"][name][()], rtol=1e-6, atol=1e-12)
+        np.testing.assert_array_equal(a["pruned/plan"]["0.0"][()], b["pruned/plan"]["0.0"][()])

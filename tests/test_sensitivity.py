@@ -114,3 +114,39 @@ def test_sharded_cells_add_up_to_whole_cells():
     assert len(done) == 2
     for c in done:
         np.testing.assert_allclose(c.sums, whole[(c.group, c.ratio)].sums, rtol=1e-9)
+
+
+@pytest.mark.parametrize("slice_", [True, False])
+def test_bn_recalibration_in_cells_equals_pruned_copy_recalibrated(slice_):
+    """Cells that re-estimate BatchNorm statistics after the cut give what pruning a copy and
+    re-estimating the same layers on the same batches gives; the model is left untouched."""
+    model, x, ignore, graph, orders, batches = _setup("resnet")
+    recal = [(torch.randn(16, 1, 8, 8, generator=torch.Generator().manual_seed(i)) * 2 + 0.5, None) for i in range(3)]
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    ev = Evaluator(model, graph.groups, orders, RATIOS, batches, x[:1], ignore, slice_channels=slice_, recal_batches=recal)
+    G = len(graph.groups)
+    res = run_sensitivity(World(None), ev, np.ones((G, len(RATIOS)), bool), None)
+    got = _matrix(res, G)
+    plain = _matrix(run_sensitivity(World(None), Evaluator(model, graph.groups, orders, RATIOS, batches, x[:1], ignore),
+                                    np.ones((G, len(RATIOS)), bool), None), G)
+    assert not np.allclose(got, plain)  # re-estimation changes the picture
+    for k, v in model.state_dict().items():
+        assert torch.equal(v, before[k]), k
+    for gi, g in enumerate(graph.groups):
+        k, _ = ev.entry(g)
+        suffix = {n for n, _ in ev.chain[k:]}
+        for ri, r in enumerate(RATIOS):
+            pruned = copy.deepcopy(model)
+            Graph(pruned, x[:1], ignore).prune_group(g.name, orders[g.name][: g.size - keep_count(g.size, r)])
+            bns = [m for n, m in pruned.named_modules() if isinstance(m, torch.nn.BatchNorm2d)
+                   and any(n == s or n.startswith(s + ".") for s in suffix)]
+            for bn in bns:
+                bn.reset_running_stats()
+                bn.momentum = None
+                bn.train()
+            with torch.no_grad():
+                for xb, _ in recal:
+                    pruned(xb)
+            pruned.eval()
+            s = metrics.evaluate(pruned, batches)
+            assert got[gi, ri] == pytest.approx(s.loss / s.count, rel=1e-5, abs=1e-6), (g.name, r)
