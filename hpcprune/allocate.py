@@ -19,7 +19,7 @@ from torch import nn
 from .graph import GroupInfo, keep_count
 
 METHODS = ("uniform", "global", "sensitivity")
-COSTS = ("macs", "params")
+COSTS = ("macs", "params", "latency")
 
 
 class BudgetError(ValueError):
@@ -49,7 +49,23 @@ class CostModel:
             for pname, p in mod.named_parameters(recurse=False):
                 both = pname == "weight" and p.dim() >= 2
                 self.terms["params"].append(Term(float(p.numel()), self._governing(name, mod, out_of, in_of, both=both)))
-        self.dense = {k: self.cost(k, np.zeros(len(groups))) for k in COSTS}
+        self.latency: tuple[np.ndarray, np.ndarray, float] | None = None  # (grid, G x R ms, dense ms)
+        self.dense = {k: self.cost(k, np.zeros(len(groups))) for k in ("macs", "params")}
+
+    def set_latency_table(self, grid: Sequence[float], table_ms: np.ndarray, dense_ms: float) -> None:
+        """Measured latency with one group pruned at each grid ratio (G x R, milliseconds).
+
+        The latency model is additive: dense + the sum over groups of each group's measured change,
+        interpolated between grid points. Unlike MACs it is an approximation; the prune stage
+        measures the pruned model and tightens the target when it was missed."""
+        self.latency = (np.concatenate([[0.0], np.asarray(grid, dtype=np.float64)]),
+                        np.concatenate([np.full((len(self.groups), 1), dense_ms), table_ms], axis=1) - dense_ms, float(dense_ms))
+        self.dense["latency"] = float(dense_ms)
+
+    def latency_delta(self, g: int, ratio: float) -> float:
+        assert self.latency is not None
+        grid, delta, _ = self.latency
+        return float(np.interp(ratio, grid, delta[g]))
 
     @staticmethod
     def _governing(name: str, mod: nn.Module, out_of: dict, in_of: dict, both: bool) -> tuple[int, ...]:
@@ -64,6 +80,10 @@ class CostModel:
         return np.array([keep_count(int(s), float(r), round_to) / s for s, r in zip(self.sizes, ratios)])
 
     def cost(self, kind: str, ratios: np.ndarray, round_to: int = 1) -> float:
+        if kind == "latency":
+            if self.latency is None:
+                raise ValueError("prune.target.latency needs a measured latency table")
+            return self.latency[2] + sum(self.latency_delta(g, float(r)) for g, r in enumerate(ratios))
         f = self.keep_fractions(ratios, round_to)
         return float(sum(t.value * float(np.prod(f[list(t.groups)])) for t in self.terms[kind]))
 
@@ -94,7 +114,7 @@ def _check_reachable(cm: CostModel, targets: dict[str, float], max_ratio: float,
 
 
 def _result(cm: CostModel, ratios: np.ndarray, round_to: int, loss: float = math.nan) -> Allocation:
-    return Allocation(ratios, {k: cm.fraction(k, ratios, round_to) for k in COSTS}, loss)
+    return Allocation(ratios, {k: cm.fraction(k, ratios, round_to) for k in COSTS if k in cm.dense}, loss)
 
 
 def uniform(cm: CostModel, targets: dict[str, float], max_ratio: float, round_to: int = 1) -> Allocation:
@@ -198,7 +218,7 @@ def sensitivity(
             f_hi = keep_count(int(cm.sizes[g]), 1.0, round_to) / cm.sizes[g]
             if f_hi >= f_lo:
                 continue
-            slope = {k: (cm.fraction(k, lo_r, round_to) - cm.fraction(k, hi_r, round_to)) / (f_lo - f_hi) for k in kinds}
+            slope = {k: (cm.fraction(k, lo_r, round_to) - cm.fraction(k, hi_r, round_to)) / (f_lo - f_hi) for k in kinds if k != "latency"}
             f_now = keep_count(int(cm.sizes[g]), r[g], round_to) / cm.sizes[g]
             for j in range(state[g] + 1, len(cand)):
                 if not np.isfinite(curves[g, j]):
@@ -206,7 +226,9 @@ def sensitivity(
                 f_new = keep_count(int(cm.sizes[g]), cand[j], round_to) / cm.sizes[g]
                 if f_new >= f_now:
                     continue
-                saved = sum(weights[k] * slope[k] * (f_now - f_new) for k in kinds)
+                saved = sum(weights[k] * slope[k] * (f_now - f_new) for k in kinds if k != "latency")
+                if "latency" in kinds:  # additive: the group's own measured change
+                    saved += weights["latency"] * (cm.latency_delta(g, r[g]) - cm.latency_delta(g, cand[j])) / cm.dense["latency"]
                 if saved <= 0:
                     continue
                 dmg = curves[g, j] - curves[g, state[g]]

@@ -60,7 +60,7 @@ def validate(cfg: DictConfig) -> None:
         if not isinstance(given[k], (int, float)) or not 0 < given[k] < 1:
             bad(f"prune.target.{k}", given[k], "a target is the fraction of the dense cost to keep, in (0, 1)")
     if not given:
-        bad("prune.target", dict(t), "give at least one target (macs or params)")
+        bad("prune.target", dict(t), "give at least one target (macs, params or latency)")
     ratios = list(cfg.sensitivity.ratios)
     if not ratios:
         bad("sensitivity.ratios", ratios, "the ratio grid is empty")
@@ -104,16 +104,25 @@ class Sweep:
         self.main = world.is_main
         self.lock: RunLock | None = None
         self.timings: dict[str, float] = {}
+        self.data: Any = None
 
     # ---- driver -----------------------------------------------------------------------------------
     def run(self) -> int:
         t_start = time.perf_counter()
+        early = None
+        if not self.main:  # while rank 0 prepares (and builds its data there, to check it)
+            try:
+                self.data = build_data(self.cfg.data)
+            except Exception as e:  # raised below, unless rank 0 stops every rank with one line
+                early = e
         problem = self._prepare() if self.main else None
         problem = self.world.bcast(problem)
         if problem:
             if self.main:
                 print(f"hpcprune: error: {problem}", file=sys.stderr, flush=True)
             return 2
+        if early is not None:
+            raise early
         # rank 0 works alone (others sleep) in every stage but sensitivity: it may use every core,
         # and the same thread count with 1 or N ranks keeps dense training bit-identical
         threads = self.world.set_threads(int(self.cfg.threads), alone=True)
@@ -122,7 +131,8 @@ class Sweep:
         log.info("rank %d/%d on %s, device %s, %d threads, run dir %s", self.world.rank, self.world.size,
                  socket.gethostname(), self.device, threads, self.run_dir)
         try:
-            self.data = build_data(self.cfg.data)
+            if self.data is None:
+                self.data = build_data(self.cfg.data)
             self.metric_name = self.data.metric
             if self.main and not self._done("baseline"):
                 self._timed("baseline", self.baseline)
@@ -179,6 +189,9 @@ class Sweep:
             if self.rf.exists():
                 self.rf.check()
                 self._check_resume(resolved)
+            # bad data, model or checkpoint, or too little disk: one line, before the run file is touched
+            self._check_inputs()
+            if self.rf.exists():
                 self.rf.set_status("running", "", world_size=self.world.size)
                 log.info("resuming %s (done: %s)", self.rf.path, ", ".join(self.rf.done_stages()) or "nothing")
             else:
@@ -189,6 +202,38 @@ class Sweep:
                 self.lock = None
             return str(e)
         return None
+
+    def _check_inputs(self) -> None:
+        """Rank 0: build the data and the model, load the dense checkpoint, check the free disk space."""
+        self.data = _instantiate("data", build_data, self.cfg.data)
+        model = _instantiate("model", build_model, self.cfg.model)
+        if self.cfg.checkpoint and not (self.rf.exists() and self._done("baseline")):
+            self._load_checkpoint(model)
+        # the run file holds up to three copies of the weights (dense, pruned, fine-tuned) and is
+        # rewritten whole through run.h5.tmp; the fine-tune checkpoint adds weights + optimizer state
+        weights = sum(t.numel() * t.element_size() for t in model.state_dict().values())
+        need = 10 * weights + (1 << 20)
+        st = os.statvfs(self.run_dir)
+        free = st.f_bavail * st.f_frsize
+        if free < need:
+            raise ConfigError(f"hydra.run.dir={self.run_dir}: {free / 2**20:.1f} MiB free on its file system, the run needs "
+                              f"about {need / 2**20:.1f} MiB (run file, its temporary copy, fine-tune checkpoint)")
+
+    def _load_checkpoint(self, model: torch.nn.Module) -> None:
+        path = str(self.cfg.checkpoint)
+        try:
+            state = torch.load(path, map_location="cpu", weights_only=True)
+        except Exception as e:
+            raise ConfigError(f"checkpoint={path}: not a readable torch state dict ({type(e).__name__}: {_first_line(e)})") from None
+        if isinstance(state, dict) and "state_dict" in state:
+            state = state["state_dict"]
+        if not isinstance(state, dict):
+            raise ConfigError(f"checkpoint={path}: holds a {type(state).__name__}, not a state dict")
+        try:
+            model.load_state_dict(state)
+        except Exception as e:
+            first = str(e).strip().splitlines()[-1].strip()
+            raise ConfigError(f"checkpoint={path}: does not fit the model ({first})") from None
 
     def _check_resume(self, resolved: str) -> None:
         stored = _flat(OmegaConf.to_container(OmegaConf.create(self.rf.attrs()["config"])))
@@ -224,14 +269,7 @@ class Sweep:
         cfg = self.cfg
         model = build_model(cfg.model)
         if cfg.checkpoint:
-            state = torch.load(str(cfg.checkpoint), map_location="cpu", weights_only=True)
-            if isinstance(state, dict) and "state_dict" in state:
-                state = state["state_dict"]
-            try:
-                model.load_state_dict(state)
-            except RuntimeError as e:
-                first = str(e).strip().splitlines()[-1].strip()
-                raise ConfigError(f"checkpoint={cfg.checkpoint}: does not fit the model ({first})") from None
+            self._load_checkpoint(model)
             trained = False
         else:
             train_dense(model, self.data, cfg, self.device)
@@ -376,8 +414,10 @@ class Sweep:
         for c in buffer:
             if c.status == DONE:
                 sums = metrics.EvalSums(*c.sums)
-                state["metric"][c.group, c.ratio] = sums.metric(self.metric_name)
-                state["loss"][c.group, c.ratio] = sums.mean_loss()
+                loss = sums.mean_loss()
+                # a model whose output is NaN has no metric either (argmax of NaN logits is class 0)
+                state["metric"][c.group, c.ratio] = sums.metric(self.metric_name) if not math.isnan(loss) else math.nan
+                state["loss"][c.group, c.ratio] = loss
             state["status"][c.group, c.ratio] = c.status
             if c.prefix_s > 0:
                 state["prefix_seconds"][c.group] = c.prefix_s
@@ -410,38 +450,149 @@ class Sweep:
         return {k: float(t[k]) for k in t if t[k] is not None}
 
     def allocation(self) -> None:
-        cfg = self.cfg
         targets = self._targets()
+        if "latency" in targets:
+            self._latency_table()
+        self._write_allocation(self._allocate(targets), targets)
+
+    def _allocate(self, targets: dict[str, float]) -> allocate.Allocation:
+        cfg = self.cfg
         method = str(cfg.prune.method)
         max_ratio, round_to = float(cfg.prune.max_ratio), int(cfg.prune.round_to)
         if method == "uniform":
-            alloc = allocate.uniform(self.cost, targets, max_ratio, round_to)
-        elif method == "global":
-            alloc = allocate.global_ranking(self.cost, self.scores, targets, max_ratio, round_to)
-        else:
-            with self.rf.read() as f:
-                loss = f["sensitivity/loss"][()]
-                status = f["sensitivity/status"][()]
-                ref = float(f["sensitivity"].attrs["dense_calib_loss"])
-            damage = np.where(status == DONE, loss - ref, np.nan)
-            alloc = allocate.sensitivity(self.cost, list(cfg.sensitivity.ratios), damage, targets, max_ratio, round_to)
+            return allocate.uniform(self.cost, targets, max_ratio, round_to)
+        if method == "global":
+            return allocate.global_ranking(self.cost, self.scores, targets, max_ratio, round_to)
+        with self.rf.read() as f:
+            loss = f["sensitivity/loss"][()]
+            status = f["sensitivity/status"][()]
+            ref = float(f["sensitivity"].attrs["dense_calib_loss"])
+        damage = np.where(status == DONE, loss - ref, np.nan)
+        damage = self._check_damage(damage, status)
+        return allocate.sensitivity(self.cost, list(cfg.sensitivity.ratios), damage, targets, max_ratio, round_to)
+
+    def _check_damage(self, damage: np.ndarray, status: np.ndarray) -> np.ndarray:
+        """NaN cells (the pruned model's output was NaN) are unusable: a group's curve ends before its
+        first one (as after an early stop), so the allocator never picks or interpolates across it.
+        With no usable cell at all there is nothing to allocate from."""
+        names = [g.name for g in self.graph.groups]
+        nan = (status == DONE) & np.isnan(damage)
+        if nan.any() and not np.isfinite(damage).any():
+            raise RuntimeError(f"prune.method=sensitivity: every sensitivity cell's calibration loss is NaN (the model outputs "
+                               f"NaN once a group is pruned), nothing to allocate from; check the model or use prune.method=uniform")
+        if nan.any():
+            bad = [f"{names[g]}@{float(self.cfg.sensitivity.ratios[r])}" for g, r in zip(*np.nonzero(nan))]
+            log.warning("sensitivity: %d cell(s) with a NaN loss, not used by the allocation: %s", len(bad), ", ".join(bad[:10]))
+        damage = damage.copy()
+        for g in range(damage.shape[0]):
+            first = np.flatnonzero(nan[g])
+            if first.size:
+                damage[g, first[0]:] = np.nan
+        return damage
+
+    def _write_allocation(self, alloc: allocate.Allocation, targets: dict[str, float], adjusted: list | None = None) -> None:
+        cfg = self.cfg
+        method, max_ratio, round_to = str(cfg.prune.method), float(cfg.prune.max_ratio), int(cfg.prune.round_to)
         log.info("allocation (%s): ratios %s, predicted kept %s", method, np.round(alloc.ratios, 3).tolist(),
                  {k: round(v, 4) for k, v in alloc.predicted.items()})
         with self.rf.write() as f:
             a = replace_group(f, "allocation")
             a.create_dataset("ratio", data=alloc.ratios)
             a.create_dataset("keep", data=np.array([keep_count(g.size, r, round_to) for g, r in zip(self.graph.groups, alloc.ratios)]))
-            put_attrs(a, {"method": method, "targets": json.dumps(targets), "max_ratio": max_ratio, "round_to": round_to,
+            put_attrs(a, {"method": method, "targets": json.dumps(self._targets()), "max_ratio": max_ratio, "round_to": round_to,
                           "predicted_macs": alloc.predicted["macs"], "predicted_params": alloc.predicted["params"],
-                          "predicted_loss_increase": alloc.predicted_loss})
+                          "predicted_latency": alloc.predicted.get("latency"),
+                          "predicted_loss_increase": alloc.predicted_loss,
+                          "targets_used": json.dumps(targets), "adjustments": json.dumps(adjusted or [])})
             a.attrs["complete"] = True
+
+    def _latency_table(self) -> None:
+        """Latency with one group pruned at each grid ratio, measured once (rank 0's device) and kept
+        in the run file: the allocator's latency model."""
+        cfg = self.cfg
+        grid = [float(r) for r in cfg.sensitivity.ratios]
+        with self.rf.read() as f:
+            if "latency" in f and f["latency"].attrs.get("complete", False):
+                self.cost.set_latency_table(grid, f["latency/table_ms"][()], float(f["latency"].attrs["dense_ms"]))
+                return
+        lat = lambda m: metrics.latency_ms(m.to(self.device), self.example.to(self.device), int(cfg.baseline.latency_batch),  # noqa: E731
+                                           repeats=int(cfg.baseline.latency_repeats), threads=int(cfg.baseline.latency_threads))
+        dense = self._dense_model()
+        table = np.zeros((len(self.graph.groups), len(grid)))
+        refs = []
+        t0 = time.perf_counter()
+        for gi, g in enumerate(self.graph.groups):
+            # the dense model is measured again next to every row: a row's changes are taken against
+            # a reference measured under the same machine conditions
+            ref = lat(dense)
+            refs.append(ref)
+            for ri, r in enumerate(grid):
+                model = self._dense_model()
+                n = g.size - keep_count(g.size, r, int(cfg.prune.round_to))  # the widths the allocator can choose
+                Graph(model, self.example[:1], self.ignore).prune_group(g.name, self.orders[g.name][:n])
+                table[gi, ri] = lat(model) - ref
+        dense_ms = float(np.median(refs))
+        table += dense_ms
+        log.info("latency table: %d groups x %d ratios in %.1f s (dense %.2f ms)", *table.shape, time.perf_counter() - t0, dense_ms)
+        self.cost.set_latency_table(grid, table, dense_ms)
+        with self.rf.write() as f:
+            h = replace_group(f, "latency")
+            h.create_dataset("table_ms", data=table)
+            h.create_dataset("ratios", data=np.array(grid))
+            put_attrs(h, {"dense_ms": dense_ms, "batch": int(cfg.baseline.latency_batch), "threads": int(cfg.baseline.latency_threads),
+                          "device": str(self.device), "complete": True})
 
     # ---- prune ------------------------------------------------------------------------------------
     def prune(self) -> None:
         cfg = self.cfg
-        round_to = int(cfg.prune.round_to)
+        targets = self._targets()
+        if "latency" in targets:
+            self._latency_table()
         with self.rf.read() as f:
             ratios = f["allocation/ratio"][()]
+        adjustments: list[dict[str, float]] = []
+        for attempt in range(int(cfg.prune.latency_attempts)):
+            model, plan, rec = self._prune_to(ratios)
+            if "latency" not in targets:
+                break
+            measured = rec["latency_ms"] / float(self.cost.dense["latency"])
+            if measured <= targets["latency"]:
+                break
+            # the additive latency model missed: ask the allocator for proportionally more
+            used = dict(targets) if not adjustments else dict(adjustments[-1]["targets"])
+            used["latency"] = used["latency"] * targets["latency"] / measured
+            adjustments.append({"attempt": attempt, "measured": measured, "targets": used})
+            log.info("latency kept %.3f > target %.3f: re-allocating with latency target %.3f", measured, targets["latency"], used["latency"])
+            alloc = self._allocate(used)
+            self._write_allocation(alloc, used, adjustments)
+            ratios = alloc.ratios
+        else:
+            raise RuntimeError(f"prune.target.latency={targets['latency']}: still {measured:.3f} of the dense latency after "
+                               f"{len(adjustments)} re-allocations (prune.latency_attempts); latency on this device may be noisy")
+        self._check_targets(rec)
+        log.info("pruned: %s %.4f, %.3f MACs kept, %.3f params kept, %.2f ms", self.metric_name, rec["metric"],
+                 rec["macs_kept"], rec["params_kept"], rec["latency_ms"])
+        with self.rf.write() as f:
+            p = replace_group(f, "pruned")
+            put_attrs(p, rec)
+            p.attrs["bn_recalib_batches"] = int(cfg.prune.bn_recalib_batches)
+            p.attrs["latency_adjustments"] = json.dumps(adjustments)
+            pl = p.create_group("plan")
+            for name, kept in plan.items():
+                pl.create_dataset(name, data=np.array(kept, dtype=np.int64))
+            pl.attrs["groups"] = np.array(list(plan), dtype=object).astype(str).tolist()
+            write_state_dict(p.create_group("weights"), model.state_dict())
+            p.attrs["complete"] = True
+
+    def _check_targets(self, rec: dict[str, Any]) -> None:
+        for k, t in self._targets().items():
+            kept = rec[f"{k}_kept"]
+            if kept > t + 1e-9:
+                raise RuntimeError(f"pruned model keeps {kept:.4f} of the dense {k}, above prune.target.{k}={t}")
+
+    def _prune_to(self, ratios: np.ndarray) -> tuple[torch.nn.Module, dict[str, list[int]], dict[str, Any]]:
+        cfg = self.cfg
+        round_to = int(cfg.prune.round_to)
         plan = {}
         for g, r in zip(self.graph.groups, ratios):
             n_prune = g.size - keep_count(g.size, float(r), round_to)
@@ -452,24 +603,7 @@ class Sweep:
         recal = int(cfg.prune.bn_recalib_batches)
         if recal:
             metrics.recalibrate_bn(model, self._train_batches(recal))
-        rec = self._measure(model)
-        targets = self._targets()
-        for k, t in targets.items():
-            kept = rec[f"{k}_kept"]
-            if kept > t + 1e-9:
-                raise RuntimeError(f"pruned model keeps {kept:.4f} of the dense {k}, above prune.target.{k}={t}")
-        log.info("pruned: %s %.4f, %.3f MACs kept, %.3f params kept, %.2f ms", self.metric_name, rec["metric"],
-                 rec["macs_kept"], rec["params_kept"], rec["latency_ms"])
-        with self.rf.write() as f:
-            p = replace_group(f, "pruned")
-            put_attrs(p, rec)
-            p.attrs["bn_recalib_batches"] = recal
-            pl = p.create_group("plan")
-            for name, kept in plan.items():
-                pl.create_dataset(name, data=np.array(kept, dtype=np.int64))
-            pl.attrs["groups"] = np.array(list(plan), dtype=object).astype(str).tolist()
-            write_state_dict(p.create_group("weights"), model.state_dict())
-            p.attrs["complete"] = True
+        return model, plan, self._measure(model)
 
     def _train_batches(self, n: int) -> list[tuple[torch.Tensor, torch.Tensor]]:
         """The first ``n`` batches of a seeded shuffle of the training data (the same on every rank)."""
@@ -494,7 +628,8 @@ class Sweep:
         model.cpu()
         return dict(metric=sums.metric(self.metric_name), loss=sums.mean_loss(), params=p, macs=m, latency_ms=lat,
                     macs_kept=m / float(self.base["macs"]), params_kept=p / float(self.base["params"]),
-                    latency_speedup=float(self.base["latency_ms"]) / lat)
+                    latency_speedup=float(self.base["latency_ms"]) / lat,
+                    latency_kept=lat / float(self.cost.dense.get("latency", self.base["latency_ms"])))
 
     # ---- fine-tune --------------------------------------------------------------------------------
     def finetune(self) -> None:
@@ -557,6 +692,31 @@ class Sweep:
         row = summarize(self.rf.path)
         print(format_table([row]), flush=True)
         print(f"run file: {self.rf.path}", flush=True)
+
+
+def _first_line(e: BaseException) -> str:
+    text = str(e).strip()
+    return text.splitlines()[0].strip() if text else type(e).__name__
+
+
+def _instantiate(key: str, build: Any, node: Any) -> Any:
+    """Build ``model`` or ``data`` from its config; a failure becomes one line naming the value
+    (Hydra wraps the error in an InstantiationException whose message spans several lines)."""
+    try:
+        return build(node)
+    except Exception as e:
+        cause: BaseException = e
+        while type(cause).__name__ == "InstantiationException" and cause.__cause__ is not None:
+            cause = cause.__cause__
+        lines = [ln.strip() for ln in str(cause).strip().splitlines() if ln.strip()] or [type(cause).__name__]
+        msg = " ".join(lines[:2]) if lines[0].endswith(":") and len(lines) > 1 else lines[0]  # "Error loading 'x':\n<why>"
+        if type(cause).__name__ == "InstantiationException":
+            msg = msg.split(", set env var HYDRA_FULL_ERROR")[0]
+        elif not msg.startswith(f"{key}."):
+            msg = f"{type(cause).__name__}: {msg}"
+        if not msg.startswith(f"{key}."):
+            msg = f"{key}._target_={node.get('_target_')}: {msg}"
+        raise ConfigError(msg) from None
 
 
 def _str_dtype() -> Any:

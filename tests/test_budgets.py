@@ -1,0 +1,73 @@
+"""Budgets (MACs, params, measured latency), criteria and distillation, on the built-in models."""
+import json
+import os
+
+import h5py
+import numpy as np
+import pytest
+from omegaconf import OmegaConf
+
+from hpcprune.finetune import FinetuneJob
+from hpcprune.store import RunFile
+
+from conftest import FAST, run_sweep
+
+QUICK = [*FAST, "finetune.epochs=0", "launcher=debug"]
+
+
+def test_latency_target_is_measured_and_met(tmp_path):
+    d = tmp_path / "lat"
+    # wider layers and a larger latency batch: latency differences well above timer noise
+    run_sweep(d, *QUICK, "model.widths=[64,128,256]", "baseline.epochs=2", "prune.target.macs=null",
+              "prune.target.latency=0.8", "prune.round_to=8", "baseline.latency_repeats=7", "baseline.latency_batch=256")
+    with h5py.File(d / "run.h5") as f:
+        G = len(f["groups/name"])
+        assert f["latency/table_ms"].shape == (G, len(f["sensitivity/ratios"]))
+        assert f["pruned"].attrs["latency_kept"] <= 0.8
+        assert json.loads(f["allocation"].attrs["targets"]) == {"latency": 0.8}
+        assert f.attrs["status"] == "complete"
+
+
+def test_sensitivity_meets_macs_and_params_together(tmp_path):
+    d = tmp_path / "both"
+    run_sweep(d, *QUICK, "prune.target.macs=0.6", "prune.target.params=0.4", "importance=activation")
+    with h5py.File(d / "run.h5") as f:
+        assert f["pruned"].attrs["macs_kept"] <= 0.6 and f["pruned"].attrs["params_kept"] <= 0.4
+        assert f["groups"].attrs["criterion"] == "activation"
+
+
+@pytest.mark.parametrize("round_to", [4])
+def test_round_to_respected(tmp_path, round_to):
+    d = tmp_path / "round"
+    run_sweep(d, *QUICK, f"prune.round_to={round_to}", "prune.method=global")
+    with h5py.File(d / "run.h5") as f:
+        keep = f["allocation/keep"][()]
+        assert all(k % round_to == 0 for k in keep)
+        for name in f["pruned/plan"]:
+            assert len(f["pruned/plan"][name]) % round_to == 0
+
+
+def test_distillation_changes_the_loss(fast_run, tmp_path):
+    """The same fine-tune with and without the dense teacher (in-process, one task)."""
+    rf = RunFile(str(fast_run / "run.h5"))
+    cfg = OmegaConf.create(rf.attrs()["config"])
+    losses = {}
+    for w in (0.0, 0.7):
+        cfg.finetune.epochs = 1
+        cfg.finetune.distill.weight = w
+        work = tmp_path / f"w{w}"
+        os.makedirs(work)
+        out = FinetuneJob({"config": OmegaConf.to_container(cfg), "run_file": rf.path, "work_dir": str(work),
+                           "distributed": False, "local_tasks": 1})()
+        losses[w] = out["history"][0][1]
+    assert losses[0.0] != pytest.approx(losses[0.7], rel=1e-3)
+
+
+def test_distillation_under_ddp(tmp_path):
+    d = tmp_path / "kd"
+    run_sweep(d, *FAST, "finetune.epochs=1", "finetune.distill.weight=0.5")
+    with h5py.File(d / "run.h5") as f:
+        assert f["finetune"].attrs["distill_weight"] == 0.5 and f["finetune"].attrs["world_size"] == 2
+        digests = json.loads(f["finetune"].attrs["rank_digests"])
+        assert digests[0] == digests[1]
+        assert np.isfinite(f["finetune/history"][()]).all()
