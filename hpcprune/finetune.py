@@ -3,14 +3,19 @@
 Each task rebuilds the pruned model from the run file (dense weights + plan), trains its share of
 the data (DistributedSampler), and rank 0 writes a checkpoint after every epoch (atomic rename).
 On requeue (Slurm preemption or timeout) submitit calls ``checkpoint()``; the new job resumes from
-the last completed epoch: weights, optimizer, scheduler, history. The job never writes the run
-file: rank 0 returns the history and the final weights' path, and the driver records them.
+the last completed epoch: weights, optimizer, scheduler, history. The same happens when Slurm
+restarts the job without asking (``scontrol requeue``, node failure) and when a sweep is rerun after
+a failed fine-tune. A checkpoint is used only by the fine-tune it was made for (same starting
+weights, same finetune/data/seed settings; see ``_key``). The job never writes the run file: rank 0
+returns the history and the final weights' path, and the driver records them.
 """
 from __future__ import annotations
 
 import hashlib
+import json
 import math
 import os
+import signal
 import time
 from typing import Any
 
@@ -27,6 +32,73 @@ def _digest(model: nn.Module) -> str:
         h.update(k.encode())
         h.update(v.detach().cpu().contiguous().numpy().tobytes())
     return h.hexdigest()[:16]
+
+
+def _key(cfg: Any, start_digest: str) -> str:
+    """What a checkpoint must match to be resumed: the starting weights and every setting that changes
+    the training (not the launcher, threads or device)."""
+    from omegaconf import OmegaConf
+
+    settings = {k: OmegaConf.to_container(cfg[k], resolve=True) if OmegaConf.is_config(cfg[k]) else cfg[k]
+                for k in ("finetune", "data", "seed")}
+    return hashlib.sha256((json.dumps(settings, sort_keys=True, default=str) + start_digest).encode()).hexdigest()[:16]
+
+
+def _threads(spec: dict[str, Any], world: int) -> int:
+    """Torch threads per task: the config's, else the task's CPUs (Slurm's --cpus-per-task when set,
+    capped by the CPUs this process may run on), else this node's CPUs / tasks on this node."""
+    if int(spec.get("threads", 0)) > 0:
+        return int(spec["threads"])
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    per_task = os.environ.get("SLURM_CPUS_PER_TASK", "")
+    if os.environ.get("SUBMITIT_EXECUTOR") == "slurm" and per_task.isdigit() and int(per_task) > 0:
+        return min(cores, int(per_task))
+    return max(1, cores // max(1, int(spec.get("local_tasks", world))))
+
+
+def _drop_stale_result(job_env: Any) -> None:
+    """Remove this task's result file from an earlier run of this job (before a requeue).
+
+    When rank 0 leaves for a requeue (checkpoint on USR2, preemption), the other ranks' collectives
+    fail and submitit records their error as the task's result. The requeued run overwrites it only
+    when that task finishes again: until then the driver could read task 0's new result next to
+    task 1's old error and report a failure. Every task removes its own before the DDP rendezvous,
+    which rank 0 must pass before it can write anything.
+    """
+    try:
+        os.remove(job_env.paths.result_pickle)
+    except (FileNotFoundError, KeyError):  # KeyError: no SUBMITIT_FOLDER (not under submitit)
+        pass
+
+
+class _Terminated:
+    """SIGTERM under Slurm: Slurm is ending this run (scancel, scontrol requeue, preemption, time
+    limit) and sends SIGKILL KillWait seconds later. submitit ignores SIGTERM, so the task would train
+    on meanwhile; when it finished in that window, it would report a result for a job that Slurm
+    then runs again (requeue), and the rerun would delete and rewrite results under the driver. So
+    after SIGTERM a task starts no new epoch and returns nothing: it waits to be killed (rank 0 still
+    takes USR2, submitit's checkpoint-and-requeue signal)."""
+
+    def __init__(self) -> None:
+        self.at: float | None = None
+        self.active = os.environ.get("SUBMITIT_EXECUTOR") == "slurm"
+        if self.active:
+            previous = signal.getsignal(signal.SIGTERM)
+
+            def handler(signum: int, frame: Any) -> None:
+                self.at = self.at or time.time()
+                if callable(previous):
+                    previous(signum, frame)  # submitit's: logs it
+
+            signal.signal(signal.SIGTERM, handler)
+
+    def wait_if_ending(self, where: str, limit_s: float = 600.0) -> None:
+        if self.at is None:
+            return
+        print(f"finetune: SIGTERM from Slurm: stopping {where}, waiting for the end of this run", flush=True)
+        while time.time() - self.at < limit_s:
+            time.sleep(1.0)
+        raise RuntimeError(f"got SIGTERM but Slurm did not end the job within {limit_s:.0f} s")
 
 
 class FinetuneJob:
@@ -52,6 +124,7 @@ class FinetuneJob:
         if spec["distributed"]:
             import submitit
 
+            _drop_stale_result(submitit.JobEnvironment())
             env = submitit.helpers.TorchDistributedEnvironment()
             if spec.get("master_port"):
                 os.environ.setdefault("MASTER_PORT", str(spec["master_port"]))
@@ -60,8 +133,7 @@ class FinetuneJob:
             rank, world = env.rank, env.world_size
         cfg = OmegaConf.create(spec["config"])
         ft = cfg.finetune
-        threads = int(spec.get("threads", 0)) or max(1, (os.cpu_count() or 1) // max(1, spec.get("local_tasks", world)))
-        torch.set_num_threads(threads)
+        torch.set_num_threads(_threads(spec, world))
         use_cuda = torch.cuda.is_available() and cfg.device in ("auto", "cuda")
         device = torch.device(f"cuda:{int(os.environ.get('LOCAL_RANK', 0)) % torch.cuda.device_count()}" if use_cuda else "cpu")
         if spec["distributed"]:
@@ -94,16 +166,25 @@ class FinetuneJob:
             data.train, num_replicas=world, rank=rank, shuffle=True, seed=cfg.seed, drop_last=True
         )
         loader = torch.utils.data.DataLoader(data.train, batch_size=ft.batch_size, sampler=sampler, drop_last=True)
+        terminated = _Terminated()
         ckpt_path = os.path.join(spec["work_dir"], "checkpoint.pt")
+        key = _key(cfg, _digest(model))
         history: list[list[float]] = []
         start = 0
         if os.path.exists(ckpt_path):
             ck = torch.load(ckpt_path, map_location=device, weights_only=False)
-            model.load_state_dict(ck["model"])
-            opt.load_state_dict(ck["optimizer"])
-            sched.load_state_dict(ck["scheduler"])
-            history = ck["history"]
-            start = ck["epoch"] + 1
+            if ck.get("key") != key:
+                if rank == 0:
+                    print(f"finetune: ignoring {ckpt_path}: it belongs to another fine-tune (other starting "
+                          "weights or finetune/data/seed settings); starting at epoch 1", flush=True)
+            else:
+                model.load_state_dict(ck["model"])
+                opt.load_state_dict(ck["optimizer"])
+                sched.load_state_dict(ck["scheduler"])
+                history = ck["history"]
+                start = ck["epoch"] + 1
+                if rank == 0:
+                    print(f"finetune: resuming from {ckpt_path}: {start} of {ft.epochs} epochs done", flush=True)
         val_idx = list(range(rank, len(data.val), world))  # exact shards, no padding
         val = torch.utils.data.DataLoader(torch.utils.data.Subset(data.val, val_idx), batch_size=256)
         T = float(ft.distill.temperature)
@@ -134,6 +215,11 @@ class FinetuneJob:
                 loss_sum += loss.item() * x.shape[0]
                 n += x.shape[0]
             sched.step()
+            if world > 1:
+                # DDP copies rank 0's buffers (BatchNorm statistics) at the start of each forward, so
+                # after the last one every rank holds its own: validate and save rank 0's model on all
+                for buf in model.buffers():
+                    dist.broadcast(buf, 0)
             sums = EvalSums()
             model.eval()
             with torch.inference_mode():
@@ -148,7 +234,8 @@ class FinetuneJob:
             if rank == 0:
                 tmp = ckpt_path + ".tmp"
                 torch.save(
-                    {"epoch": epoch, "model": model.state_dict(), "optimizer": opt.state_dict(), "scheduler": sched.state_dict(), "history": history},
+                    {"epoch": epoch, "model": model.state_dict(), "optimizer": opt.state_dict(), "scheduler": sched.state_dict(),
+                     "history": history, "key": key},
                     tmp,
                 )
                 os.replace(tmp, ckpt_path)
@@ -157,6 +244,8 @@ class FinetuneJob:
                 dist.barrier()
             if math.isnan(row[1]):
                 raise FloatingPointError(f"fine-tuning loss became NaN at epoch {epoch}")
+            terminated.wait_if_ending(f"after epoch {epoch + 1} (checkpoint saved)")
+        terminated.wait_if_ending("before returning results")
         out: dict[str, Any] = {"rank": rank, "world_size": world, "digest": _digest(model)}
         if rank == 0:
             final = os.path.join(spec["work_dir"], "final.pt")

@@ -5,4 +5,13 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 bash setup.sh --no-run
+dev_conf=${HPCPRUNE_SLURM_STATE:-/var/tmp/hpcprune-slurm}/etc/slurm.conf
+if [ -z "${SLURM_CONF:-}" ] && [ ! -e /etc/slurm/slurm.conf ] && [ -e "$dev_conf" ]; then
+  export SLURM_CONF=$dev_conf
+fi
+if command -v scontrol >/dev/null && timeout 30 scontrol ping 2>/dev/null | grep -q "is UP"; then
+  echo "tests/run.sh: Slurm answers: the Slurm tests (marker slurm) run on it"
+else
+  echo "tests/run.sh: Slurm not running: the Slurm tests will be SKIPPED (start it with: slurm/dev_cluster.sh start)"
+fi
 exec .venv/bin/python -m pytest -q -rs "$@"
