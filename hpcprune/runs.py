@@ -66,7 +66,7 @@ def pruned_model(run: RunFile, cfg: DictConfig | None = None, weights: str = "fi
     cfg = cfg or load_config(run)
     model = dense_model(run, cfg)
     ignore = list(cfg.groups.ignore) if cfg.groups.ignore else []
-    graph = Graph(model, example_input(run), _ignore_names(model, ignore))
+    graph = Graph(model, example_input(run), ignore_names(model, ignore))
     graph.apply_plan(read_plan(run))
     if weights != "plan":
         with run.read() as f:
@@ -82,12 +82,15 @@ def load_pruned(path: str, weights: str = "final") -> nn.Module:
     return pruned_model(RunFile(path), weights=weights)
 
 
-def _ignore_names(model: nn.Module, ignore: list[str]) -> list[str]:
-    """``groups.ignore`` names, or by default the last Linear layer (the classifier output)."""
-    if ignore:
-        return ignore
-    linears = [n for n, m in model.named_modules() if isinstance(m, nn.Linear)]
-    return linears[-1:]
+def ignore_names(model: nn.Module, ignore: list[str]) -> list[str]:
+    """``groups.ignore`` names, or by default the last Linear layer (the classifier output); then
+    the layers the model itself declares unprunable at their outputs, when it has a
+    ``prune_ignore()`` method returning module names (e.g. attention projections whose outputs are
+    split into heads of a fixed width: cutting single channels there breaks the model)."""
+    if not ignore:
+        linears = [n for n, m in model.named_modules() if isinstance(m, nn.Linear)]
+        ignore = linears[-1:]
+    declared = getattr(model, "prune_ignore", None)
+    extra = [str(n) for n in declared()] if callable(declared) else []
+    return list(dict.fromkeys([*ignore, *extra]))
 
-
-ignore_names = _ignore_names

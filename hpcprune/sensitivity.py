@@ -407,8 +407,6 @@ def _master(world, evaluator, pending, module_macs, on_results, stop_below) -> l
 
 
 def _worker(world: World, evaluator: Evaluator, stop_below) -> None:
-    from mpi4py import MPI
-
     comm = world.comm
     local: deque[Chunk] = deque()
     owed = 2  # replies rank 0 still owes this rank: the two initial sends
@@ -434,4 +432,3 @@ def _worker(world: World, evaluator: Evaluator, stop_below) -> None:
         res = evaluator.run_chunk(local.popleft(), world.rank, stop_below)
         comm.send(res, dest=0, tag=_TAG_RESULT)
         owed += 1
-    del MPI
