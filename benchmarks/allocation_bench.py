@@ -103,7 +103,7 @@ def main():
         LAT.update(batch=32, repeats=3, table_repeats=2)
     torch.set_num_threads(max(1, min(8, os.cpu_count() or 1)))
     t_start = time.perf_counter()
-    data = zdata.fashion_mnist(args.root, calib_samples=2000, train_samples=4000 if args.quick else 0)
+    data = zdata.fashion_mnist(args.root, calib_samples=200 if args.quick else 2000, train_samples=4000 if args.quick else 0)
     test = metrics.make_batches(data.val, 1000, dev)
     calib = metrics.make_batches(data.calib, 500, dev)
     recal_batches = [(x, y) for x, y in loader(data.train, 256, 7, dev)][:20]

@@ -124,9 +124,18 @@ def _activation_scores(graph: Graph, batches: Sequence, reduce: Callable) -> dic
     for j, g in enumerate(graph.groups):
         act = torch.from_numpy(flat[i : i + g.size].copy()) / max(total[j], 1.0)
         i += g.size
-        w = modules[g.name].weight.detach().double().cpu()
-        out[g.name] = act * w.flatten(1).norm(dim=1)
+        out[g.name] = act * _out_weight_norm(modules[g.name])
     return out
+
+
+def _out_weight_norm(mod: torch.nn.Module) -> torch.Tensor:
+    """Norm of the weights that produce each output channel of ``mod``."""
+    w = mod.weight.detach().double().cpu()
+    if isinstance(mod, torch.nn.Embedding):  # (vocabulary, width): a channel is a column
+        return w.norm(dim=0)
+    if w.dim() == 1:  # LayerNorm / BatchNorm scale
+        return w.abs()
+    return w.flatten(1).norm(dim=1)
 
 
 def prune_order(scores: torch.Tensor) -> list[int]:

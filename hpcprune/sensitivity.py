@@ -223,7 +223,7 @@ class Evaluator:
                 cut = mask_group(self.modules, g, idxs)
             else:
                 cut = None
-            bn_saved = self._recalibrate(k, recal_prefix, keep_t) if (self.recal_batches and cut is not None) else None
+            bn_saved = self._recalibrate(k, recal_prefix, keep_t) if (self.recal_batches and cut is not None and self._suffix_bns(k)) else None
             try:
                 if cut is None:  # exact fallback: prune a copy
                     sums = self._pruned_copy_sums(g, idxs, batches)
