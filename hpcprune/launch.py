@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import signal
 import time
 from typing import Any, Iterator
 
@@ -110,16 +111,22 @@ def results(job: Any, poll_s: float = 10.0) -> list[Any]:
     from submitit.core.utils import FailedJobError, UncompletedJobError
 
     watcher = getattr(job, "watcher", None) if type(job).__name__ == "SlurmJob" else None
+    tasks = _LocalTasks(job) if type(job).__name__ == "LocalJob" else None
     last = time.monotonic()
     while not job.done():
         time.sleep(1.0)
         if watcher is not None and time.monotonic() - last >= poll_s:
             watcher.update()
             last = time.monotonic()
+        if tasks is not None:
+            dead = tasks.died_without_result()
+            if dead is not None:  # the others would wait for it at the rendezvous (30 min) or forever
+                tasks.kill_live()  # the controller then ends by itself (job.cancel's SIGINT prints a traceback)
+                raise JobFailed(f"task {dead[0]} (pid {dead[1] or '?'}) died without a result (killed or crashed)")
     try:
         return list(job.results())
     except FailedJobError as e:  # a subclass of UncompletedJobError: first
-        raise JobFailed(f"a task raised {_last_error_line(e)}") from e
+        raise JobFailed(f"a task raised {_root_cause(job) or _last_error_line(e)}") from e
     except UncompletedJobError as e:
         state = watcher.get_state(job.job_id, mode="force") if watcher is not None else getattr(job, "state", "?")
         raise JobFailed(f"it ended without a result (state {state})") from e
@@ -132,3 +139,90 @@ def _last_error_line(e: BaseException) -> str:
         text = text.split("----------------------")[1]
     lines = [ln.strip() for ln in text.splitlines() if ln.strip()]
     return lines[-1] if lines else type(e).__name__
+
+
+# what a DDP task reports when another task died or raised first: not the cause
+_PEER_LOST = ("Connection closed by peer", "Connection reset by peer", "Broken pipe", "NCCL communicator was aborted")
+
+
+def _root_cause(job: Any) -> str | None:
+    """The first task error that is not a consequence of another task's (a lost DDP peer)."""
+    from submitit.core import utils
+
+    errors = []
+    for k in range(job.num_tasks):
+        path = job.task(k).paths.result_pickle
+        try:
+            outcome, value = utils.pickle_load(path)
+        except Exception:
+            continue
+        if outcome == "error":
+            lines = [ln.strip() for ln in str(value).splitlines() if ln.strip()]
+            errors.append(lines[-1] if lines else "an error")
+    causes = [e for e in errors if not any(p in e for p in _PEER_LOST)]
+    return (causes or errors or [None])[0]
+
+
+class _LocalTasks:
+    """The processes of a submitit LocalJob's tasks (children of its controller process), to see a
+    task that ends without writing a result (killed, crashed): the controller waits for every task,
+    and the others wait for the dead one at the DDP rendezvous (30 minutes) or in a collective.
+    The controller starts all tasks at once, so once one runs, a task id without a live process and
+    without a result, twice in a row (a poll a second), has died."""
+
+    def __init__(self, job: Any) -> None:
+        self.job = job
+        proc = getattr(job, "_process", None)
+        self.controller = proc.pid if proc is not None else None
+        self.pids: dict[int, int] = {}  # task id -> pid, as seen
+        self.strikes = 0
+
+    def _live(self) -> dict[int, int]:
+        try:
+            with open(f"/proc/{self.controller}/task/{self.controller}/children") as f:
+                children = [int(p) for p in f.read().split()]
+        except OSError:
+            return {}
+        live = {}
+        for pid in children:
+            if not _alive(pid):
+                continue
+            try:
+                with open(f"/proc/{pid}/environ", "rb") as f:
+                    env = dict(kv.split(b"=", 1) for kv in f.read().split(b"\0") if b"=" in kv)
+                live[int(env[b"SUBMITIT_LOCAL_GLOBALID"])] = pid
+            except (OSError, KeyError, ValueError):
+                continue
+        return live
+
+    def kill_live(self, wait_s: float = 30.0) -> None:
+        for pid in self._live().values():
+            try:
+                os.kill(pid, signal.SIGKILL)
+            except OSError:
+                pass
+        deadline = time.monotonic() + wait_s
+        while not self.job.done() and time.monotonic() < deadline:
+            time.sleep(0.2)
+
+    def died_without_result(self) -> tuple[int, int | None] | None:
+        if self.controller is None:
+            return None
+        live = self._live()
+        self.pids.update(live)
+        if not live:  # not started yet, or every task has ended
+            return None
+        missing = [k for k in range(self.job.num_tasks)
+                   if k not in live and not self.job.task(k).paths.result_pickle.exists()]
+        self.strikes = self.strikes + 1 if missing else 0
+        if self.strikes >= 2:
+            return missing[0], self.pids.get(missing[0])
+        return None
+
+
+def _alive(pid: int) -> bool:
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().rsplit(")", 1)[1].split()[0] != "Z"
+    except OSError:
+        return False

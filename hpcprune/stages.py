@@ -153,8 +153,9 @@ class Sweep:
             if self.main and self.rf.exists():
                 try:
                     self.rf.set_status("failed", f"{type(e).__name__}: {e}")
-                except Exception:  # the original error matters more
-                    log.exception("could not record the failure in the run file")
+                except Exception as e2:  # the original error matters more: one line, traceback in sweep.log
+                    log.warning("could not record the failure in the run file (%s: %s)", type(e2).__name__, e2)
+                    log.debug("recording the failure", exc_info=True)
             raise
         finally:
             if self.lock is not None:
@@ -481,7 +482,7 @@ class Sweep:
             raise RuntimeError(f"prune.method=sensitivity: every sensitivity cell's calibration loss is NaN (the model outputs "
                                f"NaN once a group is pruned), nothing to allocate from; check the model or use prune.method=uniform")
         if nan.any():
-            bad = [f"{names[g]}@{float(self.cfg.sensitivity.ratios[r])}" for g, r in zip(*np.nonzero(nan))]
+            bad = [f"{names[g]}@{float(self.cfg.sensitivity.ratios[int(r)])}" for g, r in zip(*np.nonzero(nan))]
             log.warning("sensitivity: %d cell(s) with a NaN loss, not used by the allocation: %s", len(bad), ", ".join(bad[:10]))
         damage = damage.copy()
         for g in range(damage.shape[0]):

@@ -1,17 +1,17 @@
 """The HDF5 run file: schema, one transaction per write, resume state.
 
-Every write is a transaction on a copy: the current file is copied to ``run.h5.tmp``, changed,
-flushed, fsync'ed and renamed over ``run.h5``. A kill at any moment leaves either the old or the new
-file, never a half-written one, and the file is never held open between writes. The schema is
+Every write is a transaction on a copy: the current file is read into memory, changed there,
+written to ``run.h5.tmp``, fsync'ed and renamed over ``run.h5``. A kill at any moment leaves either
+the old or the new file, never a half-written one, and the file is never held open between writes. The schema is
 documented in ``cluster_docs/run_file.md``; ``SCHEMA_VERSION`` changes with it.
 """
 from __future__ import annotations
 
 import contextlib
 import fcntl
+import io
 import json
 import os
-import shutil
 import time
 from typing import Any, Iterator
 
@@ -67,19 +67,26 @@ class RunFile:
 
     @contextlib.contextmanager
     def write(self) -> Iterator[h5py.File]:
-        """One transaction: changes land all together or not at all."""
+        """One transaction: changes land all together or not at all.
+
+        HDF5 works on an in-memory image of the file (h5py on a ``BytesIO``); only Python writes
+        to disk: ``run.h5.tmp``, fsync, rename. A disk error (full disk, quota, I/O error) is then
+        one clean ``OSError`` naming the file, with ``run.h5`` untouched: HDF5 itself failing to
+        write (``No space left on device`` inside the library) was seen to end in a segfault.
+        """
         tmp = self.path + ".tmp"
+        image = io.BytesIO()
         if self.exists():
-            shutil.copyfile(self.path, tmp)
-        else:
-            if os.path.exists(tmp):
-                os.remove(tmp)
+            with open(self.path, "rb") as fh:
+                image.write(fh.read())
+            image.seek(0)
+        with h5py.File(image, "a") as f:
+            yield f
+            f.attrs["updated"] = _now()
         try:
-            with h5py.File(tmp, "a") as f:
-                yield f
-                f.attrs["updated"] = _now()
-                f.flush()
-            with open(tmp, "rb+") as fh:
+            with open(tmp, "wb") as fh:
+                fh.write(image.getbuffer())
+                fh.flush()
                 os.fsync(fh.fileno())
             os.replace(tmp, self.path)
             dir_fd = os.open(os.path.dirname(self.path), os.O_RDONLY)
@@ -87,6 +94,9 @@ class RunFile:
                 os.fsync(dir_fd)
             finally:
                 os.close(dir_fd)
+        except OSError as e:
+            raise OSError(e.errno, f"cannot write the run file {self.path} ({e.strerror}); "
+                          "its previous version is intact") from e
         finally:
             if os.path.exists(tmp):
                 os.remove(tmp)

@@ -36,6 +36,36 @@ def precheck_argv(argv: list[str]) -> str | None:
     return None
 
 
+_MIN_FREE = 1 << 20  # bytes: Hydra's config files, sweep.log and a first run file
+
+
+def precheck_run_dir(argv: list[str]) -> str | None:
+    """An explicit ``hydra.run.dir`` that cannot be written is refused before Hydra writes into it
+    (Hydra's own error is a traceback). The run's real space needs are checked once the model is
+    known (``Sweep._check_inputs``)."""
+    value = None
+    for arg in argv:
+        key, sep, v = arg.partition("=")
+        if sep and key.lstrip("+~") == "hydra.run.dir":
+            value = v
+    if value is None or "${" in value:
+        return None
+    probe = os.path.abspath(value)
+    while not os.path.lexists(probe):
+        probe = os.path.dirname(probe)
+    if not os.path.isdir(probe):
+        return f"hydra.run.dir={value}: {probe} is not a directory"
+    st = os.statvfs(probe)
+    if st.f_flag & os.ST_RDONLY:
+        return f"hydra.run.dir={value}: {probe} is on a read-only file system"
+    if not os.access(probe, os.W_OK | os.X_OK):
+        return f"hydra.run.dir={value}: {probe} is not writable"
+    free = st.f_bavail * st.f_frsize
+    if free < _MIN_FREE:
+        return f"hydra.run.dir={value}: no space left on the file system of {probe} ({free} bytes free)"
+    return None
+
+
 def _inject_run_dir(world: World, argv: list[str]) -> list[str]:
     """Under MPI every rank must use the run directory rank 0 picks (Hydra's default is a timestamp)."""
     if world.size == 1:
@@ -96,7 +126,7 @@ def main() -> None:
         sys.exit(2)
     _WORLD = world
     argv = sys.argv[1:]
-    bad = precheck_argv(argv)
+    bad = precheck_argv(argv) or precheck_run_dir(argv)
     if bad:
         if world.is_main:
             print(f"hpcprune: error: {bad}", file=sys.stderr)

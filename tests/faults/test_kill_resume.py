@@ -1,0 +1,218 @@
+"""SIGKILL of the whole job (its process group: the sweep, and the fine-tune job's controller and
+tasks) at seeded-random moments: during sensitivity, during a run-file write, during prune, during
+the fine-tune. After each kill the run file opens, holds every stage that had completed before the
+kill with the numbers of an uninterrupted run, and a rerun finishes with the same final metric,
+sensitivity matrix, allocation, plan and weights as the uninterrupted run.
+
+The moments are drawn from ``random.Random(f"{seed}:{point}")``; ``HPCPRUNE_FAULT_SEED`` (default 0)
+picks other ones. A stage's window is placed from the uninterrupted run's stage seconds.
+"""
+import glob
+import os
+import random
+import re
+import signal
+import time
+
+import h5py
+import numpy as np
+import pytest
+
+from conftest import (LEAN, Job, assert_same, ok, ov, read_done, run, snapshot, stage_keys, sweep_cmd,
+                      wait_gone)
+
+pytestmark = [pytest.mark.faults, pytest.mark.slow]
+
+SEED = int(os.environ.get("HPCPRUNE_FAULT_SEED", "0"))
+STAGES = ("baseline", "groups", "sensitivity", "allocation", "pruned", "finetune", "final")
+
+
+def config(dense_ckpt, finetune=False):
+    # 4 samples per calibration batch: sensitivity takes a few seconds, long enough to land in
+    extra = ["sensitivity.batch_size=4", "sensitivity.flush_s=0", f"checkpoint={dense_ckpt}"]
+    if finetune:
+        extra += ["launcher=local", "finetune.epochs=2"]
+    return ov(LEAN, extra)
+
+
+def _stage_seconds(run_dir):
+    with open(os.path.join(run_dir, "sweep.log")) as f:
+        return {m.group(1): float(m.group(2)) for m in re.finditer(r"stage (\w+): ([\d.]+) s", f.read())}
+
+
+@pytest.fixture(scope="module")
+def references(tmp_path_factory, dense_ckpt):
+    """Uninterrupted runs, made on first use: {finetune: (snapshot, stage seconds)}."""
+    made = {}
+
+    def get(finetune):
+        if finetune not in made:
+            d = tmp_path_factory.mktemp("ref_ft" if finetune else "ref") / "run"
+            ok(run(sweep_cmd(d, *config(dense_ckpt, finetune)), timeout=400))
+            made[finetune] = (snapshot(d / "run.h5"), _stage_seconds(d))
+        return made[finetune]
+
+    return get
+
+
+class Watcher:
+    """Follows a running sweep: the stages seen complete in its run file, lines of its sweep.log."""
+
+    def __init__(self, run_dir):
+        self.run_dir = str(run_dir)
+        self.h5 = os.path.join(self.run_dir, "run.h5")
+        self.seen_stages = set()
+        self.seen_cells = None
+        self._last_read = 0.0
+
+    def poll(self):
+        if time.monotonic() - self._last_read < 0.05:
+            return
+        self._last_read = time.monotonic()
+        done, st = read_done(self.h5)
+        if done is not None:
+            self.seen_stages |= set(done)
+        if st is not None:
+            self.seen_cells = (st == 1) if self.seen_cells is None else (self.seen_cells | (st == 1))
+
+    def log_has(self, needle):
+        try:
+            with open(os.path.join(self.run_dir, "sweep.log")) as f:
+                return needle in f.read()
+        except OSError:
+            return False
+
+
+def _wait_for(job, watcher, cond, timeout=300):
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        watcher.poll()
+        if cond():
+            return True
+        if not job.alive():
+            return False
+        time.sleep(0.005)
+    raise AssertionError("timed out waiting for the kill point")
+
+
+def _kill_in_stage(job, watcher, rng, start_line, window_s, lo=0.1, hi=0.9):
+    """SIGKILL the group at a random moment of a stage: ``start_line`` in sweep.log marks its start."""
+    assert _wait_for(job, watcher, lambda: watcher.log_has(start_line)), f"ended before {start_line!r}"
+    delay = rng.uniform(lo, hi) * window_s
+    t_end = time.monotonic() + delay
+    while time.monotonic() < t_end and job.alive():
+        watcher.poll()
+        time.sleep(0.01)
+    assert job.alive(), "the sweep ended before the kill"
+    job.signal_group(signal.SIGKILL)
+    return f"{delay:.2f} s after {start_line!r}"
+
+
+def _kill_in_write(job, watcher, rng, first, last):
+    """SIGKILL the group while a run-file transaction is on disk (run.h5.tmp written, not renamed yet):
+    the k-th write seen, k drawn in first..last (write 1 creates the file; a lean run makes about 20:
+    2-7 baseline and groups, 8-14 sensitivity flushes, then allocation, prune, final, status). The
+    group is stopped (SIGSTOP) when run.h5.tmp appears and killed only if the file is still there;
+    else it continues to the next write."""
+    tmp = watcher.h5 + ".tmp"
+    k = rng.randint(first, last)
+    seen = 0
+    was_there = False
+    deadline = time.monotonic() + 300
+    while time.monotonic() < deadline:
+        there = os.path.exists(tmp)
+        if there and not was_there:
+            seen += 1
+            if seen >= k:
+                job.signal_group(signal.SIGSTOP)
+                if os.path.exists(tmp):
+                    job.signal_group(signal.SIGKILL)
+                    job.signal_group(signal.SIGCONT)  # a stopped process dies on SIGKILL; this only tidies
+                    return f"during write {seen} (aimed at {k}): run.h5.tmp was there"
+                job.signal_group(signal.SIGCONT)
+        was_there = there
+        if not job.alive():
+            raise AssertionError(f"the sweep ended before a write could be hit ({seen} writes seen)")
+    raise AssertionError("timed out waiting for a write")
+
+
+POINTS = ["sensitivity", "write-early", "write-late", "prune", "finetune-start", "finetune-epoch2"]
+
+
+@pytest.mark.parametrize("point", POINTS)
+def test_sigkill_job_then_resume(tmp_path, dense_ckpt, references, point):
+    finetune = point.startswith("finetune")
+    ref, ref_s = references(finetune)
+    rng = random.Random(f"{SEED}:{point}")
+    cfg = config(dense_ckpt, finetune)
+    d = tmp_path / "run"
+    job = Job(sweep_cmd(d, *cfg), tmp_path / "log")
+    watcher = Watcher(d)
+    try:
+        if point == "sensitivity":
+            where = _kill_in_stage(job, watcher, rng, "stage groups:", ref_s["sensitivity"], lo=0.05, hi=0.7)
+        elif point == "write-early":
+            where = _kill_in_write(job, watcher, rng, 2, 7)
+        elif point == "write-late":
+            where = _kill_in_write(job, watcher, rng, 8, 18)
+        elif point == "prune":
+            where = _kill_in_stage(job, watcher, rng, "stage allocation:", ref_s["pruned"], lo=0.05, hi=0.6)
+        elif point == "finetune-start":  # the job starting up or in its first epoch
+            where = _kill_in_stage(job, watcher, rng, "fine-tune job", ref_s["final"], lo=0.2, hi=0.6)
+        else:  # in the second (last) epoch, after the first one's checkpoint
+            ckpt = d / "finetune" / "checkpoint.pt"
+            assert _wait_for(job, watcher, ckpt.exists), "ended before the first fine-tune checkpoint"
+            epoch_s = float(ref["finetune/history"][1, 5])
+            time.sleep(rng.uniform(0.0, 0.5) * epoch_s)
+            assert job.alive(), "the sweep ended before the kill"
+            job.signal_group(signal.SIGKILL)
+            where = "in fine-tune epoch 2"
+        job.wait(timeout=30)
+    finally:
+        job.cleanup()
+    wait_gone(d, timeout=30)  # the fine-tune job's controller and tasks went with the group
+    msg = f"seed {SEED}, point {point}: killed {where}"
+    if finetune:
+        msg += f" (fine-tune checkpoint {'present' if (d / 'finetune' / 'checkpoint.pt').exists() else 'absent'})"
+
+    # the run file opens, holds every stage seen complete before the kill, each identical to the reference
+    from hpcprune.store import RunFile
+
+    RunFile(str(d / "run.h5")).check()
+    after = snapshot(d / "run.h5")
+    done, st = read_done(d / "run.h5")
+    assert watcher.seen_stages <= set(done), f"{msg}: stages lost: {watcher.seen_stages - set(done)}"
+    for stage in done:
+        keys = [k for k in stage_keys(ref, stage) if not k.endswith("/history")]
+        assert_same(after, ref, keys, f"{msg}: stage {stage}")
+    if st is not None and "sensitivity" not in done:  # a partial grid: its finished cells are right
+        cells = st == 1
+        assert watcher.seen_cells is None or not (watcher.seen_cells & ~cells).any(), f"{msg}: cells lost"
+        np.testing.assert_allclose(after["sensitivity/loss"][cells], ref["sensitivity/loss"][cells], atol=1e-6)
+    with h5py.File(d / "run.h5") as f:
+        assert f.attrs["status"] == "running", msg  # killed: nobody could write failed
+    stopped_in = {"sensitivity": "sensitivity", "prune": "pruned", "finetune-start": "final", "finetune-epoch2": "final"}.get(point)
+    if stopped_in:
+        assert stopped_in not in done, f"{msg}: the kill came after the stage it aimed at"
+    if point.startswith("write"):
+        assert os.path.exists(d / "run.h5.tmp"), msg
+
+    # a rerun finishes with the uninterrupted run's numbers
+    p = ok(run(sweep_cmd(d, *cfg), timeout=400))
+    final = snapshot(d / "run.h5")
+    assert final["@status"] == "complete", msg
+    assert not os.path.exists(d / "run.h5.tmp"), msg
+    for stage in STAGES:
+        keys = [k for k in stage_keys(ref, stage) if not k.endswith("/history")]
+        assert_same(final, ref, keys, f"{msg}: rerun, stage {stage}")
+    # fine-tune history: every column but the epoch's seconds
+    np.testing.assert_allclose(final["finetune/history"][:, :5], ref["finetune/history"][:, :5], rtol=1e-5, atol=1e-6,
+                               err_msg=msg)
+    resumed = re.search(r"resuming .* \(done: (.*)\)", p.stderr)
+    assert resumed, p.stderr[-2000:]
+    msg += f"; rerun resumed with done: {resumed.group(1)}"
+    if point == "finetune-epoch2":  # the new fine-tune job went on from the first epoch's checkpoint
+        logs = "".join(open(f).read() for f in glob.glob(str(d / "finetune" / "submitit" / "*" / "*_0_log.out")))
+        assert "1 of 2 epochs done" in logs, msg
+        msg += ", fine-tune resumed from its checkpoint"
+    print(msg)
