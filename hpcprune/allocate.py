@@ -4,7 +4,12 @@ Costs come from an exact multilinear model of the dense network: a layer's MACs 
 kept fraction of the group that owns its output channels times that of the group that owns its
 input channels (a parameter tensor likewise, per dimension). With the channel counts that
 ``keep_count`` gives, the model predicts the pruned network's MACs and parameters exactly (for the
-layers ``metrics.module_macs`` counts); the prune stage measures them again anyway.
+layers ``metrics.module_macs`` counts); the prune stage measures them again anyway. A block group's
+kept fraction is 1 or 0 and scales every layer inside the block, so width and depth mix in one
+budget: a term is the product of the kept fractions of the (distinct) groups that govern it.
+
+``uniform`` and ``global`` are width methods: they leave block groups alone (ratio 0). Only
+``sensitivity`` removes blocks, where their measured damage per cost saved is smallest.
 """
 from __future__ import annotations
 
@@ -16,7 +21,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from .graph import GroupInfo, keep_count
+from .graph import BLOCK_RATIO, GroupInfo, n_keep
 
 METHODS = ("uniform", "global", "sensitivity")
 COSTS = ("macs", "params", "latency")
@@ -36,19 +41,26 @@ class CostModel:
     def __init__(self, model: nn.Module, groups: Sequence[GroupInfo], module_macs: dict[str, int]) -> None:
         self.groups = list(groups)
         self.sizes = np.array([g.size for g in groups], dtype=np.int64)
+        self.is_block = np.array([g.kind == "block" for g in groups], dtype=bool)
         out_of: dict[str, int] = {}
         in_of: dict[str, int] = {}
         for gi, g in enumerate(groups):
             for m in g.members:
                 (out_of if m.out else in_of)[m.module] = gi
+        blocks = [(g.block + ".", gi) for gi, g in enumerate(groups) if g.kind == "block" and g.block]
         mods = dict(model.named_modules())
         self.terms: dict[str, list[Term]] = {"macs": [], "params": []}
+
+        def gov(name: str, mod: nn.Module, both: bool) -> tuple[int, ...]:
+            inside = tuple(gi for prefix, gi in blocks if name.startswith(prefix))
+            return tuple(sorted(set(self._governing(name, mod, out_of, in_of, both=both) + inside)))
+
         for name, value in module_macs.items():
-            self.terms["macs"].append(Term(float(value), self._governing(name, mods[name], out_of, in_of, both=True)))
+            self.terms["macs"].append(Term(float(value), gov(name, mods[name], True)))
         for name, mod in mods.items():
             for pname, p in mod.named_parameters(recurse=False):
                 both = pname == "weight" and p.dim() >= 2
-                self.terms["params"].append(Term(float(p.numel()), self._governing(name, mod, out_of, in_of, both=both)))
+                self.terms["params"].append(Term(float(p.numel()), gov(name, mod, both)))
         self.latency: tuple[np.ndarray, np.ndarray, float] | None = None  # (grid, G x R ms, dense ms)
         self.dense = {k: self.cost(k, np.zeros(len(groups))) for k in ("macs", "params")}
 
@@ -76,8 +88,11 @@ class CostModel:
             gs.add(in_of[name])
         return tuple(sorted(gs))
 
+    def keep_fraction(self, g: int, ratio: float, round_to: int = 1) -> float:
+        return n_keep(self.groups[g], float(ratio), round_to) / float(self.sizes[g])
+
     def keep_fractions(self, ratios: np.ndarray, round_to: int = 1) -> np.ndarray:
-        return np.array([keep_count(int(s), float(r), round_to) / s for s, r in zip(self.sizes, ratios)])
+        return np.array([self.keep_fraction(g, r, round_to) for g, r in enumerate(ratios)])
 
     def cost(self, kind: str, ratios: np.ndarray, round_to: int = 1) -> float:
         if kind == "latency":
@@ -102,13 +117,14 @@ def _meets(cm: CostModel, ratios: np.ndarray, targets: dict[str, float], round_t
     return all(cm.fraction(k, ratios, round_to) <= t + 1e-12 for k, t in targets.items())
 
 
-def _check_reachable(cm: CostModel, targets: dict[str, float], max_ratio: float, round_to: int) -> None:
-    full = np.full(len(cm.groups), max_ratio)
+def _check_reachable(cm: CostModel, targets: dict[str, float], max_ratio: float, round_to: int, blocks: bool = True) -> None:
+    full = np.where(cm.is_block & (not blocks), 0.0, max_ratio)
     for k, t in targets.items():
         best = cm.fraction(k, full, round_to)
         if best > t + 1e-12:
+            what = "every group" if blocks else "every width group (uniform and global leave blocks)"
             raise BudgetError(
-                f"prune.target.{k}={t} cannot be met: with prune.max_ratio={max_ratio} on every group "
+                f"prune.target.{k}={t} cannot be met: with prune.max_ratio={max_ratio} on {what} "
                 f"the model keeps {best:.4f} of its {k} (best reachable value)"
             )
 
@@ -118,36 +134,39 @@ def _result(cm: CostModel, ratios: np.ndarray, round_to: int, loss: float = math
 
 
 def uniform(cm: CostModel, targets: dict[str, float], max_ratio: float, round_to: int = 1) -> Allocation:
-    """The smallest single ratio for all groups that meets every target (bisection)."""
-    _check_reachable(cm, targets, max_ratio, round_to)
+    """The smallest single ratio for all width groups that meets every target (bisection)."""
+    _check_reachable(cm, targets, max_ratio, round_to, blocks=False)
     lo, hi = 0.0, max_ratio
     n = len(cm.groups)
+    width = (~cm.is_block).astype(np.float64)
     if _meets(cm, np.zeros(n), targets, round_to):
         return _result(cm, np.zeros(n), round_to)
     for _ in range(50):
         mid = (lo + hi) / 2
-        if _meets(cm, np.full(n, mid), targets, round_to):
+        if _meets(cm, width * mid, targets, round_to):
             hi = mid
         else:
             lo = mid
-    return _result(cm, np.full(n, hi), round_to)
+    return _result(cm, width * hi, round_to)
 
 
 def global_ranking(
     cm: CostModel, scores: dict[str, torch.Tensor], targets: dict[str, float], max_ratio: float, round_to: int = 1
 ) -> Allocation:
     """Rank all channels of all groups by importance (each group's scores divided by their mean) and
-    remove the least important ones until every target is met."""
-    _check_reachable(cm, targets, max_ratio, round_to)
+    remove the least important ones until every target is met (blocks are left alone)."""
+    _check_reachable(cm, targets, max_ratio, round_to, blocks=False)
     entries = []
     for gi, g in enumerate(cm.groups):
+        if g.kind == "block":
+            continue
         s = scores[g.name].double()
         s = s / (s.abs().mean() + 1e-12)
         for rank_in_group, v in enumerate(torch.sort(s, stable=True).values.tolist()):
             entries.append((v, gi, rank_in_group))
     entries.sort()
     sizes = cm.sizes
-    cap = np.array([s - keep_count(int(s), max_ratio, round_to) for s in sizes])
+    cap = np.array([g.size - n_keep(g, max_ratio, round_to) if g.kind != "block" else 0 for g in cm.groups])
 
     def ratios_for(k: int) -> np.ndarray:
         removed = np.zeros(len(sizes), dtype=np.int64)
@@ -196,6 +215,12 @@ def sensitivity(
         ok = np.isfinite(ys)
         xs, ys = xs[ok], ys[ok]
         inside = cand <= xs.max() + 1e-9
+        if cm.is_block[g]:  # kept below BLOCK_RATIO, removed at or above it: a step, not a line
+            removed = xs >= BLOCK_RATIO - 1e-9
+            curves[g, inside & (cand < BLOCK_RATIO - 1e-9)] = 0.0
+            if removed.any():
+                curves[g, inside & (cand >= BLOCK_RATIO - 1e-9)] = max(float(ys[removed][0]), 0.0)
+            continue
         curves[g, inside] = np.maximum(np.interp(cand[inside], xs, ys), 0.0)
     state = np.zeros(n, dtype=np.int64)  # index into cand per group
     kinds = list(targets)
@@ -215,15 +240,15 @@ def sensitivity(
             lo_r, hi_r = r.copy(), r.copy()
             lo_r[g], hi_r[g] = 0.0, 1.0
             f_lo = 1.0
-            f_hi = keep_count(int(cm.sizes[g]), 1.0, round_to) / cm.sizes[g]
+            f_hi = cm.keep_fraction(g, 1.0, round_to)
             if f_hi >= f_lo:
                 continue
             slope = {k: (cm.fraction(k, lo_r, round_to) - cm.fraction(k, hi_r, round_to)) / (f_lo - f_hi) for k in kinds if k != "latency"}
-            f_now = keep_count(int(cm.sizes[g]), r[g], round_to) / cm.sizes[g]
+            f_now = cm.keep_fraction(g, r[g], round_to)
             for j in range(state[g] + 1, len(cand)):
                 if not np.isfinite(curves[g, j]):
                     break
-                f_new = keep_count(int(cm.sizes[g]), cand[j], round_to) / cm.sizes[g]
+                f_new = cm.keep_fraction(g, cand[j], round_to)
                 if f_new >= f_now:
                     continue
                 saved = sum(weights[k] * slope[k] * (f_now - f_new) for k in kinds if k != "latency")

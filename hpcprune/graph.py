@@ -15,6 +15,8 @@ import torch
 import torch_pruning as tp
 from torch import nn
 
+from .structure import Skip, Structure, structure_of
+
 _MASKABLE = (nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.Linear, nn.modules.batchnorm._BatchNorm)
 
 
@@ -22,6 +24,7 @@ _MASKABLE = (nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.Linear, nn.modules.batchnorm._B
 class Member:
     module: str  # qualified module name
     out: bool  # True: the module's output channels are cut; False: its input channels
+    unit: int = 1  # channels of this member per group unit (a head's rows: n_rep * head_dim for q)
 
 
 @dataclass
@@ -29,15 +32,21 @@ class GroupInfo:
     """One prunable group, as plain data (identical on every rank)."""
 
     name: str
-    kind: str  # "channels" (conv-rooted) or "neurons" (linear-rooted)
-    size: int  # channels in the group
+    kind: str  # "channels" (conv-rooted), "neurons" (linear-rooted), "heads" (attention KV groups), "block"
+    size: int  # units in the group: channels, neurons, KV groups (heads), 1 (a block)
     members: list[Member]
     maskable: bool  # every member can be masked exactly in place (else cells prune a copy)
     sliceable: bool = False  # every member indexes the group's channels 1:1 (no concat/flatten mapping)
+    attrs: list[tuple[str, str, int]] = field(default_factory=list)  # heads: (module, attribute, value per unit)
+    block: str | None = None  # block groups: the block's module name
 
     @property
     def modules(self) -> list[str]:
         return [m.module for m in self.members]
+
+
+KINDS = ("channels", "neurons", "heads", "block")
+BLOCK_RATIO = 0.5  # a block group pruned at a ratio at or above this is removed
 
 
 def keep_count(size: int, ratio: float, round_to: int = 1) -> int:
@@ -46,25 +55,64 @@ def keep_count(size: int, ratio: float, round_to: int = 1) -> int:
     return int(min(size, max(round_to if round_to <= size else size, keep, 1)))
 
 
+def n_keep(g: GroupInfo, ratio: float, round_to: int = 1) -> int:
+    """Units of group ``g`` kept at ``ratio``: channels rounded to ``round_to``; whole heads (at least
+    one; a head is already ``head_dim`` wide, so no rounding); a block is kept (1) or removed (0)."""
+    if g.kind == "block":
+        return 0 if ratio >= BLOCK_RATIO - 1e-9 else 1
+    return keep_count(g.size, ratio, 1 if g.kind == "heads" else round_to)
+
+
+def expand(idxs: Sequence[int] | torch.Tensor, unit: int) -> torch.Tensor:
+    """Unit indices to channel indices (unit ``i`` is channels ``i*unit .. i*unit+unit-1``)."""
+    i = torch.as_tensor(idxs, dtype=torch.long).reshape(-1)
+    if unit == 1:
+        return i
+    return (i[:, None] * unit + torch.arange(unit)).reshape(-1)
+
+
 class Graph:
     """A dependency graph over one model instance (Torch-Pruning prunes in place: one per model)."""
 
-    def __init__(self, model: nn.Module, example_input: torch.Tensor, ignore: Sequence[str] = ()) -> None:
+    def __init__(self, model: nn.Module, example_input: torch.Tensor, ignore: Sequence[str] = (),
+                 kinds: Sequence[str] | None = None) -> None:
         self.model = model
         self.names = {mod: name for name, mod in model.named_modules()}
         self.by_name = dict(model.named_modules())
         self.order = {name: i for i, name in enumerate(self.by_name)}
+        self.structure: Structure = structure_of(model)
         unknown = [n for n in ignore if n not in self.by_name]
         if unknown:
             raise ValueError(f"groups.ignore: no module named {unknown[0]!r} in the model")
-        self.ignored = [self.by_name[n] for n in ignore]
+        bad = [k for k in (kinds or ()) if k not in KINDS]
+        if bad:
+            raise ValueError(f"groups.kinds: {bad[0]!r} is not a group kind (choose from {', '.join(KINDS)})")
+        self.ignored = [self.by_name[n] for n in dict.fromkeys([*ignore, *self.structure.ignore])]
         was = model.training
         model.eval()
         with torch.enable_grad():  # the graph is traced through autograd
             self.dg = tp.DependencyGraph().build_dependency(model, example_inputs=example_input)
         model.train(was)
         self._tp_groups: dict[str, Any] = {}
-        self.groups = self._enumerate()
+        self.all_groups = self._enumerate() + self._structure_groups()
+        self.all_groups.sort(key=lambda gi: (self.order[gi.block or _module_of(gi)], gi.kind == "block"))
+        self.groups = [g for g in self.all_groups if kinds is None or g.kind in kinds]
+
+    def _structure_groups(self) -> list[GroupInfo]:
+        """Head groups (per attention layer, in KV-group units) and block groups, as the model declares."""
+        infos = []
+        for h in self.structure.heads:
+            for n in [*h.q, *h.kv, h.o]:
+                if n not in self.by_name:
+                    raise ValueError(f"prune_structure: attention {h.name!r} names module {n!r}, which the model does not have")
+            q_unit = h.n_rep * h.head_dim
+            members = [Member(n, True, q_unit) for n in h.q] + [Member(n, True, h.head_dim) for n in h.kv] + [Member(h.o, False, q_unit)]
+            infos.append(GroupInfo(f"{h.name}:heads", "heads", int(h.units), members, True, True, list(h.attrs)))
+        for b in self.structure.blocks:
+            if b not in self.by_name:
+                raise ValueError(f"prune_structure: no block module named {b!r}")
+            infos.append(GroupInfo(f"{b}:block", "block", 1, [], False, False, block=b))
+        return infos
 
     def _enumerate(self) -> list[GroupInfo]:
         infos = []
@@ -88,7 +136,6 @@ class Graph:
             sliceable = maskable and identity
             infos.append(GroupInfo(name, kind, size, members, maskable, sliceable))
             self._tp_groups[name] = root_mod
-        infos.sort(key=lambda gi: self.order[gi.name])
         return infos
 
     def _maskable(self, mod: nn.Module, out: bool) -> bool:
@@ -100,9 +147,25 @@ class Graph:
         return True
 
     # ---- pruning ----------------------------------------------------------------------------------
+    def group(self, name: str) -> GroupInfo:
+        for g in self.all_groups:
+            if g.name == name:
+                return g
+        raise KeyError(f"plan names group {name!r}, which this model does not have")
+
     def prune_group(self, name: str, idxs: Sequence[int]) -> None:
-        """Physically remove channels ``idxs`` (dense numbering) of group ``name``."""
-        if not idxs:
+        """Physically remove units ``idxs`` (dense numbering) of group ``name``: channels through
+        Torch-Pruning; heads by cutting the projections' rows and columns; a block by replacing it
+        with its skip module."""
+        if not len(idxs):
+            return
+        g = self.group(name)
+        if g.kind == "block":
+            skip_block(self.model, g, self.structure).saved.clear()  # permanent: nothing to restore
+            return
+        if g.kind == "heads":
+            drop = set(int(i) for i in idxs)
+            slice_group(self.by_name, g, [i for i in range(g.size) if i not in drop], permanent=True)
             return
         root = self._tp_groups[name]
         pruner = self.dg.get_pruner_of_module(root)
@@ -110,16 +173,17 @@ class Graph:
         group.prune()
 
     def apply_plan(self, plan: dict[str, Sequence[int]]) -> None:
-        """Prune to the kept channel indices per group (``plan[group] = kept indices``)."""
-        sizes = {g.name: g.size for g in self.groups}
-        for name, kept in plan.items():
-            if name not in sizes:
-                raise KeyError(f"plan names group {name!r}, which this model does not have")
-            kept_set = set(int(k) for k in kept)
-            self.prune_group(name, [i for i in range(sizes[name]) if i not in kept_set])
+        """Prune to the kept unit indices per group (``plan[group] = kept indices``): channel groups
+        first (Torch-Pruning works on the whole dense graph), then heads, then blocks."""
+        groups = [self.group(name) for name in plan]
+        for g in sorted(groups, key=lambda g: ("channels", "neurons", "heads", "block").index(g.kind)):
+            kept_set = set(int(k) for k in plan[g.name])
+            self.prune_group(g.name, [i for i in range(g.size) if i not in kept_set])
 
     def tp_group(self, name: str, idxs: Sequence[int] | None = None) -> Any:
         """Torch-Pruning's Group object (for importance criteria), on all channels by default."""
+        if name not in self._tp_groups:
+            raise KeyError(f"group {name!r} is not a Torch-Pruning group (heads and blocks are hpcprune's own)")
         root = self._tp_groups[name]
         pruner = self.dg.get_pruner_of_module(root)
         size = int(self.dg.get_out_channels(root))
@@ -162,10 +226,11 @@ def mask_group(model_modules: dict[str, nn.Module], group: GroupInfo, idxs: Sequ
     if not group.maskable:
         raise ValueError(f"group {group.name} holds layers that cannot be masked exactly")
     mask = Mask()
-    idx = torch.as_tensor(list(idxs), dtype=torch.long)
-    if idx.numel() == 0:
+    units = torch.as_tensor(list(idxs), dtype=torch.long)
+    if units.numel() == 0:
         return mask
     for m in group.members:
+        idx = expand(units, m.unit)
         mod = model_modules[m.module]
         if isinstance(mod, nn.modules.batchnorm._BatchNorm):
             mask._zero(mod.weight, (idx.to(mod.weight.device),)) if mod.weight is not None else None
@@ -198,13 +263,24 @@ class Slice:
     computation of the physically pruned model); ``restore()`` puts the original tensors back."""
 
     saved: list[tuple[Any, str, Any]] = field(default_factory=list)
+    permanent: bool = False
 
     def _set(self, obj: Any, attr: str, value: Any) -> None:
         self.saved.append((obj, attr, getattr(obj, attr)))
         setattr(obj, attr, value)
 
-    def _data(self, t: torch.Tensor | None, value: Any) -> None:
-        if t is not None:
+    def _param(self, mod: nn.Module, name: str, value_of: Any) -> None:
+        """Replace ``mod.<name>``'s values by ``value_of(tensor)`` (None-safe)."""
+        t = getattr(mod, name)
+        if t is None:
+            return
+        value = value_of(t.data)
+        if self.permanent and isinstance(t, nn.Parameter):
+            # a new Parameter of the new shape (an optimiser built later sees the right tensor)
+            setattr(mod, name, nn.Parameter(value.contiguous(), requires_grad=t.requires_grad))
+        elif self.permanent:
+            setattr(mod, name, value.contiguous())
+        else:
             self._set(t, "data", value)
 
     def restore(self) -> None:
@@ -213,34 +289,73 @@ class Slice:
         self.saved.clear()
 
 
-def slice_group(model_modules: dict[str, nn.Module], group: GroupInfo, keep: Sequence[int]) -> Slice:
-    """Keep only channels ``keep`` of ``group`` in every member (for ``group.sliceable`` groups)."""
+def slice_group(model_modules: dict[str, nn.Module], group: GroupInfo, keep: Sequence[int], permanent: bool = False) -> Slice:
+    """Keep only units ``keep`` of ``group`` in every member (for ``group.sliceable`` groups).
+
+    ``permanent``: new parameters of the smaller shape, with the layers' size attributes updated
+    (physical pruning); otherwise the tensors' data is swapped and ``restore()`` swaps it back."""
     if not group.sliceable:
         raise ValueError(f"group {group.name} cannot be sliced in place")
-    sl = Slice()
+    sl = Slice(permanent=permanent)
     seen: set[str] = set()
+    for module, attr, per_unit in group.attrs:
+        sl._set(model_modules[module], attr, per_unit * len(keep))
     for m in group.members:
         mod = model_modules[m.module]
         if m.module in seen and isinstance(mod, nn.modules.conv._ConvNd) and mod.groups > 1:
             continue  # a depthwise conv's in and out channels are the same: cut once
         seen.add(m.module)
-        k = torch.as_tensor(list(keep), dtype=torch.long, device=mod.weight.device if getattr(mod, "weight", None) is not None else "cpu")
+        k = expand(list(keep), m.unit).to(mod.weight.device if getattr(mod, "weight", None) is not None else "cpu")
+        rows = lambda t, k=k: t.index_select(0, k)  # noqa: E731
         if isinstance(mod, nn.modules.batchnorm._BatchNorm):
             for name in ("weight", "bias"):
-                t = getattr(mod, name)
-                sl._data(t, t.data.index_select(0, k) if t is not None else None)
+                sl._param(mod, name, rows)
             for name in ("running_mean", "running_var"):
                 buf = getattr(mod, name)
                 if buf is not None:
                     sl._set(mod, name, buf.index_select(0, k))
+            if permanent:
+                _sync_sizes(mod)
             continue
         depthwise = isinstance(mod, nn.modules.conv._ConvNd) and mod.groups > 1
         if m.out or depthwise:
-            sl._data(mod.weight, mod.weight.data.index_select(0, k))
-            if mod.bias is not None:
-                sl._data(mod.bias, mod.bias.data.index_select(0, k))
+            sl._param(mod, "weight", rows)
+            sl._param(mod, "bias", rows)
             if depthwise:
                 sl._set(mod, "groups", len(keep))
         else:
-            sl._data(mod.weight, mod.weight.data.index_select(1, k))
+            sl._param(mod, "weight", lambda t, k=k: t.index_select(1, k))
+        if permanent:
+            _sync_sizes(mod)
+    if permanent:
+        sl.saved.clear()
     return sl
+
+
+def _sync_sizes(mod: nn.Module) -> None:
+    """After a permanent cut: the layer's size attributes follow its weight."""
+    if isinstance(mod, nn.Linear):
+        mod.out_features, mod.in_features = mod.weight.shape
+    elif isinstance(mod, nn.modules.conv._ConvNd):
+        mod.out_channels = mod.weight.shape[0]
+        mod.in_channels = mod.weight.shape[1] * mod.groups
+    elif isinstance(mod, nn.modules.batchnorm._BatchNorm):
+        mod.num_features = mod.weight.shape[0] if mod.weight is not None else mod.running_mean.shape[0]
+
+
+def skip_block(model: nn.Module, group: GroupInfo, structure: Structure | None = None) -> Slice:
+    """Replace a block group's module by its skip (the block's output is its input); ``restore()``
+    puts the block back."""
+    if group.kind != "block" or group.block is None:
+        raise ValueError(f"group {group.name} is not a block")
+    structure = structure or structure_of(model)
+    parent_name, _, child = group.block.rpartition(".")
+    parent = model.get_submodule(parent_name) if parent_name else model
+    block = parent.get_submodule(child)
+    sl = Slice()
+    sl._set(parent, child, structure.skip(block) if structure.skip is not None else Skip())
+    return sl
+
+
+def _module_of(g: GroupInfo) -> str:
+    return g.members[0].module if g.kind == "heads" else g.name

@@ -14,7 +14,7 @@ import numpy as np
 import torch
 import torch_pruning as tp
 
-from .graph import Graph
+from .graph import Graph, GroupInfo
 from .metrics import task_loss
 
 CRITERIA = ("l1", "l2", "bn_scale", "taylor", "activation", "random")
@@ -57,6 +57,9 @@ def group_scores(
         imp = _magnitude(1 if criterion == "l1" else 2)
     with torch.no_grad():
         for g in graph.groups:
+            if g.kind in ("heads", "block"):
+                out[g.name] = _unit_scores(graph, g, criterion)
+                continue
             s = imp(graph.tp_group(g.name))
             if s is None:  # e.g. bn_scale on a group without BatchNorm: fall back to L2 magnitude
                 s = _magnitude(2)(graph.tp_group(g.name))
@@ -64,6 +67,31 @@ def group_scores(
     if criterion == "taylor":
         graph.model.zero_grad(set_to_none=True)
     return out
+
+
+def _unit_scores(graph: Graph, g: GroupInfo, criterion: str) -> torch.Tensor:
+    """Scores of hpcprune's own groups. A block is one unit (nothing to order). A head group's unit
+    (a KV group) scores the sum over its members of each unit's weights: ``|w|^p`` (l1, l2; bn_scale
+    falls back to l2 as for groups without BatchNorm) or ``|w * dL/dw|`` (taylor, with the
+    calibration gradients already in ``.grad``)."""
+    if g.kind == "block":
+        return torch.ones(1, dtype=torch.float64)
+    total = torch.zeros(g.size, dtype=torch.float64)
+    for m in g.members:
+        mod = graph.by_name[m.module]
+        for pname in ("weight", "bias"):
+            p = getattr(mod, pname, None)
+            if p is None or (pname == "bias" and not m.out):
+                continue
+            if criterion == "taylor":
+                if p.grad is None:
+                    continue
+                v = (p.detach() * p.grad.detach()).abs().double()
+            else:
+                v = p.detach().abs().double() ** (1 if criterion == "l1" else 2)
+            v = v if m.out else v.transpose(0, 1)  # channels first
+            total += v.reshape(g.size, -1).sum(dim=1).cpu()
+    return total
 
 
 def _summed_gradients(model: torch.nn.Module, batches: Sequence, reduce: Callable) -> None:
@@ -89,23 +117,38 @@ def _summed_gradients(model: torch.nn.Module, batches: Sequence, reduce: Callabl
 
 def _activation_scores(graph: Graph, batches: Sequence, reduce: Callable) -> dict[str, torch.Tensor]:
     """mean |activation| of each channel at the group's first producing layer x that layer's
-    output-weight norm (Wanda-style: small weights on large activations still matter)."""
+    output-weight norm (Wanda-style: small weights on large activations still matter). For a head
+    group, the attention output entering the output projection, per channel x the norm of the
+    projection's column, summed over each unit's channels."""
     modules = dict(graph.model.named_modules())
-    sums = {g.name: torch.zeros(g.size, dtype=torch.float64) for g in graph.groups}
-    counts = {g.name: 0.0 for g in graph.groups}
+    groups = [g for g in graph.groups if g.kind != "block"]
+    width = {g.name: g.size if g.kind != "heads" else g.size * g.members[-1].unit for g in groups}
+    sums = {g.name: torch.zeros(width[g.name], dtype=torch.float64) for g in groups}
+    counts = {g.name: 0.0 for g in groups}
     hooks = []
+
+    def add(name: str, t: torch.Tensor, ch_dim: int) -> None:
+        dims = [d for d in range(t.dim()) if d != ch_dim]
+        sums[name] += t.detach().abs().double().sum(dim=dims).cpu()
+        counts[name] += t.numel() / t.shape[ch_dim]
 
     def hook_for(name: str):
         def hook(mod, inp, out):
-            ch_dim = 1 if isinstance(mod, torch.nn.modules.conv._ConvNd) else out.dim() - 1
-            dims = [d for d in range(out.dim()) if d != ch_dim]
-            sums[name] += out.detach().abs().double().sum(dim=dims).cpu()
-            counts[name] += out.numel() / out.shape[ch_dim]
+            add(name, out, 1 if isinstance(mod, torch.nn.modules.conv._ConvNd) else out.dim() - 1)
 
         return hook
 
-    for g in graph.groups:
-        hooks.append(modules[g.name].register_forward_hook(hook_for(g.name)))
+    def pre_hook_for(name: str):
+        def hook(mod, inp):
+            add(name, inp[0], inp[0].dim() - 1)
+
+        return hook
+
+    for g in groups:
+        if g.kind == "heads":  # the o projection's input (its last member)
+            hooks.append(modules[g.members[-1].module].register_forward_pre_hook(pre_hook_for(g.name)))
+        else:
+            hooks.append(modules[g.name].register_forward_hook(hook_for(g.name)))
     try:
         with torch.no_grad():
             was = graph.model.training
@@ -116,15 +159,22 @@ def _activation_scores(graph: Graph, batches: Sequence, reduce: Callable) -> dic
     finally:
         for h in hooks:
             h.remove()
-    names = [g.name for g in graph.groups]
+    names = [g.name for g in groups]
     flat = reduce(np.concatenate([sums[n].numpy() for n in names] + [np.array([counts[n] for n in names])]))
     out: dict[str, torch.Tensor] = {}
     i = 0
     total = flat[-len(names):]
-    for j, g in enumerate(graph.groups):
-        act = torch.from_numpy(flat[i : i + g.size].copy()) / max(total[j], 1.0)
-        i += g.size
-        out[g.name] = act * _out_weight_norm(modules[g.name])
+    for j, g in enumerate(groups):
+        act = torch.from_numpy(flat[i : i + width[g.name]].copy()) / max(total[j], 1.0)
+        i += width[g.name]
+        if g.kind == "heads":
+            o = modules[g.members[-1].module].weight.detach().double().cpu()
+            out[g.name] = (act * o.norm(dim=0)).reshape(g.size, -1).sum(dim=1)
+        else:
+            out[g.name] = act * _out_weight_norm(modules[g.name])
+    for g in graph.groups:
+        if g.kind == "block":
+            out[g.name] = torch.ones(1, dtype=torch.float64)
     return out
 
 

@@ -13,6 +13,7 @@ from omegaconf import DictConfig, OmegaConf
 from torch import nn
 
 from .graph import Graph
+from .structure import structure_of
 from .store import RunFile, read_state_dict
 
 
@@ -84,13 +85,15 @@ def load_pruned(path: str, weights: str = "final") -> nn.Module:
 
 def ignore_names(model: nn.Module, ignore: list[str]) -> list[str]:
     """``groups.ignore`` names, or by default the last Linear layer (the classifier output); then
-    the layers the model itself declares unprunable at their outputs, when it has a
-    ``prune_ignore()`` method returning module names (e.g. attention projections whose outputs are
-    split into heads of a fixed width: cutting single channels there breaks the model)."""
+    the layers the model itself declares unprunable at their outputs: its ``prune_structure()``
+    ``ignore`` list (see :mod:`hpcprune.structure`; e.g. attention projections whose outputs are
+    split into heads of a fixed width: cutting single channels there breaks the model), or the
+    names a ``prune_ignore()`` method returns."""
     if not ignore:
         linears = [n for n, m in model.named_modules() if isinstance(m, nn.Linear)]
         ignore = linears[-1:]
     declared = getattr(model, "prune_ignore", None)
     extra = [str(n) for n in declared()] if callable(declared) else []
+    extra += structure_of(model).ignore
     return list(dict.fromkeys([*ignore, *extra]))
 

@@ -26,7 +26,8 @@ import numpy as np
 import torch
 from torch import nn
 
-from .graph import Graph, GroupInfo, keep_count, mask_group, slice_group
+from .graph import Graph, GroupInfo, Slice, mask_group, n_keep, skip_block, slice_group
+from .structure import structure_of
 from .metrics import EvalSums, batch_sums
 from .world import World
 
@@ -139,9 +140,13 @@ class Evaluator:
         # training batches on which each cell re-estimates the BatchNorm statistics downstream of
         # the cut (pruning shifts them; without this, cells overstate the damage of pruning)
         self.recal_batches = list(recal_batches)
+        self.structure = structure_of(model)
+        # block cells at different ratios are the same model (the block kept, or skipped): each
+        # state is evaluated once per batch shard and the result reused
+        self._memo: dict[tuple, EvalSums] = {}
 
     def _idxs(self, g: GroupInfo, ratio: float) -> list[int]:
-        n = g.size - keep_count(g.size, ratio)
+        n = g.size - n_keep(g, ratio)
         return self.orders[g.name][:n]
 
     def entry(self, g: GroupInfo) -> tuple[int, bool]:
@@ -158,7 +163,7 @@ class Evaluator:
         name, mod = self.chain[k]
         roles = {m.out for m in g.members if m.module == name}
         leaf_out = roles == {True} and isinstance(mod, (nn.modules.conv._ConvNd, nn.Linear))
-        leaf_out = leaf_out and not (isinstance(mod, nn.modules.conv._ConvNd) and mod.groups > 1)
+        leaf_out = leaf_out and not (isinstance(mod, nn.modules.conv._ConvNd) and mod.groups > 1) and g.kind != "heads"
         if leaf_out and g.sliceable and self.slice_channels:
             return k + 1, True
         return k, False
@@ -213,7 +218,18 @@ class Evaluator:
             t0 = time.perf_counter()
             idxs = self._idxs(g, self.ratios[r])
             keep_t = None
-            if g.sliceable and self.slice_channels:
+            memo_key = None
+            if g.kind == "block":
+                memo_key = (chunk.group if idxs else None, chunk.shard, chunk.shards)
+                if memo_key in self._memo:
+                    sums = self._memo[memo_key]
+                    results.append(CellResult(chunk.group, r, DONE, sums.as_tuple(), time.perf_counter() - t0, rank,
+                                              chunk.shard, chunk.shards, t_prefix if not results else 0.0))
+                    if stop_below is not None and stop_below(sums):
+                        stopped = True
+                    continue
+                cut = skip_block(self.model, g, self.structure) if idxs else Slice()
+            elif g.sliceable and self.slice_channels:
                 drop = set(idxs)
                 keep = [i for i in range(g.size) if i not in drop]
                 cut: Any = slice_group(self.modules, g, keep)
@@ -223,7 +239,8 @@ class Evaluator:
                 cut = mask_group(self.modules, g, idxs)
             else:
                 cut = None
-            bn_saved = self._recalibrate(k, recal_prefix, keep_t) if (self.recal_batches and cut is not None and self._suffix_bns(k)) else None
+            recal = self.recal_batches and cut is not None and not (memo_key is not None and not idxs) and self._suffix_bns(k)
+            bn_saved = self._recalibrate(k, recal_prefix, keep_t) if recal else None
             try:
                 if cut is None:  # exact fallback: prune a copy
                     sums = self._pruned_copy_sums(g, idxs, batches)
@@ -238,6 +255,8 @@ class Evaluator:
                         bn.num_batches_tracked.copy_(tracked)
                 if cut is not None:
                     cut.restore()
+            if memo_key is not None:
+                self._memo[memo_key] = sums
             results.append(CellResult(chunk.group, r, DONE, sums.as_tuple(), time.perf_counter() - t0, rank,
                                       chunk.shard, chunk.shards, t_prefix if not results else 0.0))
             if stop_below is not None and stop_below(sums):

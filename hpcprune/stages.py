@@ -20,7 +20,7 @@ import torch
 from omegaconf import DictConfig, OmegaConf
 
 from . import __version__, allocate, importance, launch, metrics
-from .graph import Graph, keep_count
+from .graph import KINDS, Graph, n_keep
 from .runs import build_data, build_model, ignore_names, read_plan
 from .sensitivity import DONE, PENDING, Evaluator, run_sensitivity
 from .store import RunFile, RunFileError, RunLock, put_attrs, read_state_dict, replace_group, write_state_dict
@@ -75,6 +75,13 @@ def validate(cfg: DictConfig) -> None:
         bad("prune.round_to", cfg.prune.round_to, "must be a positive integer")
     if cfg.prune.method not in allocate.METHODS:
         bad("prune.method", cfg.prune.method, f"unknown method (choose from {', '.join(allocate.METHODS)})")
+    kinds = cfg.groups.get("kinds")
+    if kinds is not None:
+        if isinstance(kinds, str) or not len(kinds):
+            bad("groups.kinds", kinds, f"give a non-empty list of group kinds ({', '.join(KINDS)}), or null for all")
+        for k in kinds:
+            if k not in KINDS:
+                bad("groups.kinds", list(kinds), f"{k!r} is not a group kind (choose from {', '.join(KINDS)})")
     if cfg.importance not in importance.CRITERIA:
         bad("importance", cfg.importance, f"unknown criterion (choose from {', '.join(importance.CRITERIA)})")
     if cfg.launcher.name not in launch.LAUNCHERS:
@@ -309,7 +316,8 @@ class Sweep:
         """Every rank builds the same graph and scores; rank 0 records them once."""
         self.example = self.data.example_input
         self.ignore = ignore_names(self.model, list(self.cfg.groups.ignore or []))
-        self.graph = Graph(self.model, self.example[:1], self.ignore)
+        kinds = list(self.cfg.groups.kinds) if self.cfg.groups.get("kinds") else None
+        self.graph = Graph(self.model, self.example[:1], self.ignore, kinds)
         self.calib = metrics.make_batches(self.data.calib, int(self.cfg.sensitivity.batch_size), self.device)
         if len(self.data.calib) == 0:
             raise ConfigError("data.calib_samples: the calibration set is empty")
@@ -499,7 +507,7 @@ class Sweep:
         with self.rf.write() as f:
             a = replace_group(f, "allocation")
             a.create_dataset("ratio", data=alloc.ratios)
-            a.create_dataset("keep", data=np.array([keep_count(g.size, r, round_to) for g, r in zip(self.graph.groups, alloc.ratios)]))
+            a.create_dataset("keep", data=np.array([n_keep(g, r, round_to) for g, r in zip(self.graph.groups, alloc.ratios)]))
             put_attrs(a, {"method": method, "targets": json.dumps(self._targets()), "max_ratio": max_ratio, "round_to": round_to,
                           "predicted_macs": alloc.predicted["macs"], "predicted_params": alloc.predicted["params"],
                           "predicted_latency": alloc.predicted.get("latency"),
@@ -529,7 +537,7 @@ class Sweep:
             refs.append(ref)
             for ri, r in enumerate(grid):
                 model = self._dense_model()
-                n = g.size - keep_count(g.size, r, int(cfg.prune.round_to))  # the widths the allocator can choose
+                n = g.size - n_keep(g, r, int(cfg.prune.round_to))  # the widths the allocator can choose
                 Graph(model, self.example[:1], self.ignore).prune_group(g.name, self.orders[g.name][:n])
                 table[gi, ri] = lat(model) - ref
         dense_ms = float(np.median(refs))
@@ -596,7 +604,7 @@ class Sweep:
         round_to = int(cfg.prune.round_to)
         plan = {}
         for g, r in zip(self.graph.groups, ratios):
-            n_prune = g.size - keep_count(g.size, float(r), round_to)
+            n_prune = g.size - n_keep(g, float(r), round_to)
             plan[g.name] = sorted(self.orders[g.name][n_prune:])
         model = self._dense_model()
         graph = Graph(model, self.example[:1], self.ignore)

@@ -9,7 +9,7 @@ from omegaconf import OmegaConf
 
 import hpcprune
 from hpcprune import metrics
-from hpcprune.graph import Graph, keep_count
+from hpcprune.graph import Graph, n_keep
 from hpcprune.runs import build_data, ignore_names, load_config
 from hpcprune.stages import train_dense
 from hpcprune.store import RunFile
@@ -67,9 +67,10 @@ def test_tiny_gpt_learns_below_unigram():
 
 
 def test_groups_and_pruning_keep_a_valid_model():
-    """Torch-Pruning's groups on the GPT: the residual width (embeddings, LayerNorms, o/down outputs,
-    every input) and each block's MLP neurons; q/k/v are declared unprunable (single channels would
-    break the heads), the vocabulary output is never cut."""
+    """Groups on the GPT: Torch-Pruning's residual width (embeddings, LayerNorms, o/down outputs,
+    every input) and each block's MLP neurons; hpcprune's head group (whole heads of q/k/v rows and
+    o columns) and block group per block. q/k/v are never cut channel by channel (that would break
+    the heads); the vocabulary output is never cut."""
     model = _model().eval()
     x = torch.randint(0, 256, (2, 64), generator=torch.Generator().manual_seed(0))
     ignore = ignore_names(model, [])
@@ -77,7 +78,11 @@ def test_groups_and_pruning_keep_a_valid_model():
     graph = Graph(model, x[:1], ignore)
     assert [(g.name, g.kind, g.size, g.maskable, g.sliceable) for g in graph.groups] == [
         ("tok", "channels", 64, False, False),
+        ("blocks.0:block", "block", 1, False, False),
+        ("blocks.0.attn:heads", "heads", 4, True, True),
         ("blocks.0.mlp.up", "neurons", 256, True, True),
+        ("blocks.1:block", "block", 1, False, False),
+        ("blocks.1.attn:heads", "heads", 4, True, True),
         ("blocks.1.mlp.up", "neurons", 256, True, True),
     ]
     residual = {(m.module, m.out) for m in graph.groups[0].members}
@@ -85,7 +90,7 @@ def test_groups_and_pruning_keep_a_valid_model():
             ("ln_f", True), ("blocks.0.attn.q", False), ("head", False)} <= residual
     for g in graph.groups:
         pruned = copy.deepcopy(model)
-        n = g.size - keep_count(g.size, 0.5)
+        n = g.size - n_keep(g, 0.5)
         Graph(pruned, x[:1], ignore).prune_group(g.name, list(range(0, 2 * n, 2)))
         assert pruned(x).shape == (2, 64, 256)  # the vocabulary stays whole
         assert metrics.params(pruned) < metrics.params(model)
@@ -131,7 +136,8 @@ def test_sweep_tiny_gpt_text(tmp_path):
         assert f.attrs["status"] == "complete"
         base, fin = f["baseline"].attrs, f["final"].attrs
         assert base["metric_name"] == "perplexity" and not base["higher_is_better"]
-        assert [n.decode() if isinstance(n, bytes) else n for n in f["groups/name"][()]] == ["tok", "blocks.0.mlp.up", "blocks.1.mlp.up"]
+        assert [n.decode() if isinstance(n, bytes) else n for n in f["groups/name"][()]] == [
+            "tok", "blocks.0:block", "blocks.0.attn:heads", "blocks.0.mlp.up", "blocks.1:block", "blocks.1.attn:heads", "blocks.1.mlp.up"]
         assert (f["sensitivity/status"][()] == 1).all()
         assert fin["params"] < base["params"] and fin["macs"] <= 0.5 * base["macs"]
         stored = float(fin["metric"])

@@ -7,8 +7,8 @@ Written for structural pruning:
   from the weights at every forward (``q.out_features // head_dim``), so removing whole heads means
   slicing ``q``/``k``/``v`` output rows and ``o`` input columns in blocks of ``head_dim``; the model
   stays valid. ``head_dim`` itself is fixed: removing single channels inside a head breaks it (the
-  reshape into heads fails), so these projections are not pruned neuron by neuron
-  (:meth:`TinyGPT.prune_ignore`).
+  reshape into heads fails), so these projections are pruned by whole heads only
+  (:meth:`TinyGPT.prune_structure`).
 - The MLP is ``up`` (``nn.Linear``), GELU, ``down`` (``nn.Linear``): its hidden neurons are a plain
   prunable group.
 - The residual stream (token and position embeddings, every block's ``o``/``down`` output and every
@@ -24,6 +24,8 @@ from __future__ import annotations
 import torch
 from torch import nn
 from torch.nn import functional as F
+
+from ..structure import HeadSpec, Structure
 
 
 class CausalSelfAttention(nn.Module):
@@ -111,13 +113,22 @@ class TinyGPT(nn.Module):
         elif isinstance(m, nn.Embedding):
             nn.init.normal_(m.weight, 0.0, 0.02)
 
-    def prune_ignore(self) -> list[str]:
-        """Layers whose output channels must not be pruned one by one (hpcprune adds them to
-        ``groups.ignore``): Torch-Pruning couples ``q``, ``k``, ``v`` and ``o``'s input into one group
-        of single channels, and removing channels inside a head breaks the reshape into heads of
-        ``head_dim`` (or, for a multiple of ``head_dim``, silently mixes heads). Whole heads are the
-        unit to prune there, which needs head-aware groups."""
-        return [f"blocks.{i}.attn.{p}" for i in range(len(self.blocks)) for p in ("q", "k", "v")]
+    def prune_structure(self) -> Structure:
+        """Heads, blocks and the layers Torch-Pruning must leave alone (see :mod:`hpcprune.structure`).
+
+        Every block's attention is a head group (multi-head: one head per unit); every block can be
+        skipped (``x + f(x)`` twice: the identity keeps the residual stream valid). ``q``, ``k`` and
+        ``v`` are ignored by Torch-Pruning, which would couple them (and ``o``'s input) into one group
+        of single channels: removing channels inside a head breaks the reshape into heads of
+        ``head_dim`` (or, for a multiple of ``head_dim``, silently mixes heads)."""
+        heads, ignore = [], []
+        for i, block in enumerate(self.blocks):
+            a = f"blocks.{i}.attn"
+            if not isinstance(block, Block):  # already removed (a skip module)
+                continue
+            heads.append(HeadSpec(a, [f"{a}.q"], [f"{a}.k", f"{a}.v"], f"{a}.o", block.attn.head_dim, block.attn.heads))
+            ignore += [f"{a}.q", f"{a}.k", f"{a}.v"]
+        return Structure(heads=heads, blocks=[f"blocks.{i}" for i in range(len(self.blocks))], ignore=ignore)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         t = x.shape[1]
