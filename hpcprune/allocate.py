@@ -57,8 +57,12 @@ class CostModel:
 
         for name, value in module_macs.items():
             self.terms["macs"].append(Term(float(value), gov(name, mods[name], True)))
+        seen: set[int] = set()  # a tied parameter (e.g. embedding = output head) counts once
         for name, mod in mods.items():
             for pname, p in mod.named_parameters(recurse=False):
+                if id(p) in seen:
+                    continue
+                seen.add(id(p))
                 both = pname == "weight" and p.dim() >= 2
                 self.terms["params"].append(Term(float(p.numel()), gov(name, mod, both)))
         self.latency: tuple[np.ndarray, np.ndarray, float] | None = None  # (grid, G x R ms, dense ms)

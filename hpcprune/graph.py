@@ -8,6 +8,7 @@ member layer in model order, which is stable across processes and runs of the sa
 from __future__ import annotations
 
 import math
+import warnings
 from dataclasses import dataclass, field
 from typing import Any, Sequence
 
@@ -90,7 +91,10 @@ class Graph:
         self.ignored = [self.by_name[n] for n in dict.fromkeys([*ignore, *self.structure.ignore])]
         was = model.training
         model.eval()
-        with torch.enable_grad():  # the graph is traced through autograd
+        with torch.enable_grad(), warnings.catch_warnings():  # the graph is traced through autograd
+            # parameters of modules Torch-Pruning does not know (RMSNorm scales): its default, the
+            # last dimension, is right for normalisation scales; hpcprune does not need the warning
+            warnings.filterwarnings("ignore", message="Unwrapped parameters detected")
             self.dg = tp.DependencyGraph().build_dependency(model, example_inputs=example_input)
         model.train(was)
         self._tp_groups: dict[str, Any] = {}

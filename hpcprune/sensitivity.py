@@ -141,9 +141,7 @@ class Evaluator:
         # the cut (pruning shifts them; without this, cells overstate the damage of pruning)
         self.recal_batches = list(recal_batches)
         self.structure = structure_of(model)
-        # block cells at different ratios are the same model (the block kept, or skipped): each
-        # state is evaluated once per batch shard and the result reused
-        self._memo: dict[tuple, EvalSums] = {}
+        self._memo: dict[tuple, EvalSums] = {}  # (group or None, units cut, shard, shards) -> sums
 
     def _idxs(self, g: GroupInfo, ratio: float) -> list[int]:
         n = g.size - n_keep(g, ratio)
@@ -218,16 +216,22 @@ class Evaluator:
             t0 = time.perf_counter()
             idxs = self._idxs(g, self.ratios[r])
             keep_t = None
-            memo_key = None
+            # cells that cut the same units (grid ratios that round to the same count: a block at
+            # every ratio >= 0.5, 3 KV heads at 0.4 and 0.55) are the same model: evaluated once
+            # per batch shard. Cells that cut nothing are the dense model, shared by all groups
+            # unless BatchNorm re-estimation (which depends on where the group sits) is on.
+            memo_key = (chunk.group, len(idxs), chunk.shard, chunk.shards)
+            if not idxs:
+                shared = not (self.recal_batches and self._suffix_bns(k))
+                memo_key = (None, 0, chunk.shard, chunk.shards) if shared else memo_key
+            if memo_key in self._memo:
+                sums = self._memo[memo_key]
+                results.append(CellResult(chunk.group, r, DONE, sums.as_tuple(), time.perf_counter() - t0, rank,
+                                          chunk.shard, chunk.shards, t_prefix if not results else 0.0))
+                if stop_below is not None and stop_below(sums):
+                    stopped = True
+                continue
             if g.kind == "block":
-                memo_key = (chunk.group if idxs else None, chunk.shard, chunk.shards)
-                if memo_key in self._memo:
-                    sums = self._memo[memo_key]
-                    results.append(CellResult(chunk.group, r, DONE, sums.as_tuple(), time.perf_counter() - t0, rank,
-                                              chunk.shard, chunk.shards, t_prefix if not results else 0.0))
-                    if stop_below is not None and stop_below(sums):
-                        stopped = True
-                    continue
                 cut = skip_block(self.model, g, self.structure) if idxs else Slice()
             elif g.sliceable and self.slice_channels:
                 drop = set(idxs)
@@ -239,7 +243,7 @@ class Evaluator:
                 cut = mask_group(self.modules, g, idxs)
             else:
                 cut = None
-            recal = self.recal_batches and cut is not None and not (memo_key is not None and not idxs) and self._suffix_bns(k)
+            recal = self.recal_batches and cut is not None and not (g.kind == "block" and not idxs) and self._suffix_bns(k)
             bn_saved = self._recalibrate(k, recal_prefix, keep_t) if recal else None
             try:
                 if cut is None:  # exact fallback: prune a copy
@@ -255,8 +259,7 @@ class Evaluator:
                         bn.num_batches_tracked.copy_(tracked)
                 if cut is not None:
                     cut.restore()
-            if memo_key is not None:
-                self._memo[memo_key] = sums
+            self._memo[memo_key] = sums
             results.append(CellResult(chunk.group, r, DONE, sums.as_tuple(), time.perf_counter() - t0, rank,
                                       chunk.shard, chunk.shards, t_prefix if not results else 0.0))
             if stop_below is not None and stop_below(sums):

