@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import Sequence
+from typing import Callable, Sequence
 
 import numpy as np
 import torch
@@ -68,14 +68,23 @@ class CostModel:
         self.latency: tuple[np.ndarray, np.ndarray, float] | None = None  # (grid, G x R ms, dense ms)
         self.dense = {k: self.cost(k, np.zeros(len(groups))) for k in ("macs", "params")}
 
-    def set_latency_table(self, grid: Sequence[float], table_ms: np.ndarray, dense_ms: float) -> None:
-        """Measured latency with one group pruned at each grid ratio (G x R, milliseconds).
+    def set_latency_table(self, grid: Sequence[float], table_ms: np.ndarray, dense_ms: float,
+                          base_ms: float | None = None, zero_ms: np.ndarray | None = None) -> None:
+        """Measured latency with one group changed at each grid ratio (G x R, milliseconds).
 
-        The latency model is additive: dense + the sum over groups of each group's measured change,
-        interpolated between grid points. Unlike MACs it is an approximation; the prune stage
-        measures the pruned model and tightens the target when it was missed."""
+        The model is additive around a reference point: ``base + sum over groups of (T_g(r_g) -
+        base)``, interpolated between grid points, where ``T_g(x)`` is the latency with group ``g``
+        at ratio ``x`` and every other group at the reference. The first table is measured around
+        the dense model (``base`` = dense, ``T_g(0)`` = dense). Unlike MACs this is an approximation
+        (latency is not additive over groups: odd channel counts, kernel choices); when the pruned
+        model misses its target, the prune stage measures a new table around the allocation it got
+        (``base_ms``: that model's latency; ``zero_ms``: per group, the latency with that group
+        back at full width) and allocates again: the model is then exact near the point it
+        re-allocates from."""
+        base = float(dense_ms if base_ms is None else base_ms)
+        zero = np.full(len(self.groups), base) if zero_ms is None else np.asarray(zero_ms, dtype=np.float64)
         self.latency = (np.concatenate([[0.0], np.asarray(grid, dtype=np.float64)]),
-                        np.concatenate([np.full((len(self.groups), 1), dense_ms), table_ms], axis=1) - dense_ms, float(dense_ms))
+                        np.concatenate([zero[:, None], np.asarray(table_ms, dtype=np.float64)], axis=1) - base, base)
         self.dense["latency"] = float(dense_ms)
 
     def latency_delta(self, g: int, ratio: float) -> float:
@@ -108,6 +117,24 @@ class CostModel:
 
     def fraction(self, kind: str, ratios: np.ndarray, round_to: int = 1) -> float:
         return self.cost(kind, ratios, round_to) / self.dense[kind]
+
+
+def latency_table_around(measure: Callable[[np.ndarray], float], grid: Sequence[float], ratios: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """The latency table around allocation ``ratios`` for :meth:`CostModel.set_latency_table`:
+    ``measure(r)`` (the latency of the model pruned at ratio vector ``r``, in ms) with one group at
+    a time moved to each grid ratio (``table``, G x R) and back to full width (``zero``, G)."""
+    G = len(ratios)
+    table, zero = np.zeros((G, len(grid))), np.zeros(G)
+    for g in range(G):
+        for i, r in enumerate([0.0, *grid]):
+            rs = np.array(ratios, dtype=np.float64)
+            rs[g] = r
+            ms = measure(rs)
+            if i == 0:
+                zero[g] = ms
+            else:
+                table[g, i - 1] = ms
+    return table, zero
 
 
 @dataclass

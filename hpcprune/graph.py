@@ -91,12 +91,21 @@ class Graph:
         self.ignored = [self.by_name[n] for n in dict.fromkeys([*ignore, *self.structure.ignore])]
         was = model.training
         model.eval()
-        with torch.enable_grad(), warnings.catch_warnings():  # the graph is traced through autograd
-            # parameters of modules Torch-Pruning does not know (RMSNorm scales): its default, the
-            # last dimension, is right for normalisation scales; hpcprune does not need the warning
-            warnings.filterwarnings("ignore", message="Unwrapped parameters detected")
-            self.dg = tp.DependencyGraph().build_dependency(model, example_inputs=example_input)
-        model.train(was)
+        # the graph is traced through autograd: frozen parameters (requires_grad=False) would drop
+        # out of the trace and their layers out of every group, so all are traced as trainable
+        frozen = [p for p in model.parameters() if not p.requires_grad]
+        for p in frozen:
+            p.requires_grad_(True)
+        try:
+            with torch.enable_grad(), warnings.catch_warnings():
+                # parameters of modules Torch-Pruning does not know (RMSNorm scales): its default,
+                # the last dimension, is right for normalisation scales; no need for the warning
+                warnings.filterwarnings("ignore", message="Unwrapped parameters detected")
+                self.dg = tp.DependencyGraph().build_dependency(model, example_inputs=example_input)
+        finally:
+            for p in frozen:
+                p.requires_grad_(False)
+            model.train(was)
         self._tp_groups: dict[str, Any] = {}
         self.all_groups = self._enumerate() + self._structure_groups()
         self.all_groups.sort(key=lambda gi: (self.order[gi.block or _module_of(gi)], gi.kind == "block"))

@@ -345,7 +345,7 @@ class Sweep:
                 h.create_dataset("maskable", data=np.array([g.maskable for g in gs]))
                 h.create_dataset("macs_per_channel", data=np.array(per_channel, dtype=np.float64))
                 h.create_dataset(
-                    "members", data=np.array([json.dumps([[m.module, "out" if m.out else "in"] for m in g.members]) for g in gs], dtype=object), dtype=_str_dtype()
+                    "members", data=np.array([json.dumps([[m.module, "out" if m.out else "in", m.unit] for m in g.members]) for g in gs], dtype=object), dtype=_str_dtype()
                 )
                 imp = h.create_group("importance")
                 for g in gs:
@@ -551,6 +551,39 @@ class Sweep:
             put_attrs(h, {"dense_ms": dense_ms, "batch": int(cfg.baseline.latency_batch), "threads": int(cfg.baseline.latency_threads),
                           "device": str(self.device), "complete": True})
 
+    def _relinearize_latency(self, ratios: np.ndarray, base_ms: float, attempt: int) -> None:
+        """Latency table around allocation ``ratios`` (measured ``base_ms``): per group, the latency
+        with that group at full width and at each grid ratio, every other group as allocated.
+        Stored as ``/latency/around_<attempt>``."""
+        cfg = self.cfg
+        grid = [float(r) for r in cfg.sensitivity.ratios]
+        lat = lambda m: metrics.latency_ms(m.to(self.device), self.example.to(self.device), int(cfg.baseline.latency_batch),  # noqa: E731
+                                           repeats=int(cfg.baseline.latency_repeats), threads=int(cfg.baseline.latency_threads))
+        G = len(self.graph.groups)
+
+        def measure(rs: np.ndarray) -> float:
+            model = self._dense_model()
+            Graph(model, self.example[:1], self.ignore).apply_plan(self._plan(rs))
+            return lat(model)
+
+        t0 = time.perf_counter()
+        table, zero = allocate.latency_table_around(measure, grid, ratios)
+        log.info("latency table around the allocation: %d groups x %d ratios in %.1f s (base %.2f ms)", G, len(grid) + 1,
+                 time.perf_counter() - t0, base_ms)
+        self.cost.set_latency_table(grid, table, float(self.cost.dense["latency"]), base_ms, zero)
+        with self.rf.write() as f:
+            h = f["latency"].require_group(f"around_{attempt}")
+            for k in list(h):
+                del h[k]
+            h.create_dataset("table_ms", data=table)
+            h.create_dataset("zero_ms", data=zero)
+            h.create_dataset("ratios", data=np.asarray(ratios, dtype=np.float64))
+            h.attrs["base_ms"] = float(base_ms)
+
+    def _plan(self, ratios: np.ndarray) -> dict[str, list[int]]:
+        round_to = int(self.cfg.prune.round_to)
+        return {g.name: sorted(self.orders[g.name][g.size - n_keep(g, float(r), round_to):]) for g, r in zip(self.graph.groups, ratios)}
+
     # ---- prune ------------------------------------------------------------------------------------
     def prune(self) -> None:
         cfg = self.cfg
@@ -567,11 +600,16 @@ class Sweep:
             measured = rec["latency_ms"] / float(self.cost.dense["latency"])
             if measured <= targets["latency"]:
                 break
-            # the additive latency model missed: ask the allocator for proportionally more
+            # the additive latency model (measured around the dense model) missed: measure it again
+            # around the allocation just pruned, so that it is exact where the allocator now works,
+            # and re-allocate; after a second miss also ask for proportionally more (noise)
+            self._relinearize_latency(ratios, rec["latency_ms"], attempt)
             used = dict(targets) if not adjustments else dict(adjustments[-1]["targets"])
-            used["latency"] = used["latency"] * targets["latency"] / measured
-            adjustments.append({"attempt": attempt, "measured": measured, "targets": used})
-            log.info("latency kept %.3f > target %.3f: re-allocating with latency target %.3f", measured, targets["latency"], used["latency"])
+            if adjustments:
+                used["latency"] = used["latency"] * targets["latency"] / measured
+            adjustments.append({"attempt": attempt, "measured": measured, "targets": used, "relinearized": True})
+            log.info("latency kept %.3f > target %.3f: latency table measured around this allocation; re-allocating with "
+                     "latency target %.3f", measured, targets["latency"], used["latency"])
             alloc = self._allocate(used)
             self._write_allocation(alloc, used, adjustments)
             ratios = alloc.ratios
@@ -601,11 +639,7 @@ class Sweep:
 
     def _prune_to(self, ratios: np.ndarray) -> tuple[torch.nn.Module, dict[str, list[int]], dict[str, Any]]:
         cfg = self.cfg
-        round_to = int(cfg.prune.round_to)
-        plan = {}
-        for g, r in zip(self.graph.groups, ratios):
-            n_prune = g.size - n_keep(g, float(r), round_to)
-            plan[g.name] = sorted(self.orders[g.name][n_prune:])
+        plan = self._plan(ratios)
         model = self._dense_model()
         graph = Graph(model, self.example[:1], self.ignore)
         graph.apply_plan(plan)

@@ -156,10 +156,22 @@ def replace_group(f: h5py.File, name: str) -> h5py.Group:
 
 
 def write_state_dict(group: h5py.Group, state: dict[str, Any]) -> None:
-    """Store a state dict as one dataset per tensor (no pickles): readable by any HDF5 tool."""
+    """Store a state dict as one dataset per tensor (no pickles): readable by any HDF5 tool.
+
+    A tensor shared under several names (tied embedding and output head) is stored once; its other
+    names are HDF5 hard links to the same dataset. Small and mid-size tensors are gzip-compressed;
+    tensors above 1M elements are not (trained float weights barely compress, and gzip would cost
+    seconds per write for an LLM)."""
+    first: dict[tuple, str] = {}
     for k, v in state.items():
+        key = (v.data_ptr(), tuple(v.shape), tuple(v.stride()), v.dtype) if v.numel() else None
+        if key is not None and key in first:
+            group[k] = group[first[key]]  # hard link
+            continue
+        if key is not None:
+            first[key] = k
         arr = v.detach().cpu().numpy()
-        group.create_dataset(k, data=arr, compression="gzip" if arr.size > 4096 else None)
+        group.create_dataset(k, data=arr, compression="gzip" if 4096 < arr.size <= (1 << 20) else None)
 
 
 def read_state_dict(group: h5py.Group) -> dict[str, Any]:

@@ -39,6 +39,41 @@ def test_latency_target_is_measured_and_enforced(tmp_path):
             assert len(lines) == 1 and "prune.target.latency=0.8: still" in lines[0], p.stderr[-2000:]
             assert f.attrs["status"] == "failed" and "pruned" not in f
             assert len(json.loads(f["allocation"].attrs["adjustments"])) >= 1
+        adjustments = json.loads(f["pruned"].attrs["latency_adjustments"]) if "pruned" in f else json.loads(f["allocation"].attrs["adjustments"])
+        for a in adjustments:  # every miss measured the table again around the allocation it missed with
+            around = f[f"latency/around_{a['attempt']}"]
+            assert around["table_ms"].shape == (G, len(f["sensitivity/ratios"])) and around["zero_ms"].shape == (G,)
+            assert around.attrs["base_ms"] > 0
+
+
+def test_relinearized_latency_model_is_exact_at_its_reference():
+    """A latency table measured around an allocation: the model gives the measured base latency at
+    that allocation and the measured row value with one group moved; costs stay fractions of the
+    true dense latency."""
+    import torch
+
+    from hpcprune import allocate, metrics
+    from hpcprune.graph import Graph
+    from hpcprune.zoo.models import resnet
+
+    model = resnet(widths=[8, 16], blocks=[1, 1]).eval()
+    x = torch.randn(1, 1, 8, 8)
+    graph = Graph(model, x, ["3.fc"])
+    cm = allocate.CostModel(model, graph.groups, metrics.module_macs(model, x))
+    G, grid = len(graph.groups), [0.25, 0.5, 0.75]
+    cur = np.full(G, 0.5)
+    table = 40.0 + np.arange(G)[:, None] + np.array([[3.0, 2.0, 1.0]])  # T_g at 0.25, 0.5, 0.75
+    base = 42.0
+    table[:, 1] = base  # every group at the reference ratio: the reference model itself
+    zero = np.full(G, 50.0)
+    cm.set_latency_table(grid, table, dense_ms=100.0, base_ms=base, zero_ms=zero)
+    assert cm.cost("latency", cur) == pytest.approx(base)
+    assert cm.fraction("latency", cur) == pytest.approx(0.42)
+    moved = cur.copy()
+    moved[1] = 0.75
+    assert cm.cost("latency", moved) == pytest.approx(table[1, 2])
+    moved[1] = 0.0
+    assert cm.cost("latency", moved) == pytest.approx(zero[1])
 
 
 def test_sensitivity_meets_macs_and_params_together(tmp_path):

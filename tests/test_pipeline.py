@@ -60,7 +60,7 @@ def test_residual_group_is_sensitive(fast_run):
     with h5py.File(fast_run / "run.h5") as f:
         names = [n.decode() if isinstance(n, bytes) else n for n in f["groups/name"][()]]
         members = json.loads(f["groups/members"][names.index("0.0")])
-        assert ["1.conv2", "out"] in members and ["0.0", "out"] in members  # coupled by the add
+        assert ["1.conv2", "out", 1] in members and ["0.0", "out", 1] in members  # coupled by the add
         curve = f["sensitivity/metric"][names.index("0.0")]
         dense = f["baseline"].attrs["metric"]
         assert curve[-1] < dense - 0.05

@@ -51,6 +51,17 @@ def test_heads_and_blocks_appear(gpt):
         Graph(model, x[:1], ignore, kinds=["layers"])
 
 
+def test_frozen_parameters_keep_their_groups(gpt):
+    """A model loaded for inference (every parameter requires_grad=False) has the same groups."""
+    model, x, ignore = gpt
+    frozen = copy.deepcopy(model)
+    for p in frozen.parameters():
+        p.requires_grad_(False)
+    want = [(g.name, g.kind, g.size) for g in Graph(model, x[:1], ignore).groups]
+    assert [(g.name, g.kind, g.size) for g in Graph(frozen, x[:1], ignore).groups] == want
+    assert not any(p.requires_grad for p in frozen.parameters())
+
+
 def test_head_mask_slice_prune_agree(gpt):
     """Zeroing a head's q/k/v rows and o columns, slicing them out in place, and pruning them for
     real give the same outputs; the pruned attention has fewer heads and restores leave no trace."""
