@@ -97,6 +97,7 @@ def main():
     ap.add_argument("--dense-epochs", type=int, default=10)
     ap.add_argument("--ft-epochs", type=int, default=3)
     ap.add_argument("--quick", action="store_true", help="a smoke run: few steps, one target")
+    ap.add_argument("--only-latency", action="store_true", help="only the latency-target row (l2 sensitivity)")
     args = ap.parse_args()
     dev = args.device
     if args.quick:
@@ -135,8 +136,8 @@ def main():
     groups = graph.groups
     cm = allocate.CostModel(dense, groups, metrics.module_macs(dense, example.to(dev)))
     calib_loss = metrics.evaluate(dense, calib).mean_loss()
-    criteria = ["l2"] if args.quick else ["l2", "taylor", "activation"]
-    targets = [0.5] if args.quick else [0.5, 0.33]
+    criteria = ["l2"] if (args.quick or args.only_latency) else ["l2", "taylor", "activation"]
+    targets = [] if args.only_latency else [0.5] if args.quick else [0.5, 0.33]
     scores, damage = {}, {}
     for crit in criteria:
         t0 = time.perf_counter()
@@ -161,12 +162,12 @@ def main():
         metrics.recalibrate_bn(model, recal_batches)
         return model.eval()
 
-    def allocation(method, crit, tg, round_to=1):
+    def allocation(method, crit, tg, round_to=1, start=None):
         if method == "uniform":
             return allocate.uniform(cm, tg, 0.9, round_to)
         if method == "global":
             return allocate.global_ranking(cm, scores[crit], tg, 0.9, round_to)
-        return allocate.sensitivity(cm, RATIOS, damage[crit], tg, 0.9, round_to)
+        return allocate.sensitivity(cm, RATIOS, damage[crit], tg, 0.9, round_to, start=start)
 
     results = []
     for t in targets:
@@ -199,7 +200,7 @@ def main():
                 results.append(row)
                 log(json.dumps({k: (round(v, 4) if isinstance(v, float) else v) for k, v in row.items()}))
     # round_to=8 with MACs 0.5, and the latency target (table measured on the CPU, 1 thread)
-    for method in ("global", "sensitivity"):
+    for method in () if args.only_latency else ("global", "sensitivity"):
         alloc = allocation(method, "l2", {"macs": 0.5}, round_to=8)
         model = prune(alloc.ratios, "l2", round_to=8)
         results.append({"method": method, "criterion": "l2", "target": 0.5, "round_to": 8, "acc_pruned": accuracy(model, test),
@@ -220,8 +221,9 @@ def main():
     log(f"latency table: {time.perf_counter() - t0:.0f} s")
     tg = {"latency": 0.5}
     attempts = []
-    for attempt in range(4):  # what the prune stage does: re-measure the table around a miss, re-allocate
-        alloc = allocation("sensitivity", "l2", tg, round_to=8)
+    start = None
+    for attempt in range(4):  # what the prune stage does: re-measure the table around a miss, continue from there
+        alloc = allocation("sensitivity", "l2", tg, round_to=8, start=start)
         model = prune(alloc.ratios, "l2", round_to=8)
         lat_ms = cpu_latency(model, lat_example)
         lat_kept = lat_ms / dense_lat
@@ -233,6 +235,7 @@ def main():
                                                     RATIOS, alloc.ratios)
         cm.set_latency_table(RATIOS, table, dense_lat, lat_ms, zero)
         log(f"latency {lat_kept:.3f} of dense > 0.5: table around the allocation in {time.perf_counter() - t0:.0f} s")
+        start = alloc.ratios
         if attempt:
             tg = {"latency": tg["latency"] * 0.5 / lat_kept}
     ft = train(copy.deepcopy(model), data, args.ft_epochs, 1e-3, dev, 0, teacher=dense, kd_weight=0.7, max_steps=20 if args.quick else None)

@@ -216,29 +216,10 @@ def global_ranking(
     return _result(cm, ratios_for(lo), round_to)
 
 
-def sensitivity(
-    cm: CostModel,
-    grid: Sequence[float],
-    damage: np.ndarray,
-    targets: dict[str, float],
-    max_ratio: float,
-    round_to: int = 1,
-    step: float = 0.025,
-) -> Allocation:
-    """Spend the budget where the measured damage per unit of cost saved is smallest.
-
-    ``damage[g, r]`` is the measured loss increase when group ``g`` alone is pruned at ``grid[r]``
-    (NaN: not measured or skipped, treated as unusable). Curves are interpolated linearly between
-    grid points (damage 0 at ratio 0) onto a fine grid. A greedy multiple-choice knapsack: at each
-    step every group may jump to any larger candidate ratio; the jump with the least damage per
-    cost saved wins (this looks past plateaus instead of only at the next step). Costs are exact
-    for the current state of all other groups (the cost is linear in one group's kept fraction).
-    Assumes damages add up across groups; see cluster_docs/allocation.md.
-    """
-    _check_reachable(cm, targets, max_ratio, round_to)
+def _curves(cm: CostModel, grid: np.ndarray, damage: np.ndarray, cand: np.ndarray) -> np.ndarray:
+    """Damage per group at each candidate ratio: linear between grid points (0 at ratio 0), a step
+    for blocks; inf beyond a group's last usable grid point."""
     n = len(cm.groups)
-    grid = np.asarray(grid, dtype=np.float64)
-    cand = np.unique(np.concatenate([np.arange(0.0, max_ratio + 1e-9, step), grid[grid <= max_ratio + 1e-9]]))
     curves = np.full((n, len(cand)), np.inf)
     for g in range(n):
         xs = np.concatenate([[0.0], grid])
@@ -253,7 +234,42 @@ def sensitivity(
                 curves[g, inside & (cand >= BLOCK_RATIO - 1e-9)] = max(float(ys[removed][0]), 0.0)
             continue
         curves[g, inside] = np.maximum(np.interp(cand[inside], xs, ys), 0.0)
+    return curves
+
+
+def sensitivity(
+    cm: CostModel,
+    grid: Sequence[float],
+    damage: np.ndarray,
+    targets: dict[str, float],
+    max_ratio: float,
+    round_to: int = 1,
+    step: float = 0.025,
+    start: np.ndarray | None = None,
+) -> Allocation:
+    """Spend the budget where the measured damage per unit of cost saved is smallest.
+
+    ``damage[g, r]`` is the measured loss increase when group ``g`` alone is pruned at ``grid[r]``
+    (NaN: not measured or skipped, treated as unusable). Curves are interpolated linearly between
+    grid points (damage 0 at ratio 0) onto a fine grid. A greedy multiple-choice knapsack: at each
+    step every group may jump to any larger candidate ratio; the jump with the least damage per
+    cost saved wins (this looks past plateaus instead of only at the next step). Costs are exact
+    for the current state of all other groups (the cost is linear in one group's kept fraction).
+    Assumes damages add up across groups; see cluster_docs/allocation.md.
+
+    ``start``: continue from these ratios instead of from the dense model (only ever pruning more),
+    e.g. from an allocation whose measured latency missed, with a latency table measured around it.
+    """
+    _check_reachable(cm, targets, max_ratio, round_to)
+    n = len(cm.groups)
+    grid = np.asarray(grid, dtype=np.float64)
+    cand = np.unique(np.concatenate([np.arange(0.0, max_ratio + 1e-9, step), grid[grid <= max_ratio + 1e-9]]))
+    curves = _curves(cm, grid, damage, cand)
     state = np.zeros(n, dtype=np.int64)  # index into cand per group
+    if start is not None:
+        cand = np.unique(np.concatenate([cand, np.minimum(np.asarray(start, dtype=np.float64), max_ratio)]))
+        curves = _curves(cm, grid, damage, cand)
+        state = np.array([int(np.searchsorted(cand, min(float(s), max_ratio) - 1e-12)) for s in start], dtype=np.int64)
     kinds = list(targets)
 
     def ratios_of(st: np.ndarray) -> np.ndarray:

@@ -464,7 +464,7 @@ class Sweep:
             self._latency_table()
         self._write_allocation(self._allocate(targets), targets)
 
-    def _allocate(self, targets: dict[str, float]) -> allocate.Allocation:
+    def _allocate(self, targets: dict[str, float], start: np.ndarray | None = None) -> allocate.Allocation:
         cfg = self.cfg
         method = str(cfg.prune.method)
         max_ratio, round_to = float(cfg.prune.max_ratio), int(cfg.prune.round_to)
@@ -478,7 +478,7 @@ class Sweep:
             ref = float(f["sensitivity"].attrs["dense_calib_loss"])
         damage = np.where(status == DONE, loss - ref, np.nan)
         damage = self._check_damage(damage, status)
-        return allocate.sensitivity(self.cost, list(cfg.sensitivity.ratios), damage, targets, max_ratio, round_to)
+        return allocate.sensitivity(self.cost, list(cfg.sensitivity.ratios), damage, targets, max_ratio, round_to, start=start)
 
     def _check_damage(self, damage: np.ndarray, status: np.ndarray) -> np.ndarray:
         """NaN cells (the pruned model's output was NaN) are unusable: a group's curve ends before its
@@ -601,8 +601,9 @@ class Sweep:
             if measured <= targets["latency"]:
                 break
             # the additive latency model (measured around the dense model) missed: measure it again
-            # around the allocation just pruned, so that it is exact where the allocator now works,
-            # and re-allocate; after a second miss also ask for proportionally more (noise)
+            # around the allocation just pruned, so that it is exact there, and continue the
+            # allocation from that point (sensitivity: only pruning more); after a second miss also
+            # ask for proportionally more (noise)
             self._relinearize_latency(ratios, rec["latency_ms"], attempt)
             used = dict(targets) if not adjustments else dict(adjustments[-1]["targets"])
             if adjustments:
@@ -610,7 +611,7 @@ class Sweep:
             adjustments.append({"attempt": attempt, "measured": measured, "targets": used, "relinearized": True})
             log.info("latency kept %.3f > target %.3f: latency table measured around this allocation; re-allocating with "
                      "latency target %.3f", measured, targets["latency"], used["latency"])
-            alloc = self._allocate(used)
+            alloc = self._allocate(used, start=ratios)
             self._write_allocation(alloc, used, adjustments)
             ratios = alloc.ratios
         else:

@@ -119,3 +119,24 @@ def test_distillation_under_ddp(tmp_path):
         digests = json.loads(f["finetune"].attrs["rank_digests"])
         assert digests[0] == digests[1]
         assert np.isfinite(f["finetune/history"][()]).all()
+
+
+def test_sensitivity_allocation_continues_from_a_start():
+    """From a start allocation the knapsack only prunes more, until the targets are met."""
+    import torch
+
+    from hpcprune import allocate, metrics
+    from hpcprune.graph import Graph
+    from hpcprune.zoo.models import resnet
+
+    model = resnet(widths=[8, 16], blocks=[1, 1]).eval()
+    x = torch.randn(1, 1, 8, 8)
+    graph = Graph(model, x, ["3.fc"])
+    cm = allocate.CostModel(model, graph.groups, metrics.module_macs(model, x))
+    grid = [0.25, 0.5, 0.75]
+    damage = np.tile([0.1, 0.3, 0.9], (len(graph.groups), 1)) * (1 + np.arange(len(graph.groups)))[:, None]
+    start = allocate.sensitivity(cm, grid, damage, {"macs": 0.8}, 0.9).ratios
+    more = allocate.sensitivity(cm, grid, damage, {"macs": 0.5}, 0.9, start=start)
+    assert (more.ratios >= start - 1e-12).all() and more.predicted["macs"] <= 0.5
+    same = allocate.sensitivity(cm, grid, damage, {"macs": 0.9}, 0.9, start=start)
+    np.testing.assert_array_equal(same.ratios, start)  # already meets the target: nothing to do
