@@ -249,7 +249,18 @@ def main():
            "sensitivity_cells": int(np.isfinite(sens["loss"]).sum()),
            "sensitivity_activation_best_width_before_recovery": best["method"] == "sensitivity",
            "results": results, "wall_s": time.perf_counter() - t_all}
-    print(json.dumps(out, default=lambda o: round(o, 4) if isinstance(o, float) else str(o)))
+    print(json.dumps(_clean(out)))
+
+
+def _clean(o):
+    """JSON without NaN (null instead) and floats to 4 decimals."""
+    if isinstance(o, dict):
+        return {k: _clean(v) for k, v in o.items()}
+    if isinstance(o, (list, tuple)):
+        return [_clean(v) for v in o]
+    if isinstance(o, float):
+        return None if o != o else round(o, 4)
+    return o
 
 
 if __name__ == "__main__":
