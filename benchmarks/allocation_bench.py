@@ -223,7 +223,11 @@ def main():
     attempts = []
     start = None
     for attempt in range(4):  # what the prune stage does: re-measure the table around a miss, continue from there
-        alloc = allocation("sensitivity", "l2", tg, round_to=8, start=start)
+        try:
+            alloc = allocation("sensitivity", "l2", tg, round_to=8, start=start)
+        except allocate.BudgetError as e:  # the table around the last miss says it is out of reach
+            log(f"latency: stopping after {attempt} re-allocation(s): {e}")
+            break
         model = prune(alloc.ratios, "l2", round_to=8)
         lat_ms = cpu_latency(model, lat_example)
         lat_kept = lat_ms / dense_lat

@@ -611,7 +611,12 @@ class Sweep:
             adjustments.append({"attempt": attempt, "measured": measured, "targets": used, "relinearized": True})
             log.info("latency kept %.3f > target %.3f: latency table measured around this allocation; re-allocating with "
                      "latency target %.3f", measured, targets["latency"], used["latency"])
-            alloc = self._allocate(used, start=ratios)
+            try:
+                alloc = self._allocate(used, start=ratios)
+            except allocate.BudgetError as e:
+                raise RuntimeError(f"prune.target.latency={targets['latency']}: still {measured:.3f} of the dense latency after "
+                                   f"{attempt} re-allocation(s), and the latency table measured around this allocation says the "
+                                   f"target is out of reach ({e})") from e
             self._write_allocation(alloc, used, adjustments)
             ratios = alloc.ratios
         else:
