@@ -240,8 +240,6 @@ def main():
         cm.set_latency_table(RATIOS, table, dense_lat, lat_ms, zero)
         log(f"latency {lat_kept:.3f} of dense > 0.5: table around the allocation in {time.perf_counter() - t0:.0f} s")
         start = alloc.ratios
-        if attempt:
-            tg = {"latency": tg["latency"] * 0.5 / lat_kept}
     ft = train(copy.deepcopy(model), data, args.ft_epochs, 1e-3, dev, 0, teacher=dense, kd_weight=0.7, max_steps=20 if args.quick else None)
     results.append({"method": "sensitivity+kd", "criterion": "l2", "target": "latency=0.5", "round_to": 8,
                     "acc_pruned": accuracy(model, test), "acc_finetuned": accuracy(ft, test),

@@ -602,15 +602,12 @@ class Sweep:
                 break
             # the additive latency model (measured around the dense model) missed: measure it again
             # around the allocation just pruned, so that it is exact there, and continue the
-            # allocation from that point (sensitivity: only pruning more); after a second miss also
-            # ask for proportionally more (noise)
+            # allocation from that point for the same target (sensitivity: only pruning more)
             self._relinearize_latency(ratios, rec["latency_ms"], attempt)
-            used = dict(targets) if not adjustments else dict(adjustments[-1]["targets"])
-            if adjustments:
-                used["latency"] = used["latency"] * targets["latency"] / measured
+            used = dict(targets)
             adjustments.append({"attempt": attempt, "measured": measured, "targets": used, "relinearized": True})
-            log.info("latency kept %.3f > target %.3f: latency table measured around this allocation; re-allocating with "
-                     "latency target %.3f", measured, targets["latency"], used["latency"])
+            log.info("latency kept %.3f > target %.3f: latency table measured around this allocation; re-allocating from it",
+                     measured, targets["latency"])
             try:
                 alloc = self._allocate(used, start=ratios)
             except allocate.BudgetError as e:
