@@ -106,10 +106,12 @@ def load_hf_dir(path: str) -> nn.Module:
         else:
             slice_group(mods, g, d["kept"], permanent=True)
     model.hf.to_empty(device="cpu")
+    # to_empty unties shared parameters: tie them again *before* loading, so that the one stored
+    # copy of a tied tensor (safetensors keeps one name) fills every name
+    model.hf.tie_weights()
     from safetensors.torch import load_model
 
     missing, unexpected = load_model(model.hf, os.path.join(path, "model.safetensors"), strict=False)
-    model.hf.tie_weights()  # to_empty unties shared parameters; tied ones are stored once
     state = model.hf.state_dict(keep_vars=True)
     loaded = {state[k].data_ptr() for k in state if k not in set(missing)}
     buffers = {n for n, _ in model.hf.named_buffers()}

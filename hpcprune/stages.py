@@ -116,6 +116,7 @@ class Sweep:
     # ---- driver -----------------------------------------------------------------------------------
     def run(self) -> int:
         t_start = time.perf_counter()
+        self.hosts = sorted(set(self.world.allgather(socket.gethostname())))  # every rank's node, for the record
         early = None
         if not self.main:  # while rank 0 prepares (and builds its data there, to check it)
             try:
@@ -200,7 +201,7 @@ class Sweep:
             # bad data, model or checkpoint, or too little disk: one line, before the run file is touched
             self._check_inputs()
             if self.rf.exists():
-                self.rf.set_status("running", "", world_size=self.world.size)
+                self.rf.set_status("running", "", world_size=self.world.size, hosts=json.dumps(self.hosts))
                 log.info("resuming %s (done: %s)", self.rf.path, ", ".join(self.rf.done_stages()) or "nothing")
             else:
                 self.rf.create(resolved, self._meta())
@@ -261,7 +262,7 @@ class Sweep:
         import h5py
         import torch_pruning as tp
 
-        hosts = sorted({socket.gethostname()})
+        hosts = getattr(self, "hosts", None) or [socket.gethostname()]
         return {
             "world_size": self.world.size,
             "hosts": json.dumps(hosts),

@@ -94,6 +94,12 @@ class World:
         self.barrier()
         return self.comm.bcast(obj, root=root)
 
+    def allgather(self, obj: Any) -> list[Any]:
+        """Every rank's ``obj``, in rank order, on every rank (a short blocking call: startup only)."""
+        if self.comm is None or self.size == 1:
+            return [obj]
+        return self.comm.allgather(obj)
+
     def allreduce_sum(self, values: Any) -> Any:
         if self.comm is None:
             return values

@@ -68,6 +68,25 @@ def test_gqa_kv_groups_go_whole(tmp_path):
     assert np.isfinite(stored)
 
 
+def test_tied_embeddings_export(tmp_path):
+    """A Llama whose output head shares the token embedding (SmolLM2's layout): the run file and the
+    exported directory store the tensor once, and both reload to identical outputs."""
+    run_sweep(tmp_path / "run", "model=llama_tiny", "model.tie_embeddings=true", *SMALL, "prune.target.macs=0.7",
+              "threads=1", timeout=300)
+    path = str(tmp_path / "run" / "run.h5")
+    with h5py.File(path) as f:
+        w = f["pruned/weights"]
+        assert w["hf.model.embed_tokens.weight"].id == w["hf.lm_head.weight"].id  # one dataset, two names
+    model = hpcprune.load_pruned(path)
+    assert model.hf.lm_head.weight.data_ptr() == model.hf.model.embed_tokens.weight.data_ptr()
+    hpcprune.save_hf_dir(path, str(tmp_path / "export"))
+    again = hpcprune.load_hf_dir(str(tmp_path / "export"))
+    assert again.hf.lm_head.weight.data_ptr() == again.hf.model.embed_tokens.weight.data_ptr()
+    x = _x()
+    with torch.no_grad():
+        torch.testing.assert_close(again(x), model(x), atol=0, rtol=0)
+
+
 def test_bert_depth_only_reload(tmp_path):
     """BERT, whole encoder layers only: the removed layer is a skip in the reloaded model, whose
     perplexity is the one the run recorded."""

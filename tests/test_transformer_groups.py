@@ -2,6 +2,8 @@
 Torch-Pruning's neuron and width groups, in masking, slicing, pruning, costs, scores, sensitivity,
 allocation, the sweep over 1 and 2 real MPI ranks, and reload from the run file."""
 import copy
+import json
+import socket
 
 import h5py
 import numpy as np
@@ -222,6 +224,7 @@ def test_sweep_heads_blocks_two_ranks_equal_one_and_reload(tmp_path):
         for name in a["groups/importance"]:
             np.testing.assert_allclose(b["groups/importance"][name][()], a["groups/importance"][name][()], rtol=1e-6, atol=1e-12)
         assert (a["sensitivity/status"][()] == 1).all()
+        assert json.loads(b.attrs["hosts"]) == [socket.gethostname()] and int(b.attrs["world_size"]) == 2  # gathered from both ranks
         plan = {n: a["pruned/plan"][n][()].tolist() for n in a["pruned/plan"]}
         assert a["pruned"].attrs["macs_kept"] <= 0.6
         stored = float(a["pruned"].attrs["metric"])

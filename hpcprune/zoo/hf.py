@@ -195,15 +195,15 @@ def _seeded(build: Any, seed: int) -> nn.Module:
 
 
 def llama_tiny(vocab: int = 256, context: int = 64, hidden: int = 64, layers: int = 2, heads: int = 4, kv_heads: int = 2,
-               intermediate: int = 128, seed: int = 0) -> HFCausalLM:
+               intermediate: int = 128, seed: int = 0, tie_embeddings: bool = False) -> HFCausalLM:
     """A randomly initialised Llama (RMSNorm, RoPE, grouped-query attention, SwiGLU MLP), float32,
-    untied output head, SDPA attention."""
+    SDPA attention; the output head is untied unless ``tie_embeddings`` (as in SmolLM2)."""
     tf = _transformers()
     if hidden % heads or heads % kv_heads:
         raise ValueError(f"model: hidden={hidden} must be a multiple of heads={heads}, and heads of kv_heads={kv_heads}")
     cfg = tf.LlamaConfig(vocab_size=vocab, hidden_size=hidden, intermediate_size=intermediate, num_hidden_layers=layers,
                          num_attention_heads=heads, num_key_value_heads=kv_heads, head_dim=hidden // heads,
-                         max_position_embeddings=context, tie_word_embeddings=False, bos_token_id=None,
+                         max_position_embeddings=context, tie_word_embeddings=bool(tie_embeddings), bos_token_id=None,
                          eos_token_id=None, pad_token_id=None, attn_implementation="sdpa")
     hf = _seeded(lambda: tf.LlamaForCausalLM(cfg), seed)
     return HFCausalLM(hf.float())
