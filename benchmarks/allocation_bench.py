@@ -236,7 +236,7 @@ def main():
             break
         t0 = time.perf_counter()
         table, zero = allocate.latency_table_around(lambda rs: cpu_latency(prune(rs, "l2", round_to=8), lat_example, LAT["table_repeats"]),
-                                                    RATIOS, alloc.ratios)
+                                                    RATIOS, alloc.ratios, lat_ms)
         cm.set_latency_table(RATIOS, table, dense_lat, lat_ms, zero)
         log(f"latency {lat_kept:.3f} of dense > 0.5: table around the allocation in {time.perf_counter() - t0:.0f} s")
         start = alloc.ratios

@@ -119,17 +119,23 @@ class CostModel:
         return self.cost(kind, ratios, round_to) / self.dense[kind]
 
 
-def latency_table_around(measure: Callable[[np.ndarray], float], grid: Sequence[float], ratios: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+def latency_table_around(measure: Callable[[np.ndarray], float], grid: Sequence[float], ratios: np.ndarray,
+                         base_ms: float) -> tuple[np.ndarray, np.ndarray]:
     """The latency table around allocation ``ratios`` for :meth:`CostModel.set_latency_table`:
     ``measure(r)`` (the latency of the model pruned at ratio vector ``r``, in ms) with one group at
-    a time moved to each grid ratio (``table``, G x R) and back to full width (``zero``, G)."""
+    a time moved to each grid ratio (``table``, G x R) and back to full width (``zero``, G).
+
+    The allocation itself is measured again before every row and each row is taken relative to
+    that reference, then shifted to ``base_ms``: drift and the bias of short measurements cancel
+    within a row instead of adding up over the groups (the model sums G rows)."""
     G = len(ratios)
     table, zero = np.zeros((G, len(grid))), np.zeros(G)
     for g in range(G):
+        ref = measure(np.array(ratios, dtype=np.float64))
         for i, r in enumerate([0.0, *grid]):
             rs = np.array(ratios, dtype=np.float64)
             rs[g] = r
-            ms = measure(rs)
+            ms = measure(rs) - ref + base_ms
             if i == 0:
                 zero[g] = ms
             else:

@@ -568,7 +568,7 @@ class Sweep:
             return lat(model)
 
         t0 = time.perf_counter()
-        table, zero = allocate.latency_table_around(measure, grid, ratios)
+        table, zero = allocate.latency_table_around(measure, grid, ratios, base_ms)
         log.info("latency table around the allocation: %d groups x %d ratios in %.1f s (base %.2f ms)", G, len(grid) + 1,
                  time.perf_counter() - t0, base_ms)
         self.cost.set_latency_table(grid, table, float(self.cost.dense["latency"]), base_ms, zero)

@@ -140,3 +140,23 @@ def test_sensitivity_allocation_continues_from_a_start():
     assert (more.ratios >= start - 1e-12).all() and more.predicted["macs"] <= 0.5
     same = allocate.sensitivity(cm, grid, damage, {"macs": 0.9}, 0.9, start=start)
     np.testing.assert_array_equal(same.ratios, start)  # already meets the target: nothing to do
+
+
+def test_latency_table_around_cancels_drift():
+    """Each row is taken against the allocation measured right before it: a clock that drifts
+    upward by 1 ms per measurement does not leak into the table."""
+    from hpcprune import allocate
+
+    calls = []
+
+    def measure(rs):  # true latency: 100 - 10 * sum(ratios); plus drift
+        calls.append(1)
+        return 100.0 - 10.0 * float(np.sum(rs)) + len(calls)
+
+    cur = np.array([0.5, 0.5])
+    table, zero = allocate.latency_table_around(measure, [0.25, 0.75], cur, base_ms=90.0)
+    # true deltas from the reference (90): ratio 0 -> +5, 0.25 -> +2.5, 0.75 -> -2.5; drift adds only
+    # the calls since the row's reference (1 for the zero column, 2 and 3 for the grid)
+    np.testing.assert_allclose(zero, [96.0, 96.0])
+    np.testing.assert_allclose(table, [[94.5, 90.5], [94.5, 90.5]])
+
