@@ -2,6 +2,7 @@
 
     python benchmarks/sensitivity_bench.py                 # Fashion-MNIST ResNet, 9 ratios, 2,000 images
     python benchmarks/sensitivity_bench.py --device cuda   # cells/s on a GPU (naive loop skipped with --no-naive)
+    python benchmarks/sensitivity_bench.py --model tiny_gpt --calib 512 --batch-size 128   # the tiny GPT: every group kind
 
 (a) naive: per cell deepcopy the model, build a DependencyGraph, prune the group, evaluate;
 (b) the engine on 1 rank; (c) the engine on 2 ranks (mpiexec -n 2), each at 1 thread.
@@ -25,7 +26,7 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, os.path.dirname(HERE))
 
 from hpcprune import importance, metrics  # noqa: E402
-from hpcprune.graph import Graph, keep_count  # noqa: E402
+from hpcprune.graph import Graph, n_keep  # noqa: E402
 from hpcprune.sensitivity import DONE, Evaluator, run_sensitivity  # noqa: E402
 from hpcprune.world import World  # noqa: E402
 from hpcprune.zoo import data as zdata  # noqa: E402
@@ -35,8 +36,43 @@ RATIOS = [0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9]
 CACHE = os.path.expanduser("~/.cache/hpcprune")
 
 
+def setup_gpt(args):
+    """The built-in tiny GPT (conf/model/tiny_gpt.yaml, trained 3 epochs on stdlib text and cached):
+    every group kind (residual width, MLP neurons, heads, blocks); calibration windows of 64 bytes."""
+    from hpcprune.runs import ignore_names
+    from hpcprune.stages import train_dense
+    from hpcprune.zoo.gpt import tiny_gpt
+    from hpcprune.zoo.text import stdlib_text
+
+    from omegaconf import OmegaConf
+
+    torch.manual_seed(0)
+    model = tiny_gpt(256, 64, 64, 2, 4, 16, 256)
+    data = stdlib_text(calib_samples=args.calib, train_bytes=131072, val_bytes=16384)
+    ckpt = os.path.join(CACHE, "bench_tiny_gpt_3ep.pt")
+    if os.path.exists(ckpt):
+        model.load_state_dict(torch.load(ckpt, weights_only=True))
+    else:
+        os.makedirs(CACHE, exist_ok=True)
+        train_dense(model, data, OmegaConf.create({"seed": 0, "baseline": {"epochs": 3, "batch_size": 64, "lr": 0.003,
+                                                                           "weight_decay": 0.0005}}), "cpu")
+        torch.save(model.state_dict(), ckpt + ".tmp")
+        os.replace(ckpt + ".tmp", ckpt)
+    model.eval()
+    batches = metrics.make_batches(data.calib, args.batch_size, args.device)
+    example = batches[0][0][:1]
+    model.to(args.device)
+    ignore = ignore_names(model, [])
+    graph = Graph(model, example, ignore)
+    scores = importance.group_scores(graph, "l2")
+    orders = {n: importance.prune_order(s) for n, s in scores.items()}
+    return model, batches, example, ignore, graph, orders
+
+
 def setup(args):
     """Model (trained briefly and cached), calibration batches, groups, orders: identical on every rank."""
+    if args.model == "tiny_gpt":
+        return setup_gpt(args)
     torch.manual_seed(0)
     model = resnet(1, 10, (32, 64, 128), (2, 2, 2), stem_stride=2)
     if args.synthetic:
@@ -92,7 +128,7 @@ def naive(model, batches, example, ignore, graph, orders):
     for gi, g in enumerate(graph.groups):
         for ri, r in enumerate(RATIOS):
             m = copy.deepcopy(model)
-            Graph(m, example, ignore).prune_group(g.name, orders[g.name][: g.size - keep_count(g.size, r)])
+            Graph(m, example, ignore).prune_group(g.name, orders[g.name][: g.size - n_keep(g, r)])
             s = metrics.evaluate(m, batches)
             loss[gi, ri], acc[gi, ri] = s.loss / s.count, s.correct / s.count
     return loss, acc
@@ -120,6 +156,8 @@ def worker(args):
 
 def main():
     ap = argparse.ArgumentParser()
+    ap.add_argument("--model", default="resnet", choices=["resnet", "tiny_gpt"],
+                    help="resnet: Fashion-MNIST ResNet; tiny_gpt: the built-in GPT on stdlib text (--calib windows)")
     ap.add_argument("--device", default="cpu")
     ap.add_argument("--calib", type=int, default=2000)
     ap.add_argument("--batch-size", type=int, default=500)
@@ -137,7 +175,7 @@ def main():
     G = len(graph.groups)
     print(f"{G} groups x {len(RATIOS)} ratios = {G * len(RATIOS)} cells, {args.calib} images, device {args.device}, "
           f"{args.threads} thread(s) per rank", flush=True)
-    out: dict = {"cells": G * len(RATIOS), "device": args.device, "threads_per_rank": args.threads}
+    out: dict = {"model": args.model, "cells": G * len(RATIOS), "device": args.device, "threads_per_rank": args.threads}
     ref = None
     if not args.no_naive:
         t0 = time.perf_counter()
@@ -159,7 +197,7 @@ def main():
             mpiexec = os.path.join(os.path.dirname(sys.executable), "mpiexec")
             cmd = [mpiexec, "-n", "2", sys.executable, os.path.abspath(__file__), "--worker", "--out", npz,
                    "--device", args.device, "--calib", str(args.calib), "--batch-size", str(args.batch_size),
-                   "--threads", str(args.threads)] + (["--synthetic"] if args.synthetic else [])
+                   "--threads", str(args.threads), "--model", args.model] + (["--synthetic"] if args.synthetic else [])
             subprocess.run(cmd, check=True)
             e2 = np.load(npz)
             out["engine_2rank_s"] = float(e2["seconds"])
