@@ -44,11 +44,8 @@ def save_hf_dir(run_path: str, out_dir: str, weights: str = "final") -> str:
                          "use hpcprune.load_pruned(run file) instead")
     if os.path.exists(os.path.join(out_dir, "model.safetensors")):
         raise FileExistsError(f"{out_dir}: already holds a model.safetensors; choose a new directory")
-    with run.read() as f:
-        names = [n.decode() if isinstance(n, bytes) else str(n) for n in f["groups/name"][()]]
-        members = [json.loads(m.decode() if isinstance(m, bytes) else m) for m in f["groups/members"][()]]
     plan = read_plan(run)
-    dense = _group_infos(run, names, members)
+    dense = _group_infos(run, set(plan))
     groups = []
     for name, kept in plan.items():
         g = dense[name]
@@ -142,15 +139,15 @@ def _reset_buffers(hf: nn.Module, config: Any) -> None:
                 setattr(mod, bname, torch.zeros(buf.shape, dtype=buf.dtype))
 
 
-def _group_infos(run: Any, names: list[str], members: list[list]) -> dict[str, GroupInfo]:
-    """The run's groups as GroupInfo (from the dense model's graph: units, attributes, blocks)."""
+def _group_infos(run: Any, names: set[str]) -> dict[str, GroupInfo]:
+    """The run's groups ``names`` as GroupInfo (from the dense model's graph: units, attributes, blocks)."""
     from .graph import Graph
     from .runs import dense_model, example_input, ignore_names, load_config
 
     cfg = load_config(run)
     model = dense_model(run, cfg)
     graph = Graph(model, example_input(run), ignore_names(model, list(cfg.groups.ignore or [])))
-    return {g.name: g for g in graph.all_groups if g.name in set(names)}
+    return {g.name: g for g in graph.all_groups if g.name in names}
 
 
 def _plain(node: Any) -> Any:

@@ -6,6 +6,7 @@ evaluates sensitivity cells. Ranks other than 0 wait at a sleeping barrier while
 """
 from __future__ import annotations
 
+import copy
 import json
 import logging
 import math
@@ -525,8 +526,7 @@ class Sweep:
             if "latency" in f and f["latency"].attrs.get("complete", False):
                 self.cost.set_latency_table(grid, f["latency/table_ms"][()], float(f["latency"].attrs["dense_ms"]))
                 return
-        lat = lambda m: metrics.latency_ms(m.to(self.device), self.example.to(self.device), int(cfg.baseline.latency_batch),  # noqa: E731
-                                           repeats=int(cfg.baseline.latency_repeats), threads=int(cfg.baseline.latency_threads))
+        lat = self._latency
         dense = self._dense_model()
         table = np.zeros((len(self.graph.groups), len(grid)))
         refs = []
@@ -537,7 +537,7 @@ class Sweep:
             ref = lat(dense)
             refs.append(ref)
             for ri, r in enumerate(grid):
-                model = self._dense_model()
+                model = copy.deepcopy(dense)
                 n = g.size - n_keep(g, r, int(cfg.prune.round_to))  # the widths the allocator can choose
                 Graph(model, self.example[:1], self.ignore).prune_group(g.name, self.orders[g.name][:n])
                 table[gi, ri] = lat(model) - ref
@@ -556,16 +556,14 @@ class Sweep:
         """Latency table around allocation ``ratios`` (measured ``base_ms``): per group, the latency
         with that group at full width and at each grid ratio, every other group as allocated.
         Stored as ``/latency/around_<attempt>``."""
-        cfg = self.cfg
-        grid = [float(r) for r in cfg.sensitivity.ratios]
-        lat = lambda m: metrics.latency_ms(m.to(self.device), self.example.to(self.device), int(cfg.baseline.latency_batch),  # noqa: E731
-                                           repeats=int(cfg.baseline.latency_repeats), threads=int(cfg.baseline.latency_threads))
+        grid = [float(r) for r in self.cfg.sensitivity.ratios]
         G = len(self.graph.groups)
+        dense = self._dense_model()
 
         def measure(rs: np.ndarray) -> float:
-            model = self._dense_model()
+            model = copy.deepcopy(dense)
             Graph(model, self.example[:1], self.ignore).apply_plan(self._plan(rs))
-            return lat(model)
+            return self._latency(model)
 
         t0 = time.perf_counter()
         table, zero = allocate.latency_table_around(measure, grid, ratios, base_ms)
@@ -580,6 +578,11 @@ class Sweep:
             h.create_dataset("zero_ms", data=zero)
             h.create_dataset("ratios", data=np.asarray(ratios, dtype=np.float64))
             h.attrs["base_ms"] = float(base_ms)
+
+    def _latency(self, model: torch.nn.Module) -> float:
+        cfg = self.cfg
+        return metrics.latency_ms(model.to(self.device), self.example.to(self.device), int(cfg.baseline.latency_batch),
+                                  repeats=int(cfg.baseline.latency_repeats), threads=int(cfg.baseline.latency_threads))
 
     def _plan(self, ratios: np.ndarray) -> dict[str, list[int]]:
         round_to = int(self.cfg.prune.round_to)
@@ -670,8 +673,7 @@ class Sweep:
         sums = metrics.evaluate(model, metrics.make_batches(self.data.val, 256))
         m = metrics.macs(model, self.example[:1])
         p = metrics.params(model)
-        lat = metrics.latency_ms(model.to(self.device), self.example.to(self.device), int(self.cfg.baseline.latency_batch),
-                                 repeats=int(self.cfg.baseline.latency_repeats), threads=int(self.cfg.baseline.latency_threads))
+        lat = self._latency(model)
         model.cpu()
         return dict(metric=sums.metric(self.metric_name), loss=sums.mean_loss(), params=p, macs=m, latency_ms=lat,
                     macs_kept=m / float(self.base["macs"]), params_kept=p / float(self.base["params"]),

@@ -34,10 +34,10 @@ from typing import Any
 
 import torch
 from torch import nn
-from torch.utils.data import Dataset
 
 from ..structure import HeadSpec, Skip, Structure
 from .data import TaskData, _bundle
+from .text import TokenWindows
 
 _INSTALL = "pip install hpcprune[llm]"
 
@@ -264,27 +264,6 @@ def smollm2(dtype: str = "float32") -> HFCausalLM:
 
 
 # ---- tokenized text ---------------------------------------------------------------------------------
-class TokenWindows(Dataset):
-    """Non-overlapping windows of a token stream: ``(x, y)``, ``y`` is ``x`` shifted by one token."""
-
-    def __init__(self, ids: torch.Tensor, context: int) -> None:
-        if len(ids) < context + 1:
-            raise ValueError(f"{len(ids)} tokens hold no window of {context} + 1 tokens")
-        self.ids = ids
-        self.context = context
-        self.n = (len(ids) - 1) // context
-
-    def __len__(self) -> int:
-        return self.n
-
-    def __getitem__(self, i: int) -> tuple[torch.Tensor, torch.Tensor]:
-        if not 0 <= i < self.n:
-            raise IndexError(i)
-        s = i * self.context
-        w = self.ids[s : s + self.context + 1].long()
-        return w[:-1], w[1:]
-
-
 _TOKENIZERS: dict[str, Any] = {}
 _TOKENS: dict[tuple[str, str, str | None], torch.Tensor] = {}
 

@@ -23,15 +23,17 @@ _SKIP_DIRS = {"test", "tests", "idle_test", "site-packages", "dist-packages", "_
 EOF_BYTE = 0  # never occurs in Python source: marks the end of each file
 
 
-class ByteWindows(Dataset):
-    """Non-overlapping windows of a byte string: ``(x, y)``, ``y`` is ``x`` shifted by one byte."""
+class TokenWindows(Dataset):
+    """Non-overlapping windows of a token stream: ``(x, y)``, ``y`` is ``x`` shifted by one token."""
 
-    def __init__(self, data: bytes, context: int) -> None:
-        if len(data) < context + 1:
-            raise ValueError(f"{len(data)} bytes hold no window of {context} + 1 bytes")
-        self.buf = torch.frombuffer(bytearray(data), dtype=torch.uint8)
+    unit = "tokens"
+
+    def __init__(self, ids: torch.Tensor, context: int) -> None:
+        if len(ids) < context + 1:
+            raise ValueError(f"{len(ids)} {self.unit} hold no window of {context} + 1 {self.unit}")
+        self.ids = ids
         self.context = context
-        self.n = (len(data) - 1) // context
+        self.n = (len(ids) - 1) // context
 
     def __len__(self) -> int:
         return self.n
@@ -40,8 +42,17 @@ class ByteWindows(Dataset):
         if not 0 <= i < self.n:
             raise IndexError(i)
         s = i * self.context
-        w = self.buf[s : s + self.context + 1].long()
+        w = self.ids[s : s + self.context + 1].long()
         return w[:-1], w[1:]
+
+
+class ByteWindows(TokenWindows):
+    """Token windows over a byte string (one token per byte)."""
+
+    unit = "bytes"
+
+    def __init__(self, data: bytes, context: int) -> None:
+        super().__init__(torch.frombuffer(bytearray(data), dtype=torch.uint8) if data else torch.zeros(0, dtype=torch.uint8), context)
 
 
 def stdlib_files(root: str | None = None) -> list[str]:
