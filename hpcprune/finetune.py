@@ -17,6 +17,7 @@ import math
 import os
 import signal
 import time
+import zlib
 from typing import Any
 
 import torch
@@ -54,6 +55,18 @@ def _threads(spec: dict[str, Any], world: int) -> int:
     if os.environ.get("SUBMITIT_EXECUTOR") == "slurm" and per_task.isdigit() and int(per_task) > 0:
         return min(cores, int(per_task))
     return max(1, cores // max(1, int(spec.get("local_tasks", world))))
+
+
+# DDP rendezvous ports: below Linux's default ephemeral range (32768-60999), where any outgoing
+# connection on the node (another job's gloo sockets, a database client) may hold the port for a while
+_PORTS = (20000, 32000)
+
+
+def master_port(job_id: str) -> int:
+    """The rendezvous port of a fine-tune job: the same in every task, from the job id alone, so that
+    jobs sharing a node spread over the range (submitit's own pick is drawn from 20000-60000)."""
+    lo, hi = _PORTS
+    return lo + zlib.crc32(str(job_id).encode()) % (hi - lo)
 
 
 def _drop_stale_result(job_env: Any) -> None:
@@ -124,12 +137,11 @@ class FinetuneJob:
         if spec["distributed"]:
             import submitit
 
-            _drop_stale_result(submitit.JobEnvironment())
+            job = submitit.JobEnvironment()
+            _drop_stale_result(job)
+            os.environ["MASTER_PORT"] = str(spec.get("master_port") or master_port(job.job_id))
             env = submitit.helpers.TorchDistributedEnvironment()
-            if spec.get("master_port"):
-                os.environ.setdefault("MASTER_PORT", str(spec["master_port"]))
-                env = submitit.helpers.TorchDistributedEnvironment()
-            env.export(set_cuda_visible_devices=False)
+            env.export(set_cuda_visible_devices=False, overwrite=True)
             rank, world = env.rank, env.world_size
         cfg = OmegaConf.create(spec["config"])
         ft = cfg.finetune

@@ -73,8 +73,12 @@ def executor(cfg: Any, folder: str) -> Any:
         for key in ("partition", "account", "qos", "constraint", "mem"):
             if cfg.get(key):
                 params[key] = str(cfg[key])
-        if cfg.get("srun_args"):
-            params["srun_args"] = list(cfg.srun_args)
+        # one task failing ends the step: without it, the other DDP tasks wait in a collective (or the
+        # rendezvous) until their timeout, holding the allocation for half an hour
+        srun_args = [str(a) for a in (cfg.get("srun_args") or [])]
+        if not any(a.startswith(("--kill-on-bad-exit", "-K")) for a in srun_args):
+            srun_args.insert(0, "--kill-on-bad-exit=1")
+        params["srun_args"] = srun_args
         if cfg.get("additional_parameters"):
             params["additional_parameters"] = dict(cfg.additional_parameters)
         ex.update_parameters(**params)

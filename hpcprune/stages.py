@@ -87,6 +87,9 @@ def validate(cfg: DictConfig) -> None:
         bad("importance", cfg.importance, f"unknown criterion (choose from {', '.join(importance.CRITERIA)})")
     if cfg.launcher.name not in launch.LAUNCHERS:
         bad("launcher.name", cfg.launcher.name, f"unknown launcher (choose from {', '.join(launch.LAUNCHERS)})")
+    port = cfg.launcher.get("master_port")
+    if port is not None and (not isinstance(port, int) or not 1024 <= port <= 65535):
+        bad("launcher.master_port", port, "a TCP port in 1024-65535, or null to derive one from the job id")
     if not 0 <= cfg.finetune.distill.weight <= 1:
         bad("finetune.distill.weight", cfg.finetune.distill.weight, "must be in [0, 1]")
     for key in ("finetune.epochs", "baseline.epochs", "prune.bn_recalib_batches", "sensitivity.bn_recalib_batches"):
@@ -699,6 +702,7 @@ class Sweep:
                 "work_dir": work,
                 "distributed": cfg.launcher.name != "debug",
                 "local_tasks": ntasks if cfg.launcher.name == "local" else int(cfg.launcher.get("tasks_per_node", 1)),
+                "master_port": cfg.launcher.get("master_port"),
             }
             # a new submitit folder per submission: job ids (Slurm after a state wipe, local pids) come
             # back, and a stale result pickle under a reused id would make a new job look finished

@@ -11,6 +11,7 @@ import json
 import os
 import re
 import shutil
+import socket
 import subprocess
 import sys
 import time
@@ -81,8 +82,9 @@ def wait_job(job_id, timeout):
         if state.split(" ")[0] in TERMINAL:
             return state
         time.sleep(1)
+    held = queue()
     run(["scancel", str(job_id)])
-    raise AssertionError(f"job {job_id} did not end within {timeout} s (state {job_state(job_id)})")
+    raise AssertionError(f"job {job_id} did not end within {timeout} s (state {job_state(job_id)}); the queue:\n{held}")
 
 
 _SUBMITTED = []  # (job name, run directory or None) of each sweep job: see _cancel_leftovers
@@ -129,6 +131,11 @@ def job_output(out_dir, job_id):
     return open(path).read() if os.path.exists(path) else ""
 
 
+def queue():
+    """squeue's view (every job, with why a pending one waits): a timed-out wait says what held it."""
+    return run(["squeue", "-o", "%i %j %T %R %C"], timeout=30).stdout.strip()
+
+
 def wait_for(what, fn, timeout, poll=0.2):
     t0 = time.monotonic()
     while time.monotonic() - t0 < timeout:
@@ -136,7 +143,7 @@ def wait_for(what, fn, timeout, poll=0.2):
         if value:
             return value
         time.sleep(poll)
-    raise AssertionError(f"{what}: not within {timeout} s")
+    raise AssertionError(f"{what}: not within {timeout} s; the queue:\n{queue()}")
 
 
 def finetune_job_id(run_dir):
@@ -343,3 +350,32 @@ def test_cancelled_finetune_fails_sweep(slurm_run, tmp_path):
         assert f.attrs["status"] == "failed"
         assert f"fine-tune job {ft} failed" in f.attrs["status_reason"] and "CANCELLED" in f.attrs["status_reason"]
         assert "finetune" not in f
+
+
+@needs_slurm
+def test_finetune_task_failing_at_rendezvous_ends_the_job(slurm_run, tmp_path):
+    """Task 0 of the fine-tune job cannot open the DDP rendezvous (its port is taken): srun ends task 1
+    too (--kill-on-bad-exit, which task 1 would otherwise spend in the rendezvous until its 30-minute
+    timeout, holding the allocation), the job fails, and the sweep job fails with one line naming it."""
+    assert slurm_run["rc"] == 0, "the whole-pipeline sweep failed"
+    run_dir = without_finetune(slurm_run["run_dir"], tmp_path / "run")
+    out = str(tmp_path)
+    with socket.socket() as taken:
+        taken.bind(("", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        job, _ = submit(out, *OVERRIDES, f"launcher.master_port={port}", "resume.force=true", run_dir=run_dir)
+        ft = wait_for("fine-tune job submitted", lambda: finetune_job_id(run_dir), 300)
+        wait_for("fine-tune job running", lambda: job_state(ft) not in ("", "PENDING"), 120, poll=0.5)
+        t0 = time.monotonic()
+        state = wait_job(job, 180)
+    seconds = time.monotonic() - t0
+    print(f"fine-tune job started -> sweep job ended: {seconds:.1f} s")
+    text = job_output(out, job)
+    assert state.startswith("FAILED"), f"{state}\n{text[-3000:]}"
+    assert job_state(ft).startswith("FAILED"), job_state(ft)
+    errors = [ln for ln in text.splitlines() if ln.startswith("hpcprune: error:")]
+    assert len(errors) == 1, text[-3000:]
+    assert f"fine-tune job {ft} failed" in errors[0], errors[0]
+    with h5py.File(os.path.join(run_dir, "run.h5")) as f:
+        assert f.attrs["status"] == "failed" and f"fine-tune job {ft} failed" in f.attrs["status_reason"]
