@@ -18,6 +18,7 @@ CASES = [
     (["importance=vibes"], "importance=vibes"),
     (["checkpoint=/nonexistent/dense.pt"], "checkpoint=/nonexistent/dense.pt"),
     (["prune.target.macs=0.05", "prune.max_ratio=0.5"], "cannot be met"),
+    (["launcher.master_port=80"], "launcher.master_port=80: a TCP port"),
 ]
 
 
