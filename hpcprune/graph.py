@@ -19,6 +19,9 @@ from torch import nn
 from .structure import Skip, Structure, structure_of
 
 _MASKABLE = (nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.Linear, nn.modules.batchnorm._BatchNorm)
+# normalisations over the channel (last) dimension: zeroing a channel is not removing it (the mean
+# and variance see the zero), so they cannot be masked, but their scale and shift can be sliced
+_NORMS = tuple(t for t in (nn.LayerNorm, getattr(nn, "RMSNorm", None)) if t is not None)
 
 
 @dataclass
@@ -37,7 +40,8 @@ class GroupInfo:
     size: int  # units in the group: channels, neurons, KV groups (heads), 1 (a block)
     members: list[Member]
     maskable: bool  # every member can be masked exactly in place (else cells prune a copy)
-    sliceable: bool = False  # every member indexes the group's channels 1:1 (no concat/flatten mapping)
+    sliceable: bool = False  # every member indexes the group's channels 1:1 (no concat/flatten mapping) and can be
+    # cut in place: convolutions, linears, batch norms, layer/RMS norms, embeddings
     attrs: list[tuple[str, str, int]] = field(default_factory=list)  # heads: (module, attribute, value per unit)
     block: str | None = None  # block groups: the block's module name
 
@@ -132,8 +136,12 @@ class Graph:
         for g in self.dg.get_all_groups(ignored_layers=self.ignored, root_module_types=(nn.modules.conv._ConvNd, nn.Linear)):
             members: list[Member] = []
             identity = True
+            unwrapped = False
             for dep, idxs in g:
                 mod = dep.target.module
+                if isinstance(mod, nn.Parameter):  # a parameter of a module Torch-Pruning does not know
+                    unwrapped = True
+                    continue
                 if mod not in self.names:  # an op node (add, relu, reshape): nothing to cut
                     continue
                 out = self.dg.is_out_channel_pruning_fn(dep.handler)
@@ -145,11 +153,18 @@ class Graph:
             root_mod = self.by_name[name]
             size = int(self.dg.get_out_channels(root_mod))
             kind = "neurons" if isinstance(root_mod, nn.Linear) else "channels"
-            maskable = all(self._maskable(self.by_name[m.module], m.out) for m in members)
-            sliceable = maskable and identity
+            maskable = not unwrapped and all(self._maskable(self.by_name[m.module], m.out) for m in members)
+            sliceable = not unwrapped and identity and all(self._sliceable(self.by_name[m.module], m.out) for m in members)
             infos.append(GroupInfo(name, kind, size, members, maskable, sliceable))
             self._tp_groups[name] = root_mod
         return infos
+
+    def _sliceable(self, mod: nn.Module, out: bool) -> bool:
+        if isinstance(mod, _NORMS):  # over the last dimension only: (C,) scale and shift
+            return out and len(mod.normalized_shape) == 1
+        if isinstance(mod, nn.Embedding):  # its output channels are the embedding's columns
+            return out
+        return self._maskable(mod, out)
 
     def _maskable(self, mod: nn.Module, out: bool) -> bool:
         if not isinstance(mod, _MASKABLE):
@@ -267,6 +282,10 @@ def _dim_size(mod: nn.Module, out: bool) -> int:
         return mod.out_channels if (out or mod.groups > 1) else mod.in_channels
     if isinstance(mod, nn.Linear):
         return mod.out_features if out else mod.in_features
+    if isinstance(mod, _NORMS):
+        return int(mod.normalized_shape[-1])
+    if isinstance(mod, nn.Embedding):
+        return mod.embedding_dim if out else -1
     return -1
 
 
@@ -277,6 +296,9 @@ class Slice:
 
     saved: list[tuple[Any, str, Any]] = field(default_factory=list)
     permanent: bool = False
+    # tensors already cut, by id: a parameter tied between two members (an embedding and the output
+    # head) is cut once, and after a permanent cut both members hold the same new parameter
+    done: dict[int, Any] = field(default_factory=dict)
 
     def _set(self, obj: Any, attr: str, value: Any) -> None:
         self.saved.append((obj, attr, getattr(obj, attr)))
@@ -287,6 +309,10 @@ class Slice:
         t = getattr(mod, name)
         if t is None:
             return
+        if id(t) in self.done:
+            if self.permanent:
+                setattr(mod, name, self.done[id(t)][1])
+            return
         value = value_of(t.data)
         if self.permanent and isinstance(t, nn.Parameter):
             # a new Parameter of the new shape (an optimiser built later sees the right tensor)
@@ -295,6 +321,7 @@ class Slice:
             setattr(mod, name, value.contiguous())
         else:
             self._set(t, "data", value)
+        self.done[id(t)] = (t, getattr(mod, name))  # the old tensor is kept: its id stays unique
 
     def restore(self) -> None:
         for obj, attr, value in reversed(self.saved):
@@ -320,6 +347,15 @@ def slice_group(model_modules: dict[str, nn.Module], group: GroupInfo, keep: Seq
         seen.add(m.module)
         k = expand(list(keep), m.unit).to(mod.weight.device if getattr(mod, "weight", None) is not None else "cpu")
         rows = lambda t, k=k: t.index_select(0, k)  # noqa: E731
+        if isinstance(mod, _NORMS):
+            for name in ("weight", "bias"):
+                sl._param(mod, name, rows)
+            sl._set(mod, "normalized_shape", (len(k),))
+            continue
+        if isinstance(mod, nn.Embedding):
+            sl._param(mod, "weight", lambda t, k=k: t.index_select(1, k))
+            sl._set(mod, "embedding_dim", len(k))
+            continue
         if isinstance(mod, nn.modules.batchnorm._BatchNorm):
             for name in ("weight", "bias"):
                 sl._param(mod, name, rows)
@@ -342,6 +378,7 @@ def slice_group(model_modules: dict[str, nn.Module], group: GroupInfo, keep: Seq
             _sync_sizes(mod)
     if permanent:
         sl.saved.clear()
+        sl.done.clear()
     return sl
 
 

@@ -149,7 +149,8 @@ class Evaluator:
 
     def entry(self, g: GroupInfo) -> tuple[int, bool]:
         """(chain index where a cell's forward starts, whether the cache is that element's output)."""
-        if self.chain is None or not g.maskable:
+        in_place = g.maskable or (g.sliceable and self.slice_channels)
+        if self.chain is None or not in_place:
             return 0, False
         touched = [
             i for i, (name, _) in enumerate(self.chain)

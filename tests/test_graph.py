@@ -121,3 +121,29 @@ def test_sensitivity_prefers_insensitive_groups():
     damage[2] = 0.0  # group 2 costs nothing to prune
     alloc = allocate.sensitivity(cm, grid, damage, {"macs": 0.8}, 0.75)
     assert alloc.ratios[2] == max(alloc.ratios)
+
+
+@pytest.mark.parametrize("permanent", [False, True])
+def test_slice_cuts_a_tied_parameter_once(permanent):
+    """An embedding tied to the output head (one Parameter, two members of the width group) is cut
+    once; after a permanent cut both layers still share one (new) Parameter."""
+    from hpcprune.graph import GroupInfo, Member, slice_group
+
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Embedding(10, 6), torch.nn.LayerNorm(6), torch.nn.Linear(6, 10, bias=False))
+    model[2].weight = model[0].weight
+    g = GroupInfo("0", "channels", 6, [Member("0", True), Member("1", True), Member("2", False)], False, True)
+    x = torch.tensor([[1, 2, 3]])
+    keep = [0, 2, 3, 5]
+    want = torch.nn.functional.linear(
+        torch.nn.functional.layer_norm(model[0].weight[x][..., keep], (4,), model[1].weight[keep], model[1].bias[keep]),
+        model[0].weight[:, keep])
+    ref = model(x)
+    sl = slice_group(dict(model.named_modules()), g, keep, permanent=permanent)
+    torch.testing.assert_close(model(x), want)
+    assert model[0].weight.shape == (10, 4) and model[2].weight is model[0].weight
+    if not permanent:
+        sl.restore()
+        torch.testing.assert_close(model(x), ref, atol=0, rtol=0)
+    else:
+        assert isinstance(model[0].weight, torch.nn.Parameter)

@@ -155,8 +155,32 @@ def test_head_scores(gpt, criterion):
             torch.testing.assert_close(summed[g.name], scores[g.name], rtol=1e-9, atol=1e-12)
 
 
+def test_residual_width_slices_in_place(gpt):
+    """The residual width runs through embeddings, LayerNorms and every block's projections: it
+    cannot be masked (a LayerNorm sees the zeros), but it is cut in place exactly: slicing gives
+    Torch-Pruning's pruned model's output, and restore() leaves no trace."""
+    model, x, ignore = gpt
+    graph = Graph(model, x[:1], ignore)
+    mods = dict(model.named_modules())
+    ref = model(x)
+    (res,) = [g for g in graph.groups if g.name == "tok"]
+    kinds = {type(mods[m.module]).__name__ for m in res.members}
+    assert {"Embedding", "LayerNorm", "Linear"} <= kinds and not res.maskable and res.sliceable
+    drop = [3, 7, 8, 20]
+    sl = slice_group(mods, res, [i for i in range(res.size) if i not in drop])
+    sliced = model(x)
+    assert model.tok.weight.shape == (256, res.size - 4) and model.ln_f.normalized_shape == (res.size - 4,)
+    sl.restore()
+    pruned = copy.deepcopy(model)
+    Graph(pruned, x[:1], ignore).prune_group("tok", drop)
+    torch.testing.assert_close(sliced, pruned(x), atol=1e-5, rtol=1e-5)
+    assert not torch.allclose(sliced, ref, atol=1e-4)
+    torch.testing.assert_close(model(x), ref, atol=0, rtol=0)
+    assert model.tok.embedding_dim == res.size and model.ln_f.normalized_shape == (res.size,)
+
+
 def test_engine_equals_pruned_copies(gpt):
-    """Sensitivity cells for heads and blocks (in-place slicing and skipping) equal evaluating
+    """Sensitivity cells of every group kind (in-place slicing, skipping) equal evaluating
     physically pruned copies; a block's cells reuse one evaluation per state."""
     model, x, ignore = gpt
     graph = Graph(model, x[:1], ignore)
@@ -165,8 +189,6 @@ def test_engine_equals_pruned_copies(gpt):
     orders = {n: importance.prune_order(s) for n, s in importance.group_scores(graph, "l2").items()}
     ev = Evaluator(model, graph.groups, orders, ratios, batches, x[:1], ignore, cache_prefix=False)
     for gi, g in enumerate(graph.groups):
-        if g.kind not in ("heads", "block"):
-            continue
         cells = ev.run_chunk(Chunk(gi, list(range(len(ratios)))), rank=0)
         for c, r in zip(cells, ratios):
             pruned = copy.deepcopy(model)
