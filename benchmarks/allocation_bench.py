@@ -219,7 +219,8 @@ def main():
             table[gi, ri] = cpu_latency(m, lat_example, LAT["table_repeats"]) - ref + dense_lat
     cm.set_latency_table(RATIOS, table, dense_lat)
     log(f"latency table: {time.perf_counter() - t0:.0f} s")
-    tg = {"latency": 0.5}
+    target = {"latency": 0.5}
+    tg = target
     attempts = []
     start = None
     for attempt in range(4):  # what the prune stage does: re-measure the table around a miss, continue from there
@@ -231,14 +232,17 @@ def main():
         model = prune(alloc.ratios, "l2", round_to=8)
         lat_ms = cpu_latency(model, lat_example)
         lat_kept = lat_ms / dense_lat
-        attempts.append(round(lat_kept, 4))
+        macs_kept = metrics.macs(model, example.to(dev)) / dense_macs
+        attempts.append({"latency_kept": round(lat_kept, 4), "macs_kept": round(macs_kept, 4)})
         if lat_kept <= 0.5:
             break
         t0 = time.perf_counter()
         table, zero = allocate.latency_table_around(lambda rs: cpu_latency(prune(rs, "l2", round_to=8), lat_example, LAT["table_repeats"]),
                                                     RATIOS, alloc.ratios, lat_ms)
         cm.set_latency_table(RATIOS, table, dense_lat, lat_ms, zero)
-        log(f"latency {lat_kept:.3f} of dense > 0.5: table around the allocation in {time.perf_counter() - t0:.0f} s")
+        tg = allocate.tighten_for_latency(target, macs_kept, lat_kept)
+        log(f"latency {lat_kept:.3f} of dense > 0.5: table around the allocation in {time.perf_counter() - t0:.0f} s; "
+            f"MACs capped at {tg['macs']:.3f}")
         start = alloc.ratios
     ft = train(copy.deepcopy(model), data, args.ft_epochs, 1e-3, dev, 0, teacher=dense, kd_weight=0.7, max_steps=20 if args.quick else None)
     results.append({"method": "sensitivity+kd", "criterion": "l2", "target": "latency=0.5", "round_to": 8,

@@ -143,6 +143,20 @@ def latency_table_around(measure: Callable[[np.ndarray], float], grid: Sequence[
     return table, zero
 
 
+def tighten_for_latency(targets: dict[str, float], macs_kept: float, latency_kept: float) -> dict[str, float]:
+    """The targets for the next allocation after a measured latency miss: the same targets, plus a
+    MACs cap lower than the missed model's MACs by the factor of the miss (target / measured).
+
+    Why a MACs cap: the latency model is additive and measured with noise; when the noise is as
+    large as a group's effect (a few percent on a busy CPU), the table alone may re-allocate to a
+    model that is no faster. MACs are exact and additive, so the cap forces a real step towards the
+    target, in proportion to the miss, while the table still decides which groups carry it."""
+    out = dict(targets)
+    cap = macs_kept * targets["latency"] / latency_kept
+    out["macs"] = min(float(targets.get("macs", 1.0)), cap)
+    return out
+
+
 @dataclass
 class Allocation:
     ratios: np.ndarray

@@ -611,16 +611,17 @@ class Sweep:
             # around the allocation just pruned, so that it is exact there, and continue the
             # allocation from that point for the same target (sensitivity: only pruning more)
             self._relinearize_latency(ratios, rec["latency_ms"], attempt)
-            used = dict(targets)
-            adjustments.append({"attempt": attempt, "measured": measured, "targets": used, "relinearized": True})
-            log.info("latency kept %.3f > target %.3f: latency table measured around this allocation; re-allocating from it",
-                     measured, targets["latency"])
+            used = allocate.tighten_for_latency(targets, rec["macs_kept"], measured)
+            adjustments.append({"attempt": attempt, "measured": measured, "macs_kept": rec["macs_kept"], "targets": used,
+                                "relinearized": True})
+            log.info("latency kept %.3f > target %.3f: latency table measured around this allocation; re-allocating from "
+                     "it with MACs capped at %.3f", measured, targets["latency"], used["macs"])
             try:
                 alloc = self._allocate(used, start=ratios)
             except allocate.BudgetError as e:
                 raise RuntimeError(f"prune.target.latency={targets['latency']}: still {measured:.3f} of the dense latency after "
-                                   f"{attempt} re-allocation(s), and the latency table measured around this allocation says the "
-                                   f"target is out of reach ({e})") from e
+                                   f"{attempt} re-allocation(s), and the next step (the table measured around this allocation, "
+                                   f"MACs capped at {used['macs']:.3f}) is out of reach ({e})") from e
             self._write_allocation(alloc, used, adjustments)
             ratios = alloc.ratios
         else:

@@ -44,6 +44,8 @@ def test_latency_target_is_measured_and_enforced(tmp_path):
             around = f[f"latency/around_{a['attempt']}"]
             assert around["table_ms"].shape == (G, len(f["sensitivity/ratios"])) and around["zero_ms"].shape == (G,)
             assert around.attrs["base_ms"] > 0
+            # and capped the MACs of the next allocation below the missed model's by the factor of the miss
+            assert a["targets"]["macs"] == pytest.approx(a["macs_kept"] * 0.8 / a["measured"])
 
 
 def test_relinearized_latency_model_is_exact_at_its_reference():
