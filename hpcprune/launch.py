@@ -117,16 +117,28 @@ def results(job: Any, poll_s: float = 10.0) -> list[Any]:
     watcher = getattr(job, "watcher", None) if type(job).__name__ == "SlurmJob" else None
     tasks = _LocalTasks(job) if type(job).__name__ == "LocalJob" else None
     last = time.monotonic()
-    while not job.done():
-        time.sleep(1.0)
-        if watcher is not None and time.monotonic() - last >= poll_s:
-            watcher.update()
-            last = time.monotonic()
-        if tasks is not None:
-            dead = tasks.died_without_result()
-            if dead is not None:  # the others would wait for it at the rendezvous (30 min) or forever
-                tasks.kill_live()  # the controller then ends by itself (job.cancel's SIGINT prints a traceback)
-                raise JobFailed(f"task {dead[0]} (pid {dead[1] or '?'}) died without a result (killed or crashed)")
+    with _sigterm_raises():
+        try:
+            while not job.done():
+                time.sleep(1.0)
+                if watcher is not None and time.monotonic() - last >= poll_s:
+                    watcher.update()
+                    last = time.monotonic()
+                if tasks is not None:
+                    dead = tasks.died_without_result()
+                    if dead is not None:  # the others would wait for it at the rendezvous (30 min) or forever
+                        tasks.kill_live()  # the controller then ends by itself (job.cancel's SIGINT prints a traceback)
+                        raise JobFailed(f"task {dead[0]} (pid {dead[1] or '?'}) died without a result (killed or crashed)")
+        except _SigTerm:
+            # the sweep is being stopped (kill, a scheduler's time limit): its job goes with it. Left
+            # running, local tasks would be orphans, and a resumed sweep would submit a second job
+            # next to a Slurm job still writing the same checkpoint
+            if tasks is not None:
+                tasks.kill_live()
+            else:
+                with contextlib.suppress(Exception):
+                    job.cancel(check=False)
+            raise JobFailed("stopped: the sweep got SIGTERM, and cancelled the job") from None
     try:
         return list(job.results())
     except FailedJobError as e:  # a subclass of UncompletedJobError: first
@@ -134,6 +146,29 @@ def results(job: Any, poll_s: float = 10.0) -> list[Any]:
     except UncompletedJobError as e:
         state = watcher.get_state(job.job_id, mode="force") if watcher is not None else getattr(job, "state", "?")
         raise JobFailed(f"it ended without a result (state {state})") from e
+
+
+class _SigTerm(Exception):
+    pass
+
+
+@contextlib.contextmanager
+def _sigterm_raises() -> Iterator[None]:
+    """SIGTERM raises _SigTerm in the main thread while the block runs (elsewhere: no change)."""
+    import threading
+
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+
+    def handler(signum: int, frame: Any) -> None:
+        raise _SigTerm()
+
+    old = signal.signal(signal.SIGTERM, handler)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, old)
 
 
 def _last_error_line(e: BaseException) -> str:

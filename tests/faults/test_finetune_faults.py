@@ -126,3 +126,23 @@ def test_task_sigkilled_before_rendezvous(tmp_path, dense_ckpt):
         job.cleanup()
         wait_gone(d, timeout=30)
     _failed_clearly(job, d, rc, ended)
+
+
+def test_sigterm_of_the_sweep_stops_its_finetune_job(tmp_path, dense_ckpt):
+    """SIGTERM to the sweep process alone (a workflow manager's kill) while its fine-tune job trains:
+    the job's tasks go with it (no orphan keeps training into the run directory), the sweep exits
+    non-zero with one line, and the run file says failed, and why."""
+    d = tmp_path / "run"
+    job = Job(sweep_cmd(d, *config(dense_ckpt, "finetune.epochs=200")), tmp_path / "log")
+    try:
+        _wait(lambda: (d / "finetune" / "checkpoint.pt").exists(), job, what="the first fine-tune checkpoint")
+        assert task_pid(d, 0) and task_pid(d, 1), run_procs(d)
+        os.kill(job.pid, signal.SIGTERM)
+        fault_at = time.monotonic()
+        rc = job.wait(timeout=BOUND_S + 30)
+        ended = time.monotonic() - fault_at
+    finally:
+        job.cleanup()
+    line, ended = _failed_clearly(job, d, rc, ended)
+    assert "stopped: the sweep got SIGTERM" in line, line
+    print(f"ended {ended:.1f} s after SIGTERM: {line}")
