@@ -198,7 +198,18 @@ class Graph:
         root = self._tp_groups[name]
         pruner = self.dg.get_pruner_of_module(root)
         group = self.dg.get_pruning_group(root, pruner.prune_out_channels, [int(i) for i in idxs])
+        # Torch-Pruning 1.6's LayerNorm pruner keeps its scale and shift in the order of a Python set
+        # (it calls the tensor's non-in-place sort()): with many channels cut, the kept entries come
+        # out permuted against the channels they belong to. Its result is replaced by the sorted cut.
+        norms = [(dep.target.module, [int(i) for i in di]) for dep, di in group
+                 if isinstance(dep.target.module, nn.LayerNorm) and dep.target.module.elementwise_affine]
+        norms = [(m, {k: getattr(m, k).detach().clone() for k in ("weight", "bias") if getattr(m, k) is not None},
+                  sorted(set(range(m.normalized_shape[-1])) - set(di))) for m, di in norms]
         group.prune()
+        for mod, before, keep in norms:
+            for k, t in before.items():
+                if getattr(mod, k).shape[-1] == len(keep):
+                    setattr(mod, k, nn.Parameter(t[..., keep].contiguous(), requires_grad=getattr(mod, k).requires_grad))
 
     def apply_plan(self, plan: dict[str, Sequence[int]]) -> None:
         """Prune to the kept unit indices per group (``plan[group] = kept indices``): channel groups

@@ -77,7 +77,7 @@ def test_groups_and_pruning_keep_a_valid_model():
     assert ignore[0] == "head" and "blocks.1.attn.v" in ignore
     graph = Graph(model, x[:1], ignore)
     assert [(g.name, g.kind, g.size, g.maskable, g.sliceable) for g in graph.groups] == [
-        ("tok", "channels", 64, False, False),
+        ("tok", "channels", 64, False, True),  # LayerNorms: not maskable, sliceable
         ("blocks.0:block", "block", 1, False, False),
         ("blocks.0.attn:heads", "heads", 4, True, True),
         ("blocks.0.mlp.up", "neurons", 256, True, True),
