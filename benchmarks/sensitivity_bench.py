@@ -7,6 +7,10 @@
 (a) naive: per cell deepcopy the model, build a DependencyGraph, prune the group, evaluate;
 (b) the engine on 1 rank; (c) the engine on 2 ranks (mpiexec -n 2), each at 1 thread.
 All three must give the same loss/accuracy matrix (1e-5). The last line is one JSON object.
+
+The engine runs convolutions in NHWC layout, as the sweep does (``sensitivity.channels_last``);
+``--no-channels-last`` measures it in the default layout, and ``--naive-nhwc`` also times the naive
+loop on an NHWC model: how much of the speed-up is computing less and how much is the layout.
 """
 from __future__ import annotations
 
@@ -27,7 +31,7 @@ sys.path.insert(0, os.path.dirname(HERE))
 
 from hpcprune import importance, metrics  # noqa: E402
 from hpcprune.graph import Graph, n_keep  # noqa: E402
-from hpcprune.sensitivity import DONE, Evaluator, run_sensitivity  # noqa: E402
+from hpcprune.sensitivity import DONE, Evaluator, nhwc, run_sensitivity  # noqa: E402
 from hpcprune.world import World  # noqa: E402
 from hpcprune.zoo import data as zdata  # noqa: E402
 from hpcprune.zoo.models import resnet  # noqa: E402
@@ -134,13 +138,16 @@ def naive(model, batches, example, ignore, graph, orders):
     return loss, acc
 
 
-def engine(world, model, batches, example, ignore, graph, orders):
-    ev = Evaluator(model, graph.groups, orders, RATIOS, batches, example, ignore)
+def engine(world, model, batches, example, ignore, graph, orders, channels_last):
+    ev = Evaluator(model, graph.groups, orders, RATIOS, batches, example, ignore, channels_last=channels_last)
     pending = np.ones((len(graph.groups), len(RATIOS)), bool)
     mm = metrics.module_macs(model, example)
     world.barrier()
     t0 = time.perf_counter()
-    res = run_sensitivity(world, ev, pending, mm)
+    try:
+        res = run_sensitivity(world, ev, pending, mm)
+    finally:
+        ev.close()
     return res, time.perf_counter() - t0
 
 
@@ -148,7 +155,7 @@ def worker(args):
     world = World.from_env()
     torch.set_num_threads(args.threads)
     model, batches, example, ignore, graph, orders = setup(args)
-    res, secs = engine(world, model, batches, example, ignore, graph, orders)
+    res, secs = engine(world, model, batches, example, ignore, graph, orders, not args.no_channels_last)
     if world.is_main:
         loss, acc = to_matrix(res, len(graph.groups))
         np.savez(args.out, loss=loss, acc=acc, seconds=secs)
@@ -165,6 +172,9 @@ def main():
     ap.add_argument("--synthetic", action="store_true", help="random inputs (no Fashion-MNIST files needed)")
     ap.add_argument("--no-naive", action="store_true")
     ap.add_argument("--no-mpi", action="store_true")
+    ap.add_argument("--no-channels-last", action="store_true", help="the engine in the default (NCHW) layout")
+    ap.add_argument("--naive-nhwc", action="store_true",
+                    help="also time the naive loop on an NHWC model and batches: how much of the speed-up is the layout")
     ap.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
     ap.add_argument("--out", default=None, help=argparse.SUPPRESS)
     args = ap.parse_args()
@@ -182,7 +192,14 @@ def main():
         ref = naive(model, batches, example, ignore, graph, orders)
         out["naive_s"] = time.perf_counter() - t0
         print(f"(a) naive loop:     {out['naive_s']:.1f} s", flush=True)
-    res, secs = engine(World(None), model, batches, example, ignore, graph, orders)
+    if args.naive_nhwc and not args.no_naive:
+        t0 = time.perf_counter()
+        naive(copy.deepcopy(model).to(memory_format=torch.channels_last),
+              [(nhwc(x), y) for x, y in batches], nhwc(example), ignore, graph, orders)
+        out["naive_nhwc_s"] = time.perf_counter() - t0
+        print(f"(a') naive loop, NHWC: {out['naive_nhwc_s']:.1f} s", flush=True)
+    out["channels_last"] = not args.no_channels_last
+    res, secs = engine(World(None), model, batches, example, ignore, graph, orders, not args.no_channels_last)
     e1 = to_matrix(res, G)
     out["engine_1rank_s"] = secs
     print(f"(b) engine, 1 rank: {secs:.1f} s", flush=True)
@@ -197,7 +214,8 @@ def main():
             mpiexec = os.path.join(os.path.dirname(sys.executable), "mpiexec")
             cmd = [mpiexec, "-n", "2", sys.executable, os.path.abspath(__file__), "--worker", "--out", npz,
                    "--device", args.device, "--calib", str(args.calib), "--batch-size", str(args.batch_size),
-                   "--threads", str(args.threads), "--model", args.model] + (["--synthetic"] if args.synthetic else [])
+                   "--threads", str(args.threads), "--model", args.model] + (["--synthetic"] if args.synthetic else []) \
+                + (["--no-channels-last"] if args.no_channels_last else [])
             subprocess.run(cmd, check=True)
             e2 = np.load(npz)
             out["engine_2rank_s"] = float(e2["seconds"])
@@ -208,7 +226,9 @@ def main():
             out["speedup_2rank_vs_naive"] = out["naive_s"] / out["engine_2rank_s"]
     out["cells_per_s_1rank"] = out["cells"] / secs
     out["identical"] = identical
-    print(json.dumps({k: (round(v, 4) if isinstance(v, float) else v) for k, v in out.items()}))
+    # 4 decimals, but small differences (max_abs_diff_naive) keep 3 significant digits
+    print(json.dumps({k: (float(f"{v:.3g}") if isinstance(v, float) and 0 < abs(v) < 1e-3 else round(v, 4) if isinstance(v, float)
+                          else v) for k, v in out.items()}))
 
 
 if __name__ == "__main__":

@@ -325,6 +325,8 @@ class Slice:
                 setattr(mod, name, self.done[id(t)][1])
             return
         value = value_of(t.data)
+        if t.dim() == 4 and not t.is_contiguous() and t.is_contiguous(memory_format=torch.channels_last):
+            value = value.contiguous(memory_format=torch.channels_last)  # keep a conv weight's NHWC layout
         if self.permanent and isinstance(t, nn.Parameter):
             # a new Parameter of the new shape (an optimiser built later sees the right tensor)
             setattr(mod, name, nn.Parameter(value.contiguous(), requires_grad=t.requires_grad))

@@ -112,6 +112,10 @@ class Evaluator:
     of the member layers in place (``slice_group``: the pruned model's exact computation), or
     zeroes them (``mask_group``) where index mappings forbid slicing, or, for layers that can be
     neither, prunes a copy.
+
+    ``channels_last``: run convolutions on NHWC tensors (weights, calibration batches, cached
+    activations, sliced weights), faster conv kernels on CPU and tensor cores; the numbers agree
+    with the default layout to rounding (~1e-7). ``close()`` puts the model back in the default layout.
     """
 
     def __init__(
@@ -126,7 +130,13 @@ class Evaluator:
         cache_prefix: bool = True,
         slice_channels: bool = True,
         recal_batches: Sequence[tuple[torch.Tensor, torch.Tensor]] = (),
+        channels_last: bool = False,
     ) -> None:
+        self.channels_last = channels_last and any(isinstance(m, nn.Conv2d) for m in model.modules())
+        if self.channels_last:
+            model.to(memory_format=torch.channels_last)
+            batches = [(nhwc(x), y) for x, y in batches]
+            recal_batches = [(nhwc(x), y) for x, y in recal_batches]
         self.model = model.eval()
         self.modules = dict(model.named_modules())
         self.groups = list(groups)
@@ -142,6 +152,12 @@ class Evaluator:
         self.recal_batches = list(recal_batches)
         self.structure = structure_of(model)
         self._memo: dict[tuple, EvalSums] = {}  # (group or None, units cut, shard, shards) -> sums
+
+    def close(self) -> None:
+        """The model back in the default memory layout (after ``channels_last``)."""
+        if self.channels_last:
+            self.model.to(memory_format=torch.contiguous_format)
+            self.channels_last = False
 
     def _idxs(self, g: GroupInfo, ratio: float) -> list[int]:
         n = g.size - n_keep(g, ratio)
@@ -181,7 +197,7 @@ class Evaluator:
         total = EvalSums()
         for h, (_, y) in zip(inputs, batches):
             if keep is not None:
-                h = h.index_select(1, keep)
+                h = nhwc(h.index_select(1, keep)) if self.channels_last else h.index_select(1, keep)
             for _, child in self.chain[k:]:  # type: ignore[index]
                 h = child(h)
             total = total + batch_sums(h, y)
@@ -289,7 +305,7 @@ class Evaluator:
             if recal_prefix is not None:
                 for h in recal_prefix:
                     if keep is not None:
-                        h = h.index_select(1, keep)
+                        h = nhwc(h.index_select(1, keep)) if self.channels_last else h.index_select(1, keep)
                     for _, child in self.chain[k:]:  # type: ignore[index]
                         h = child(h)
             else:
@@ -344,6 +360,11 @@ def make_chunks(
             shards = min(n_batches, max(1, math.ceil(cost(g, part_l) / target))) if len(part_l) == 1 else 1
             chunks += [Chunk(g, part_l, 0.0, i, shards) for i in range(shards)]
     return chunks
+
+
+def nhwc(x: torch.Tensor) -> torch.Tensor:
+    """A 4-D tensor in channels-last layout (others unchanged)."""
+    return x.contiguous(memory_format=torch.channels_last) if x.dim() == 4 else x
 
 
 def run_sensitivity(

@@ -70,6 +70,8 @@ def validate(cfg: DictConfig) -> None:
             bad("sensitivity.ratios", ratios, f"ratio {r} is outside (0, 1)")
     if any(b <= a for a, b in zip(ratios, ratios[1:])):
         bad("sensitivity.ratios", ratios, "ratios must be strictly increasing")
+    if not isinstance(cfg.sensitivity.get("channels_last", False), bool):
+        bad("sensitivity.channels_last", cfg.sensitivity.channels_last, "must be true or false")
     if not 0 < cfg.prune.max_ratio < 1:
         bad("prune.max_ratio", cfg.prune.max_ratio, "must be in (0, 1)")
     if int(cfg.prune.round_to) < 1:
@@ -384,6 +386,7 @@ class Sweep:
             self.model.to(self.device), self.graph.groups, self.orders, ratios, self.calib, self.example[:1].to(self.device),
             self.ignore, bool(cfg.sensitivity.cache_prefix),
             recal_batches=[(x.to(self.device), y) for x, y in self._train_batches(int(cfg.sensitivity.bn_recalib_batches))],
+            channels_last=bool(cfg.sensitivity.get("channels_last", False)),
         )
         t0 = time.perf_counter()
         buffer: list[Any] = []
@@ -400,7 +403,10 @@ class Sweep:
             from tqdm import tqdm
 
             bar = tqdm(total=int(pending.sum()), desc="sensitivity", unit="cell", file=sys.stderr, disable=None)
-        results = run_sensitivity(self.world, evaluator, pending, self.module_macs, on_results if self.main else None, stop, bar)
+        try:
+            results = run_sensitivity(self.world, evaluator, pending, self.module_macs, on_results if self.main else None, stop, bar)
+        finally:
+            evaluator.close()
         if bar is not None:
             bar.close()
         self.model.cpu()

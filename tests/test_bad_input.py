@@ -19,6 +19,7 @@ CASES = [
     (["checkpoint=/nonexistent/dense.pt"], "checkpoint=/nonexistent/dense.pt"),
     (["prune.target.macs=0.05", "prune.max_ratio=0.5"], "cannot be met"),
     (["launcher.master_port=80"], "launcher.master_port=80: a TCP port"),
+    (["sensitivity.channels_last=maybe"], "sensitivity.channels_last=maybe: must be true or false"),
 ]
 
 

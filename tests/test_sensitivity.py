@@ -54,13 +54,26 @@ def _naive(model, x, ignore, graph, orders, batches):
 
 
 @pytest.mark.parametrize("kind", ["resnet", "mlp"])
-@pytest.mark.parametrize("cache,slice_", [(True, True), (True, False), (False, False)])
-def test_engine_equals_naive_loop(kind, cache, slice_):
+@pytest.mark.parametrize("cache,slice_,nhwc", [(True, True, False), (True, True, True), (True, False, True), (False, False, False)])
+def test_engine_equals_naive_loop(kind, cache, slice_, nhwc):
     model, x, ignore, graph, orders, batches = _setup(kind)
     before = {k: v.clone() for k, v in model.state_dict().items()}
-    ev = Evaluator(model, graph.groups, orders, RATIOS, batches, x[:1], ignore, cache_prefix=cache, slice_channels=slice_)
+    ev = Evaluator(model, graph.groups, orders, RATIOS, batches, x[:1], ignore, cache_prefix=cache, slice_channels=slice_,
+                   channels_last=nhwc)
+    assert ev.channels_last == (nhwc and kind == "resnet")  # NHWC only where there are 2-D convolutions
     G = len(graph.groups)
+    layouts = []
+    if ev.channels_last:  # sliced conv weights keep the NHWC layout while a cell runs
+        from hpcprune.graph import slice_group
+
+        g = next(g for g in graph.groups if g.sliceable)
+        sl = slice_group(dict(model.named_modules()), g, list(range(g.size // 2)))
+        layouts = [m.weight.is_contiguous(memory_format=torch.channels_last) for m in model.modules() if isinstance(m, torch.nn.Conv2d)]
+        sl.restore()
+        assert all(layouts)
     res = run_sensitivity(World(None), ev, np.ones((G, len(RATIOS)), bool), metrics.module_macs(model, x[:1]))
+    ev.close()
+    assert all(p.is_contiguous() for p in model.parameters())  # back in the default layout
     assert len(res) == G * len(RATIOS)
     np.testing.assert_allclose(_matrix(res, G), _naive(model, x, ignore, graph, orders, batches), atol=1e-5, rtol=1e-5)
     for k, v in model.state_dict().items():  # nothing leaks into the model
