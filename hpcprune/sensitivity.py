@@ -323,14 +323,19 @@ class Evaluator:
         return self._full_sums(model, batches)
 
     def chunk_cost(self, chunk: Chunk, module_macs: dict[str, int] | None) -> float:
-        """Relative cost: forward MACs before the cache point once, after it once per ratio."""
-        k, _ = self.entry(self.groups[chunk.group])
+        """Relative cost: forward MACs before the cache point once, after it once per distinct cell
+        (ratios that cut the same number of units are one evaluation; cutting nothing is the dense
+        model, nearly free). A block's 9 ratios are 2 evaluations: such a chunk is not worth splitting."""
+        g = self.groups[chunk.group]
+        cuts = {len(self._idxs(g, self.ratios[r])) for r in chunk.ratios}
+        evals = len(cuts - {0}) + (0.1 if 0 in cuts else 0.0)
+        k, _ = self.entry(g)
         if module_macs is None or self.chain is None:
-            return float(len(chunk.ratios))
+            return evals / chunk.shards
         per = [sum(v for n, v in module_macs.items() if n == name or n.startswith(name + ".")) for name, _ in self.chain]
         total = sum(per) or 1.0
         suffix = sum(per[k:]) / total
-        return ((1.0 - suffix) + suffix * len(chunk.ratios)) / chunk.shards
+        return ((1.0 - suffix) + suffix * evals) / chunk.shards
 
 
 def make_chunks(

@@ -201,6 +201,9 @@ def test_engine_equals_pruned_copies(gpt):
             np.testing.assert_allclose(c.sums, want, rtol=1e-6, atol=1e-6)
         if g.kind == "block":
             assert cells[2].sums == cells[1].sums and cells[2].seconds < cells[1].seconds
+            # the scheduler's cost counts evaluations, not ratios: ratios 0.25 (keeps the block),
+            # 0.5 and 0.75 (the same skipped model) are the dense model and one evaluation
+            assert ev.chunk_cost(Chunk(gi, [0, 1, 2]), None) == pytest.approx(1.1)
 
 
 def test_allocator_mixes_width_and_depth(gpt):
