@@ -26,6 +26,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from . import blockcache
 from .graph import Graph, GroupInfo, Slice, mask_group, n_keep, skip_block, slice_group
 from .structure import structure_of
 from .metrics import EvalSums, batch_sums
@@ -152,6 +153,7 @@ class Evaluator:
         self.recal_batches = list(recal_batches)
         self.structure = structure_of(model)
         self._memo: dict[tuple, EvalSums] = {}  # (group or None, units cut, shard, shards) -> sums
+        self._plans: dict[int, blockcache.BlockPlan | None] = {}
 
     def close(self) -> None:
         """The model back in the default memory layout (after ``channels_last``)."""
@@ -183,6 +185,25 @@ class Evaluator:
             return k + 1, True
         return k, False
 
+    def block_plan(self, gi: int) -> blockcache.BlockPlan | None:
+        """Inside the block where group ``gi``'s cells start: what a cell can skip (see blockcache)."""
+        if gi not in self._plans:
+            g = self.groups[gi]
+            k, sliced_cache = self.entry(g)
+            plan = None
+            if (self.chain is not None and not sliced_cache and g.sliceable and self.slice_channels
+                    and g.kind in ("channels", "neurons") and all(m.unit == 1 for m in g.members)):
+                name, mod = self.chain[k]
+                members = {m.module: m.out for m in g.members if m.module.startswith(name + ".")}
+                if members and any(True for _ in mod.children()):
+                    plan = blockcache.plan_block(mod, name, members, no_unchanged_bn=bool(self.recal_batches))
+            self._plans[gi] = plan
+        return self._plans[gi]
+
+    @torch.inference_mode()
+    def _captured(self, plan: blockcache.BlockPlan, k: int, batches: Sequence) -> list[list[torch.Tensor]]:
+        return [blockcache.capture(plan, h) for h in self._prefix(k, batches)]
+
     @torch.inference_mode()
     def _prefix(self, k: int, batches: Sequence[tuple[torch.Tensor, torch.Tensor]]) -> list[torch.Tensor]:
         outs = []
@@ -192,13 +213,21 @@ class Evaluator:
             outs.append(x)
         return outs
 
+    def _enter(self, k: int, h: Any, keep: torch.Tensor | None, plan: blockcache.BlockPlan | None) -> tuple[int, torch.Tensor]:
+        """From a cached value to the input of the chain element where the cell's forward goes on."""
+        if plan is not None:  # the cut part of block k, from its cached values
+            return k + 1, blockcache.run(plan, h, keep, self.channels_last)
+        if keep is not None:
+            h = nhwc(h.index_select(1, keep)) if self.channels_last else h.index_select(1, keep)
+        return k, h
+
     @torch.inference_mode()
-    def _suffix_sums(self, k: int, inputs: Sequence[torch.Tensor], keep: torch.Tensor | None, batches: Sequence) -> EvalSums:
+    def _suffix_sums(self, k: int, inputs: Sequence[Any], keep: torch.Tensor | None, batches: Sequence,
+                     plan: blockcache.BlockPlan | None = None) -> EvalSums:
         total = EvalSums()
         for h, (_, y) in zip(inputs, batches):
-            if keep is not None:
-                h = nhwc(h.index_select(1, keep)) if self.channels_last else h.index_select(1, keep)
-            for _, child in self.chain[k:]:  # type: ignore[index]
+            start, h = self._enter(k, h, keep, plan)
+            for _, child in self.chain[start:]:  # type: ignore[index]
                 h = child(h)
             total = total + batch_sums(h, y)
         return total
@@ -222,8 +251,13 @@ class Evaluator:
             batches = [self.batches[i] for i in np.array_split(np.arange(len(self.batches)), chunk.shards)[chunk.shard]]
             stop_below = None  # a share of the batches cannot decide an early stop
         t_prefix = time.perf_counter()
-        prefix = self._prefix(k, batches) if k > 0 else None
-        recal_prefix = self._prefix(k, self.recal_batches) if (k > 0 and self.recal_batches) else None
+        plan = self.block_plan(chunk.group)
+        if plan is not None:
+            prefix: Any = self._captured(plan, k, batches)
+            recal_prefix: Any = self._captured(plan, k, self.recal_batches) if self.recal_batches else None
+        else:
+            prefix = self._prefix(k, batches) if k > 0 else None
+            recal_prefix = self._prefix(k, self.recal_batches) if (k > 0 and self.recal_batches) else None
         t_prefix = time.perf_counter() - t_prefix
         stopped = False
         for r in chunk.ratios:
@@ -254,19 +288,19 @@ class Evaluator:
                 drop = set(idxs)
                 keep = [i for i in range(g.size) if i not in drop]
                 cut: Any = slice_group(self.modules, g, keep)
-                if sliced_cache:
+                if sliced_cache or plan is not None:
                     keep_t = torch.as_tensor(keep, dtype=torch.long, device=self.batches[0][0].device)
             elif g.maskable:
                 cut = mask_group(self.modules, g, idxs)
             else:
                 cut = None
             recal = self.recal_batches and cut is not None and not (g.kind == "block" and not idxs) and self._suffix_bns(k)
-            bn_saved = self._recalibrate(k, recal_prefix, keep_t) if recal else None
+            bn_saved = self._recalibrate(k, recal_prefix, keep_t, plan) if recal else None
             try:
                 if cut is None:  # exact fallback: prune a copy
                     sums = self._pruned_copy_sums(g, idxs, batches)
                 elif prefix is not None:
-                    sums = self._suffix_sums(k, prefix, keep_t, batches)
+                    sums = self._suffix_sums(k, prefix, keep_t, batches, plan)
                 else:
                     sums = self._full_sums(self.model, batches)
             finally:
@@ -290,7 +324,8 @@ class Evaluator:
         return [m for r in roots for m in r.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
 
     @torch.no_grad()
-    def _recalibrate(self, k: int, recal_prefix: Sequence[torch.Tensor] | None, keep: torch.Tensor | None) -> list:
+    def _recalibrate(self, k: int, recal_prefix: Sequence[Any] | None, keep: torch.Tensor | None,
+                     plan: blockcache.BlockPlan | None = None) -> list:
         """Re-estimate the BatchNorm statistics after the cut point on the recalibration batches
         (cumulative average); returns what ``run_chunk`` restores afterwards."""
         bns = self._suffix_bns(k)
@@ -304,9 +339,8 @@ class Evaluator:
         try:
             if recal_prefix is not None:
                 for h in recal_prefix:
-                    if keep is not None:
-                        h = nhwc(h.index_select(1, keep)) if self.channels_last else h.index_select(1, keep)
-                    for _, child in self.chain[k:]:  # type: ignore[index]
+                    start, h = self._enter(k, h, keep, plan)
+                    for _, child in self.chain[start:]:  # type: ignore[index]
                         h = child(h)
             else:
                 for x, _ in self.recal_batches:

@@ -379,15 +379,15 @@ class Sweep:
         if floor is not None:
             name = self.metric_name
             stop = (lambda s: s.metric(name) < floor) if higher else (lambda s: s.metric(name) > floor)
-        # damage is measured against the dense model on the same calibration batches
-        dense_calib = metrics.evaluate(self.model.to(self.device), self.calib)
-        self.dense_calib = (dense_calib.metric(self.metric_name), dense_calib.mean_loss())
         evaluator = Evaluator(
             self.model.to(self.device), self.graph.groups, self.orders, ratios, self.calib, self.example[:1].to(self.device),
             self.ignore, bool(cfg.sensitivity.cache_prefix),
             recal_batches=[(x.to(self.device), y) for x, y in self._train_batches(int(cfg.sensitivity.bn_recalib_batches))],
             channels_last=bool(cfg.sensitivity.get("channels_last", False)),
         )
+        # damage is measured against the dense model on the same calibration batches, in the same layout
+        dense_calib = metrics.evaluate(evaluator.model, evaluator.batches)
+        self.dense_calib = (dense_calib.metric(self.metric_name), dense_calib.mean_loss())
         t0 = time.perf_counter()
         buffer: list[Any] = []
         last = [time.perf_counter()]
