@@ -13,7 +13,7 @@ checkpoints are those of ``model=resnet_tiny``.
 - ``nan_resnet``: the output of each module listed in ``nan_modules`` becomes NaN whenever that
   module's output is narrower than the dense model's: sensitivity cells that slice channels out of
   it (and the pruned model) output NaN; the dense model is fine. ``nan_modules=all`` hooks every
-  convolution: the whole sensitivity grid is NaN.
+  convolution and BatchNorm: the whole sensitivity grid is NaN.
 """
 from __future__ import annotations
 
@@ -58,9 +58,13 @@ def raising_resnet(fail_after: int = 0, fail_rank: int = 1, rank_var: str = "PMI
 def nan_resnet(nan_modules: list[str] | str = "all", **kwargs) -> nn.Module:
     model = resnet(**kwargs)
     mods = dict(model.named_modules())
-    names = [n for n, m in mods.items() if isinstance(m, nn.Conv2d)] if nan_modules == "all" else list(nan_modules)
+    # "all": every convolution and BatchNorm (sensitivity cells may take a group's first convolution's
+    # output from a cache instead of running it; the BatchNorm after it runs)
+    kinds = (nn.Conv2d, nn.BatchNorm2d)
+    names = [n for n, m in mods.items() if isinstance(m, kinds)] if nan_modules == "all" else list(nan_modules)
     for name in names:
-        width = mods[name].out_channels
+        mod = mods[name]
+        width = mod.out_channels if isinstance(mod, nn.Conv2d) else mod.num_features
 
         def hook(mod: nn.Module, inp: tuple, out: torch.Tensor, width: int = width) -> torch.Tensor | None:
             if out.shape[1] != width:
