@@ -19,6 +19,17 @@ def _block(stride, in_ch, out_ch, inplace=False):
     return b
 
 
+def _assert_plan_gives_the_cut_block(plan, model, g, x, keep):
+    """The plan's output from the dense cached values equals the block run with the group sliced."""
+    with torch.no_grad():
+        values = blockcache.capture(plan, x)
+        sl = slice_group(dict(model.named_modules()), g, keep)
+        want = plan.block(x)
+        got = blockcache.run(plan, values, torch.tensor(keep))
+        sl.restore()
+    torch.testing.assert_close(got, want, atol=1e-6, rtol=1e-6)
+
+
 def test_inner_group_skips_the_first_conv_and_the_shortcut():
     b = _block(1, 8, 8)
     model = nn.Sequential(b)
@@ -29,14 +40,7 @@ def test_inner_group_skips_the_first_conv_and_the_shortcut():
     plan = blockcache.plan_block(b, "0", members, no_unchanged_bn=True)
     assert [n.name for n in plan.cached] == ["shortcut", "conv1"] and "conv1" in [n.name for n in plan.sliced]
     assert [n.name for n in plan.run] == ["bn1", "relu", "conv2", "bn2", "add", "relu_1"]
-    with torch.no_grad():
-        values = blockcache.capture(plan, x)
-        keep = [0, 2, 3, 7]
-        sl = slice_group(dict(model.named_modules()), g, keep)
-        want = b(x)
-        got = blockcache.run(plan, values, torch.tensor(keep))
-        sl.restore()
-    torch.testing.assert_close(got, want, atol=1e-6, rtol=1e-6)
+    _assert_plan_gives_the_cut_block(plan, model, g, x, [0, 2, 3, 7])
 
 
 def test_width_group_with_a_projection_keeps_or_refuses_its_batchnorms():
@@ -52,14 +56,7 @@ def test_width_group_with_a_projection_keeps_or_refuses_its_batchnorms():
     assert blockcache.plan_block(b, "0", members, no_unchanged_bn=True) is None
     plan = blockcache.plan_block(b, "0", members, no_unchanged_bn=False)
     assert {n.name for n in plan.sliced} == {"conv2", "shortcut_0"}
-    with torch.no_grad():
-        values = blockcache.capture(plan, x)
-        keep = [1, 4, 5]
-        sl = slice_group(dict(model.named_modules()), g, keep)
-        want = b(x)
-        got = blockcache.run(plan, values, torch.tensor(keep))
-        sl.restore()
-    torch.testing.assert_close(got, want, atol=1e-6, rtol=1e-6)
+    _assert_plan_gives_the_cut_block(plan, model, g, x, [1, 4, 5])
 
 
 def test_no_plan_when_a_cell_would_overwrite_a_cached_value():

@@ -92,20 +92,30 @@ def test_task_raising_message_names_the_cause(raising_task):
     assert "InjectedFault: injected fault on RANK=1" in line, line
 
 
-def test_task_sigkilled_mid_training(tmp_path, dense_ckpt):
-    """SIGKILL of task 1 in the second of 3 epochs (after the first checkpoint)."""
+def _fault_after_first_checkpoint(tmp_path, dense_ckpt, epochs, fault):
+    """A sweep whose fine-tune job gets ``fault(run_dir, job)`` once its first checkpoint exists;
+    (job, run_dir, exit code, seconds from the fault to the sweep's exit)."""
     d = tmp_path / "run"
-    job = Job(sweep_cmd(d, *config(dense_ckpt, "finetune.epochs=3")), tmp_path / "log")
+    job = Job(sweep_cmd(d, *config(dense_ckpt, f"finetune.epochs={epochs}")), tmp_path / "log")
     try:
         _wait(lambda: (d / "finetune" / "checkpoint.pt").exists(), job, what="the first fine-tune checkpoint")
-        pid = task_pid(d, 1)
-        assert pid, run_procs(d)
-        os.kill(pid, signal.SIGKILL)
+        fault(d, job)
         fault_at = time.monotonic()
         rc = job.wait(timeout=BOUND_S + 30)
         ended = time.monotonic() - fault_at
     finally:
         job.cleanup()
+    return job, d, rc, ended
+
+
+def test_task_sigkilled_mid_training(tmp_path, dense_ckpt):
+    """SIGKILL of task 1 in the second of 3 epochs (after the first checkpoint)."""
+    def kill_task1(d, job):
+        pid = task_pid(d, 1)
+        assert pid, run_procs(d)
+        os.kill(pid, signal.SIGKILL)
+
+    job, d, rc, ended = _fault_after_first_checkpoint(tmp_path, dense_ckpt, 3, kill_task1)
     line, ended = _failed_clearly(job, d, rc, ended)
     print(f"ended {ended:.1f} s after the kill: {line}")
 
@@ -132,17 +142,11 @@ def test_sigterm_of_the_sweep_stops_its_finetune_job(tmp_path, dense_ckpt):
     """SIGTERM to the sweep process alone (a workflow manager's kill) while its fine-tune job trains:
     the job's tasks go with it (no orphan keeps training into the run directory), the sweep exits
     non-zero with one line, and the run file says failed, and why."""
-    d = tmp_path / "run"
-    job = Job(sweep_cmd(d, *config(dense_ckpt, "finetune.epochs=200")), tmp_path / "log")
-    try:
-        _wait(lambda: (d / "finetune" / "checkpoint.pt").exists(), job, what="the first fine-tune checkpoint")
+    def terminate_sweep(d, job):
         assert task_pid(d, 0) and task_pid(d, 1), run_procs(d)
         os.kill(job.pid, signal.SIGTERM)
-        fault_at = time.monotonic()
-        rc = job.wait(timeout=BOUND_S + 30)
-        ended = time.monotonic() - fault_at
-    finally:
-        job.cleanup()
+
+    job, d, rc, ended = _fault_after_first_checkpoint(tmp_path, dense_ckpt, 200, terminate_sweep)
     line, ended = _failed_clearly(job, d, rc, ended)
     assert "stopped: the sweep got SIGTERM" in line, line
     print(f"ended {ended:.1f} s after SIGTERM: {line}")
