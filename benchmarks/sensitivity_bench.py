@@ -7,6 +7,9 @@
 (a) naive: per cell deepcopy the model, build a DependencyGraph, prune the group, evaluate;
 (b) the engine on 1 rank; (c) the engine on 2 ranks (mpiexec -n 2), each at 1 thread.
 All three must give the same loss/accuracy matrix (1e-5). The last line is one JSON object.
+``--team``: also (d) the engine on 3 ranks as a dispatcher and one team of 2 that splits every
+cell's calibration samples (``sensitivity.team_size=2``, the layout of a job with many more ranks
+than groups): ``team2_speedup`` = (b) / (d), 2.0 at best (rank 0 only dispatches, sleeping).
 
 The engine runs convolutions in NHWC layout, as the sweep does (``sensitivity.channels_last``);
 ``--no-channels-last`` measures it in the default layout, and ``--naive-nhwc`` also times the naive
@@ -138,14 +141,14 @@ def naive(model, batches, example, ignore, graph, orders):
     return loss, acc
 
 
-def engine(world, model, batches, example, ignore, graph, orders, channels_last):
+def engine(world, model, batches, example, ignore, graph, orders, channels_last, team="auto"):
     ev = Evaluator(model, graph.groups, orders, RATIOS, batches, example, ignore, channels_last=channels_last)
     pending = np.ones((len(graph.groups), len(RATIOS)), bool)
     mm = metrics.module_macs(model, example)
     world.barrier()
     t0 = time.perf_counter()
     try:
-        res = run_sensitivity(world, ev, pending, mm)
+        res = run_sensitivity(world, ev, pending, mm, team_setting=team)
     finally:
         ev.close()
     return res, time.perf_counter() - t0
@@ -155,7 +158,7 @@ def worker(args):
     world = World.from_env()
     torch.set_num_threads(args.threads)
     model, batches, example, ignore, graph, orders = setup(args)
-    res, secs = engine(world, model, batches, example, ignore, graph, orders, not args.no_channels_last)
+    res, secs = engine(world, model, batches, example, ignore, graph, orders, not args.no_channels_last, args.team_size)
     if world.is_main:
         loss, acc = to_matrix(res, len(graph.groups))
         np.savez(args.out, loss=loss, acc=acc, seconds=secs)
@@ -175,6 +178,8 @@ def main():
     ap.add_argument("--no-channels-last", action="store_true", help="the engine in the default (NCHW) layout")
     ap.add_argument("--naive-nhwc", action="store_true",
                     help="also time the naive loop on an NHWC model and batches: how much of the speed-up is the layout")
+    ap.add_argument("--team", action="store_true", help="also run 3 ranks: a dispatcher and a team of 2")
+    ap.add_argument("--team-size", default="auto", help=argparse.SUPPRESS)
     ap.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
     ap.add_argument("--out", default=None, help=argparse.SUPPRESS)
     args = ap.parse_args()
@@ -220,7 +225,14 @@ def main():
             e2 = np.load(npz)
             out["engine_2rank_s"] = float(e2["seconds"])
             identical &= bool(np.allclose(e2["loss"], e1[0], atol=1e-5) and np.allclose(e2["acc"], e1[1], atol=1e-5))
-        print(f"(c) engine, 2 ranks: {out['engine_2rank_s']:.1f} s", flush=True)
+            print(f"(c) engine, 2 ranks: {out['engine_2rank_s']:.1f} s", flush=True)
+            if args.team:
+                subprocess.run([*cmd[:2], "3", *cmd[3:], "--team-size", "2"], check=True)
+                e3 = np.load(npz)
+                out["engine_team2_s"] = float(e3["seconds"])
+                out["team2_speedup"] = secs / out["engine_team2_s"]
+                identical &= bool(np.allclose(e3["loss"], e1[0], atol=1e-5) and np.allclose(e3["acc"], e1[1], atol=1e-5))
+                print(f"(d) engine, dispatcher + team of 2: {out['engine_team2_s']:.1f} s", flush=True)
         out["parallel_efficiency_2"] = secs / (2 * out["engine_2rank_s"])
         if "naive_s" in out:
             out["speedup_2rank_vs_naive"] = out["naive_s"] / out["engine_2rank_s"]

@@ -9,8 +9,15 @@ that group: they are computed once per group and only the rest of the network ru
 Scheduling: the cells of a group form chunks (a group's ratios, split when there are many ranks);
 rank 0 hands chunks out dynamically, most expensive first, and evaluates chunks itself between
 serving requests. Every worker holds a second chunk in reserve so it never waits for rank 0.
+
+With many ranks (more than the work has good chunks for: see ``team_size``) the workers form
+teams. Rank 0 then only dispatches, to team leaders; a team evaluates a chunk together, each
+member on its share of the calibration batches and of the BatchNorm re-estimation batches, and
+adds the shares up after each cell (two small allreduces). Nothing is computed twice: a group's
+prefix is computed once per team, in shares, instead of once per rank that takes one of its cells.
+
 A cell's numbers depend only on the model, the group, the ratio and the batches, never on which
-rank computed it or in which order.
+rank computed it or in which order (sums of shares agree with one rank's to rounding, ~1e-7).
 """
 from __future__ import annotations
 
@@ -36,7 +43,13 @@ log = logging.getLogger(__name__)
 
 PENDING, DONE, SKIPPED = 0, 1, 2
 _CHUNKS_PER_RANK = 4  # granularity that keeps dynamic balancing effective (see sensitivity_scaling.py)
-_TAG_WORK, _TAG_RESULT = 11, 12
+_TAG_WORK, _TAG_RESULT, _TAG_TEAM = 11, 12, 13
+# auto team size (see team_size; chosen with benchmarks/sensitivity_scaling.py)
+_TEAM_FROM = 0.5  # teams once there are this many workers per pending group
+_TEAM_MIN_WORLD = 12  # and this many ranks: with fewer, rank 0's share of the work is worth more
+_TEAMS_PER_GROUP = 0.25  # then teams so large that there are at most this many teams per group
+_MAX_TEAM = 32  # at most this many ranks share a cell (two small allreduces per cell)
+_MIN_SHARE = 32  # calibration samples per team member, at least
 
 
 @dataclass
@@ -50,6 +63,33 @@ class CellResult:
     shard: int = 0  # a cell split over ranks: this share of its calibration batches
     shards: int = 1
     prefix_s: float = 0.0  # time to compute the chunk's cached activations (first cell of a chunk)
+    recal_s: float = 0.0  # of ``seconds``: re-estimating the BatchNorm statistics
+    recal_prefix_s: float = 0.0  # of ``prefix_s``: the cached activations of the re-estimation batches
+    team: int = 1  # ranks that evaluated the cell together (``rank`` is the team's leader)
+
+
+@dataclass
+class Team:
+    """The ranks that evaluate chunks together: ``comm`` spans them, this rank is member ``index``."""
+
+    comm: Any
+    index: int
+    size: int
+
+    def share(self, items: Sequence) -> list:
+        """This member's contiguous share of ``items`` (batches), as even as the count allows."""
+        return [items[i] for i in np.array_split(np.arange(len(items)), self.size)[self.index]]
+
+    def sum(self, values: np.ndarray) -> np.ndarray:
+        """Element-wise sum over the team (waits sleeping, so an idle member does not spin a core)."""
+        from mpi4py import MPI
+
+        arr = np.ascontiguousarray(values, dtype=np.float64)
+        out = np.empty_like(arr)
+        req = self.comm.Iallreduce(arr, out, op=MPI.SUM)
+        while not req.Test():
+            time.sleep(0.0002)
+        return out
 
 
 @dataclass
@@ -81,7 +121,8 @@ class Gather:
                 sums = tuple(float(sum(p.sums[j] for p in ordered)) for j in range(3))
                 done.append(CellResult(c.group, c.ratio, DONE, sums,  # type: ignore[arg-type]
                                        sum(p.seconds for p in ordered), ordered[0].rank, 0, 1,
-                                       sum(p.prefix_s for p in ordered)))
+                                       sum(p.prefix_s for p in ordered), sum(p.recal_s for p in ordered),
+                                       sum(p.recal_prefix_s for p in ordered)))
         return done
 
 
@@ -154,12 +195,39 @@ class Evaluator:
         self.structure = structure_of(model)
         self._memo: dict[tuple, EvalSums] = {}  # (group or None, units cut, shard, shards) -> sums
         self._plans: dict[int, blockcache.BlockPlan | None] = {}
+        # the cached activations of the last chunk's group (and batch share), for its next chunk
+        self._held: tuple[tuple, Any, Any] | None = None
+        self._team_share: tuple[tuple[int, int], list, list] | None = None
 
     def close(self) -> None:
-        """The model back in the default memory layout (after ``channels_last``)."""
+        """The model back in the default memory layout (after ``channels_last``); cached activations freed."""
+        self._held = None
         if self.channels_last:
             self.model.to(memory_format=torch.contiguous_format)
             self.channels_last = False
+
+    def team_share(self, team: Team) -> tuple[list, list]:
+        """This team member's calibration and BatchNorm re-estimation batches. Re-estimation batches
+        are whole (a batch's statistics depend on all its samples), as even a split as the count
+        allows; calibration samples are split to even out the members' work (an image costs about
+        the same forward in either), contiguously and in order, and re-batched at the batch size."""
+        if self._team_share is None or self._team_share[0] != (team.index, team.size):
+            recal = team.share(self.recal_batches)
+            parts = np.array_split(np.arange(len(self.recal_batches)), team.size)
+            recal_n = np.array([sum(len(self.recal_batches[i][1]) for i in p) for p in parts], dtype=np.float64)
+            n = sum(len(y) for _, y in self.batches)
+            want = np.maximum(0.0, (n + recal_n.sum()) / team.size - recal_n)
+            bounds = np.concatenate([[0], np.round(np.cumsum(want) * n / want.sum()).astype(int)])
+            lo, hi = int(bounds[team.index]), int(bounds[team.index + 1])
+            calib = []
+            if hi > lo:
+                size = len(self.batches[0][1])
+                xs = torch.cat([x for x, _ in self.batches])[lo:hi]
+                ys = torch.cat([y for _, y in self.batches])[lo:hi]
+                fmt = nhwc if self.channels_last else (lambda t: t.contiguous())
+                calib = [(fmt(xs[i:i + size]), ys[i:i + size].contiguous()) for i in range(0, hi - lo, size)]
+            self._team_share = ((team.index, team.size), calib, recal)
+        return self._team_share[1], self._team_share[2]
 
     def _idxs(self, g: GroupInfo, ratio: float) -> list[int]:
         n = g.size - n_keep(g, ratio)
@@ -241,28 +309,53 @@ class Evaluator:
 
     def run_chunk(
         self, chunk: Chunk, rank: int, stop_below: Callable[[EvalSums], bool] | None = None,
-        between: Callable[[], None] | None = None,
+        between: Callable[[], None] | None = None, team: Team | None = None,
     ) -> list[CellResult]:
+        """Evaluate a chunk's cells. With ``team``, every member of the team calls this with the
+        same chunk: each evaluates its share of the batches and the shares are summed after each
+        cell, so every member returns the whole cells' numbers."""
         g = self.groups[chunk.group]
         results: list[CellResult] = []
         k, sliced_cache = self.entry(g)
-        batches = self.batches
+        batches, recal_batches = self.batches, self.recal_batches
         if chunk.shards > 1:
             batches = [self.batches[i] for i in np.array_split(np.arange(len(self.batches)), chunk.shards)[chunk.shard]]
             stop_below = None  # a share of the batches cannot decide an early stop
-        t_prefix = time.perf_counter()
+        if team is not None:
+            batches, recal_batches = self.team_share(team)
         plan = self.block_plan(chunk.group)
-        if plan is not None:
-            prefix: Any = self._captured(plan, k, batches)
-            recal_prefix: Any = self._captured(plan, k, self.recal_batches) if self.recal_batches else None
+        held_key = (chunk.group, chunk.shard, chunk.shards)
+        t_prefix = t_recal_prefix = 0.0
+        if self._held is not None and self._held[0] == held_key:  # the group's previous chunk computed it
+            prefix, recal_prefix = self._held[1], self._held[2]
         else:
-            prefix = self._prefix(k, batches) if k > 0 else None
-            recal_prefix = self._prefix(k, self.recal_batches) if (k > 0 and self.recal_batches) else None
-        t_prefix = time.perf_counter() - t_prefix
+            self._held = None  # one group's activations at a time
+            t_prefix = time.perf_counter()
+            recal_prefix: Any = None
+            if plan is not None:
+                prefix: Any = self._captured(plan, k, batches)
+                t_recal_prefix = time.perf_counter()
+                if self.recal_batches:
+                    recal_prefix = self._captured(plan, k, recal_batches)
+            else:
+                prefix = self._prefix(k, batches) if k > 0 else None
+                t_recal_prefix = time.perf_counter()
+                if k > 0 and self.recal_batches:
+                    recal_prefix = self._prefix(k, recal_batches)
+            t_recal_prefix = time.perf_counter() - t_recal_prefix
+            t_prefix = time.perf_counter() - t_prefix
+            self._held = (held_key, prefix, recal_prefix)
+        n_team = team.size if team is not None else 1
+
+        def result(r: int, sums: EvalSums, t0: float, recal_s: float = 0.0) -> CellResult:
+            first = not results
+            return CellResult(chunk.group, r, DONE, sums.as_tuple(), time.perf_counter() - t0, rank, chunk.shard,
+                              chunk.shards, t_prefix if first else 0.0, recal_s, t_recal_prefix if first else 0.0, n_team)
+
         stopped = False
         for r in chunk.ratios:
             if stopped:
-                results.append(CellResult(chunk.group, r, SKIPPED, (math.nan,) * 3, 0.0, rank))
+                results.append(CellResult(chunk.group, r, SKIPPED, (math.nan,) * 3, 0.0, rank, team=n_team))
                 continue
             t0 = time.perf_counter()
             idxs = self._idxs(g, self.ratios[r])
@@ -271,14 +364,14 @@ class Evaluator:
             # every ratio >= 0.5, 3 KV heads at 0.4 and 0.55) are the same model: evaluated once
             # per batch shard. Cells that cut nothing are the dense model, shared by all groups
             # unless BatchNorm re-estimation (which depends on where the group sits) is on.
+            # A team's sums are the whole cell's.
             memo_key = (chunk.group, len(idxs), chunk.shard, chunk.shards)
             if not idxs:
                 shared = not (self.recal_batches and self._suffix_bns(k))
                 memo_key = (None, 0, chunk.shard, chunk.shards) if shared else memo_key
             if memo_key in self._memo:
                 sums = self._memo[memo_key]
-                results.append(CellResult(chunk.group, r, DONE, sums.as_tuple(), time.perf_counter() - t0, rank,
-                                          chunk.shard, chunk.shards, t_prefix if not results else 0.0))
+                results.append(result(r, sums, t0))
                 if stop_below is not None and stop_below(sums):
                     stopped = True
                 continue
@@ -295,7 +388,9 @@ class Evaluator:
             else:
                 cut = None
             recal = self.recal_batches and cut is not None and not (g.kind == "block" and not idxs) and self._suffix_bns(k)
-            bn_saved = self._recalibrate(k, recal_prefix, keep_t, plan) if recal else None
+            t_recal = time.perf_counter()
+            bn_saved = self._recalibrate(k, recal_prefix, keep_t, plan, recal_batches, team) if recal else None
+            t_recal = time.perf_counter() - t_recal
             try:
                 if cut is None:  # exact fallback: prune a copy
                     sums = self._pruned_copy_sums(g, idxs, batches)
@@ -310,9 +405,10 @@ class Evaluator:
                         bn.num_batches_tracked.copy_(tracked)
                 if cut is not None:
                     cut.restore()
+            if team is not None:
+                sums = EvalSums(*(float(v) for v in team.sum(np.array(sums.as_tuple()))))
             self._memo[memo_key] = sums
-            results.append(CellResult(chunk.group, r, DONE, sums.as_tuple(), time.perf_counter() - t0, rank,
-                                      chunk.shard, chunk.shards, t_prefix if not results else 0.0))
+            results.append(result(r, sums, t0, t_recal))
             if stop_below is not None and stop_below(sums):
                 stopped = True
             if between is not None:
@@ -325,9 +421,11 @@ class Evaluator:
 
     @torch.no_grad()
     def _recalibrate(self, k: int, recal_prefix: Sequence[Any] | None, keep: torch.Tensor | None,
-                     plan: blockcache.BlockPlan | None = None) -> list:
+                     plan: blockcache.BlockPlan | None = None, recal_batches: Sequence | None = None,
+                     team: Team | None = None) -> list:
         """Re-estimate the BatchNorm statistics after the cut point on the recalibration batches
-        (cumulative average); returns what ``run_chunk`` restores afterwards."""
+        (cumulative average); returns what ``run_chunk`` restores afterwards. In a team each member
+        averages its share of the batches, and the team combines the averages, weighted by batches."""
         bns = self._suffix_bns(k)
         saved = [(bn, (bn.running_mean, bn.running_var, bn.momentum, bn.num_batches_tracked.clone())) for bn in bns]
         for bn in bns:
@@ -343,11 +441,13 @@ class Evaluator:
                     for _, child in self.chain[start:]:  # type: ignore[index]
                         h = child(h)
             else:
-                for x, _ in self.recal_batches:
+                for x, _ in (self.recal_batches if recal_batches is None else recal_batches):
                     self.model(x)
         finally:
             for bn in bns:
                 bn.eval()
+        if team is not None:
+            _combine_bn_stats(bns, team)
         return saved
 
     def _pruned_copy_sums(self, g: GroupInfo, idxs: list[int], batches: Sequence) -> EvalSums:
@@ -370,6 +470,53 @@ class Evaluator:
         total = sum(per) or 1.0
         suffix = sum(per[k:]) / total
         return ((1.0 - suffix) + suffix * evals) / chunk.shards
+
+
+class Dispatcher:
+    """Which chunk a worker (or team) gets next. The most expensive chunk of the group it worked on
+    last, whose cached activations it still holds; else the most expensive chunk of a group no
+    worker holds; else (the tail of the run) the most expensive chunk left. A group split into
+    chunks for balance is thus mostly evaluated by one worker in turn, computing its prefix once,
+    and split over workers only where one would otherwise idle."""
+
+    def __init__(self, chunks: Sequence[Chunk]) -> None:
+        self.queue = sorted(chunks, key=lambda c: -c.cost)
+        self.holds: dict[int, int] = {}  # worker -> group of its last chunk
+
+    def __len__(self) -> int:
+        return len(self.queue)
+
+    def next(self, worker: int) -> Chunk | None:
+        if not self.queue:
+            return None
+        mine = self.holds.get(worker)
+        pick = next((i for i, c in enumerate(self.queue) if c.group == mine), None)
+        if pick is None:
+            held = set(self.holds.values())
+            pick = next((i for i, c in enumerate(self.queue) if c.group not in held), 0)
+        chunk = self.queue.pop(pick)
+        self.holds[worker] = chunk.group
+        return chunk
+
+
+def _combine_bn_stats(bns: Sequence[nn.Module], team: Team) -> None:
+    """Every member's BatchNorm averages over its share of batches -> the average over all batches."""
+    if not bns:
+        return
+    n = torch.stack([bn.num_batches_tracked.double() for bn in bns])
+    parts = [n] + [t for bn, nb in zip(bns, n) for t in (bn.running_mean.double().ravel() * nb, bn.running_var.double().ravel() * nb)]
+    total = team.sum(torch.cat(parts).cpu().numpy())  # one copy off the device
+    counts, pos = total[: len(bns)], len(bns)
+    for bn, count in zip(bns, counts):
+        c = bn.running_mean.numel()
+        mean, var = total[pos: pos + c], total[pos + c: pos + 2 * c]
+        pos += 2 * c
+        if count == 0:  # not reached by any batch (a skipped block's): as on one rank, left reset
+            continue
+        mean, var = mean / count, var / count
+        bn.running_mean = torch.as_tensor(mean, dtype=bn.running_mean.dtype).to(bn.running_mean.device).view_as(bn.running_mean)
+        bn.running_var = torch.as_tensor(var, dtype=bn.running_var.dtype).to(bn.running_var.device).view_as(bn.running_var)
+        bn.num_batches_tracked.fill_(int(count))
 
 
 def make_chunks(
@@ -406,6 +553,41 @@ def nhwc(x: torch.Tensor) -> torch.Tensor:
     return x.contiguous(memory_format=torch.channels_last) if x.dim() == 4 else x
 
 
+def team_size(world_size: int, groups: int, n_samples: int, setting: Any = "auto", recal_batches: int = 0,
+              recal_batch: int = 0) -> int:
+    """Ranks per team (1: no teams). ``auto``: no teams while there are fewer than ``_TEAM_FROM``
+    workers per pending group or fewer than ``_TEAM_MIN_WORLD`` ranks; then the smallest power of two that leaves at most
+    ``_TEAMS_PER_GROUP`` teams per group, at most ``_MAX_TEAM``. Any size is capped so that each
+    member's share of the work (``n_samples`` calibration samples and ``recal_batches`` BatchNorm
+    re-estimation batches of ``recal_batch`` samples) is at least ``_MIN_SHARE`` samples and one
+    re-estimation batch."""
+    workers = world_size - 1  # with teams rank 0 only dispatches
+    cap = max(1, min(workers, (n_samples + recal_batches * recal_batch) // max(_MIN_SHARE, recal_batch)))
+    if setting == "auto":
+        if world_size < _TEAM_MIN_WORLD or workers < _TEAM_FROM * groups:
+            return 1
+        t = 2
+        while t < _MAX_TEAM and workers / t > _TEAMS_PER_GROUP * groups:
+            t *= 2
+    else:
+        t = int(setting)
+    return max(1, min(t, cap))
+
+
+def make_teams(world: World, size: int) -> Team | None:
+    """Split ranks 1 .. N-1 into teams of at most ``size`` (rank 0 dispatches); None on rank 0."""
+    from mpi4py import MPI
+
+    n_teams = math.ceil((world.size - 1) / size)
+    index = -1
+    if world.rank > 0:
+        index = next(i for i, part in enumerate(np.array_split(np.arange(1, world.size), n_teams)) if world.rank in part)
+    comm = world.comm.Split(index if index >= 0 else MPI.UNDEFINED, world.rank)
+    if index < 0:
+        return None
+    return Team(comm, comm.Get_rank(), comm.Get_size())
+
+
 def run_sensitivity(
     world: World,
     evaluator: Evaluator,
@@ -414,6 +596,7 @@ def run_sensitivity(
     on_results: Callable[[list[CellResult]], None] | None = None,
     stop_below: Callable[[float], bool] | None = None,
     progress: Any = None,
+    team_setting: Any = "auto",
 ) -> list[CellResult]:
     """Evaluate every pending cell over all ranks; rank 0 returns all results, others return []."""
     if world.size == 1 or world.comm is None:
@@ -427,35 +610,54 @@ def run_sensitivity(
             if on_results is not None:
                 on_results(res)
         return results
-    if world.rank == 0:
-        gather = Gather()
+    n_samples = sum(len(y) for _, y in evaluator.batches)
+    recal_batch = max((len(y) for _, y in evaluator.recal_batches), default=0)
+    t = team_size(world.size, int(pending.any(axis=1).sum()), n_samples, team_setting,
+                  len(evaluator.recal_batches), recal_batch)
+    team = make_teams(world, t) if t > 1 else None
+    try:
+        if world.rank == 0:
+            gather = Gather()
 
-        def report(res: list[CellResult]) -> None:  # complete cells only: shards are combined first
-            done = gather.add(res)
-            if progress is not None:
-                progress.update(len(done))
-            if on_results is not None and done:
-                on_results(done)
+            def report(res: list[CellResult]) -> None:  # complete cells only: shards are combined first
+                done = gather.add(res)
+                if progress is not None:
+                    progress.update(len(done))
+                if on_results is not None and done:
+                    on_results(done)
 
-        return Gather().add(_master(world, evaluator, pending, module_macs, report, stop_below))
-    _worker(world, evaluator, stop_below)
-    return []
+            return Gather().add(_master(world, evaluator, pending, module_macs, report, stop_below, t))
+        if team is not None and team.index > 0:
+            _member(evaluator, team, world.rank, stop_below)
+        else:
+            _worker(world, evaluator, stop_below, team)
+        return []
+    finally:
+        if team is not None:
+            team.comm.Free()
 
 
-def _master(world, evaluator, pending, module_macs, on_results, stop_below) -> list[CellResult]:
+def _master(world, evaluator, pending, module_macs, on_results, stop_below, team: int = 1) -> list[CellResult]:
+    """Rank 0: hands out chunks to the workers (with teams: to the team leaders, and works on none)."""
     from mpi4py import MPI
 
     comm = world.comm
-    chunks = make_chunks(pending, world.size, len(evaluator.batches),
-                         lambda g, rs: evaluator.chunk_cost(Chunk(g, rs), module_macs))
+    if team > 1:
+        n_teams = math.ceil((world.size - 1) / team)
+        clients = [int(part[0]) for part in np.array_split(np.arange(1, world.size), n_teams)]
+        chunks = make_chunks(pending, n_teams, 1, lambda g, rs: evaluator.chunk_cost(Chunk(g, rs), module_macs))
+    else:
+        clients = list(range(1, world.size))
+        chunks = make_chunks(pending, world.size, len(evaluator.batches),
+                             lambda g, rs: evaluator.chunk_cost(Chunk(g, rs), module_macs))
     for ch in chunks:
         ch.cost = evaluator.chunk_cost(ch, module_macs)
-    queue = deque(sorted(chunks, key=lambda c: -c.cost))
+    queue = Dispatcher(chunks)
     results: list[CellResult] = []
-    in_flight = {r: 0 for r in range(1, world.size)}  # chunks a worker holds and has not returned
+    in_flight = {r: 0 for r in clients}  # chunks a worker holds and has not returned
 
     def reply(rank: int) -> None:
-        chunk = queue.popleft() if queue else None  # None: nothing more for this request
+        chunk = queue.next(rank)  # None: nothing more for this request
         comm.send(chunk, dest=rank, tag=_TAG_WORK)
         if chunk is not None:
             in_flight[rank] += 1
@@ -476,20 +678,22 @@ def _master(world, evaluator, pending, module_macs, on_results, stop_below) -> l
         return served
 
     for _ in range(2):  # every worker starts with a chunk to work on and one in reserve
-        for r in range(1, world.size):
+        for r in clients:
             reply(r)
-    while queue:
+    while queue and team == 1:
         serve()
         if not queue:  # serving may have handed out the last chunk
             break
-        take(evaluator.run_chunk(queue.popleft(), 0, stop_below, between=serve))
+        take(evaluator.run_chunk(queue.next(0), 0, stop_below, between=serve))
     while any(in_flight.values()):  # drain without busy-waiting
         if not serve():
             time.sleep(0.002)
     return results
 
 
-def _worker(world: World, evaluator: Evaluator, stop_below) -> None:
+def _worker(world: World, evaluator: Evaluator, stop_below, team: Team | None = None) -> None:
+    """A worker, or a team's leader: asks rank 0 for chunks (one in reserve), and with a team
+    hands each chunk to the members as it starts it."""
     comm = world.comm
     local: deque[Chunk] = deque()
     owed = 2  # replies rank 0 still owes this rank: the two initial sends
@@ -508,10 +712,30 @@ def _worker(world: World, evaluator: Evaluator, stop_below) -> None:
                 local.append(msg)
             block = block and not local
 
-    while local or owed:
-        receive(block=not local)
-        if not local:
-            continue
-        res = evaluator.run_chunk(local.popleft(), world.rank, stop_below)
-        comm.send(res, dest=0, tag=_TAG_RESULT)
-        owed += 1
+    try:
+        while local or owed:
+            receive(block=not local)
+            if not local:
+                continue
+            chunk = local.popleft()
+            if team is not None:
+                for member in range(1, team.size):
+                    team.comm.send(chunk, dest=member, tag=_TAG_TEAM)
+            res = evaluator.run_chunk(chunk, world.rank, stop_below, team=team)
+            comm.send(res, dest=0, tag=_TAG_RESULT)
+            owed += 1
+    finally:
+        if team is not None:  # the members' end (after an error the abort ends them anyway)
+            for member in range(1, team.size):
+                team.comm.send(None, dest=member, tag=_TAG_TEAM)
+
+
+def _member(evaluator: Evaluator, team: Team, rank: int, stop_below) -> None:
+    """A team member: evaluates its share of each chunk its leader starts, until the leader ends."""
+    while True:
+        while not team.comm.Iprobe(source=0, tag=_TAG_TEAM):
+            time.sleep(0.0005)
+        chunk = team.comm.recv(source=0, tag=_TAG_TEAM)
+        if chunk is None:
+            return
+        evaluator.run_chunk(chunk, rank, stop_below, team=team)

@@ -30,7 +30,7 @@ from .world import World
 log = logging.getLogger("hpcprune.stages")
 
 # keys that may change between a run and its resumption without changing any result
-_RESUME_IGNORED = ("launcher", "threads", "device", "resume", "sensitivity.flush_s", "hydra")
+_RESUME_IGNORED = ("launcher", "threads", "device", "resume", "sensitivity.flush_s", "sensitivity.team_size", "hydra")
 
 
 class ConfigError(ValueError):
@@ -72,6 +72,9 @@ def validate(cfg: DictConfig) -> None:
         bad("sensitivity.ratios", ratios, "ratios must be strictly increasing")
     if not isinstance(cfg.sensitivity.get("channels_last", False), bool):
         bad("sensitivity.channels_last", cfg.sensitivity.channels_last, "must be true or false")
+    team = cfg.sensitivity.get("team_size", "auto")
+    if team != "auto" and (isinstance(team, bool) or not isinstance(team, int) or team < 1):
+        bad("sensitivity.team_size", team, "must be auto or a positive integer (ranks that evaluate one cell together)")
     if not 0 < cfg.prune.max_ratio < 1:
         bad("prune.max_ratio", cfg.prune.max_ratio, "must be in (0, 1)")
     if int(cfg.prune.round_to) < 1:
@@ -404,7 +407,8 @@ class Sweep:
 
             bar = tqdm(total=int(pending.sum()), desc="sensitivity", unit="cell", file=sys.stderr, disable=None)
         try:
-            results = run_sensitivity(self.world, evaluator, pending, self.module_macs, on_results if self.main else None, stop, bar)
+            results = run_sensitivity(self.world, evaluator, pending, self.module_macs, on_results if self.main else None, stop, bar,
+                                      cfg.sensitivity.get("team_size", "auto"))
         finally:
             evaluator.close()
         if bar is not None:
@@ -422,12 +426,17 @@ class Sweep:
                 if list(s["ratios"][()]) != ratios:
                     raise RunFileError(f"{self.rf.path}: stored ratio grid {list(s['ratios'][()])} differs from {ratios}")
                 state = {k: s[k][()] for k in ("metric", "loss", "seconds", "rank", "status")}
-                state["prefix_seconds"] = s["prefix_seconds"][()] if "prefix_seconds" in s else np.zeros(G)
+                for k, like in (("prefix_seconds", np.zeros(G)), ("recal_prefix_seconds", np.zeros(G)),
+                                ("recal_seconds", np.full((G, R), np.nan)), ("team", np.ones((G, R), dtype=np.int32))):
+                    state[k] = s[k][()] if k in s else like
                 return state
         return {
             "metric": np.full((G, R), np.nan), "loss": np.full((G, R), np.nan), "seconds": np.full((G, R), np.nan),
             "rank": np.full((G, R), -1, dtype=np.int32), "status": np.zeros((G, R), dtype=np.int8),
             "prefix_seconds": np.zeros(G),  # time to compute a group's cached activations (last chunk)
+            "recal_prefix_seconds": np.zeros(G),  # of which for the BatchNorm re-estimation batches
+            "recal_seconds": np.full((G, R), np.nan),  # of a cell's seconds: re-estimating BatchNorm statistics
+            "team": np.ones((G, R), dtype=np.int32),  # ranks that evaluated the cell together (rank: the leader)
         }
 
     def _flush_cells(self, state: dict[str, np.ndarray], buffer: list[Any], complete: bool = False, wall: float | None = None) -> None:
@@ -441,7 +450,10 @@ class Sweep:
             state["status"][c.group, c.ratio] = c.status
             if c.prefix_s > 0:
                 state["prefix_seconds"][c.group] = c.prefix_s
+                state["recal_prefix_seconds"][c.group] = c.recal_prefix_s
             state["seconds"][c.group, c.ratio] = c.seconds
+            state["recal_seconds"][c.group, c.ratio] = c.recal_s
+            state["team"][c.group, c.ratio] = c.team
             state["rank"][c.group, c.ratio] = c.rank
         buffer.clear()
         with self.rf.write() as f:

@@ -20,6 +20,7 @@ CASES = [
     (["prune.target.macs=0.05", "prune.max_ratio=0.5"], "cannot be met"),
     (["launcher.master_port=80"], "launcher.master_port=80: a TCP port"),
     (["sensitivity.channels_last=maybe"], "sensitivity.channels_last=maybe: must be true or false"),
+    (["sensitivity.team_size=0"], "sensitivity.team_size=0: must be auto or a positive integer"),
 ]
 
 

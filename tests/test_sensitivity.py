@@ -7,7 +7,7 @@ import torch
 
 from hpcprune import importance, metrics
 from hpcprune.graph import Graph, keep_count
-from hpcprune.sensitivity import DONE, SKIPPED, Evaluator, make_chunks, run_sensitivity
+from hpcprune.sensitivity import DONE, SKIPPED, Chunk, Dispatcher, Evaluator, Team, make_chunks, run_sensitivity, team_size
 from hpcprune.world import World
 from hpcprune.zoo.models import MLP, resnet
 
@@ -127,6 +127,43 @@ def test_sharded_cells_add_up_to_whole_cells():
     assert len(done) == 2
     for c in done:
         np.testing.assert_allclose(c.sums, whole[(c.group, c.ratio)].sums, rtol=1e-9)
+
+
+@pytest.mark.parametrize("size", [2, 3, 5])
+def test_team_shares_cover_the_samples_in_order_and_even_out_work(size):
+    """A team member's calibration samples and re-estimation batches: together exactly the
+    evaluator's, in order; members with a re-estimation batch get fewer calibration samples."""
+    model, x, ignore, graph, orders, _ = _setup("resnet")
+    y = torch.arange(64) % 10
+    batches = [(x[i : i + 16], y[i : i + 16]) for i in range(0, 64, 16)]
+    recal = [(x[:8], y[:8]), (x[8:16], y[8:16])]
+    ev = Evaluator(model, graph.groups, orders, RATIOS, batches, x[:1], ignore, recal_batches=recal, channels_last=True)
+    shares = [ev.team_share(Team(None, i, size)) for i in range(size)]
+    xs = torch.cat([b[0] for calib, _ in shares for b in calib])
+    assert torch.equal(xs, x) and torch.equal(torch.cat([b[1] for calib, _ in shares for b in calib]), y)
+    assert all(b[0].is_contiguous(memory_format=torch.channels_last) and len(b[1]) <= 16 for calib, _ in shares for b in calib)
+    assert [b for _, r in shares for b in r] == ev.recal_batches
+    work = [sum(len(b[1]) for b in calib) + sum(len(b[1]) for b in r) for calib, r in shares]
+    assert max(work) - min(work) <= 1, work  # (64 + 16 samples) / size each, to one sample
+
+
+def test_dispatcher_keeps_a_worker_on_its_group():
+    """The next chunk of the group a worker holds goes to it; others get the most expensive chunk
+    of a group nobody holds; once every group is held, the most expensive chunk left."""
+    chunks = [Chunk(g, [r], cost=c) for g, c in ((0, 5.0), (1, 3.0), (2, 1.0)) for r in range(3)]
+    d = Dispatcher(chunks)
+    assert d.next(1).group == 0 and d.next(2).group == 1 and d.next(1).group == 0 and d.next(3).group == 2
+    assert d.next(2).group == 1 and d.next(4).group == 0  # worker 4 holds nothing: steals the costliest
+    assert [d.next(3).group, d.next(3).group] == [2, 2] and d.next(1).group == 1 and len(d) == 0 and d.next(1) is None
+
+
+def test_team_size_rule():
+    assert team_size(3, 6, 256) == 1 and team_size(3, 6, 256, 2) == 2  # auto: no teams for few ranks
+    assert team_size(256, 50, 2000, "auto", 4, 64) == 32  # 8 teams for 50 groups
+    assert team_size(24, 50, 2000) == 1 and team_size(64, 50, 2000) == 8
+    assert team_size(8, 6, 2000) == 1 and team_size(12, 6, 2000) == 8  # rank 0's share matters in small jobs
+    assert team_size(256, 50, 2000, 64, 4, 64) == 35  # capped: a member keeps at least a 64-sample batch
+    assert team_size(256, 50, 100, 16) == 3  # and 32 calibration samples
 
 
 @pytest.mark.parametrize("slice_", [True, False])
