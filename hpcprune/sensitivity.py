@@ -498,6 +498,12 @@ class Dispatcher:
         self.holds[worker] = chunk.group
         return chunk
 
+    def drop_above(self, group: int, ratio: int) -> list[Chunk]:
+        """Take the queued chunks of ``group`` whose ratios all lie above ``ratio`` out (early stop)."""
+        dropped = [c for c in self.queue if c.group == group and min(c.ratios) > ratio]
+        self.queue = [c for c in self.queue if not (c.group == group and min(c.ratios) > ratio)]
+        return dropped
+
 
 def _combine_bn_stats(bns: Sequence[nn.Module], team: Team) -> None:
     """Every member's BatchNorm averages over its share of batches -> the average over all batches."""
@@ -663,6 +669,10 @@ def _master(world, evaluator, pending, module_macs, on_results, stop_below, team
             in_flight[rank] += 1
 
     def take(res: list[CellResult]) -> None:
+        for c in list(res):  # early stop: a group's chunks above a cell past the floor are not needed
+            if stop_below is not None and c.status == DONE and c.shards == 1 and stop_below(EvalSums(*c.sums)):
+                res += [CellResult(d.group, r, SKIPPED, (math.nan,) * 3, 0.0, 0)
+                        for d in queue.drop_above(c.group, c.ratio) for r in d.ratios]
         results.extend(res)
         on_results(res)
 

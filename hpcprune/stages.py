@@ -23,7 +23,7 @@ from omegaconf import DictConfig, OmegaConf
 from . import __version__, allocate, importance, launch, metrics
 from .graph import KINDS, Graph, n_keep
 from .runs import build_data, build_model, ignore_names, read_plan
-from .sensitivity import DONE, PENDING, Evaluator, run_sensitivity
+from .sensitivity import DONE, PENDING, SKIPPED, Evaluator, run_sensitivity
 from .store import RunFile, RunFileError, RunLock, put_attrs, read_state_dict, replace_group, write_state_dict
 from .world import World
 
@@ -439,6 +439,28 @@ class Sweep:
             "team": np.ones((G, R), dtype=np.int32),  # ranks that evaluated the cell together (rank: the leader)
         }
 
+    def _early_stop(self, state: dict[str, np.ndarray]) -> None:
+        """With ``sensitivity.early_stop_floor``, every cell of a group above its first done cell past
+        the floor is skipped, whichever rank computed what (several ranks may have evaluated chunks
+        of one group at once): the record is the one rank's, with any world size."""
+        floor = self.cfg.sensitivity.early_stop_floor
+        if floor is None:
+            return
+        higher = bool(metrics.METRIC_HIGHER_IS_BETTER[self.metric_name])
+        with np.errstate(invalid="ignore"):
+            past = (state["metric"] < floor) if higher else (state["metric"] > floor)
+        past &= state["status"] == DONE
+        for g, r in zip(*np.nonzero(past)):
+            if past[g, :r].any():
+                continue
+            later = slice(r + 1, None)
+            never = state["status"][g, later] == PENDING
+            state["seconds"][g, later][never] = 0.0
+            state["rank"][g, later][never] = 0
+            state["status"][g, later] = SKIPPED
+            state["metric"][g, later] = np.nan
+            state["loss"][g, later] = np.nan
+
     def _flush_cells(self, state: dict[str, np.ndarray], buffer: list[Any], complete: bool = False, wall: float | None = None) -> None:
         for c in buffer:
             if c.status == DONE:
@@ -456,6 +478,7 @@ class Sweep:
             state["team"][c.group, c.ratio] = c.team
             state["rank"][c.group, c.ratio] = c.rank
         buffer.clear()
+        self._early_stop(state)
         with self.rf.write() as f:
             s = f["sensitivity"] if "sensitivity" in f else f.create_group("sensitivity")
             if "ratios" not in s:
