@@ -11,8 +11,9 @@ All three must give the same loss/accuracy matrix (1e-5). The last line is one J
 cell's calibration samples (``sensitivity.team_size=2``, the layout of a job with many more ranks
 than groups): ``team2_speedup`` = (b) / (d), 2.0 at best (rank 0 only dispatches, sleeping).
 
-The engine runs convolutions in NHWC layout, as the sweep does (``sensitivity.channels_last``);
-``--no-channels-last`` measures it in the default layout, and ``--naive-nhwc`` also times the naive
+The engine runs convolutions in NHWC layout and folds BatchNorms into convolutions, as the sweep
+does (``sensitivity.channels_last``, ``sensitivity.fold_bn``); ``--no-channels-last`` measures it in
+the default layout, ``--no-fold-bn`` without folding, and ``--naive-nhwc`` also times the naive
 loop on an NHWC model: how much of the speed-up is computing less and how much is the layout.
 """
 from __future__ import annotations
@@ -141,8 +142,8 @@ def naive(model, batches, example, ignore, graph, orders):
     return loss, acc
 
 
-def engine(world, model, batches, example, ignore, graph, orders, channels_last, team="auto"):
-    ev = Evaluator(model, graph.groups, orders, RATIOS, batches, example, ignore, channels_last=channels_last)
+def engine(world, model, batches, example, ignore, graph, orders, channels_last, team="auto", fold_bn=True):
+    ev = Evaluator(model, graph.groups, orders, RATIOS, batches, example, ignore, channels_last=channels_last, fold_bn=fold_bn)
     pending = np.ones((len(graph.groups), len(RATIOS)), bool)
     mm = metrics.module_macs(model, example)
     world.barrier()
@@ -158,7 +159,8 @@ def worker(args):
     world = World.from_env()
     torch.set_num_threads(args.threads)
     model, batches, example, ignore, graph, orders = setup(args)
-    res, secs = engine(world, model, batches, example, ignore, graph, orders, not args.no_channels_last, args.team_size)
+    res, secs = engine(world, model, batches, example, ignore, graph, orders, not args.no_channels_last, args.team_size,
+                       not args.no_fold_bn)
     if world.is_main:
         loss, acc = to_matrix(res, len(graph.groups))
         np.savez(args.out, loss=loss, acc=acc, seconds=secs)
@@ -176,6 +178,7 @@ def main():
     ap.add_argument("--no-naive", action="store_true")
     ap.add_argument("--no-mpi", action="store_true")
     ap.add_argument("--no-channels-last", action="store_true", help="the engine in the default (NCHW) layout")
+    ap.add_argument("--no-fold-bn", action="store_true", help="the engine without BatchNorm folding")
     ap.add_argument("--naive-nhwc", action="store_true",
                     help="also time the naive loop on an NHWC model and batches: how much of the speed-up is the layout")
     ap.add_argument("--team", action="store_true", help="also run 3 ranks: a dispatcher and a team of 2")
@@ -204,7 +207,9 @@ def main():
         out["naive_nhwc_s"] = time.perf_counter() - t0
         print(f"(a') naive loop, NHWC: {out['naive_nhwc_s']:.1f} s", flush=True)
     out["channels_last"] = not args.no_channels_last
-    res, secs = engine(World(None), model, batches, example, ignore, graph, orders, not args.no_channels_last)
+    out["fold_bn"] = not args.no_fold_bn
+    res, secs = engine(World(None), model, batches, example, ignore, graph, orders, not args.no_channels_last,
+                       fold_bn=not args.no_fold_bn)
     e1 = to_matrix(res, G)
     out["engine_1rank_s"] = secs
     print(f"(b) engine, 1 rank: {secs:.1f} s", flush=True)
@@ -220,7 +225,7 @@ def main():
             cmd = [mpiexec, "-n", "2", sys.executable, os.path.abspath(__file__), "--worker", "--out", npz,
                    "--device", args.device, "--calib", str(args.calib), "--batch-size", str(args.batch_size),
                    "--threads", str(args.threads), "--model", args.model] + (["--synthetic"] if args.synthetic else []) \
-                + (["--no-channels-last"] if args.no_channels_last else [])
+                + (["--no-channels-last"] if args.no_channels_last else []) + (["--no-fold-bn"] if args.no_fold_bn else [])
             subprocess.run(cmd, check=True)
             e2 = np.load(npz)
             out["engine_2rank_s"] = float(e2["seconds"])

@@ -70,8 +70,9 @@ def validate(cfg: DictConfig) -> None:
             bad("sensitivity.ratios", ratios, f"ratio {r} is outside (0, 1)")
     if any(b <= a for a, b in zip(ratios, ratios[1:])):
         bad("sensitivity.ratios", ratios, "ratios must be strictly increasing")
-    if not isinstance(cfg.sensitivity.get("channels_last", False), bool):
-        bad("sensitivity.channels_last", cfg.sensitivity.channels_last, "must be true or false")
+    for key in ("channels_last", "fold_bn"):
+        if not isinstance(cfg.sensitivity.get(key, False), bool):
+            bad(f"sensitivity.{key}", cfg.sensitivity[key], "must be true or false")
     team = cfg.sensitivity.get("team_size", "auto")
     if team != "auto" and (isinstance(team, bool) or not isinstance(team, int) or team < 1):
         bad("sensitivity.team_size", team, "must be auto or a positive integer (ranks that evaluate one cell together)")
@@ -387,6 +388,7 @@ class Sweep:
             self.ignore, bool(cfg.sensitivity.cache_prefix),
             recal_batches=[(x.to(self.device), y) for x, y in self._train_batches(int(cfg.sensitivity.bn_recalib_batches))],
             channels_last=bool(cfg.sensitivity.get("channels_last", False)),
+            fold_bn=bool(cfg.sensitivity.get("fold_bn", False)),
         )
         # damage is measured against the dense model on the same calibration batches, in the same layout
         dense_calib = metrics.evaluate(evaluator.model, evaluator.batches)

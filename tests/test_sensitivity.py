@@ -54,12 +54,14 @@ def _naive(model, x, ignore, graph, orders, batches):
 
 
 @pytest.mark.parametrize("kind", ["resnet", "mlp"])
-@pytest.mark.parametrize("cache,slice_,nhwc", [(True, True, False), (True, True, True), (True, False, True), (False, False, False)])
-def test_engine_equals_naive_loop(kind, cache, slice_, nhwc):
+@pytest.mark.parametrize("cache,slice_,nhwc,fold", [(True, True, False, False), (True, True, True, True), (True, False, True, True),
+                                                    (True, True, False, True), (False, False, False, False)])
+def test_engine_equals_naive_loop(kind, cache, slice_, nhwc, fold):
     model, x, ignore, graph, orders, batches = _setup(kind)
     before = {k: v.clone() for k, v in model.state_dict().items()}
     ev = Evaluator(model, graph.groups, orders, RATIOS, batches, x[:1], ignore, cache_prefix=cache, slice_channels=slice_,
-                   channels_last=nhwc)
+                   channels_last=nhwc, fold_bn=fold)
+    assert bool(ev._fold_pairs) == (fold and kind == "resnet")
     assert ev.channels_last == (nhwc and kind == "resnet")  # NHWC only where there are 2-D convolutions
     G = len(graph.groups)
     layouts = []
@@ -78,6 +80,8 @@ def test_engine_equals_naive_loop(kind, cache, slice_, nhwc):
     np.testing.assert_allclose(_matrix(res, G), _naive(model, x, ignore, graph, orders, batches), atol=1e-5, rtol=1e-5)
     for k, v in model.state_dict().items():  # nothing leaks into the model
         assert torch.equal(v, before[k]), k
+    assert set(model.state_dict()) == set(before)  # no bias added by folding
+    assert not any("forward" in vars(m) for m in model.modules())  # no BatchNorm left skipped
 
 
 def test_cache_starts_after_the_first_block():
@@ -166,14 +170,15 @@ def test_team_size_rule():
     assert team_size(256, 50, 100, 16) == 3  # and 32 calibration samples
 
 
-@pytest.mark.parametrize("slice_", [True, False])
-def test_bn_recalibration_in_cells_equals_pruned_copy_recalibrated(slice_):
+@pytest.mark.parametrize("slice_,fold", [(True, False), (False, False), (True, True)])
+def test_bn_recalibration_in_cells_equals_pruned_copy_recalibrated(slice_, fold):
     """Cells that re-estimate BatchNorm statistics after the cut give what pruning a copy and
     re-estimating the same layers on the same batches gives; the model is left untouched."""
     model, x, ignore, graph, orders, batches = _setup("resnet")
     recal = [(torch.randn(16, 1, 8, 8, generator=torch.Generator().manual_seed(i)) * 2 + 0.5, None) for i in range(3)]
     before = {k: v.clone() for k, v in model.state_dict().items()}
-    ev = Evaluator(model, graph.groups, orders, RATIOS, batches, x[:1], ignore, slice_channels=slice_, recal_batches=recal)
+    ev = Evaluator(model, graph.groups, orders, RATIOS, batches, x[:1], ignore, slice_channels=slice_, recal_batches=recal,
+                   fold_bn=fold)
     G = len(graph.groups)
     res = run_sensitivity(World(None), ev, np.ones((G, len(RATIOS)), bool), None)
     got = _matrix(res, G)

@@ -1,4 +1,5 @@
-"""Faults on one MPI rank during sensitivity (3 ranks): an exception, a SIGKILL.
+"""Faults on one MPI rank during sensitivity (3 ranks): an exception (on a worker, or on a team
+member waiting in its team's allreduces), a SIGKILL.
 
 Every rank must end within 30 s, the run file must keep every cell gathered before the fault (with
 ``sensitivity.flush_s=0`` rank 0 writes after each result), and a rerun must compute only the
@@ -24,9 +25,15 @@ CALIB_BATCHES = 128  # data.calib_samples / sensitivity.batch_size: forward call
 FAIL_AFTER = CALIB_BATCHES * 3 + CALIB_BATCHES // 2
 
 
-def config(dense_ckpt):
-    return ov(LEAN, [f"checkpoint={dense_ckpt}", "model._target_=faulty.raising_resnet", f"+model.fail_after={FAIL_AFTER}",
-                     "sensitivity.batch_size=2", "data.calib_samples=256", "sensitivity.flush_s=0"])
+# a team of 2 (ranks 1 and 2; rank 0 dispatches): each member evaluates half of each cell's batches,
+# and the team reports a chunk (here a whole group) when it is done: rank 2 raises in its 13th cell
+FAIL_AFTER_TEAM = CALIB_BATCHES + CALIB_BATCHES // 2 * 12 + CALIB_BATCHES // 4
+
+
+def config(dense_ckpt, fail_after=FAIL_AFTER, fail_rank=1, extra=()):
+    return ov(LEAN, [f"checkpoint={dense_ckpt}", "model._target_=faulty.raising_resnet", f"+model.fail_after={fail_after}",
+                     f"+model.fail_rank={fail_rank}", "sensitivity.batch_size=2", "data.calib_samples=256",
+                     "sensitivity.flush_s=0", *extra])
 
 
 @pytest.fixture(scope="module")
@@ -83,9 +90,11 @@ def _rerun_completes(d, cfg, done, reference):
     assert not os.path.exists(d / "run.h5.tmp")
 
 
-def test_exception_on_rank1_ends_every_rank(tmp_path, dense_ckpt, reference):
+@pytest.mark.parametrize("fail_rank,fail_after,extra", [(1, FAIL_AFTER, ()), (2, FAIL_AFTER_TEAM, ("sensitivity.team_size=2",))],
+                         ids=["worker", "team_member"])
+def test_exception_on_one_rank_ends_every_rank(tmp_path, dense_ckpt, reference, fail_rank, fail_after, extra):
     d = tmp_path / "run"
-    cfg = config(dense_ckpt)
+    cfg = config(dense_ckpt, fail_after, fail_rank, extra)
     mark = tmp_path / "fault_time"
     job = Job(sweep_cmd(d, *cfg, ranks=3), tmp_path / "log", env=fault_env(FAULTY_MARK=mark))
     try:
@@ -102,9 +111,9 @@ def test_exception_on_rank1_ends_every_rank(tmp_path, dense_ckpt, reference):
     err = job.stderr()
     lines = [ln for ln in err.splitlines() if ln.startswith("hpcprune: error:")]
     assert len(lines) == 1, err[-3000:]
-    assert "rank 1/3" in lines[0] and "InjectedFault: injected fault on PMI_RANK=1" in lines[0], lines[0]
+    assert f"rank {fail_rank}/3" in lines[0] and f"InjectedFault: injected fault on PMI_RANK={fail_rank}" in lines[0], lines[0]
     done = _after_fault(d / "run.h5", seen, reference)
-    print(f"exception on rank 1: mpiexec exit {rc} {ended - fault_at:.2f} s after it; {int(done.sum())}/{done.size} cells kept")
+    print(f"exception on rank {fail_rank} {extra}: mpiexec exit {rc} {ended - fault_at:.2f} s after it; {int(done.sum())}/{done.size} cells kept")
     _rerun_completes(d, cfg, done, reference)
 
 
