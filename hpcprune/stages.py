@@ -29,8 +29,10 @@ from .world import World
 
 log = logging.getLogger("hpcprune.stages")
 
-# keys that may change between a run and its resumption without changing any result
-_RESUME_IGNORED = ("launcher", "threads", "device", "resume", "sensitivity.flush_s", "sensitivity.team_size", "hydra")
+# keys that may change between a run and its resumption without changing any result (beyond
+# rounding, ~1e-7, as with another world size: layouts, BatchNorm folding, teams)
+_RESUME_IGNORED = ("launcher", "threads", "device", "resume", "sensitivity.flush_s", "sensitivity.team_size",
+                   "sensitivity.channels_last", "sensitivity.fold_bn", "hydra")
 
 
 class ConfigError(ValueError):
@@ -113,8 +115,9 @@ def validate(cfg: DictConfig) -> None:
 
 
 class Sweep:
-    def __init__(self, cfg: DictConfig, world: World, run_dir: str) -> None:
+    def __init__(self, cfg: DictConfig, world: World, run_dir: str, on_accept: Any = None) -> None:
         self.cfg = cfg
+        self.on_accept = on_accept  # rank 0, once the run directory is locked and its config accepted
         self.world = world
         self.run_dir = os.path.abspath(run_dir)
         self.rf = RunFile(os.path.join(self.run_dir, "run.h5"))
@@ -141,6 +144,8 @@ class Sweep:
             return 2
         if early is not None:
             raise early
+        if self.main and self.on_accept is not None:
+            self.on_accept()
         # rank 0 works alone (others sleep) in every stage but sensitivity: it may use every core,
         # and the same thread count with 1 or N ranks keeps dense training bit-identical
         threads = self.world.set_threads(int(self.cfg.threads), alone=True)

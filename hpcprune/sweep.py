@@ -18,6 +18,7 @@ from .world import MPIMismatch, World, run_guarded
 
 log = logging.getLogger("hpcprune")
 _WORLD: World | None = None
+_WRITE_HYDRA_DIR = False  # rank 0 writes .hydra/ itself, once the run is accepted (_own_output_subdir)
 _CONF_DIR = os.path.join(os.path.dirname(__file__), "conf")
 _GROUPS = ("model", "data", "launcher")
 
@@ -77,9 +78,34 @@ def _inject_run_dir(world: World, argv: list[str]) -> list[str]:
         extra.append(f"hydra.run.dir=outputs/{stamp}")
     if "hydra.sweep.dir" not in keys:
         extra.append(f"hydra.sweep.dir=multirun/{stamp}")
-    if not world.is_main:
+    if not world.is_main and "hydra.output_subdir" not in keys:
         extra.append("hydra.output_subdir=null")
     return argv + extra
+
+
+def _own_output_subdir(argv: list[str]) -> list[str]:
+    """Hydra writes ``.hydra/`` into the run directory before the sweep can refuse it (a resume with
+    another config, a locked directory), overwriting an existing run's record. Unless the user set
+    ``hydra.output_subdir``, Hydra writes nothing and rank 0 writes ``.hydra/`` once the run is
+    accepted (``_write_hydra_dir``)."""
+    global _WRITE_HYDRA_DIR
+    if any(a.split("=", 1)[0].lstrip("+~") == "hydra.output_subdir" for a in argv):
+        return argv
+    _WRITE_HYDRA_DIR = True
+    return argv + ["hydra.output_subdir=null"]
+
+
+def _write_hydra_dir(cfg: Any, run_dir: str) -> None:
+    """What Hydra's ``.hydra/`` holds: the composed config, Hydra's own, the overrides."""
+    from hydra.core.hydra_config import HydraConfig
+    from omegaconf import OmegaConf
+
+    d = os.path.join(run_dir, ".hydra")
+    os.makedirs(d, exist_ok=True)
+    hc = HydraConfig.get()
+    OmegaConf.save(cfg, os.path.join(d, "config.yaml"))
+    OmegaConf.save(OmegaConf.create({"hydra": hc}), os.path.join(d, "hydra.yaml"))
+    OmegaConf.save(OmegaConf.create(list(hc.overrides.task)), os.path.join(d, "overrides.yaml"))
 
 
 def _setup_logging(world: World, run_dir: str) -> None:
@@ -111,7 +137,8 @@ def _task(cfg: Any) -> None:
     world = _WORLD or World.from_env()
     run_dir = HydraConfig.get().runtime.output_dir
     _setup_logging(world, run_dir)
-    rc = run_guarded(world, lambda: Sweep(cfg, world, run_dir).run())
+    accept = (lambda: _write_hydra_dir(cfg, run_dir)) if (_WRITE_HYDRA_DIR and world.is_main) else None
+    rc = run_guarded(world, lambda: Sweep(cfg, world, run_dir, on_accept=accept).run())
     if rc:
         sys.exit(rc)
 
@@ -131,7 +158,7 @@ def main() -> None:
         if world.is_main:
             print(f"hpcprune: error: {bad}", file=sys.stderr)
         sys.exit(2)
-    sys.argv = [sys.argv[0]] + _inject_run_dir(world, argv)
+    sys.argv = [sys.argv[0]] + _inject_run_dir(world, _own_output_subdir(argv))
 
     import hydra
 

@@ -81,11 +81,14 @@ def test_other_programs_hdf5_refused(tmp_path, dense_ckpt):
 
 def test_resume_with_other_config_refused(tmp_path, lean_run, dense_ckpt):
     h5 = _copy_run(lean_run, tmp_path / "run")
+    shutil.copytree(lean_run / ".hydra", tmp_path / "run" / ".hydra")  # the run's own record of its config
+    hydra_before = {f: md5(tmp_path / "run" / ".hydra" / f) for f in ("config.yaml", "hydra.yaml", "overrides.yaml")}
     before = md5(h5)
     p = run(sweep_cmd(tmp_path / "run", *LEAN, f"checkpoint={dense_ckpt}", "prune.target.macs=0.4", "seed=3"))
     line = refused(p, "was made with a different config")
     assert "prune.target.macs: 0.5 -> 0.4" in line and "seed: 0 -> 3" in line
     assert md5(h5) == before
+    assert {f: md5(tmp_path / "run" / ".hydra" / f) for f in hydra_before} == hydra_before  # not rewritten
 
 
 # ---- checkpoints ------------------------------------------------------------------------------
