@@ -162,6 +162,8 @@ class Sweep:
             self.world.barrier()
             self.model = self._dense_model()
             threads = self.world.set_threads(int(self.cfg.threads))
+            log.info("sensitivity: %d torch threads per rank (rank %d may use %d CPUs, which %d rank(s) of its node may use)",
+                     threads, self.world.rank, self.world.cores(), self.world.sharing)
             self._timed("groups", self.groups)
             self._timed("sensitivity", self.sensitivity)
             self.world.set_threads(int(self.cfg.threads), alone=True)

@@ -12,7 +12,7 @@ import logging
 import os
 import sys
 import time
-from typing import Any, Callable
+from typing import Any, Callable, Sequence
 
 log = logging.getLogger(__name__)
 
@@ -48,11 +48,13 @@ class World:
         self.rank = comm.Get_rank() if comm is not None else 0
         self.size = comm.Get_size() if comm is not None else 1
         self.local_rank, self.local_size = 0, 1
+        self.sharing = 1  # ranks on this node whose CPU sets overlap this rank's (itself included)
         if comm is not None:
             from mpi4py import MPI
 
             local = comm.Split_type(MPI.COMM_TYPE_SHARED, key=self.rank)
             self.local_rank, self.local_size = local.Get_rank(), local.Get_size()
+            self.sharing = sharing(self.cpus(), local.allgather(self.cpus()))
             local.Free()
         self.is_main = self.rank == 0
 
@@ -119,16 +121,23 @@ class World:
 
     # ---- threads and devices ----------------------------------------------------------------
     @staticmethod
+    def cpus() -> list[int]:
+        """The CPUs this process may run on (its affinity: a Slurm task's binding, a cgroup's cpuset)."""
+        return sorted(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else list(range(os.cpu_count() or 1))
+
+    @staticmethod
     def cores() -> int:
-        return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+        return len(World.cpus())
 
     def set_threads(self, threads: int, alone: bool = False) -> int:
-        """Torch intra-op threads: ``threads`` or, when 0, the cores / ranks on this node; with
-        ``alone`` (the other ranks sleep meanwhile) every core this process may use."""
+        """Torch intra-op threads: ``threads`` or, when 0, this rank's share of its CPUs: all of them
+        when the launcher bound each rank to its own CPUs (``srun --cpu-bind``, ``mpiexec -bind-to``),
+        divided by the ranks sharing them otherwise; with ``alone`` (the other ranks sleep meanwhile)
+        every CPU this process may use."""
         import torch
 
         if threads <= 0:
-            threads = self.cores() if alone else max(1, self.cores() // self.local_size)
+            threads = self.cores() if alone else max(1, self.cores() // self.sharing)
         torch.set_num_threads(threads)
         return threads
 
@@ -143,6 +152,14 @@ class World:
         if spec == "cuda" and torch.cuda.is_available():
             return f"cuda:{self.local_rank % torch.cuda.device_count()}"
         return spec
+
+
+def sharing(mine: Sequence[int], everyone: Sequence[Sequence[int]]) -> int:
+    """How many of the node's ranks (``everyone``'s CPU sets, this rank's among them) may run on a CPU
+    this rank may run on: 1 for ranks bound to CPUs of their own, the ranks on the node when none is
+    bound. At least 1."""
+    own = set(mine)
+    return max(1, sum(1 for cpus in everyone if own & set(cpus)))
 
 
 def run_guarded(world: World, fn: Callable[[], int], err_stream: Any = None) -> int:
