@@ -711,26 +711,24 @@ def run_sensitivity(
     t = team_size(world.size, int(pending.any(axis=1).sum()), n_samples, team_setting,
                   len(evaluator.recal_batches), recal_batch)
     team = make_teams(world, t) if t > 1 else None
-    try:
-        if world.rank == 0:
-            gather = Gather()
+    if world.rank == 0:
+        gather = Gather()
 
-            def report(res: list[CellResult]) -> None:  # complete cells only: shards are combined first
-                done = gather.add(res)
-                if progress is not None:
-                    progress.update(len(done))
-                if on_results is not None and done:
-                    on_results(done)
+        def report(res: list[CellResult]) -> None:  # complete cells only: shards are combined first
+            done = gather.add(res)
+            if progress is not None:
+                progress.update(len(done))
+            if on_results is not None and done:
+                on_results(done)
 
-            return Gather().add(_master(world, evaluator, pending, module_macs, report, stop_below, t))
-        if team is not None and team.index > 0:
-            _member(evaluator, team, world.rank, stop_below)
-        else:
-            _worker(world, evaluator, stop_below, team)
-        return []
-    finally:
-        if team is not None:
-            team.comm.Free()
+        return Gather().add(_master(world, evaluator, pending, module_macs, report, stop_below, t))
+    if team is not None and team.index > 0:
+        _member(evaluator, team, world.rank, stop_below)
+    else:
+        _worker(world, evaluator, stop_below, team)
+    if team is not None:  # (after an error the abort ends every rank: no collective free then)
+        team.comm.Free()
+    return []
 
 
 def _master(world, evaluator, pending, module_macs, on_results, stop_below, team: int = 1) -> list[CellResult]:
