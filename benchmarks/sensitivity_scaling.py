@@ -162,10 +162,13 @@ def main() -> None:
             limit = f"overhead: {100 * (r['work'] / work1 - 1):.0f}% more work (prefix or re-estimation repeated, per-chunk costs)"
         elif r["chunks"] < 2 * r["teams"]:
             limit = "too few chunks per worker"
+        elif 1 - r["work"] / (w * r["time"]) > 0.1:
+            limit = (f"balance: ranks idle {100 * (1 - r['work'] / (w * r['time'])):.0f}% of the run "
+                     "(chunks of whole cells are coarse for this many workers)")
         else:
             limit = "-"
-        if t > 1 and limit == "-":
-            limit = f"{r['teams']} teams; rank 0 dispatches only"
+        if t > 1:
+            limit = f"{r['teams']} teams, rank 0 dispatches; {limit}" if limit != "-" else f"{r['teams']} teams, rank 0 dispatches"
         if stop is None and eff < 0.8:
             stop = (w, limit)
         rows.append({"ranks": w, "team": t, "chunks": r["chunks"], "time_s": r["time"], "efficiency": eff})
