@@ -42,7 +42,7 @@ import numpy as np
 import yaml
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-from hpcprune.sensitivity import Dispatcher, make_chunks, team_size  # noqa: E402
+from hpcprune.sensitivity import Dispatcher, make_chunks, team_ranks, team_size  # noqa: E402
 
 
 def load(path: str, groups: int | None, images: int | None, macs: float | None = None) -> dict:
@@ -86,9 +86,8 @@ def simulate(d: dict, world: int, team: int, chunk_ms: float, dispatch_ms: float
     pending = np.ones(E.shape, bool)
     full = lambda g, rs: P[g] + PR[g] + (E[g, rs] + R[g, rs]).sum()  # noqa: E731
     if team > 1:
-        n_teams = math.ceil((world - 1) / team)
-        sizes = [len(p) for p in np.array_split(np.arange(1, world), n_teams)]
-        chunks = make_chunks(pending, n_teams, 1, full)
+        sizes = [len(p) for p in team_ranks(world, team)]
+        chunks = make_chunks(pending, len(sizes), 1, full)
         units = d["images"] + nr * d["recal_batch_images"]  # a member's share evens out images of both kinds
 
         def cost(c, s, prefix):

@@ -76,10 +76,6 @@ class Team:
     index: int
     size: int
 
-    def share(self, items: Sequence) -> list:
-        """This member's contiguous share of ``items`` (batches), as even as the count allows."""
-        return [items[i] for i in np.array_split(np.arange(len(items)), self.size)[self.index]]
-
     def sum(self, values: np.ndarray) -> np.ndarray:
         """Element-wise sum over the team (waits sleeping, so an idle member does not spin a core)."""
         from mpi4py import MPI
@@ -258,8 +254,8 @@ class Evaluator:
         allows; calibration samples are split to even out the members' work (an image costs about
         the same forward in either), contiguously and in order, and re-batched at the batch size."""
         if self._team_share is None or self._team_share[0] != (team.index, team.size):
-            recal = team.share(self.recal_batches)
-            parts = np.array_split(np.arange(len(self.recal_batches)), team.size)
+            parts = np.array_split(np.arange(len(self.recal_batches)), team.size)  # every member's, as even as can be
+            recal = [self.recal_batches[i] for i in parts[team.index]]
             recal_n = np.array([sum(len(self.recal_batches[i][1]) for i in p) for p in parts], dtype=np.float64)
             n = sum(len(y) for _, y in self.batches)
             want = np.maximum(0.0, (n + recal_n.sum()) / team.size - recal_n)
@@ -670,14 +666,19 @@ def team_size(world_size: int, groups: int, n_samples: int, setting: Any = "auto
     return max(1, min(t, cap))
 
 
+def team_ranks(world_size: int, size: int) -> list[np.ndarray]:
+    """Ranks 1 .. N-1 in teams of at most ``size``, as even as the count allows (rank 0 dispatches);
+    each team's first rank is its leader."""
+    return np.array_split(np.arange(1, world_size), math.ceil((world_size - 1) / size))
+
+
 def make_teams(world: World, size: int) -> Team | None:
-    """Split ranks 1 .. N-1 into teams of at most ``size`` (rank 0 dispatches); None on rank 0."""
+    """This rank's team (``team_ranks``); None on rank 0."""
     from mpi4py import MPI
 
-    n_teams = math.ceil((world.size - 1) / size)
     index = -1
     if world.rank > 0:
-        index = next(i for i, part in enumerate(np.array_split(np.arange(1, world.size), n_teams)) if world.rank in part)
+        index = next(i for i, part in enumerate(team_ranks(world.size, size)) if world.rank in part)
     comm = world.comm.Split(index if index >= 0 else MPI.UNDEFINED, world.rank)
     if index < 0:
         return None
@@ -737,9 +738,8 @@ def _master(world, evaluator, pending, module_macs, on_results, stop_below, team
 
     comm = world.comm
     if team > 1:
-        n_teams = math.ceil((world.size - 1) / team)
-        clients = [int(part[0]) for part in np.array_split(np.arange(1, world.size), n_teams)]
-        chunks = make_chunks(pending, n_teams, 1, lambda g, rs: evaluator.chunk_cost(Chunk(g, rs), module_macs))
+        clients = [int(part[0]) for part in team_ranks(world.size, team)]
+        chunks = make_chunks(pending, len(clients), 1, lambda g, rs: evaluator.chunk_cost(Chunk(g, rs), module_macs))
     else:
         clients = list(range(1, world.size))
         chunks = make_chunks(pending, world.size, len(evaluator.batches),

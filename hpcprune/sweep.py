@@ -83,16 +83,14 @@ def _inject_run_dir(world: World, argv: list[str]) -> list[str]:
     return argv + extra
 
 
-def _own_output_subdir(argv: list[str]) -> list[str]:
+def _own_output_subdir(argv: list[str]) -> tuple[list[str], bool]:
     """Hydra writes ``.hydra/`` into the run directory before the sweep can refuse it (a resume with
     another config, a locked directory), overwriting an existing run's record. Unless the user set
     ``hydra.output_subdir``, Hydra writes nothing and rank 0 writes ``.hydra/`` once the run is
-    accepted (``_write_hydra_dir``)."""
-    global _WRITE_HYDRA_DIR
+    accepted (``_write_hydra_dir``). Returns the arguments and whether rank 0 writes it."""
     if any(a.split("=", 1)[0].lstrip("+~") == "hydra.output_subdir" for a in argv):
-        return argv
-    _WRITE_HYDRA_DIR = True
-    return argv + ["hydra.output_subdir=null"]
+        return argv, False
+    return argv + ["hydra.output_subdir=null"], True
 
 
 def _write_hydra_dir(cfg: Any, run_dir: str) -> None:
@@ -144,7 +142,7 @@ def _task(cfg: Any) -> None:
 
 
 def main() -> None:
-    global _WORLD
+    global _WORLD, _WRITE_HYDRA_DIR
     try:
         world = World.from_env()
     except MPIMismatch as e:
@@ -158,7 +156,8 @@ def main() -> None:
         if world.is_main:
             print(f"hpcprune: error: {bad}", file=sys.stderr)
         sys.exit(2)
-    sys.argv = [sys.argv[0]] + _inject_run_dir(world, _own_output_subdir(argv))
+    argv, _WRITE_HYDRA_DIR = _own_output_subdir(argv)
+    sys.argv = [sys.argv[0]] + _inject_run_dir(world, argv)
 
     import hydra
 

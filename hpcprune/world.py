@@ -54,7 +54,8 @@ class World:
 
             local = comm.Split_type(MPI.COMM_TYPE_SHARED, key=self.rank)
             self.local_rank, self.local_size = local.Get_rank(), local.Get_size()
-            self.sharing = sharing(self.cpus(), local.allgather(self.cpus()))
+            cpus = self.cpus()
+            self.sharing = sharing(cpus, local.allgather(cpus))
             local.Free()
         self.is_main = self.rank == 0
 
