@@ -1,6 +1,8 @@
 """The DDP fine-tuning job (one submitit job, N tasks, one torch.distributed group).
 
-Each task rebuilds the pruned model from the run file (dense weights + plan), trains its share of
+Each task rebuilds the pruned model from the run file (dense weights + plan + pruned weights, read
+with ``store.read_weights``: the safetensors files beside the run file, or the user's dense
+checkpoint the run references, so both must be on a file system every node sees), trains its share of
 the data (DistributedSampler), and rank 0 writes a checkpoint after every epoch (atomic rename).
 On requeue (Slurm preemption or timeout) submitit calls ``checkpoint()``; the new job resumes from
 the last completed epoch: weights, optimizer, scheduler, history. The same happens when Slurm

@@ -4,23 +4,34 @@ Every write is a transaction on a copy: the current file is read into memory, ch
 written to ``run.h5.tmp``, fsync'ed and renamed over ``run.h5``. A kill at any moment leaves either
 the old or the new file, never a half-written one, and the file is never held open between writes. The schema is
 documented in ``cluster_docs/run_file.md``; ``SCHEMA_VERSION`` changes with it.
+
+Weights (schema 2) live beside the run file, one safetensors file per stage (``dense.safetensors``,
+``pruned.safetensors``, ``final.safetensors``), each written once (temporary file, fsync, rename)
+before the transaction that records it; the stage group holds only its name, size and digest, so a
+transaction copies kilobytes, not the model. A user's dense checkpoint is referenced, not copied.
+Schema 1 files (weights as HDF5 datasets in ``<stage>/weights``) are still read, reported and
+resumed: :func:`read_weights` and :func:`write_weights` handle both layouts.
 """
 from __future__ import annotations
 
 import contextlib
 import fcntl
+import hashlib
 import io
 import json
 import os
 import time
+from collections import OrderedDict
 from typing import Any, Iterator
 
 import h5py
 import numpy as np
 
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2  # 1: weights inside the run file (still read); 2: weights in safetensors files beside it
 FORMAT = "hpcprune-run"
 STAGES = ("baseline", "groups", "sensitivity", "allocation", "pruned", "finetune", "final")
+# the stages that hold weights, and their files in the run directory (schema 2)
+WEIGHT_FILES = {"baseline": "dense.safetensors", "pruned": "pruned.safetensors", "final": "final.safetensors"}
 
 
 class RunFileError(ValueError):
@@ -44,7 +55,7 @@ class RunFile:
 
     # ---- opening ------------------------------------------------------------------------------
     def check(self) -> None:
-        """Raise RunFileError unless this is a readable hpcprune run file of a known schema."""
+        """Raise RunFileError unless this is a readable hpcprune run file of a known schema (1 or 2)."""
         try:
             with h5py.File(self.path, "r") as f:
                 fmt = f.attrs.get("format")
@@ -83,6 +94,9 @@ class RunFile:
         with h5py.File(image, "a") as f:
             yield f
             f.attrs["updated"] = _now()
+            # a schema 1 file written by this version may get schema 2 parts (weights beside it)
+            if "format" in f.attrs and int(f.attrs.get("schema_version", SCHEMA_VERSION)) < SCHEMA_VERSION:
+                f.attrs["schema_version"] = SCHEMA_VERSION
         try:
             with open(tmp, "wb") as fh:
                 fh.write(image.getbuffer())
@@ -156,7 +170,8 @@ def replace_group(f: h5py.File, name: str) -> h5py.Group:
 
 
 def write_state_dict(group: h5py.Group, state: dict[str, Any]) -> None:
-    """Store a state dict as one dataset per tensor (no pickles): readable by any HDF5 tool.
+    """Schema 1 layout (no longer written by the sweep: see :func:`write_weights`): a state dict as
+    one dataset per tensor (no pickles), readable by any HDF5 tool.
 
     A tensor shared under several names (tied embedding and output head) is stored once; its other
     names are HDF5 hard links to the same dataset. Small and mid-size tensors are gzip-compressed;
@@ -175,9 +190,249 @@ def write_state_dict(group: h5py.Group, state: dict[str, Any]) -> None:
 
 
 def read_state_dict(group: h5py.Group) -> dict[str, Any]:
+    """A schema 1 state dict (``<stage>/weights``, one dataset per tensor)."""
     import torch
 
-    return {k: torch.from_numpy(np.array(d)) for k, d in group.items()}
+    return OrderedDict((k, torch.from_numpy(np.array(d))) for k, d in group.items())
+
+
+# ---- weights (schema 2: safetensors files beside the run file) -----------------------------------
+class WeightsError(RunFileError):
+    """A weights file the run file records is missing or changed since it was recorded."""
+
+
+_META_KEY = "hpcprune"  # safetensors metadata entry: JSON {"keys", "aliases", "metadata"}
+
+
+def _sha256(path: str) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as fh:
+        for chunk in iter(lambda: fh.read(1 << 24), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def _first_line(e: BaseException) -> str:
+    text = str(e).strip()
+    return text.splitlines()[0] if text else type(e).__name__
+
+
+def load_checkpoint(path: str) -> dict[str, Any]:
+    """The state dict in a user's checkpoint file (``checkpoint=``): a torch state-dict file, or a
+    dict holding one under ``state_dict``. ValueError (one line, without the path) when it is not.
+
+    The baseline loads the dense model through this function, and a run file that references the
+    checkpoint reads it back through it: the model rebuilt from the run is the baseline's."""
+    import torch
+
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:
+        raise ValueError(f"not a readable torch state dict ({type(e).__name__}: {_first_line(e)})") from None
+    if isinstance(state, dict) and "state_dict" in state:
+        state = state["state_dict"]
+    if not isinstance(state, dict):
+        raise ValueError(f"holds a {type(state).__name__}, not a state dict")
+    return state
+
+
+def _fsync_dir(path: str) -> None:
+    fd = os.open(os.path.dirname(path) or ".", os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def save_safetensors(path: str, state: dict[str, Any]) -> tuple[int, str]:
+    """Write ``state`` to ``path`` through ``path.tmp``, fsync, rename; returns (bytes, sha256).
+
+    A tensor shared under several names (a tied embedding and output head) is stored once, the
+    other names recorded as aliases; the state dict's ``_metadata`` (module versions, read by some
+    modules' ``_load_from_state_dict``) and its key order are kept in the file's metadata."""
+    import torch
+    from safetensors.torch import save_file
+
+    tensors: dict[str, Any] = {}
+    aliases: dict[str, str] = {}
+    first: dict[tuple, str] = {}
+    storages: set[int] = set()
+    for k, v in state.items():
+        if not isinstance(v, torch.Tensor):
+            raise TypeError(f"state dict entry {k!r} is a {type(v).__name__}, not a tensor: cannot store it")
+        key = (v.data_ptr(), tuple(v.shape), tuple(v.stride()), v.dtype, v.device) if v.numel() else None
+        if key is not None and key in first:
+            aliases[k] = first[key]
+            continue
+        if key is not None:
+            first[key] = k
+        t = v.detach().cpu()
+        # safetensors refuses two names on one storage: other views of a stored storage are copies
+        sid = t.untyped_storage().data_ptr() if t.numel() else None
+        if sid is not None and sid in storages:
+            t = t.clone()
+        elif sid is not None:
+            storages.add(sid)
+        tensors[k] = t.contiguous()
+    meta = getattr(state, "_metadata", None)
+    info = {"keys": list(state), "aliases": aliases, "metadata": dict(meta) if meta is not None else None}
+    tmp = path + ".tmp"
+    try:
+        save_file(tensors, tmp, metadata={"format": "pt", _META_KEY: json.dumps(info, default=str)})
+        h = hashlib.sha256()
+        with open(tmp, "rb") as fh:
+            for chunk in iter(lambda: fh.read(1 << 24), b""):
+                h.update(chunk)
+            os.fsync(fh.fileno())
+        size = os.path.getsize(tmp)
+        umask = os.umask(0)
+        os.umask(umask)
+        os.chmod(tmp, 0o666 & ~umask)  # as open() would create it (safetensors writes 0600)
+        os.replace(tmp, path)
+        _fsync_dir(path)
+    except OSError as e:
+        raise OSError(e.errno, f"cannot write the weights file {path} ({e.strerror}); the run file is intact") from e
+    finally:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+    return size, h.hexdigest()
+
+
+def load_safetensors(path: str) -> "OrderedDict[str, Any]":
+    """A state dict written by :func:`save_safetensors`: its key order, tied names as one tensor,
+    ``_metadata`` set when it had one. Plain safetensors files load too."""
+    from safetensors import safe_open
+
+    with safe_open(path, framework="pt", device="cpu") as fh:
+        meta = fh.metadata() or {}
+        tensors = {k: fh.get_tensor(k) for k in fh.keys()}
+    info = json.loads(meta.get(_META_KEY, "{}"))
+    aliases = info.get("aliases") or {}
+    state: OrderedDict[str, Any] = OrderedDict()
+    for k in info.get("keys") or list(tensors):
+        state[k] = tensors[aliases[k]] if k in aliases else tensors[k]
+    if info.get("metadata") is not None:
+        state._metadata = OrderedDict(info["metadata"])  # type: ignore[attr-defined]
+    return state
+
+
+def _file_record(path: str, sha256: str | None = None) -> dict[str, Any]:
+    st = os.stat(path)
+    return {"weights_bytes": int(st.st_size), "weights_mtime_ns": int(st.st_mtime_ns),
+            "weights_sha256": sha256 or _sha256(path)}
+
+
+def write_weights(run_file: RunFile, stage: str, state_dict: dict[str, Any], group: h5py.Group | None = None,
+                  reference: str | None = None) -> dict[str, Any]:
+    """Store the weights of ``stage`` (``baseline``, ``pruned``, ``final``) beside the run file and
+    record them in the stage group as attributes: ``weights_file`` (relative to the run directory;
+    an absolute path for a referenced checkpoint), ``weights_bytes``, ``weights_sha256``,
+    ``weights_mtime_ns``, ``weights_reference`` (True: the user's file, not copied).
+
+    ``reference``: a checkpoint file to record instead of writing ``state_dict`` (the dense weights
+    loaded from it with :func:`load_checkpoint`). ``group``: the stage's group inside an open
+    transaction of ``run_file`` (the weights file lands before that transaction does); without it
+    this function makes its own transaction on ``/<stage>``. Returns the recorded attributes."""
+    if stage not in WEIGHT_FILES:
+        raise ValueError(f"stage {stage!r} holds no weights (one of {', '.join(WEIGHT_FILES)})")
+    if reference is not None:
+        path = os.path.abspath(str(reference))
+        rec = {"weights_file": path, **_file_record(path), "weights_reference": True}
+    else:
+        name = WEIGHT_FILES[stage]
+        size, digest = save_safetensors(os.path.join(os.path.dirname(run_file.path), name), state_dict)
+        rec = {"weights_file": name, **_file_record(os.path.join(os.path.dirname(run_file.path), name), digest),
+               "weights_reference": False}
+
+    def put(g: h5py.Group) -> None:
+        if "weights" in g:  # schema 1 datasets of an earlier write
+            del g["weights"]
+        for k, v in rec.items():
+            g.attrs[k] = v
+
+    if group is not None:
+        put(group)
+    else:
+        with run_file.write() as f:
+            put(f.require_group(stage))
+    return rec
+
+
+def has_weights(f: h5py.File, stage: str) -> bool:
+    """Whether ``/<stage>`` of an open run file records weights (either schema)."""
+    return stage in f and ("weights_file" in f[stage].attrs or "weights" in f[stage])
+
+
+def weights_path(run_file: RunFile, rec: dict[str, Any]) -> str:
+    p = str(rec["weights_file"])
+    return p if os.path.isabs(p) else os.path.join(os.path.dirname(run_file.path), p)
+
+
+def verify_weights(run_file: RunFile, stage: str, rec: dict[str, Any] | None = None) -> None:
+    """WeightsError (one line) unless the weights file of ``stage`` is the one recorded: same size,
+    and the same mtime or else the same sha256. Schema 1 stages (weights inside) always pass."""
+    if rec is None:
+        with run_file.read() as f:
+            if stage not in f or "weights_file" not in f[stage].attrs:
+                return
+            rec = {k: _plain(v) for k, v in f[stage].attrs.items()}
+    path = weights_path(run_file, rec)
+    what = "the dense checkpoint" if rec.get("weights_reference") else f"the {stage} weights file"
+    fix = ("restore it, or start a new run (another hydra.run.dir)" if rec.get("weights_reference")
+           else "the run directory is damaged; restore the file or start a new run")
+    try:
+        st = os.stat(path)
+    except OSError as e:
+        raise WeightsError(f"{run_file.path}: {what} {path} is gone ({e.strerror}); {fix}") from None
+    if st.st_size != int(rec["weights_bytes"]):
+        raise WeightsError(f"{run_file.path}: {what} {path} changed since it was recorded "
+                           f"({st.st_size} bytes, recorded {int(rec['weights_bytes'])}); {fix}")
+    if st.st_mtime_ns != int(rec.get("weights_mtime_ns", -1)) and _sha256(path) != str(rec["weights_sha256"]):
+        raise WeightsError(f"{run_file.path}: {what} {path} changed since it was recorded (sha256 differs); {fix}")
+
+
+def read_weights(run_file: RunFile, stage: str) -> "OrderedDict[str, Any]":
+    """The state dict of ``stage`` (``baseline``, ``pruned``, ``final``), from either schema:
+    schema 2 reads (and first verifies) the file beside the run file or the referenced checkpoint,
+    schema 1 the datasets in ``/<stage>/weights``. KeyError when the stage holds no weights."""
+    with run_file.read() as f:
+        if stage not in f:
+            raise KeyError(f"{run_file.path}: no /{stage} (the stage has not run)")
+        g = f[stage]
+        if "weights_file" not in g.attrs:
+            if "weights" not in g:
+                raise KeyError(f"{run_file.path}: /{stage} holds no weights")
+            return read_state_dict(g["weights"])
+        rec = {k: _plain(v) for k, v in g.attrs.items()}
+    verify_weights(run_file, stage, rec)
+    path = weights_path(run_file, rec)
+    if rec.get("weights_reference"):
+        try:
+            return load_checkpoint(path)
+        except ValueError as e:
+            raise WeightsError(f"{run_file.path}: the dense checkpoint {path}: {e}") from None
+    return load_safetensors(path)
+
+
+def write_sensitivity_cells(run_file: RunFile, state: dict[str, np.ndarray], attrs: dict[str, Any],
+                            ratios: list[float] | None = None, complete: bool = False, wall: float | None = None) -> None:
+    """One flush of the sensitivity grid: the (G, R) cell arrays and per-group arrays of ``state``,
+    the stage attributes ``attrs``; ``ratios`` on the first flush; ``complete``: the last flush
+    (``wall`` seconds added to ``wall_s``)."""
+    with run_file.write() as f:
+        s = f["sensitivity"] if "sensitivity" in f else f.create_group("sensitivity")
+        if "ratios" not in s and ratios is not None:
+            s.create_dataset("ratios", data=np.array([float(r) for r in ratios]))
+        for k, v in state.items():
+            if k in s:
+                s[k][...] = v
+            else:
+                s.create_dataset(k, data=v)
+        for k, v in attrs.items():
+            s.attrs[k] = v
+        if complete:
+            s.attrs["wall_s"] = float(wall or 0.0) + float(s.attrs.get("wall_s", 0.0))
+            s.attrs["complete"] = True
 
 
 class RunLock:

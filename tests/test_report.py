@@ -29,8 +29,9 @@ REUSE = [*FAST, "launcher=debug", "sensitivity.early_stop_floor=0.9",
 @pytest.fixture(scope="session")
 def runs(fast_run, tmp_path_factory):
     root = tmp_path_factory.mktemp("report")
-    with h5py.File(fast_run / "run.h5", "r") as f:
-        state = {k: torch.from_numpy(np.array(v)) for k, v in f["baseline/weights"].items()}
+    from hpcprune.store import RunFile, read_weights
+
+    state = dict(read_weights(RunFile(str(fast_run / "run.h5")), "baseline"))
     ckpt = root / "dense.pt"
     torch.save(state, ckpt)
     made = {"dense": fast_run / "run.h5"}

@@ -42,3 +42,163 @@ def test_lock_is_exclusive_and_released(tmp_path):
         RunLock(str(tmp_path)).acquire()
     a.release()
     RunLock(str(tmp_path)).acquire().release()
+
+
+# ---- schema 2: weights beside the run file ----------------------------------------------------
+import os
+import shutil
+import subprocess
+import sys
+import time
+from collections import OrderedDict
+
+import numpy as np
+import torch
+
+from hpcprune.store import WeightsError, has_weights, read_weights, write_weights
+
+DATA = os.path.join(os.path.dirname(os.path.abspath(__file__)), "data")
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+# the overrides the fixtures in tests/data were made with (see tests/data/README.md)
+V1_CONFIG = ["threads=1", "baseline.epochs=2", "finetune.epochs=1", "launcher=debug", "sensitivity.ratios=[0.3,0.6]",
+             "baseline.latency_repeats=1", "baseline.latency_batch=8"]
+
+
+def _new_run(tmp_path):
+    rf = RunFile(str(tmp_path / "run.h5"))
+    rf.create("a: 1\n", {})
+    return rf
+
+
+def test_weights_round_trip_bf16_tied_metadata(tmp_path):
+    rf = _new_run(tmp_path)
+    emb = torch.randn(7, 4).to(torch.bfloat16)
+    state = OrderedDict([
+        ("embed.weight", emb), ("z.half", torch.randn(3, 2).half()), ("bn.num_batches_tracked", torch.tensor(5)),
+        ("empty", torch.zeros(0, 3)), ("t.weight", torch.randn(4, 5).t()),  # non-contiguous
+        ("head.weight", emb),  # tied: the same tensor under another name
+    ])
+    state._metadata = OrderedDict([("", {"version": 1}), ("bn", {"version": 2})])
+    with rf.write() as f:
+        rec = write_weights(rf, "pruned", state, f.create_group("pruned"))
+    assert rec["weights_file"] == "pruned.safetensors" and os.path.getsize(tmp_path / "pruned.safetensors") == rec["weights_bytes"]
+    with h5py.File(rf.path, "r") as f:
+        assert "weights" not in f["pruned"] and f["pruned"].attrs["weights_sha256"] == rec["weights_sha256"]
+        assert has_weights(f, "pruned") and not has_weights(f, "final")
+    back = read_weights(rf, "pruned")
+    assert list(back) == list(state)
+    for k, v in state.items():
+        assert back[k].dtype == v.dtype and torch.equal(back[k], v), k
+    assert back["head.weight"] is back["embed.weight"]  # reloads tied
+    assert back._metadata == state._metadata
+    # a module's versioned _load_from_state_dict sees the versions
+    bn = torch.nn.BatchNorm1d(3)
+    sd = bn.state_dict()
+    rf2 = RunFile(str(tmp_path / "b" / "run.h5"))
+    os.makedirs(tmp_path / "b")
+    rf2.create("a: 1\n", {})
+    write_weights(rf2, "final", sd)  # its own transaction
+    assert read_weights(rf2, "final")._metadata == sd._metadata
+    assert not [p for p in os.listdir(tmp_path) if p.endswith(".tmp")]
+
+
+def test_changed_checkpoint_refused_with_one_line(tmp_path):
+    rf = _new_run(tmp_path)
+    ck = tmp_path / "dense.pt"
+    torch.save({"state_dict": {"w": torch.ones(3)}}, ck)  # nested: read back through the same loader
+    with rf.write() as f:
+        rec = write_weights(rf, "baseline", {"w": torch.ones(3)}, f.create_group("baseline"), reference=str(ck))
+    assert rec["weights_file"] == str(ck) and rec["weights_reference"] and not (tmp_path / "dense.safetensors").exists()
+    assert torch.equal(read_weights(rf, "baseline")["w"], torch.ones(3))
+    # rewritten with the same content (a new mtime): the sha256 still matches
+    time.sleep(0.01)
+    data = ck.read_bytes()
+    ck.write_bytes(data)
+    assert torch.equal(read_weights(rf, "baseline")["w"], torch.ones(3))
+    torch.save({"state_dict": {"w": torch.zeros(3)}}, ck)  # same size, other numbers
+    with pytest.raises(WeightsError) as e:
+        read_weights(rf, "baseline")
+    msg = str(e.value)
+    assert "\n" not in msg and "changed since it was recorded" in msg and str(ck) in msg
+    ck.unlink()
+    with pytest.raises(WeightsError, match="is gone"):
+        read_weights(rf, "baseline")
+
+
+def test_v1_file_loads_reports_and_upgrades(tmp_path):
+    import hpcprune
+    from hpcprune import report
+
+    for name in ("v1_complete.h5", "v1_pruned.h5"):
+        d = tmp_path / name[:-3]
+        d.mkdir()
+        shutil.copy(os.path.join(DATA, name), d / "run.h5")
+        path = str(d / "run.h5")
+        RunFile(path).check()
+        model = hpcprune.load_pruned(path)
+        assert 0 < sum(p.numel() for p in model.parameters()) < 77754  # pruned, below the dense count
+        with torch.no_grad():
+            assert model(torch.zeros(2, 1, 8, 8)).shape == (2, 10)
+        row = report.summarize(path)
+        assert row["status"] == ("complete" if name == "v1_complete.h5" else "failed")
+        assert "0.9550" in report.format_table([row])
+        assert report.main([path]) == 0
+    # a status change by this version marks the file schema 2; its weights inside still load
+    rf = RunFile(str(tmp_path / "v1_complete" / "run.h5"))
+    rf.set_status("complete")
+    assert rf.attrs()["schema_version"] == SCHEMA_VERSION == 2
+    assert set(read_weights(rf, "final")) == set(read_weights(rf, "pruned"))
+
+
+def test_v2_run_small_and_v1_resume(tmp_path):
+    """A v1 run stopped after prune resumes to complete with this version (fine-tune weights the v2
+    way); a fresh run of the embedded default keeps its run file small, the weights beside it."""
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
+    d = tmp_path / "v1"
+    d.mkdir()
+    shutil.copy(os.path.join(DATA, "v1_pruned.h5"), d / "run.h5")
+    p = subprocess.run([sys.executable, "-m", "hpcprune.sweep", f"hydra.run.dir={d}", *V1_CONFIG], cwd=ROOT, env=env,
+                       capture_output=True, text=True, timeout=300)
+    assert p.returncode == 0, p.stderr[-3000:]
+    assert "resuming" in p.stderr and "done: baseline, groups, sensitivity, allocation, pruned" in p.stderr
+    with h5py.File(d / "run.h5", "r") as f:
+        assert f.attrs["status"] == "complete" and f.attrs["schema_version"] == 2
+        assert "weights" in f["pruned"] and f["final"].attrs["weights_file"] == "final.safetensors"
+    assert (d / "final.safetensors").exists() and not (d / "pruned.safetensors").exists()
+    import hpcprune
+
+    hpcprune.load_pruned(str(d / "run.h5"))
+
+    # the v1 run's dense weights as a user's checkpoint (nested under state_dict)
+    ck = tmp_path / "dense.pt"
+    torch.save({"state_dict": dict(read_weights(RunFile(str(d / "run.h5")), "baseline"))}, ck)
+
+    def sweep(run_dir, *extra):
+        return subprocess.run([sys.executable, "-m", "hpcprune.sweep", f"hydra.run.dir={run_dir}", *V1_CONFIG,
+                               "finetune.epochs=0", "sensitivity.ratios=[0.5]", f"checkpoint={ck}", *extra],
+                              cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+
+    n = tmp_path / "copied"
+    p = sweep(n, "baseline.copy_checkpoint=true")
+    assert p.returncode == 0, p.stderr[-3000:]
+    assert os.path.getsize(n / "run.h5") < 200 * 1024
+    for name in ("dense", "pruned", "final"):
+        assert (n / f"{name}.safetensors").exists()
+    with h5py.File(n / "run.h5", "r") as f:
+        assert not any("weights" in f[s] for s in ("baseline", "pruned", "final"))
+        assert f["baseline"].attrs["weights_file"] == "dense.safetensors" and not f["baseline"].attrs["weights_reference"]
+
+    r = tmp_path / "referenced"
+    p = sweep(r)
+    assert p.returncode == 0, p.stderr[-3000:]
+    assert not (r / "dense.safetensors").exists()
+    with h5py.File(r / "run.h5", "r") as f:
+        assert f["baseline"].attrs["weights_file"] == str(ck) and f["baseline"].attrs["weights_reference"]
+    hpcprune.load_pruned(str(r / "run.h5"))
+    state = torch.load(ck, weights_only=True)
+    state["state_dict"] = {k: v + 1 if v.is_floating_point() else v for k, v in state["state_dict"].items()}
+    torch.save(state, ck)  # the user's checkpoint changes: the run refuses it, in one line
+    p = sweep(r)
+    lines = [ln for ln in p.stderr.splitlines() if ln.strip() and not ln.startswith("[hpcprune]")]
+    assert p.returncode == 2 and len(lines) == 1, p.stderr[-3000:]
+    assert lines[0].startswith("hpcprune: error:") and f"the dense checkpoint {ck} changed since it was recorded" in lines[0]

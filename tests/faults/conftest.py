@@ -40,7 +40,7 @@ LEAN = [
 
 # stage attributes that are measured times, not results: they differ between identical runs
 VOLATILE = {"latency_ms", "latency_speedup", "latency_kept", "seconds", "wall_s", "updated", "world_size", "job_id",
-            "rank_digests", "launcher"}
+            "rank_digests", "launcher", "weights_mtime_ns", "weights_sha256"}  # weights: compared by value (snapshot)
 
 
 @pytest.fixture(scope="session")
@@ -200,6 +200,13 @@ def snapshot(h5):
                 out[name] = obj[()]
         f.visititems(visit)
         out["@status"] = f.attrs["status"]
+        beside = [s for s in ("baseline", "pruned", "final") if s in f and "weights_file" in f[s].attrs]
+    # schema 2: the weights files beside the run file, by value as the datasets of schema 1 were
+    from hpcprune.store import RunFile, read_weights
+
+    for stage in beside:
+        for k, v in read_weights(RunFile(str(h5)), stage).items():
+            out[f"{stage}/weights/{k}"] = v.float().numpy() if v.is_floating_point() else v.numpy()
     return out
 
 
