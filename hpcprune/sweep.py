@@ -20,21 +20,236 @@ log = logging.getLogger("hpcprune")
 _WORLD: World | None = None
 _WRITE_HYDRA_DIR = False  # rank 0 writes .hydra/ itself, once the run is accepted (_own_output_subdir)
 _CONF_DIR = os.path.join(os.path.dirname(__file__), "conf")
-_GROUPS = ("model", "data", "launcher")
+_OWN_GROUPS = ("model", "data")  # groups whose ``_target_`` alone means the user's own function
+_CUSTOM = "custom"  # conf/model/custom.yaml, conf/data/custom.yaml: ``_target_: ???`` and nothing else
+_NOT_RUNS = ("help", "hydra_help", "info", "shell_completion")  # Hydra answers these without a run
 
 
-def _choices(group: str) -> list[str]:
-    return sorted(f[:-5] for f in os.listdir(os.path.join(_CONF_DIR, group)) if f.endswith(".yaml"))
+def _hydra_args(argv: list[str]) -> Any:
+    """``argv`` parsed by Hydra's own parser, as ``hydra.main`` parses it; None when it does not
+    parse (Hydra then reports it itself)."""
+    import contextlib
+    import io
+
+    from hydra._internal.utils import get_args_parser
+
+    try:
+        with contextlib.redirect_stderr(io.StringIO()):
+            return get_args_parser().parse_args(argv)
+    except SystemExit:
+        return None
+
+
+class _DryHydra:
+    """Hydra set up as ``hydra.main(config_path="conf", config_name="config")`` in :func:`main` sets
+    itself up for ``argv`` (its search path: this package's ``conf``, or ``--config-path``; then
+    ``--config-dir``; ``hydra.searchpath`` from the overrides and the primary config are applied by
+    the composition itself), for :func:`hydra.compose` while the ``with`` block lasts."""
+
+    def __init__(self, args: Any) -> None:
+        self.args = args
+        self.config_name = args.config_name if args.config_name is not None else "config"
+
+    def __enter__(self) -> "_DryHydra":
+        from hydra._internal.hydra import Hydra
+        from hydra._internal.utils import (create_automatic_config_search_path,
+                                           detect_calling_file_or_module_from_task_function)
+        from hydra.core.config_search_path import SearchPathQuery
+        from hydra.core.global_hydra import GlobalHydra
+
+        calling_file, calling_module = detect_calling_file_or_module_from_task_function(_task)
+        config_path = self.args.config_path if self.args.config_path is not None else "conf"
+        search_path = create_automatic_config_search_path(calling_file, calling_module, config_path)
+        if self.args.config_dir is not None:
+            d = os.path.abspath(self.args.config_dir)
+            if not os.path.isdir(d):
+                raise _Refused(f"--config-dir {self.args.config_dir}: no such directory ({d})")
+            search_path.prepend(provider="command-line", path=f"file://{d}", anchor=SearchPathQuery(provider="schema"))
+        gh = GlobalHydra.instance()
+        self.saved = gh.hydra if gh.is_initialized() else None  # a caller's own Hydra, put back on exit
+        gh.clear()
+        try:
+            self.hydra = Hydra.create_main_hydra2(task_name="sweep", config_search_path=search_path)
+        except BaseException:
+            self.__exit__()
+            raise
+        return self
+
+    def compose(self, overrides: list[str]) -> Any:
+        import warnings
+
+        from hydra import compose
+
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # Hydra warns again when it composes for the run
+            return compose(self.config_name, list(overrides), return_hydra_config=True)
+
+    def options(self, group: str, overrides: list[str]) -> list[str]:
+        try:
+            return sorted(self.hydra.config_loader.get_group_options(group, config_name=None, overrides=list(overrides)))
+        except Exception:
+            return []
+
+    def __exit__(self, *exc: Any) -> None:
+        from hydra.core.global_hydra import GlobalHydra
+
+        GlobalHydra.instance().clear()
+        if self.saved is not None:
+            GlobalHydra.instance().initialize(self.saved)
+
+
+class _Refused(Exception):
+    """A composition error as one line."""
+
+
+def _override_key(arg: str) -> str:
+    """``+model@x=y`` -> ``model``; ``~model.width`` -> ``model.width``."""
+    return arg.partition("=")[0].lstrip("+~").partition("@")[0]
+
+
+def _one_line(e: BaseException, dry: _DryHydra, overrides: list[str]) -> str:
+    """Hydra's composition error (several lines, a search path) as one line naming the bad value."""
+    import re
+
+    from hydra.errors import MissingConfigException, OverrideParseException
+
+    text = str(e).strip()
+    if isinstance(e, MissingConfigException):
+        m = re.search(r"Could not (?:find|load) '([^']+)/([^'/]+)'", text)
+        if m:
+            group, name = m.groups()
+            options = list(e.options or []) or dry.options(group, overrides)
+            given = [a for a in overrides if _override_key(a) == group and a.partition("=")[2] == name]
+            head = given[-1] if given else f"{group}={name} (a defaults list, primary config {dry.config_name!r})"
+            choose = f" (choose from: {', '.join(options)})" if options else ""
+            return f"{head}: unknown {group} {name!r}, no such config{choose}"
+        m = re.search(r"Cannot find primary config '([^']+)'", text)
+        if m:
+            options = [o for o in dry.options("", overrides) if not o.startswith("_")]  # Hydra's _dummy_empty_config_
+            choose = f" (choose from: {', '.join(options)})" if options else ""
+            if dry.args.config_name is not None:
+                return f"--config-name {m.group(1)}: no such primary config{choose}"
+            return f"no primary config {m.group(1)!r} in --config-path {dry.args.config_path}{choose}"
+    if isinstance(e, OverrideParseException):
+        from hydra.core.override_parser.overrides_parser import OverridesParser
+
+        parser = OverridesParser.create()
+        for arg in overrides:
+            try:
+                parser.parse_override(arg)
+            except Exception as pe:
+                return f"{arg}: not a valid override ({str(pe).strip().splitlines()[0]})"
+    lines = []
+    for ln in text.splitlines():
+        if ln.strip().startswith(("Config search path", "Search path", "See https://")):
+            break
+        if ln.strip():
+            lines.append(ln.strip())
+    msg = " ".join(lines) or type(e).__name__
+    if type(e).__module__.split(".")[0] != "hydra":  # e.g. a YAML error in a config file: say which kind
+        msg = f"{type(e).__name__}: {msg}"
+    return msg
+
+
+def _dry(argv: list[str]) -> tuple[Any, list[str], bool] | None:
+    """Hydra's parsed arguments, its overrides and whether it composes one config for ``argv``
+    (not for ``--multirun``, where it composes per job, nor for ``--help``/``--info``)."""
+    args = _hydra_args(argv)
+    if args is None:
+        return None
+    single = not args.multirun and not any(getattr(args, k, None) for k in _NOT_RUNS)
+    return args, list(args.overrides), single
 
 
 def precheck_argv(argv: list[str]) -> str | None:
-    """Config group choices are checked before Hydra composes (its own error spans many lines)."""
-    for arg in argv:
-        key, sep, value = arg.partition("=")
-        key = key.lstrip("+~")
-        if sep and key in _GROUPS and value not in _choices(key):
-            return f"unknown {key} {value!r} (choose from: {', '.join(_choices(key))})"
+    """Compose the config exactly as ``hydra.main`` will for ``argv`` (a dry run with
+    :func:`hydra.compose`: ``--config-dir``, ``--config-name``, ``--config-path``,
+    ``hydra.searchpath`` on the command line or in the primary config), before Hydra writes
+    anything into a run directory. A composition error (an unknown group option, a missing config,
+    an override that does not parse) is returned as one line (Hydra's own spans many lines and
+    lists the search path). Not for ``--multirun``: Hydra composes each job."""
+    parsed = _dry(argv)
+    if parsed is None or not parsed[2]:
+        return None
+    args, overrides, _ = parsed
+    try:
+        with _DryHydra(args) as dry:
+            try:
+                cfg = dry.compose(overrides)
+            except Exception as e:  # noqa: BLE001 - every composition error becomes one line
+                return _one_line(e, dry, overrides)
+    except _Refused as e:
+        return str(e)
+    from omegaconf import DictConfig, OmegaConf
+
+    for group in _OWN_GROUPS:
+        node = cfg.get(group)
+        if isinstance(node, DictConfig) and OmegaConf.is_missing(node, "_target_"):
+            return (f"{group}={cfg.hydra.runtime.choices.get(group)}: {group}._target_ is not set "
+                    f"(give {group}._target_=your_package.your_function)")
     return None
+
+
+def _default_choices() -> dict[str, str]:
+    """The packaged config.yaml's choices (``model: resnet_tiny``, ``data: digits``)."""
+    from omegaconf import OmegaConf
+
+    out = {}
+    for entry in OmegaConf.load(os.path.join(_CONF_DIR, "config.yaml")).defaults:
+        if not isinstance(entry, str):
+            for k, v in entry.items():
+                out[str(k)] = str(v)
+    return out
+
+
+def own_target_argv(argv: list[str]) -> list[str]:
+    """``model._target_=pkg.fn`` without a ``model=`` choice means the user's own model: the default
+    model's keys (``in_channels``, ``widths``, ...) must not go to ``pkg.fn``. Adds ``model=custom``
+    (``conf/model/custom.yaml``: ``_target_: ???``, no other key; ``+model.KEY=VALUE`` adds
+    arguments), and likewise ``data=custom`` for ``data._target_``.
+
+    Why a group option chosen by this rewrite, not a resolver or a deletion after composition: the
+    composed config, ``.hydra/overrides.yaml`` and the run file then say what ran (``model=custom``),
+    a resume recomposes the same config from the same command line, every rank and the fine-tune
+    job see one config, and ``model=custom model._target_=...`` is the same thing written out.
+
+    Only where the choice in force is the packaged default: a group option picked by the user's
+    primary config (``--config-name mine`` with ``override model: mine``) or by an experiment
+    (``+experiment=...``) keeps its keys and only has its ``_target_`` replaced, as before. That
+    choice is read from a dry composition without the group's own keys (and, for ``--multirun``,
+    without sweeps); if that fails, the command line alone decides."""
+    parsed = _dry(argv)
+    if parsed is None:
+        return argv
+    args, overrides, single = parsed
+    wanted = [
+        g for g in _OWN_GROUPS
+        if any(_override_key(a) == f"{g}._target_" and not a.startswith("~") for a in overrides)
+        and not any(_override_key(a) == g for a in overrides)
+    ]
+    if not wanted:
+        return argv
+    keep = [a for a in overrides if not any(_override_key(a).startswith(f"{g}.") for g in wanted)]
+    if not single:
+        from hydra.core.override_parser.overrides_parser import OverridesParser
+
+        parser = OverridesParser.create()
+        try:
+            keep = [a for a in keep if not parser.parse_override(a).is_sweep_override()]
+        except Exception:
+            keep = []
+    defaults = _default_choices()
+    try:
+        with _DryHydra(args) as dry:
+            choices = dry.compose(keep).hydra.runtime.choices
+        wanted = [g for g in wanted if choices.get(g) == defaults.get(g)]
+    except Exception:
+        pass
+    if not wanted:
+        return argv
+    # next to the _target_ override: Hydra's parser takes the overrides as one run of positionals
+    at = max(i for i, a in enumerate(argv) if a in overrides) + 1
+    return argv[:at] + [f"{g}={_CUSTOM}" for g in wanted] + argv[at:]
 
 
 _MIN_FREE = 1 << 20  # bytes: Hydra's config files, sweep.log and a first run file
@@ -150,7 +365,7 @@ def main() -> None:
             print(f"hpcprune: error: {e}", file=sys.stderr)
         sys.exit(2)
     _WORLD = world
-    argv = sys.argv[1:]
+    argv = own_target_argv(sys.argv[1:])
     bad = precheck_argv(argv) or precheck_run_dir(argv)
     if bad:
         if world.is_main:

@@ -168,8 +168,8 @@ def test_nan_cells_recorded_and_avoided(tmp_path, dense_ckpt):
     """Pruning group 2.conv1 makes the model output NaN: its cells are NaN (loss and metric), the
     allocation leaves that group alone, the run completes."""
     d = tmp_path / "run"
-    p = ok(run(sweep_cmd(d, *LEAN, f"checkpoint={dense_ckpt}", "model._target_=faulty.nan_resnet",
-                         "+model.nan_modules=[2.conv1]")))
+    p = ok(run(sweep_cmd(d, *LEAN, f"checkpoint={dense_ckpt}", "model=resnet_tiny",
+                         "model._target_=faulty.nan_resnet", "+model.nan_modules=[2.conv1]")))
     with h5py.File(d / "run.h5") as f:
         names = list(f["groups/name"].asstr()[()])
         g = names.index("2.conv1")
@@ -185,7 +185,8 @@ def test_nan_cells_recorded_and_avoided(tmp_path, dense_ckpt):
 
 def test_all_nan_grid_fails_clearly(tmp_path, dense_ckpt):
     d = tmp_path / "run"
-    p = run(sweep_cmd(d, *LEAN, f"checkpoint={dense_ckpt}", "model._target_=faulty.nan_resnet", "+model.nan_modules=all"))
+    p = run(sweep_cmd(d, *LEAN, f"checkpoint={dense_ckpt}", "model=resnet_tiny", "model._target_=faulty.nan_resnet",
+                      "+model.nan_modules=all"))
     line = refused(p, "every sensitivity cell's calibration loss is NaN", limit_s=300)
     assert "prune.method=sensitivity" in line
     with h5py.File(d / "run.h5") as f:
