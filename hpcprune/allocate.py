@@ -1,12 +1,13 @@
 """Budgets and allocation methods: one pruning ratio per group under global cost targets.
 
-Costs come from an exact multilinear model of the dense network: a layer's MACs scale with the
-kept fraction of the group that owns its output channels times that of the group that owns its
-input channels (a parameter tensor likewise, per dimension). With the channel counts that
-``keep_count`` gives, the model predicts the pruned network's MACs and parameters exactly (for the
-layers ``metrics.module_macs`` counts); the prune stage measures them again anyway. A block group's
-kept fraction is 1 or 0 and scales every layer inside the block, so width and depth mix in one
-budget: a term is the product of the kept fractions of the (distinct) groups that govern it.
+Costs are polynomials in the groups' kept fractions ``f_g = n_g / N_g`` (``costs.ExactCost``):
+``cost = sum_t coef[t] * prod_g f_g ** exps[t, g]``. They are derived from PyTorch's flop counter
+on the dense model and on a few cuts of every group, so that with the channel counts ``keep_count``
+gives they predict the pruned network's MACs (every matmul, convolution and attention product its
+forward runs) and parameters exactly. A layer whose inputs and outputs belong to one group (a
+residual stream ``x + W x``) gives a square; a layer fed by a concatenation of two groups a sum;
+a block group's kept fraction is 1 or 0 and multiplies everything inside the block, so width and
+depth mix in one budget.
 
 ``uniform`` and ``global`` are width methods: they leave block groups alone (ratio 0). Only
 ``sensitivity`` removes blocks, where their measured damage per cost saved is smallest.
@@ -14,13 +15,15 @@ budget: a term is the product of the kept fractions of the (distinct) groups tha
 from __future__ import annotations
 
 import math
+import warnings
 from dataclasses import dataclass
-from typing import Callable, Sequence
+from typing import Any, Callable, Sequence
 
 import numpy as np
 import torch
 from torch import nn
 
+from .costs import poly_eval
 from .graph import BLOCK_RATIO, GroupInfo, n_keep
 
 METHODS = ("uniform", "global", "sensitivity")
@@ -38,35 +41,44 @@ class Term:
 
 
 class CostModel:
-    def __init__(self, model: nn.Module, groups: Sequence[GroupInfo], module_macs: dict[str, int]) -> None:
+    """Cost per kind as a polynomial in the kept fractions of ``groups``.
+
+    ``terms[kind] = (coef, exps)``: ``coef`` (T,) floats, ``exps`` (T, G) small non-negative ints.
+    Build it with :meth:`from_exact` from a ``costs.ExactCost``. The old call
+    ``CostModel(model, groups, module_macs)`` (one multilinear term per Conv/Linear/norm module of
+    ``metrics.module_macs``) still works, deprecated: it misses attention products and functional
+    ops and mis-counts concatenations, residual streams and transposed convolutions."""
+
+    def __init__(self, groups: Sequence[GroupInfo], terms: dict[str, tuple[np.ndarray, np.ndarray]] | Any,
+                 module_macs: dict[str, int] | None = None) -> None:
+        if isinstance(groups, nn.Module):  # deprecated: CostModel(model, groups, module_macs)
+            warnings.warn("CostModel(model, groups, module_macs) is deprecated: use "
+                          "CostModel.from_exact(groups, costs.ExactCost.derive(...))", DeprecationWarning, stacklevel=2)
+            model, groups = groups, terms
+            terms = _module_terms(model, groups, module_macs or {})
         self.groups = list(groups)
-        self.sizes = np.array([g.size for g in groups], dtype=np.int64)
-        self.is_block = np.array([g.kind == "block" for g in groups], dtype=bool)
-        out_of: dict[str, int] = {}
-        in_of: dict[str, int] = {}
-        for gi, g in enumerate(groups):
-            for m in g.members:
-                (out_of if m.out else in_of)[m.module] = gi
-        blocks = [(g.block + ".", gi) for gi, g in enumerate(groups) if g.kind == "block" and g.block]
-        mods = dict(model.named_modules())
-        self.terms: dict[str, list[Term]] = {"macs": [], "params": []}
-
-        def gov(name: str, mod: nn.Module, both: bool) -> tuple[int, ...]:
-            inside = tuple(gi for prefix, gi in blocks if name.startswith(prefix))
-            return tuple(sorted(set(self._governing(name, mod, out_of, in_of, both=both) + inside)))
-
-        for name, value in module_macs.items():
-            self.terms["macs"].append(Term(float(value), gov(name, mods[name], True)))
-        seen: set[int] = set()  # a tied parameter (e.g. embedding = output head) counts once
-        for name, mod in mods.items():
-            for pname, p in mod.named_parameters(recurse=False):
-                if id(p) in seen:
-                    continue
-                seen.add(id(p))
-                both = pname == "weight" and p.dim() >= 2
-                self.terms["params"].append(Term(float(p.numel()), gov(name, mod, both)))
+        G = len(self.groups)
+        self.sizes = np.array([g.size for g in self.groups], dtype=np.int64)
+        self.is_block = np.array([g.kind == "block" for g in self.groups], dtype=bool)
+        self.terms: dict[str, tuple[np.ndarray, np.ndarray]] = {}
+        for kind, (coef, exps) in terms.items():
+            coef = np.asarray(coef, dtype=np.float64).reshape(-1)
+            exps = np.asarray(exps, dtype=np.int64).reshape(len(coef), G)
+            if (exps < 0).any():
+                raise ValueError(f"cost terms for {kind}: negative exponent")
+            self.terms[kind] = (coef, exps)
         self.latency: tuple[np.ndarray, np.ndarray, float] | None = None  # (grid, G x R ms, dense ms)
-        self.dense = {k: self.cost(k, np.zeros(len(groups))) for k in ("macs", "params")}
+        self._kf: dict[tuple[int, float, int], float] = {}  # keep_fraction memo
+        self.dense = {k: self.cost(k, np.zeros(G)) for k in ("macs", "params") if k in self.terms}
+
+    @classmethod
+    def from_exact(cls, groups: Sequence[GroupInfo], exact: Any) -> "CostModel":
+        """From a ``costs.ExactCost`` derived with one probe per group of ``groups``, in order."""
+        sizes = [int(g.size) for g in groups]
+        if list(map(int, exact.sizes)) != sizes:
+            raise ValueError(f"cost model: the derived costs are for groups of sizes {list(map(int, exact.sizes))}, "
+                             f"not {sizes} (one probe per group, in the same order)")
+        return cls(groups, exact.terms)
 
     def set_latency_table(self, grid: Sequence[float], table_ms: np.ndarray, dense_ms: float,
                           base_ms: float | None = None, zero_ms: np.ndarray | None = None) -> None:
@@ -92,31 +104,83 @@ class CostModel:
         grid, delta, _ = self.latency
         return float(np.interp(ratio, grid, delta[g]))
 
-    @staticmethod
-    def _governing(name: str, mod: nn.Module, out_of: dict, in_of: dict, both: bool) -> tuple[int, ...]:
-        gs = set()
-        if name in out_of:
-            gs.add(out_of[name])
-        if both and name in in_of and not (isinstance(mod, nn.modules.conv._ConvNd) and mod.groups > 1):
-            gs.add(in_of[name])
-        return tuple(sorted(gs))
-
     def keep_fraction(self, g: int, ratio: float, round_to: int = 1) -> float:
-        return n_keep(self.groups[g], float(ratio), round_to) / float(self.sizes[g])
+        key = (g, float(ratio), round_to)
+        f = self._kf.get(key)
+        if f is None:
+            f = self._kf[key] = n_keep(self.groups[g], float(ratio), round_to) / float(self.sizes[g])
+        return f
 
     def keep_fractions(self, ratios: np.ndarray, round_to: int = 1) -> np.ndarray:
-        return np.array([self.keep_fraction(g, r, round_to) for g, r in enumerate(ratios)])
+        return np.array([self.keep_fraction(g, r, round_to) for g, r in enumerate(ratios)], dtype=np.float64)
 
     def cost(self, kind: str, ratios: np.ndarray, round_to: int = 1) -> float:
         if kind == "latency":
             if self.latency is None:
                 raise ValueError("prune.target.latency needs a measured latency table")
             return self.latency[2] + sum(self.latency_delta(g, float(r)) for g, r in enumerate(ratios))
-        f = self.keep_fractions(ratios, round_to)
-        return float(sum(t.value * float(np.prod(f[list(t.groups)])) for t in self.terms[kind]))
+        return poly_eval(*self.terms[kind], self.keep_fractions(np.asarray(ratios, dtype=np.float64), round_to))
+
+    def poly_in(self, kind: str, g: int, ratios: np.ndarray, round_to: int = 1) -> np.ndarray:
+        """Coefficients ``c`` of the cost as a polynomial in group ``g``'s kept fraction with every
+        other group at ``ratios``: ``cost = c[0] + c[1] f + c[2] f**2 (+ ...)``; at least three
+        (A, B, C), more only for a formula of higher degree."""
+        coef, exps = self.terms[kind]
+        f = self.keep_fractions(np.asarray(ratios, dtype=np.float64), round_to)
+        f[g] = 1.0
+        top = max(2, int(exps[:, g].max()) if len(coef) else 0)
+        out = np.zeros(top + 1)
+        if not len(coef):
+            return out
+        top_all = int(exps.max())
+        powers = np.ones((len(f), top_all + 1))  # powers[h, e] = f_h ** e, with 0 ** 0 = 1 (removed blocks)
+        for e in range(1, top_all + 1):
+            powers[:, e] = powers[:, e - 1] * f
+        powers[g, :] = 1.0
+        vals = powers[np.arange(len(f))[None, :], exps].prod(axis=1)
+        np.add.at(out, exps[:, g], coef * vals)
+        return out
 
     def fraction(self, kind: str, ratios: np.ndarray, round_to: int = 1) -> float:
         return self.cost(kind, ratios, round_to) / self.dense[kind]
+
+
+def _module_terms(model: nn.Module, groups: Sequence[GroupInfo], module_macs: dict[str, int]) -> dict[str, tuple[np.ndarray, np.ndarray]]:
+    """The old multilinear model (deprecated): a module's MACs (``metrics.module_macs``) times the
+    kept fraction of the group owning its outputs, times that of the group owning its inputs; a
+    parameter tensor likewise; everything inside a block times the block's."""
+    G = len(groups)
+    out_of: dict[str, int] = {}
+    in_of: dict[str, int] = {}
+    for gi, g in enumerate(groups):
+        for m in g.members:
+            (out_of if m.out else in_of)[m.module] = gi
+    blocks = [(g.block + ".", gi) for gi, g in enumerate(groups) if g.kind == "block" and g.block]
+    mods = dict(model.named_modules())
+
+    def row(name: str, mod: nn.Module, both: bool) -> np.ndarray:
+        e = np.zeros(G, dtype=np.int64)
+        gs = {gi for prefix, gi in blocks if name.startswith(prefix)}
+        if name in out_of:
+            gs.add(out_of[name])
+        if both and name in in_of and not (isinstance(mod, nn.modules.conv._ConvNd) and mod.groups > 1):
+            gs.add(in_of[name])
+        e[sorted(gs)] = 1
+        return e
+
+    rows: dict[str, tuple[list[float], list[np.ndarray]]] = {"macs": ([], []), "params": ([], [])}
+    for name, value in module_macs.items():
+        rows["macs"][0].append(float(value))
+        rows["macs"][1].append(row(name, mods[name], True))
+    seen: set[int] = set()  # a tied parameter (e.g. embedding = output head) counts once
+    for name, mod in mods.items():
+        for pname, p in mod.named_parameters(recurse=False):
+            if id(p) in seen:
+                continue
+            seen.add(id(p))
+            rows["params"][0].append(float(p.numel()))
+            rows["params"][1].append(row(name, mod, pname == "weight" and p.dim() >= 2))
+    return {k: (np.array(c, dtype=np.float64), np.array(e, dtype=np.int64).reshape(len(c), G)) for k, (c, e) in rows.items()}
 
 
 def latency_table_around(measure: Callable[[np.ndarray], float], grid: Sequence[float], ratios: np.ndarray,
@@ -273,8 +337,9 @@ def sensitivity(
     (NaN: not measured or skipped, treated as unusable). Curves are interpolated linearly between
     grid points (damage 0 at ratio 0) onto a fine grid. A greedy multiple-choice knapsack: at each
     step every group may jump to any larger candidate ratio; the jump with the least damage per
-    cost saved wins (this looks past plateaus instead of only at the next step). Costs are exact
-    for the current state of all other groups (the cost is linear in one group's kept fraction).
+    cost saved wins (this looks past plateaus instead of only at the next step). Costs saved are exact
+    for the current state of all other groups (``CostModel.poly_in``: the cost is a polynomial,
+    at most quadratic for matmuls and convolutions, in one group's kept fraction).
     Assumes damages add up across groups; see cluster_docs/allocation.md.
 
     ``start``: continue from these ratios instead of from the dense model (only ever pruning more),
@@ -303,22 +368,20 @@ def sensitivity(
         for g in range(n):
             if state[g] + 1 >= len(cand):
                 continue
-            # cost is affine in group g's kept fraction: two evaluations give the line
-            lo_r, hi_r = r.copy(), r.copy()
-            lo_r[g], hi_r[g] = 0.0, 1.0
-            f_lo = 1.0
-            f_hi = cm.keep_fraction(g, 1.0, round_to)
-            if f_hi >= f_lo:
-                continue
-            slope = {k: (cm.fraction(k, lo_r, round_to) - cm.fraction(k, hi_r, round_to)) / (f_lo - f_hi) for k in kinds if k != "latency"}
+            # the cost as a polynomial in group g's kept fraction (every other group as it is now):
+            # quadratic where the group feeds itself (residual streams), exact for every candidate
             f_now = cm.keep_fraction(g, r[g], round_to)
+            if cm.keep_fraction(g, 1.0, round_to) >= f_now:
+                continue
+            polys = {k: cm.poly_in(k, g, r, round_to) / cm.dense[k] for k in kinds if k != "latency"}
+            now = {k: float(np.polynomial.polynomial.polyval(f_now, c)) for k, c in polys.items()}
             for j in range(state[g] + 1, len(cand)):
                 if not np.isfinite(curves[g, j]):
                     break
                 f_new = cm.keep_fraction(g, cand[j], round_to)
                 if f_new >= f_now:
                     continue
-                saved = sum(weights[k] * slope[k] * (f_now - f_new) for k in kinds if k != "latency")
+                saved = sum(weights[k] * (now[k] - float(np.polynomial.polynomial.polyval(f_new, c))) for k, c in polys.items())
                 if "latency" in kinds:  # additive: the group's own measured change
                     saved += weights["latency"] * (cm.latency_delta(g, r[g]) - cm.latency_delta(g, cand[j])) / cm.dense["latency"]
                 if saved <= 0:
