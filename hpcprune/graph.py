@@ -7,21 +7,65 @@ member layer in model order, which is stable across processes and runs of the sa
 """
 from __future__ import annotations
 
+import contextlib
+import logging
 import math
+import signal
+import threading
+import time
 import warnings
 from dataclasses import dataclass, field
-from typing import Any, Sequence
+from typing import Any, Iterator, Sequence
 
 import torch
 import torch_pruning as tp
 from torch import nn
 
-from .structure import Skip, Structure, structure_of
+from .cuts import _NORMS, Mask, Slice, TPCut, _dim_size, expand, mask_group, skip_block, slice_group  # noqa: F401
+from .structure import Skip, Structure, structure_of  # noqa: F401
+
+log = logging.getLogger(__name__)
 
 _MASKABLE = (nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.Linear, nn.modules.batchnorm._BatchNorm)
-# normalisations over the channel (last) dimension: zeroing a channel is not removing it (the mean
-# and variance see the zero), so they cannot be masked, but their scale and shift can be sliced
-_NORMS = tuple(t for t in (nn.LayerNorm, getattr(nn, "RMSNorm", None)) if t is not None)
+
+
+def _layernorm_prune(self: Any, layer: nn.Module, idxs: Sequence[int]) -> nn.Module:
+    """Torch-Pruning 1.6's ``LayernormPruner.prune_out_channels`` builds its kept indices as
+    ``torch.tensor(list(set(range(n)) - set(idxs)))`` and calls ``keep_idxs.sort()``, which is not in
+    place on a tensor: with many channels cut, the kept scale and shift come out in the order of a
+    Python set, permuted against their channels. The same function with a sorted list (upstream
+    bug, ``torch_pruning/pruner/function.py``; replaced here before any graph is built)."""
+    dim = self.pruning_dim
+    if len(layer.normalized_shape) < -dim:
+        return layer
+    n = layer.normalized_shape[dim]
+    drop = set(int(i) for i in idxs)
+    keep = [i for i in range(n) if i not in drop]
+    if layer.elementwise_affine:
+        layer.weight = self._prune_parameter_and_grad(layer.weight, keep, dim)
+        if layer.bias is not None:
+            layer.bias = self._prune_parameter_and_grad(layer.bias, keep, dim)
+    shape = list(layer.normalized_shape)
+    shape[dim] = len(keep)
+    layer.normalized_shape = tuple(shape)
+    return layer
+
+
+tp.pruner.function.LayernormPruner.prune_out_channels = _layernorm_prune
+tp.pruner.function.LayernormPruner.prune_in_channels = _layernorm_prune
+
+
+class GraphError(ValueError):
+    """The model's dependency graph cannot be built (untraceable model, time limit)."""
+
+
+@dataclass
+class Excluded:
+    """A group hpcprune will not prune, and why (recorded in the run file, shown in the report)."""
+
+    name: str
+    layer_types: list[str]
+    reason: str
 
 
 @dataclass
@@ -44,6 +88,17 @@ class GroupInfo:
     # cut in place: convolutions, linears, batch norms, layer/RMS norms, embeddings
     attrs: list[tuple[str, str, int]] = field(default_factory=list)  # heads: (module, attribute, value per unit)
     block: str | None = None  # block groups: the block's module name
+    channels: int = 0  # channels of the root layer's output; > size when a unit is several channels: unit u is
+    # channels u, u + size, u + 2 size, ... (one position in every block of a grouped conv, GroupNorm or
+    # attention head, so that every block keeps the same width)
+    layer_types: list[str] = field(default_factory=list)  # the member layers' class names
+
+    def unit_channels(self, units: Sequence[int]) -> list[int]:
+        """Root-layer channel indices of ``units`` (for channel and neuron groups)."""
+        u = [int(i) for i in units]
+        if not self.channels or self.channels == self.size:
+            return u
+        return sorted(i + j * self.size for i in u for j in range(self.channels // self.size))
 
     @property
     def modules(self) -> list[str]:
@@ -65,22 +120,49 @@ def n_keep(g: GroupInfo, ratio: float, round_to: int = 1) -> int:
     one; a head is already ``head_dim`` wide, so no rounding); a block is kept (1) or removed (0)."""
     if g.kind == "block":
         return 0 if ratio >= BLOCK_RATIO - 1e-9 else 1
-    return keep_count(g.size, ratio, 1 if g.kind == "heads" else round_to)
+    if g.kind == "heads":
+        return keep_count(g.size, ratio, 1)
+    per = g.channels // g.size if g.channels else 1  # channels per unit: kept channels a multiple of round_to
+    return keep_count(g.size, ratio, max(1, round_to // math.gcd(round_to, per)))
 
 
-def expand(idxs: Sequence[int] | torch.Tensor, unit: int) -> torch.Tensor:
-    """Unit indices to channel indices (unit ``i`` is channels ``i*unit .. i*unit+unit-1``)."""
-    i = torch.as_tensor(idxs, dtype=torch.long).reshape(-1)
-    if unit == 1:
-        return i
-    return (i[:, None] * unit + torch.arange(unit)).reshape(-1)
+
+
+_ROOTS = (nn.modules.conv._ConvNd, nn.Linear)
+_KNOWN_BUFFERS = (nn.modules.batchnorm._BatchNorm, nn.modules.instancenorm._InstanceNorm)
+
+
+@contextlib.contextmanager
+def time_limit(seconds: float, what: str) -> Iterator[None]:
+    """Raise :class:`GraphError` naming ``what`` when the block runs longer than ``seconds`` (SIGALRM;
+    only in the main thread, elsewhere no limit)."""
+    if seconds <= 0 or threading.current_thread() is not threading.main_thread():
+        yield
+        return
+
+    def alarm(signum: int, frame: Any) -> None:
+        raise GraphError(what)
+
+    old = signal.signal(signal.SIGALRM, alarm)
+    signal.setitimer(signal.ITIMER_REAL, seconds)
+    try:
+        yield
+    finally:
+        signal.setitimer(signal.ITIMER_REAL, 0)
+        signal.signal(signal.SIGALRM, old)
 
 
 class Graph:
-    """A dependency graph over one model instance (Torch-Pruning prunes in place: one per model)."""
+    """A dependency graph over one model instance (cuts are in place: one graph per model).
+
+    ``groups``: the prunable groups (after ``exclude``); ``excluded``: groups found but not usable,
+    with the reason (Torch-Pruning could not build them, a unit structure it cannot keep, a tied
+    parameter cut on one side only, or, from ``verify.verify_groups``, a cut that fails or computes
+    something else). ``timeout_s`` bounds the graph build and the group search.
+    """
 
     def __init__(self, model: nn.Module, example_input: torch.Tensor, ignore: Sequence[str] = (),
-                 kinds: Sequence[str] | None = None) -> None:
+                 kinds: Sequence[str] | None = None, timeout_s: float = 0.0, exclude: Sequence[str] = ()) -> None:
         self.model = model
         self.names = {mod: name for name, mod in model.named_modules()}
         self.by_name = dict(model.named_modules())
@@ -93,27 +175,186 @@ class Graph:
         if bad:
             raise ValueError(f"groups.kinds: {bad[0]!r} is not a group kind (choose from {', '.join(KINDS)})")
         self.ignored = [self.by_name[n] for n in dict.fromkeys([*ignore, *self.structure.ignore])]
+        self.excluded: list[Excluded] = []
+        self._buffers: dict[int, str] = {}  # id(parameter standing for a buffer while traced) -> its name
+        t0 = time.perf_counter()
+        with time_limit(timeout_s, f"groups: Torch-Pruning's dependency graph of {type(model).__name__} did not finish in "
+                                   f"groups.timeout_s={timeout_s:g} s; declare attention layers and blocks with "
+                                   "prune_structure() (hpcprune/structure.py), name slow parts in groups.ignore=[...], "
+                                   "or raise groups.timeout_s"):
+            self.dg = self._build(model, example_input)
+            self._tp_groups: dict[str, Any] = {}
+            self.all_groups = self._enumerate(t0) + self._structure_groups()
+        self.all_groups.sort(key=lambda gi: (self.order.get(gi.block or _module_of(gi), 0), gi.kind == "block"))
+        self.kinds = kinds
+        self.groups = [g for g in self.all_groups if (kinds is None or g.kind in kinds) and g.name not in set(exclude)]
+
+    # ---- building -------------------------------------------------------------------------------
+    def _build(self, model: nn.Module, example_input: torch.Tensor) -> Any:
+        """Torch-Pruning's graph, traced through autograd: frozen parameters (requires_grad=False)
+        would drop out of the trace and their layers out of every group, so all are traced as
+        trainable; floating-point buffers of other than norm layers (a position encoding sized by the
+        width) are traced as parameters, so that the groups they are added to cut them too."""
         was = model.training
         model.eval()
-        # the graph is traced through autograd: frozen parameters (requires_grad=False) would drop
-        # out of the trace and their layers out of every group, so all are traced as trainable
         frozen = [p for p in model.parameters() if not p.requires_grad]
         for p in frozen:
             p.requires_grad_(True)
+        converted = []
+        for name, mod in model.named_modules():
+            if isinstance(mod, _KNOWN_BUFFERS):
+                continue
+            for bname, buf in list(mod._buffers.items()):
+                if (buf is None or not buf.is_floating_point() or buf.dim() < 2 or bname in mod._non_persistent_buffers_set):
+                    continue
+                p = nn.Parameter(buf, requires_grad=True)
+                del mod._buffers[bname]
+                mod._parameters[bname] = p
+                converted.append((mod, bname, p))
+                self._buffers[id(p)] = f"{name}.{bname}" if name else bname
         try:
             with torch.enable_grad(), warnings.catch_warnings():
                 # parameters of modules Torch-Pruning does not know (RMSNorm scales): its default,
                 # the last dimension, is right for normalisation scales; no need for the warning
                 warnings.filterwarnings("ignore", message="Unwrapped parameters detected")
-                self.dg = tp.DependencyGraph().build_dependency(model, example_inputs=example_input)
+                try:
+                    return tp.DependencyGraph().build_dependency(model, example_inputs=example_input)
+                except GraphError:
+                    raise
+                except Exception as e:
+                    raise GraphError(f"groups: Torch-Pruning cannot trace {type(model).__name__} ({type(e).__name__}: "
+                                     f"{_first_line(e)}); the model's forward must run on the data's example input "
+                                     "with autograd (no torch.no_grad() inside), or set groups.kinds=[heads, block] "
+                                     "with prune_structure()") from e
         finally:
+            for mod, bname, p in converted:
+                del mod._parameters[bname]
+                mod._buffers[bname] = p.data
             for p in frozen:
                 p.requires_grad_(False)
             model.train(was)
-        self._tp_groups: dict[str, Any] = {}
-        self.all_groups = self._enumerate() + self._structure_groups()
-        self.all_groups.sort(key=lambda gi: (self.order[gi.block or _module_of(gi)], gi.kind == "block"))
-        self.groups = [g for g in self.all_groups if kinds is None or g.kind in kinds]
+
+    def _enumerate(self, t0: float) -> list[GroupInfo]:
+        """Torch-Pruning's groups, rooted at conv and linear outputs as ``get_all_groups`` does, but
+        one root at a time: a root whose group Torch-Pruning cannot build is excluded by name
+        instead of ending the search; progress is logged every 10 s."""
+        infos: list[GroupInfo] = []
+        ignored = {id(m) for m in self.ignored} | {id(m) for m in self.dg.IGNORED_LAYERS_IN_TRACING}
+        visited: set[int] = set()
+        roots = [m for m in self.dg.module2node if isinstance(m, _ROOTS) and id(m) not in ignored]
+        last = time.perf_counter()
+        for i, root in enumerate(roots):
+            if time.perf_counter() - last > 10.0:
+                last = time.perf_counter()
+                log.info("groups: %d of %d root layers searched, %d groups so far (%.0f s)", i, len(roots), len(infos),
+                         last - t0)
+            if id(root) in visited:
+                continue
+            pruner = self.dg.get_pruner_of_module(root)
+            if pruner is None or pruner.get_out_channels(root) is None:
+                continue
+            name = self.names.get(root, "?")
+            try:
+                group = self.dg.get_pruning_group(root, pruner.prune_out_channels, list(range(pruner.get_out_channels(root))))
+            except GraphError:
+                raise
+            except Exception as e:  # noqa: BLE001 - any failure of the search excludes this root only
+                visited.add(id(root))
+                self.excluded.append(Excluded(name, [type(root).__name__], f"Torch-Pruning cannot build its group "
+                                              f"({type(e).__name__}: {_first_line(e)})"))
+                continue
+            outs = [dep.target.module for dep, _ in group if self.dg.is_out_channel_pruning_fn(dep.handler)]
+            visited.update(id(m) for m in outs)
+            if any(id(m) in ignored for m in outs):
+                continue
+            info = self._info(name, root, group)
+            if info is not None:
+                infos.append(info)
+        return infos
+
+    def _info(self, name: str, root: nn.Module, group: Any) -> GroupInfo | None:
+        """A Torch-Pruning group as plain data, or None (and an ``excluded`` entry) when hpcprune
+        cannot cut it correctly."""
+        members: list[Member] = []
+        types: list[str] = []
+        identity = True
+        root_channels = int(self.dg.get_out_channels(root))
+        blocks: list[tuple[str, list[int], list[int], int]] = []  # (member, mapped idxs, root idxs, block width)
+        params: list[tuple[Any, str]] = []
+        for item in group:
+            dep, idxs = item
+            mod = dep.target.module
+            if isinstance(mod, nn.Parameter):
+                pname = self.dg._param_to_name.get(mod, "?")
+                members.append(Member(pname, True))
+                types.append("buffer" if id(mod) in self._buffers else "Parameter")
+                params.append((mod, pname))
+                identity = False
+                continue
+            if mod not in self.names:  # an op node (add, relu, reshape): nothing to cut
+                continue
+            out = self.dg.is_out_channel_pruning_fn(dep.handler)
+            members.append(Member(self.names[mod], out))
+            types.append(type(mod).__name__)
+            width = _block_width(mod, out)
+            if width:
+                blocks.append((self.names[mod], [int(i) for i in idxs], [int(r) for r in item.root_idxs], width))
+            identity = (identity and len(idxs) == root_channels and [int(i) for i in idxs] == list(range(len(idxs)))
+                        and _dim_size(mod, out) == len(idxs))
+        members.sort(key=lambda m: (self.order.get(m.module, -1), not m.out))
+        types = sorted(set(types))
+        channels = int(self.dg.get_out_channels(root))
+        size = _unit_count(channels, blocks)
+        if size is None:
+            self.excluded.append(Excluded(name, types, "its layers split the channels into blocks (grouped convolution, "
+                                          "GroupNorm, attention heads) that no cut of whole units keeps equal"))
+            return None
+        tied = self._tied_across(group)
+        if tied:
+            self.excluded.append(Excluded(name, types, f"it would cut parameter {tied} (tied weights would come apart)"))
+            return None
+        # named after its first output member in model order (stable across processes and runs)
+        name = next((m.module for m in members if m.out and m.module in self.by_name), name)
+        kind = "neurons" if isinstance(self.by_name[name], nn.Linear) else "channels"
+        # a layer reached twice (a module called twice, a weight shared by two members): Torch-Pruning's
+        # functions cut it once per role, which slicing in place would not repeat
+        reused = len({m.module for m in members}) < len(members) and any(
+            not isinstance(self.by_name[m.module], (*_NORMS, nn.modules.batchnorm._BatchNorm)) and not _depthwise(self.by_name[m.module])
+            for m in members if sum(1 for o in members if o.module == m.module) > 1)
+        plain = size == channels and not params and not reused
+        maskable = plain and identity and all(self._maskable(self.by_name[m.module], m.out) for m in members)
+        sliceable = plain and identity and all(self._sliceable(self.by_name[m.module], m.out) for m in members)
+        self._tp_groups[name] = root
+        return GroupInfo(name, kind, size, members, maskable, sliceable, channels=channels, layer_types=types)
+
+    def _tied_across(self, group: Any) -> str | None:
+        """The name of a parameter of a member that another module outside the group also holds."""
+        inside = set()
+        for dep, _ in group:
+            if isinstance(dep.target.module, nn.Module):
+                inside.add(id(dep.target.module))
+        holders: dict[int, list[tuple[str, nn.Module]]] = {}
+        for mname, mod in self.by_name.items():
+            for pname, p in mod._parameters.items():
+                if p is not None:
+                    holders.setdefault(id(p), []).append((f"{mname}.{pname}" if mname else pname, mod))
+        roles: dict[int, set[bool]] = {}
+        for dep, _ in group:
+            mod = dep.target.module
+            if not isinstance(mod, nn.Module):
+                continue
+            out = self.dg.is_out_channel_pruning_fn(dep.handler)
+            for pname, p in mod._parameters.items():
+                if p is None:
+                    continue
+                others = [n for n, m in holders.get(id(p), []) if id(m) not in inside]
+                if others:
+                    return f"{others[0]}, which is shared with a layer outside the group"
+                if len(holders.get(id(p), [])) > 1 and pname == "weight" and p.dim() >= 2:
+                    roles.setdefault(id(p), set()).add(out)
+                    if len(roles[id(p)]) > 1:  # one shared weight cut as rows in one member, columns in another
+                        return f"{holders[id(p)][0][0]}, which two of its layers share as rows and as columns"
+        return None
 
     def _structure_groups(self) -> list[GroupInfo]:
         """Head groups (per attention layer, in KV-group units) and block groups, as the model declares."""
@@ -124,40 +365,23 @@ class Graph:
                     raise ValueError(f"prune_structure: attention {h.name!r} names module {n!r}, which the model does not have")
             q_unit = h.n_rep * h.head_dim
             members = [Member(n, True, q_unit) for n in h.q] + [Member(n, True, h.head_dim) for n in h.kv] + [Member(h.o, False, q_unit)]
-            infos.append(GroupInfo(f"{h.name}:heads", "heads", int(h.units), members, True, True, list(h.attrs)))
+            infos.append(GroupInfo(f"{h.name}:heads", "heads", int(h.units), members, True, True, list(h.attrs),
+                                   layer_types=sorted({type(self.by_name[m.module]).__name__ for m in members})))
         for b in self.structure.blocks:
             if b not in self.by_name:
                 raise ValueError(f"prune_structure: no block module named {b!r}")
-            infos.append(GroupInfo(f"{b}:block", "block", 1, [], False, False, block=b))
+            infos.append(GroupInfo(f"{b}:block", "block", 1, [], False, False, block=b,
+                                   layer_types=[type(self.by_name[b]).__name__]))
         return infos
 
-    def _enumerate(self) -> list[GroupInfo]:
-        infos = []
-        for g in self.dg.get_all_groups(ignored_layers=self.ignored, root_module_types=(nn.modules.conv._ConvNd, nn.Linear)):
-            members: list[Member] = []
-            identity = True
-            unwrapped = False
-            for dep, idxs in g:
-                mod = dep.target.module
-                if isinstance(mod, nn.Parameter):  # a parameter of a module Torch-Pruning does not know
-                    unwrapped = True
-                    continue
-                if mod not in self.names:  # an op node (add, relu, reshape): nothing to cut
-                    continue
-                out = self.dg.is_out_channel_pruning_fn(dep.handler)
-                members.append(Member(self.names[mod], out))
-                identity = identity and [int(i) for i in idxs] == list(range(len(idxs))) and _dim_size(mod, out) == len(idxs)
-            members.sort(key=lambda m: (self.order[m.module], not m.out))
-            outs = [m for m in members if m.out]
-            name = outs[0].module
-            root_mod = self.by_name[name]
-            size = int(self.dg.get_out_channels(root_mod))
-            kind = "neurons" if isinstance(root_mod, nn.Linear) else "channels"
-            maskable = not unwrapped and all(self._maskable(self.by_name[m.module], m.out) for m in members)
-            sliceable = not unwrapped and identity and all(self._sliceable(self.by_name[m.module], m.out) for m in members)
-            infos.append(GroupInfo(name, kind, size, members, maskable, sliceable))
-            self._tp_groups[name] = root_mod
-        return infos
+    def exclude(self, excluded: Sequence[Excluded], record: bool = True) -> None:
+        """Drop groups (``verify.verify_groups``' findings, or the run file's record of them)."""
+        names = {e.name for e in excluded}
+        if record:
+            self.excluded += [e for e in excluded if e.name not in {x.name for x in self.excluded}]
+        self.all_groups = [g for g in self.all_groups if g.name not in names]
+        if hasattr(self, "groups"):
+            self.groups = [g for g in self.groups if g.name not in names]
 
     def _sliceable(self, mod: nn.Module, out: bool) -> bool:
         if isinstance(mod, _NORMS):  # over the last dimension only: (C,) scale and shift
@@ -171,56 +395,64 @@ class Graph:
             return False
         if isinstance(mod, nn.modules.conv._ConvNd):
             # depthwise: in and out are the same channels; other grouped convs index inputs per group
-            return mod.groups == 1 or (mod.groups == mod.in_channels == mod.out_channels)
+            return not mod.transposed and (mod.groups == 1 or (mod.groups == mod.in_channels == mod.out_channels))
+        if isinstance(mod, nn.modules.batchnorm._BatchNorm):
+            return mod.affine
         return True
 
-    # ---- pruning ----------------------------------------------------------------------------------
+    # ---- cutting --------------------------------------------------------------------------------
     def group(self, name: str) -> GroupInfo:
         for g in self.all_groups:
             if g.name == name:
                 return g
         raise KeyError(f"plan names group {name!r}, which this model does not have")
 
-    def prune_group(self, name: str, idxs: Sequence[int]) -> None:
-        """Physically remove units ``idxs`` (dense numbering) of group ``name``: channels through
-        Torch-Pruning; heads by cutting the projections' rows and columns; a block by replacing it
-        with its skip module."""
-        if not len(idxs):
-            return
+    def cut(self, name: str, idxs: Sequence[int], permanent: bool = False) -> Any:
+        """Remove units ``idxs`` (dense numbering) of group ``name`` in place; the result's
+        ``restore()`` puts the model back (unless ``permanent``). Channels and neurons: Torch-Pruning's
+        layer functions on its mapped indices (``TPCut``); heads: the projections' rows and columns;
+        a block: replaced by its skip module."""
         g = self.group(name)
         if g.kind == "block":
-            skip_block(self.model, g, self.structure).saved.clear()  # permanent: nothing to restore
-            return
+            sl = skip_block(self.model, g, self.structure) if len(idxs) else Slice()
+            if permanent:
+                sl.saved.clear()
+            return sl
+        drop = set(int(i) for i in idxs)
         if g.kind == "heads":
-            drop = set(int(i) for i in idxs)
-            slice_group(self.by_name, g, [i for i in range(g.size) if i not in drop], permanent=True)
-            return
-        root = self._tp_groups[name]
-        pruner = self.dg.get_pruner_of_module(root)
-        group = self.dg.get_pruning_group(root, pruner.prune_out_channels, [int(i) for i in idxs])
-        # Torch-Pruning 1.6's LayerNorm pruner keeps its scale and shift in the order of a Python set
-        # (it calls the tensor's non-in-place sort()): with many channels cut, the kept entries come
-        # out permuted against the channels they belong to. Its result is replaced by the sorted cut.
-        norms = [(dep.target.module, [int(i) for i in di]) for dep, di in group
-                 if isinstance(dep.target.module, nn.LayerNorm) and dep.target.module.elementwise_affine]
-        norms = [(m, {k: getattr(m, k).detach().clone() for k in ("weight", "bias") if getattr(m, k) is not None},
-                  sorted(set(range(m.normalized_shape[-1])) - set(di))) for m, di in norms]
-        group.prune()
-        for mod, before, keep in norms:
-            for k, t in before.items():
-                if getattr(mod, k).shape[-1] == len(keep):
-                    setattr(mod, k, nn.Parameter(t[..., keep].contiguous(), requires_grad=getattr(mod, k).requires_grad))
+            return slice_group(self.by_name, g, [i for i in range(g.size) if i not in drop], permanent=permanent)
+        if not drop:
+            return Slice()
+        return TPCut.apply(self.dg, self.tp_group(name, g.unit_channels(sorted(drop))), self._buffers, permanent)
+
+    def prune_group(self, name: str, idxs: Sequence[int]) -> None:
+        """Physically remove units ``idxs`` (dense numbering) of group ``name``."""
+        if len(idxs):
+            self.cut(name, idxs, permanent=True)
 
     def apply_plan(self, plan: dict[str, Sequence[int]]) -> None:
-        """Prune to the kept unit indices per group (``plan[group] = kept indices``): channel groups
-        first (Torch-Pruning works on the whole dense graph), then heads, then blocks."""
+        """Prune to a plan (``plan[group]`` = kept indices: the root layer's kept channels for channel
+        and neuron groups, kept heads, ``[0]`` or ``[]`` for a block): channel groups first
+        (Torch-Pruning works on the whole dense graph), then heads, then blocks."""
         groups = [self.group(name) for name in plan]
         for g in sorted(groups, key=lambda g: ("channels", "neurons", "heads", "block").index(g.kind)):
-            kept_set = set(int(k) for k in plan[g.name])
+            kept_set = set(self.plan_units(g, plan[g.name]))
             self.prune_group(g.name, [i for i in range(g.size) if i not in kept_set])
 
+    @staticmethod
+    def plan_units(g: GroupInfo, kept: Sequence[int]) -> list[int]:
+        """A plan entry (kept root channels for channel groups) as kept units."""
+        kept = sorted(int(k) for k in kept)
+        if g.kind in ("heads", "block") or not g.channels or g.channels == g.size:
+            return kept
+        units = sorted({k % g.size for k in kept})
+        if g.unit_channels(units) != kept:
+            raise ValueError(f"plan for group {g.name}: kept channels are not whole units of {g.channels // g.size} "
+                             f"channels (one per block)")
+        return units
+
     def tp_group(self, name: str, idxs: Sequence[int] | None = None) -> Any:
-        """Torch-Pruning's Group object (for importance criteria), on all channels by default."""
+        """Torch-Pruning's Group object on root channels ``idxs`` (all by default)."""
         if name not in self._tp_groups:
             raise KeyError(f"group {name!r} is not a Torch-Pruning group (heads and blocks are hpcprune's own)")
         root = self._tp_groups[name]
@@ -228,196 +460,61 @@ class Graph:
         size = int(self.dg.get_out_channels(root))
         return self.dg.get_pruning_group(root, pruner.prune_out_channels, list(range(size)) if idxs is None else list(idxs))
 
-
-# ---- masking in place (sensitivity cells) ---------------------------------------------------------
-@dataclass
-class _Saved:
-    tensor: torch.Tensor
-    index: tuple
-    values: torch.Tensor
+    def unit_scores(self, g: GroupInfo, channel_scores: torch.Tensor) -> torch.Tensor:
+        """Per-unit scores from per-root-channel scores (a strided unit sums its channels)."""
+        if not g.channels or g.channels == g.size:
+            return channel_scores
+        return channel_scores.reshape(g.channels // g.size, g.size).sum(dim=0)
 
 
-@dataclass
-class Mask:
-    """Zeroes a group's channels in place; ``restore()`` puts back the exact original values."""
-
-    saved: list[_Saved] = field(default_factory=list)
-
-    def _zero(self, t: torch.Tensor | None, index: tuple) -> None:
-        if t is None:
-            return
-        self.saved.append(_Saved(t, index, t.data[index].clone()))
-        t.data[index] = 0
-
-    def restore(self) -> None:
-        for s in reversed(self.saved):
-            s.tensor.data[s.index] = s.values
-        self.saved.clear()
+def _depthwise(mod: nn.Module) -> bool:
+    return isinstance(mod, nn.modules.conv._ConvNd) and mod.groups > 1 and mod.groups == mod.in_channels == mod.out_channels
 
 
-def mask_group(model_modules: dict[str, nn.Module], group: GroupInfo, idxs: Sequence[int]) -> Mask:
-    """Zero channels ``idxs`` of ``group`` in every member; equals pruning them for maskable groups.
-
-    Zeroing a channel's producing weights, bias and BatchNorm affine parameters makes it exactly 0
-    downstream (0 after BN with zero weight and bias, after ReLU, through residual adds whose other
-    inputs are members too); its consumers' input weights are zeroed as well.
-    """
-    if not group.maskable:
-        raise ValueError(f"group {group.name} holds layers that cannot be masked exactly")
-    mask = Mask()
-    units = torch.as_tensor(list(idxs), dtype=torch.long)
-    if units.numel() == 0:
-        return mask
-    for m in group.members:
-        idx = expand(units, m.unit)
-        mod = model_modules[m.module]
-        if isinstance(mod, nn.modules.batchnorm._BatchNorm):
-            mask._zero(mod.weight, (idx.to(mod.weight.device),)) if mod.weight is not None else None
-            mask._zero(mod.bias, (idx.to(mod.bias.device),)) if mod.bias is not None else None
-            continue
-        w = mod.weight  # Conv / Linear
-        i = idx.to(w.device)
-        depthwise = isinstance(mod, nn.modules.conv._ConvNd) and mod.groups > 1
-        if m.out or depthwise:
-            mask._zero(w, (i,))
-            mask._zero(mod.bias, (i,))
-        else:
-            mask._zero(w, (slice(None), i))
-    return mask
+def _block_width(mod: nn.Module, out: bool) -> int:
+    """Channels per block of a layer that splits its channels into blocks that must stay equal:
+    a grouped (not depthwise) convolution, GroupNorm, nn.MultiheadAttention (per head); 0 otherwise."""
+    if isinstance(mod, nn.modules.conv._ConvNd) and mod.groups > 1 and not (mod.groups == mod.in_channels == mod.out_channels):
+        return (mod.out_channels if out else mod.in_channels) // mod.groups
+    if isinstance(mod, nn.GroupNorm) and mod.num_groups > 1:
+        return mod.num_channels // mod.num_groups
+    if isinstance(mod, nn.MultiheadAttention) and mod.num_heads > 1:
+        return mod.embed_dim // mod.num_heads
+    return 0
 
 
-def _dim_size(mod: nn.Module, out: bool) -> int:
-    if isinstance(mod, nn.modules.batchnorm._BatchNorm):
-        return mod.num_features
-    if isinstance(mod, nn.modules.conv._ConvNd):
-        return mod.out_channels if (out or mod.groups > 1) else mod.in_channels
-    if isinstance(mod, nn.Linear):
-        return mod.out_features if out else mod.in_features
-    if isinstance(mod, _NORMS):
-        return int(mod.normalized_shape[-1])
-    if isinstance(mod, nn.Embedding):
-        return mod.embedding_dim if out else -1
-    return -1
+def _unit_count(channels: int, blocks: list[tuple[str, list[int], list[int], int]]) -> int | None:
+    """Units of a group whose members split channels into blocks: the largest stride ``S`` (a
+    divisor of every block width and of ``channels``) such that unit ``u`` (root channels u, u+S,
+    u+2S, ...) takes the same number of channels from every block each member has; ``channels``
+    when no member has blocks; None when no stride works."""
+    if not blocks:
+        return channels
+    s = channels
+    for _, _, _, w in blocks:
+        s = math.gcd(s, w)
+    for cand in sorted((d for d in range(2, s + 1) if s % d == 0), reverse=True):
+        if all(_even(cand, mapped, roots, w) for _, mapped, roots, w in blocks):
+            return cand
+    return None  # (one unit of every channel could never be cut)
 
 
-@dataclass
-class Slice:
-    """Cuts a group's channels out of its member layers in place (smaller tensors, exactly the
-    computation of the physically pruned model); ``restore()`` puts the original tensors back."""
-
-    saved: list[tuple[Any, str, Any]] = field(default_factory=list)
-    permanent: bool = False
-    # tensors already cut, by id: a parameter tied between two members (an embedding and the output
-    # head) is cut once, and after a permanent cut both members hold the same new parameter
-    done: dict[int, Any] = field(default_factory=dict)
-
-    def _set(self, obj: Any, attr: str, value: Any) -> None:
-        self.saved.append((obj, attr, getattr(obj, attr)))
-        setattr(obj, attr, value)
-
-    def _param(self, mod: nn.Module, name: str, value_of: Any) -> None:
-        """Replace ``mod.<name>``'s values by ``value_of(tensor)`` (None-safe)."""
-        t = getattr(mod, name)
-        if t is None:
-            return
-        if id(t) in self.done:
-            if self.permanent:
-                setattr(mod, name, self.done[id(t)][1])
-            return
-        value = value_of(t.data)
-        if t.dim() == 4 and not t.is_contiguous() and t.is_contiguous(memory_format=torch.channels_last):
-            value = value.contiguous(memory_format=torch.channels_last)  # keep a conv weight's NHWC layout
-        if self.permanent and isinstance(t, nn.Parameter):
-            # a new Parameter of the new shape (an optimiser built later sees the right tensor)
-            setattr(mod, name, nn.Parameter(value.contiguous(), requires_grad=t.requires_grad))
-        elif self.permanent:
-            setattr(mod, name, value.contiguous())
-        else:
-            self._set(t, "data", value)
-        self.done[id(t)] = (t, getattr(mod, name))  # the old tensor is kept: its id stays unique
-
-    def restore(self) -> None:
-        for obj, attr, value in reversed(self.saved):
-            setattr(obj, attr, value)
-        self.saved.clear()
+def _even(stride: int, mapped: list[int], roots: list[int], width: int) -> bool:
+    if len(mapped) != len(roots):
+        return False
+    per_unit: dict[int, dict[int, int]] = {}
+    touched: set[int] = set()
+    for p, r in zip(mapped, roots):
+        b = p // width
+        touched.add(b)
+        d = per_unit.setdefault(r % stride, {})
+        d[b] = d.get(b, 0) + 1
+    return all(set(d) == touched and len(set(d.values())) == 1 for d in per_unit.values())
 
 
-def slice_group(model_modules: dict[str, nn.Module], group: GroupInfo, keep: Sequence[int], permanent: bool = False) -> Slice:
-    """Keep only units ``keep`` of ``group`` in every member (for ``group.sliceable`` groups).
-
-    ``permanent``: new parameters of the smaller shape, with the layers' size attributes updated
-    (physical pruning); otherwise the tensors' data is swapped and ``restore()`` swaps it back."""
-    if not group.sliceable:
-        raise ValueError(f"group {group.name} cannot be sliced in place")
-    sl = Slice(permanent=permanent)
-    seen: set[str] = set()
-    for module, attr, per_unit in group.attrs:
-        sl._set(model_modules[module], attr, per_unit * len(keep))
-    for m in group.members:
-        mod = model_modules[m.module]
-        if m.module in seen and isinstance(mod, nn.modules.conv._ConvNd) and mod.groups > 1:
-            continue  # a depthwise conv's in and out channels are the same: cut once
-        seen.add(m.module)
-        k = expand(list(keep), m.unit).to(mod.weight.device if getattr(mod, "weight", None) is not None else "cpu")
-        rows = lambda t, k=k: t.index_select(0, k)  # noqa: E731
-        if isinstance(mod, _NORMS):
-            for name in ("weight", "bias"):
-                sl._param(mod, name, rows)
-            sl._set(mod, "normalized_shape", (len(k),))
-            continue
-        if isinstance(mod, nn.Embedding):
-            sl._param(mod, "weight", lambda t, k=k: t.index_select(1, k))
-            sl._set(mod, "embedding_dim", len(k))
-            continue
-        if isinstance(mod, nn.modules.batchnorm._BatchNorm):
-            for name in ("weight", "bias"):
-                sl._param(mod, name, rows)
-            for name in ("running_mean", "running_var"):
-                buf = getattr(mod, name)
-                if buf is not None:
-                    sl._set(mod, name, buf.index_select(0, k))
-            if permanent:
-                _sync_sizes(mod)
-            continue
-        depthwise = isinstance(mod, nn.modules.conv._ConvNd) and mod.groups > 1
-        if m.out or depthwise:
-            sl._param(mod, "weight", rows)
-            sl._param(mod, "bias", rows)
-            if depthwise:
-                sl._set(mod, "groups", len(keep))
-        else:
-            sl._param(mod, "weight", lambda t, k=k: t.index_select(1, k))
-        if permanent:
-            _sync_sizes(mod)
-    if permanent:
-        sl.saved.clear()
-        sl.done.clear()
-    return sl
-
-
-def _sync_sizes(mod: nn.Module) -> None:
-    """After a permanent cut: the layer's size attributes follow its weight."""
-    if isinstance(mod, nn.Linear):
-        mod.out_features, mod.in_features = mod.weight.shape
-    elif isinstance(mod, nn.modules.conv._ConvNd):
-        mod.out_channels = mod.weight.shape[0]
-        mod.in_channels = mod.weight.shape[1] * mod.groups
-    elif isinstance(mod, nn.modules.batchnorm._BatchNorm):
-        mod.num_features = mod.weight.shape[0] if mod.weight is not None else mod.running_mean.shape[0]
-
-
-def skip_block(model: nn.Module, group: GroupInfo, structure: Structure | None = None) -> Slice:
-    """Replace a block group's module by its skip (the block's output is its input); ``restore()``
-    puts the block back."""
-    if group.kind != "block" or group.block is None:
-        raise ValueError(f"group {group.name} is not a block")
-    structure = structure or structure_of(model)
-    parent_name, _, child = group.block.rpartition(".")
-    parent = model.get_submodule(parent_name) if parent_name else model
-    block = parent.get_submodule(child)
-    sl = Slice()
-    sl._set(parent, child, structure.skip(block) if structure.skip is not None else Skip())
-    return sl
+def _first_line(e: BaseException) -> str:
+    text = str(e).strip()
+    return text.splitlines()[0].strip() if text else type(e).__name__
 
 
 def _module_of(g: GroupInfo) -> str:

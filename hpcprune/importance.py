@@ -14,8 +14,12 @@ import numpy as np
 import torch
 import torch_pruning as tp
 
+import logging
+
 from .graph import Graph, GroupInfo
 from .metrics import task_loss
+
+log = logging.getLogger(__name__)
 
 CRITERIA = ("l1", "l2", "bn_scale", "taylor", "activation", "random")
 
@@ -60,10 +64,17 @@ def group_scores(
             if g.kind in ("heads", "block"):
                 out[g.name] = _unit_scores(graph, g, criterion)
                 continue
-            s = imp(graph.tp_group(g.name))
-            if s is None:  # e.g. bn_scale on a group without BatchNorm: fall back to L2 magnitude
-                s = _magnitude(2)(graph.tp_group(g.name))
-            out[g.name] = s.detach().double().cpu()
+            try:
+                s = imp(graph.tp_group(g.name))
+                if s is None:  # e.g. bn_scale on a group without BatchNorm: fall back to L2 magnitude
+                    s = _magnitude(2)(graph.tp_group(g.name))
+            except (IndexError, RuntimeError, ValueError) as e:
+                # Torch-Pruning's criteria index some layers wrongly (a depthwise conv with a channel
+                # multiplier): the norm of the weights producing each channel of the root layer instead
+                log.warning("importance: %s for group %s failed in Torch-Pruning (%s: %s); using the root layer's output "
+                            "weight norms", criterion, g.name, type(e).__name__, str(e).splitlines()[0] if str(e) else "")
+                s = _out_weight_norm(graph.by_name[g.name])
+            out[g.name] = graph.unit_scores(g, s.detach().double().cpu())
     if criterion == "taylor":
         graph.model.zero_grad(set_to_none=True)
     return out
@@ -122,7 +133,7 @@ def _activation_scores(graph: Graph, batches: Sequence, reduce: Callable) -> dic
     projection's column, summed over each unit's channels."""
     modules = dict(graph.model.named_modules())
     groups = [g for g in graph.groups if g.kind != "block"]
-    width = {g.name: g.size if g.kind != "heads" else g.size * g.members[-1].unit for g in groups}
+    width = {g.name: (g.channels or g.size) if g.kind != "heads" else g.size * g.members[-1].unit for g in groups}
     sums = {g.name: torch.zeros(width[g.name], dtype=torch.float64) for g in groups}
     counts = {g.name: 0.0 for g in groups}
     hooks = []
@@ -171,7 +182,7 @@ def _activation_scores(graph: Graph, batches: Sequence, reduce: Callable) -> dic
             o = modules[g.members[-1].module].weight.detach().double().cpu()
             out[g.name] = (act * o.norm(dim=0)).reshape(g.size, -1).sum(dim=1)
         else:
-            out[g.name] = act * _out_weight_norm(modules[g.name])
+            out[g.name] = graph.unit_scores(g, act * _out_weight_norm(modules[g.name]))
     for g in graph.groups:
         if g.kind == "block":
             out[g.name] = torch.ones(1, dtype=torch.float64)
@@ -181,6 +192,8 @@ def _activation_scores(graph: Graph, batches: Sequence, reduce: Callable) -> dic
 def _out_weight_norm(mod: torch.nn.Module) -> torch.Tensor:
     """Norm of the weights that produce each output channel of ``mod``."""
     w = mod.weight.detach().double().cpu()
+    if isinstance(mod, torch.nn.modules.conv._ConvTransposeNd):  # (in, out / groups, ...): a channel is a column
+        return w.transpose(0, 1).flatten(1).norm(dim=1).repeat(mod.groups)
     if isinstance(mod, torch.nn.Embedding):  # (vocabulary, width): a channel is a column
         return w.norm(dim=0)
     if w.dim() == 1:  # LayerNorm / BatchNorm scale

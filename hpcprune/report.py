@@ -33,7 +33,8 @@ from .store import RunFile, RunFileError
 COLUMNS = [
     ("run", "run"), ("status", "status"), ("method", "method"), ("target", "target"),
     ("dense", "dense"), ("pruned", "pruned"), ("final", "final"), ("macs_kept", "MACs kept"),
-    ("params_kept", "params kept"), ("speedup", "speed-up"), ("world", "ranks"), ("ft_tasks", "DDP"),
+    ("params_kept", "params kept"), ("speedup", "speed-up"), ("groups", "groups"), ("excluded", "excluded"),
+    ("world", "ranks"), ("ft_tasks", "DDP"),
     ("t_sens", "sens s"), ("t_ft", "ft s"), ("wall", "wall s"),
 ]
 STAGES = ("baseline", "groups", "sensitivity", "allocation", "pruned", "final")
@@ -84,6 +85,7 @@ class Run:
     pruned: dict[str, Any] = field(default_factory=dict)   # /pruned attrs
     final: dict[str, Any] = field(default_factory=dict)    # /final attrs
     groups: list[str] = field(default_factory=list)        # model order
+    excluded: list[list] = field(default_factory=list)     # [name, layer types, reason] per group not pruned
     sizes: list[int] = field(default_factory=list)
     sens: dict[str, Any] | None = None
     alloc: dict[str, Any] | None = None
@@ -123,6 +125,7 @@ def load_run(path: str) -> Run:
         if "groups/name" in f:
             run.groups = _strs(f["groups/name"][()])
             run.sizes = [int(x) for x in f["groups/size"][()]]
+            run.excluded = json.loads(_get(f["groups"].attrs, "excluded") or "[]")
         if "sensitivity/metric" in f and run.groups:
             s = f["sensitivity"]
             # the cells are measured on the calibration set; the run file's dense reference is the
@@ -181,6 +184,9 @@ def load_run(path: str) -> Run:
         row["params_kept"] = _get(src, "params_kept")
         row["speedup"] = _get(src, "latency_speedup")
         row["ft_tasks"] = _get(ft, "world_size")
+        row["groups"] = len(run.groups) if run.groups else None
+        # excluded by verification (a group that feeds the output is kept on purpose, not counted)
+        row["excluded"] = sum(1 for e in run.excluded if "feeds the model's output" not in str(e[2])) if run.groups else None
         row["t_sens"] = _get(sens, "wall_s")
         hist = run.history
         sec = run.history_columns.index("seconds") if "seconds" in run.history_columns else None

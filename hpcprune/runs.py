@@ -2,7 +2,8 @@
 
 A run file holds no pickled modules: a pruned model is the config's model, the stored dense
 weights, the stored plan (kept channel indices per group) and, once fine-tuned, the stored final
-weights.
+weights. Weights are read through :func:`hpcprune.store.read_weights` (schema 2: safetensors files
+beside the run file, or the referenced dense checkpoint; schema 1: datasets inside it).
 """
 from __future__ import annotations
 
@@ -14,7 +15,7 @@ from torch import nn
 
 from .graph import Graph
 from .structure import structure_of
-from .store import RunFile, read_state_dict
+from .store import RunFile, has_weights, read_weights
 
 
 def build_model(model_cfg: Any) -> nn.Module:
@@ -45,8 +46,7 @@ def read_plan(run: RunFile) -> dict[str, list[int]]:
 def dense_model(run: RunFile, cfg: DictConfig | None = None) -> nn.Module:
     cfg = cfg or load_config(run)
     model = build_model(cfg.model)
-    with run.read() as f:
-        model.load_state_dict(read_state_dict(f["baseline/weights"]))
+    model.load_state_dict(read_weights(run, "baseline"))
     return model.eval()
 
 
@@ -71,10 +71,9 @@ def pruned_model(run: RunFile, cfg: DictConfig | None = None, weights: str = "fi
     graph.apply_plan(read_plan(run))
     if weights != "plan":
         with run.read() as f:
-            for key in (("final/weights", "pruned/weights") if weights == "final" else ("pruned/weights",)):
-                if key in f:
-                    model.load_state_dict(read_state_dict(f[key]))
-                    break
+            stored = [s for s in (("final", "pruned") if weights == "final" else ("pruned",)) if has_weights(f, s)]
+        if stored:
+            model.load_state_dict(read_weights(run, stored[0]))
     return model.eval()
 
 
@@ -84,14 +83,12 @@ def load_pruned(path: str, weights: str = "final") -> nn.Module:
 
 
 def ignore_names(model: nn.Module, ignore: list[str]) -> list[str]:
-    """``groups.ignore`` names, or by default the last Linear layer (the classifier output); then
-    the layers the model itself declares unprunable at their outputs: its ``prune_structure()``
-    ``ignore`` list (see :mod:`hpcprune.structure`; e.g. attention projections whose outputs are
-    split into heads of a fixed width: cutting single channels there breaks the model), or the
-    names a ``prune_ignore()`` method returns."""
-    if not ignore:
-        linears = [n for n, m in model.named_modules() if isinstance(m, nn.Linear)]
-        ignore = linears[-1:]
+    """``groups.ignore`` names, then the layers the model itself declares unprunable at their
+    outputs: its ``prune_structure()`` ``ignore`` list (see :mod:`hpcprune.structure`; e.g. attention
+    projections whose outputs are split into heads of a fixed width: cutting single channels there
+    breaks the model), or the names a ``prune_ignore()`` method returns. The layers that produce the
+    model's output (a classifier, a conv classifier, a vocabulary head) need no entry: the groups
+    stage finds them by what they are (cutting them changes the output's shape) and keeps them."""
     declared = getattr(model, "prune_ignore", None)
     extra = [str(n) for n in declared()] if callable(declared) else []
     extra += structure_of(model).ignore

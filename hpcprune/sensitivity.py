@@ -21,7 +21,6 @@ rank computed it or in which order (sums of shares agree with one rank's to roun
 """
 from __future__ import annotations
 
-import copy
 import logging
 import math
 import time
@@ -34,7 +33,7 @@ import torch
 from torch import nn
 
 from . import blockcache
-from .graph import Graph, GroupInfo, Slice, mask_group, n_keep, skip_block, slice_group
+from .graph import Graph, GroupInfo, Slice, n_keep, skip_block, slice_group
 from .structure import structure_of
 from .metrics import EvalSums, batch_sums
 from .world import World
@@ -125,7 +124,7 @@ class Gather:
 def flatten_chain(model: nn.Module) -> list[tuple[str, nn.Module]] | None:
     """The model as a chain of (name, module), nested ``nn.Sequential``s expanded; None when the
     model is not a chain (then every cell runs the full forward)."""
-    if not isinstance(model, nn.Sequential):
+    if not isinstance(model, nn.Sequential) or type(model).forward is not nn.Sequential.forward:
         return None
     chain: list[tuple[str, nn.Module]] = []
 
@@ -147,7 +146,7 @@ def _identity(x: Any) -> Any:
 
 def _foldable(conv: nn.Module, bn: nn.Module) -> bool:
     return (isinstance(conv, (nn.Conv1d, nn.Conv2d, nn.Conv3d)) and isinstance(bn, nn.modules.batchnorm._BatchNorm)
-            and bn.track_running_stats and bn.running_mean is not None)
+            and bn.track_running_stats and bn.running_mean is not None and not bn.training)
 
 
 def fold_pairs(chain: Sequence[tuple[str, nn.Module]]) -> list[tuple[int, nn.Module, nn.Module]]:
@@ -186,9 +185,11 @@ class Evaluator:
     Per group, the evaluator finds the first chain element the group touches and caches what
     enters it (or, when that element is a layer whose output channels are the group's channels,
     what leaves it: those channels are then simply sliced out). Per ratio it cuts the channels out
-    of the member layers in place (``slice_group``: the pruned model's exact computation), or
-    zeroes them (``mask_group``) where index mappings forbid slicing, or, for layers that can be
-    neither, prunes a copy.
+    of the member layers in place: ``slice_group`` where every member indexes the channels 1:1,
+    else Torch-Pruning's own layer functions on its mapped indices (``Graph.cut``: concat offsets,
+    flatten blocks, grouped convolutions), restored after the cell. Either is the pruned model's
+    exact computation. ``round_to``: the cells cut what the prune stage will (kept channels a
+    multiple of it).
 
     ``channels_last``: run convolutions on NHWC tensors (weights, calibration batches, cached
     activations, sliced weights), faster conv kernels on CPU and tensor cores; the numbers agree
@@ -214,6 +215,8 @@ class Evaluator:
         recal_batches: Sequence[tuple[torch.Tensor, torch.Tensor]] = (),
         channels_last: bool = False,
         fold_bn: bool = False,
+        graph: Graph | None = None,
+        round_to: int = 1,
     ) -> None:
         self.channels_last = channels_last and any(isinstance(m, nn.Conv2d) for m in model.modules())
         if self.channels_last:
@@ -235,6 +238,8 @@ class Evaluator:
         # the cut (pruning shifts them; without this, cells overstate the damage of pruning)
         self.recal_batches = list(recal_batches)
         self.structure = structure_of(model)
+        self.round_to = int(round_to)
+        self._graph = graph  # Torch-Pruning's graph over this model, for groups that are not sliced (built on first use)
         self._memo: dict[tuple, EvalSums] = {}  # (group or None, units cut, shard, shards) -> sums
         self._plans: dict[int, blockcache.BlockPlan | None] = {}
         # the cached activations of the last chunk's group (and batch share), for its next chunk
@@ -272,13 +277,18 @@ class Evaluator:
         return self._team_share[1], self._team_share[2]
 
     def _idxs(self, g: GroupInfo, ratio: float) -> list[int]:
-        n = g.size - n_keep(g, ratio)
+        n = g.size - n_keep(g, ratio, self.round_to)
         return self.orders[g.name][:n]
+
+    @property
+    def graph(self) -> Graph:
+        if self._graph is None:
+            self._graph = Graph(self.model, self.example_input, self.ignore)
+        return self._graph
 
     def entry(self, g: GroupInfo) -> tuple[int, bool]:
         """(chain index where a cell's forward starts, whether the cache is that element's output)."""
-        in_place = g.maskable or (g.sliceable and self.slice_channels)
-        if self.chain is None or not in_place:
+        if self.chain is None:
             return 0, False
         touched = [
             i for i, (name, _) in enumerate(self.chain)
@@ -425,24 +435,19 @@ class Evaluator:
                 cut: Any = slice_group(self.modules, g, keep)
                 if sliced_cache or plan is not None:
                     keep_t = torch.as_tensor(keep, dtype=torch.long, device=self.batches[0][0].device)
-            elif g.maskable:
-                cut = mask_group(self.modules, g, idxs)
             else:
-                cut = None
-            recal = self.recal_batches and cut is not None and not (g.kind == "block" and not idxs) and self._suffix_bns(k)
+                cut = self.graph.cut(g.name, idxs)
+            recal = self.recal_batches and not (g.kind == "block" and not idxs) and self._suffix_bns(k)
             t_recal = time.perf_counter()
             bn_saved = self._recalibrate(k, recal_prefix, keep_t, plan, recal_batches, team) if recal else None
             t_recal = time.perf_counter() - t_recal
             folded = None
             try:
-                if cut is None:  # exact fallback: prune a copy
-                    sums = self._pruned_copy_sums(g, idxs, batches)
+                folded = self._fold(k, plan is None) if self._fold_pairs else None
+                if prefix is not None:
+                    sums = self._suffix_sums(k, prefix, keep_t, batches, plan)
                 else:
-                    folded = self._fold(k, plan is None) if self._fold_pairs else None
-                    if prefix is not None:
-                        sums = self._suffix_sums(k, prefix, keep_t, batches, plan)
-                    else:
-                        sums = self._full_sums(self.model, batches)
+                    sums = self._full_sums(self.model, batches)
             finally:
                 if folded:
                     self._unfold(folded)
@@ -450,8 +455,7 @@ class Evaluator:
                     for bn, (mean, var, momentum, tracked) in bn_saved:
                         bn.running_mean, bn.running_var, bn.momentum = mean, var, momentum
                         bn.num_batches_tracked.copy_(tracked)
-                if cut is not None:
-                    cut.restore()
+                cut.restore()
             if team is not None:
                 sums = EvalSums(*(float(v) for v in team.sum(np.array(sums.as_tuple()))))
             self._memo[memo_key] = sums
@@ -502,8 +506,11 @@ class Evaluator:
             del bn.forward
 
     def _suffix_bns(self, k: int) -> list[nn.Module]:
+        """BatchNorms after the cut point that keep running statistics (those without use batch
+        statistics in eval too: nothing to re-estimate)."""
         roots = [m for _, m in self.chain[k:]] if (self.chain is not None and k > 0) else [self.model]
-        return [m for r in roots for m in r.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
+        return [m for r in roots for m in r.modules()
+                if isinstance(m, nn.modules.batchnorm._BatchNorm) and m.track_running_stats and m.running_mean is not None]
 
     @torch.no_grad()
     def _recalibrate(self, k: int, recal_prefix: Sequence[Any] | None, keep: torch.Tensor | None,
@@ -535,12 +542,6 @@ class Evaluator:
         if team is not None:
             _combine_bn_stats(bns, team)
         return saved
-
-    def _pruned_copy_sums(self, g: GroupInfo, idxs: list[int], batches: Sequence) -> EvalSums:
-        model = copy.deepcopy(self.model)
-        graph = Graph(model, self.example_input, self.ignore)
-        graph.prune_group(g.name, idxs)
-        return self._full_sums(model, batches)
 
     def chunk_cost(self, chunk: Chunk, module_macs: dict[str, int] | None) -> float:
         """Relative cost: forward MACs before the cache point once, after it once per distinct cell

@@ -21,17 +21,18 @@ import torch
 from omegaconf import DictConfig, OmegaConf
 
 from . import __version__, allocate, importance, launch, metrics
-from .graph import KINDS, Graph, n_keep
+from .graph import KINDS, Excluded, Graph, n_keep
 from .runs import build_data, build_model, ignore_names, read_plan
 from .sensitivity import DONE, PENDING, SKIPPED, Evaluator, run_sensitivity
-from .store import RunFile, RunFileError, RunLock, put_attrs, read_state_dict, replace_group, write_state_dict
+from .store import (RunFile, RunFileError, RunLock, load_checkpoint, put_attrs, read_weights, replace_group, verify_weights,
+                    write_sensitivity_cells, write_weights)
 from .world import World
 
 log = logging.getLogger("hpcprune.stages")
 
 # keys that may change between a run and its resumption without changing any result (beyond
 # rounding, ~1e-7, as with another world size: layouts, BatchNorm folding, teams)
-_RESUME_IGNORED = ("launcher", "threads", "device", "resume", "sensitivity.flush_s", "sensitivity.team_size",
+_RESUME_IGNORED = ("launcher", "threads", "device", "resume", "sensitivity.flush_s", "groups.timeout_s", "sensitivity.team_size", "baseline.copy_checkpoint",
                    "sensitivity.channels_last", "sensitivity.fold_bn", "hydra")
 
 
@@ -91,6 +92,11 @@ def validate(cfg: DictConfig) -> None:
         for k in kinds:
             if k not in KINDS:
                 bad("groups.kinds", list(kinds), f"{k!r} is not a group kind (choose from {', '.join(KINDS)})")
+    if not isinstance(cfg.groups.get("strict", False), bool):
+        bad("groups.strict", cfg.groups.strict, "must be true or false")
+    tmo = cfg.groups.get("timeout_s", 300)
+    if isinstance(tmo, bool) or not isinstance(tmo, (int, float)) or tmo < 0:
+        bad("groups.timeout_s", tmo, "must be a number of seconds >= 0 (0: no limit)")
     if cfg.importance not in importance.CRITERIA:
         bad("importance", cfg.importance, f"unknown criterion (choose from {', '.join(importance.CRITERIA)})")
     if cfg.launcher.name not in launch.LAUNCHERS:
@@ -157,6 +163,10 @@ class Sweep:
             if self.data is None:
                 self.data = build_data(self.cfg.data)
             self.metric_name = self.data.metric
+            # the architecture first: every group verified, costs derived, budgets checked, before any training
+            if self.main and not self._done("groups"):
+                self._timed("groups", self.groups)
+            self.world.barrier()
             if self.main and not self._done("baseline"):
                 self._timed("baseline", self.baseline)
             self.world.barrier()
@@ -164,7 +174,7 @@ class Sweep:
             threads = self.world.set_threads(int(self.cfg.threads))
             log.info("sensitivity: %d torch threads per rank (rank %d may use %d CPUs, which %d rank(s) of its node may use)",
                      threads, self.world.rank, self.world.cores(), self.world.sharing)
-            self._timed("groups", self.groups)
+            self._analysis_setup()
             self._timed("sensitivity", self.sensitivity)
             self.world.set_threads(int(self.cfg.threads), alone=True)
             if self.main:
@@ -215,6 +225,7 @@ class Sweep:
             if self.rf.exists():
                 self.rf.check()
                 self._check_resume(resolved)
+                verify_weights(self.rf, "baseline")  # a referenced dense checkpoint that changed: one line
             # bad data, model or checkpoint, or too little disk: one line, before the run file is touched
             self._check_inputs()
             if self.rf.exists():
@@ -235,8 +246,8 @@ class Sweep:
         model = _instantiate("model", build_model, self.cfg.model)
         if self.cfg.checkpoint and not (self.rf.exists() and self._done("baseline")):
             self._load_checkpoint(model)
-        # the run file holds up to three copies of the weights (dense, pruned, fine-tuned) and is
-        # rewritten whole through run.h5.tmp; the fine-tune checkpoint adds weights + optimizer state
+        # the run directory holds up to three copies of the weights (dense, pruned, fine-tuned: *.safetensors
+        # beside run.h5, each written through a temporary copy); the fine-tune checkpoint adds weights + optimizer state
         weights = sum(t.numel() * t.element_size() for t in model.state_dict().values())
         need = 10 * weights + (1 << 20)
         st = os.statvfs(self.run_dir)
@@ -244,17 +255,14 @@ class Sweep:
         if free < need:
             raise ConfigError(f"hydra.run.dir={self.run_dir}: {free / 2**20:.1f} MiB free on its file system, the run needs "
                               f"about {need / 2**20:.1f} MiB (run file, its temporary copy, fine-tune checkpoint)")
+        self._arch_model = model  # the groups stage verifies this instance (no second build of a large model)
 
     def _load_checkpoint(self, model: torch.nn.Module) -> None:
         path = str(self.cfg.checkpoint)
         try:
-            state = torch.load(path, map_location="cpu", weights_only=True)
-        except Exception as e:
-            raise ConfigError(f"checkpoint={path}: not a readable torch state dict ({type(e).__name__}: {_first_line(e)})") from None
-        if isinstance(state, dict) and "state_dict" in state:
-            state = state["state_dict"]
-        if not isinstance(state, dict):
-            raise ConfigError(f"checkpoint={path}: holds a {type(state).__name__}, not a state dict")
+            state = load_checkpoint(path)  # the same loader reads a referenced checkpoint back (store.read_weights)
+        except ValueError as e:
+            raise ConfigError(f"checkpoint={path}: {e}") from None
         try:
             model.load_state_dict(state)
         except Exception as e:
@@ -264,10 +272,15 @@ class Sweep:
     def _check_resume(self, resolved: str) -> None:
         stored = _flat(OmegaConf.to_container(OmegaConf.create(self.rf.attrs()["config"])))
         now = _flat(OmegaConf.to_container(OmegaConf.create(resolved)))
+        # keys a later hpcprune added (absent from the stored config, outside model./data.) take their
+        # defaults on resume: a run file made by an earlier version resumes without resume.force
+        added = [k for k in now if k not in stored and not k.startswith(("model.", "data."))]
+        if added:
+            log.info("resume: keys this run file predates, at their current values: %s", ", ".join(added))
         diff = [
             f"{k}: {stored.get(k)!r} -> {now.get(k)!r}"
             for k in sorted(set(stored) | set(now))
-            if stored.get(k) != now.get(k) and not k.startswith(_RESUME_IGNORED)
+            if stored.get(k) != now.get(k) and not k.startswith(_RESUME_IGNORED) and k not in added
         ]
         if diff and not self.cfg.resume.force:
             raise ConfigError(
@@ -304,74 +317,167 @@ class Sweep:
         example = self.data.example_input
         val = metrics.make_batches(self.data.val, 256)
         sums = metrics.evaluate(model, val)
-        mm = metrics.module_macs(model, example[:1])
+        macs = metrics.macs(model, example[:1])
         lat = metrics.latency_ms(model.to(self.device), example.to(self.device), cfg.baseline.latency_batch,
                                  repeats=cfg.baseline.latency_repeats, threads=int(cfg.baseline.latency_threads))
         model.cpu()
         rec = dict(
             metric=sums.metric(self.metric_name), loss=sums.mean_loss(), metric_name=self.metric_name,
             higher_is_better=metrics.METRIC_HIGHER_IS_BETTER[self.metric_name], params=metrics.params(model),
-            macs=sum(mm.values()), latency_ms=lat, latency_batch=cfg.baseline.latency_batch,
+            macs=macs, latency_ms=lat, latency_batch=cfg.baseline.latency_batch,
             latency_device=str(self.device), trained_here=trained,
         )
         log.info("dense: %s %.4f, %d params, %d MACs, %.2f ms", self.metric_name, rec["metric"], rec["params"], rec["macs"], lat)
         with self.rf.write() as f:
             g = replace_group(f, "baseline")
             put_attrs(g, rec)
-            write_state_dict(g.create_group("weights"), model.state_dict())
+            write_weights(self.rf, "baseline", model.state_dict(), g,
+                          reference=str(cfg.checkpoint) if cfg.checkpoint and not cfg.baseline.get("copy_checkpoint", False) else None)
             g.create_dataset("example_input", data=example.numpy())
             g.attrs["complete"] = True
 
     def _dense_model(self) -> torch.nn.Module:
         model = build_model(self.cfg.model)
+        model.load_state_dict(read_weights(self.rf, "baseline"))
         with self.rf.read() as f:
-            model.load_state_dict(read_state_dict(f["baseline/weights"]))
             self.base = {k: v for k, v in f["baseline"].attrs.items()}
         return model.eval()
 
-    # ---- groups -----------------------------------------------------------------------------------
-    def groups(self) -> None:
-        """Every rank builds the same graph and scores; rank 0 records them once."""
-        self.example = self.data.example_input
-        self.ignore = ignore_names(self.model, list(self.cfg.groups.ignore or []))
+    # ---- groups (the architecture, before any training) ---------------------------------------------
+    def _graph(self, model: torch.nn.Module, exclude: Any = ()) -> Graph:
         kinds = list(self.cfg.groups.kinds) if self.cfg.groups.get("kinds") else None
-        self.graph = Graph(self.model, self.example[:1], self.ignore, kinds)
+        self.ignore = ignore_names(model, list(self.cfg.groups.ignore or []))
+        return Graph(model, self.example[:1], self.ignore, kinds, timeout_s=float(self.cfg.groups.get("timeout_s", 300)),
+                     exclude=exclude)
+
+    def groups(self) -> None:
+        """Rank 0, on the architecture (the config's model, with the checkpoint when one is given): the
+        dependency graph, every group verified (``verify.verify_groups``), the exact cost model, and
+        every target checked for reachability, before any training or evaluation."""
+        from .costs import ExactCost, probes_from_graph
+        from .verify import OUTPUT, verify_groups
+
+        cfg = self.cfg
+        self.example = self.data.example_input
+        model = getattr(self, "_arch_model", None) or build_model(cfg.model)
+        self._arch_model = None
+        model = model.eval()
+        t0 = time.perf_counter()
+        graph = self._graph(model)
+        log.info("groups: dependency graph in %.1f s: %d groups found, %d excluded by the search", time.perf_counter() - t0,
+                 len(graph.groups), len(graph.excluded))
+        last = [time.perf_counter()]
+
+        def progress(i: int, n: int, seconds: float) -> None:
+            if time.perf_counter() - last[0] > 10.0:
+                last[0] = time.perf_counter()
+                log.info("groups: verified %d of %d groups (%.0f s)", i, n, seconds)
+
+        verify_groups(graph, self.example, float(cfg.prune.max_ratio), int(cfg.prune.round_to), int(cfg.seed), progress)
+        failed = [e for e in graph.excluded if e.reason != OUTPUT]
+        for e in graph.excluded:
+            (log.info if e.reason == OUTPUT else log.warning)("groups: %s excluded (%s): %s", e.name, ", ".join(e.layer_types), e.reason)
+        if failed and cfg.groups.get("strict", False):
+            e = failed[0]
+            raise ConfigError(f"groups.strict=true: group {e.name} ({', '.join(e.layer_types)}) cannot be pruned: {e.reason}; "
+                              f"add it to groups.ignore=[{e.name}] or set groups.strict=false to prune the others")
+        if not graph.groups:
+            types = sorted({t for e in failed for t in e.layer_types}) or sorted({type(m).__name__ for m in model.modules()
+                                                                                   if not list(m.children())})
+            why = f"; {failed[0].name}: {failed[0].reason}" if failed else ""
+            raise ConfigError(f"model {cfg.model.get('_target_')}: no prunable group (layer types: {', '.join(types[:12])}){why}; "
+                              "declare attention heads and blocks with prune_structure() (hpcprune/structure.py), or choose "
+                              "other groups.kinds / groups.ignore")
+        exact = None
+        while exact is None:
+            try:
+                exact = ExactCost.derive(model, self.example[:1], probes_from_graph(graph))
+            except ValueError as e:  # a group whose cut changes the computation in a way no cost model follows
+                bad = next((g for g in graph.groups if str(e).startswith(f"group {g.name}:")), None)
+                if bad is None:
+                    raise
+                log.warning("groups: %s excluded (%s): %s", bad.name, ", ".join(bad.layer_types), str(e).split(": ", 1)[1])
+                graph.exclude([Excluded(bad.name, list(bad.layer_types), str(e).split(": ", 1)[1])])
+                if not graph.groups:
+                    raise ConfigError(f"model {cfg.model.get('_target_')}: no prunable group; {e}") from None
+        cost = allocate.CostModel.from_exact(graph.groups, exact)
+        targets = {k: v for k, v in self._targets().items() if k != "latency"}
+        if targets:
+            try:
+                allocate._check_reachable(cost, targets, float(cfg.prune.max_ratio), int(cfg.prune.round_to),
+                                         blocks=str(cfg.prune.method) == "sensitivity")
+            except allocate.BudgetError as e:
+                raise ConfigError(f"{e} (found on the architecture, before any training)") from None
+        gs = graph.groups
+        per_unit = []
+        for i, g in enumerate(gs):
+            r = np.zeros(len(gs))
+            r[i] = 1.0 - (g.size - 1) / g.size
+            per_unit.append(cost.dense["macs"] - cost.cost("macs", r))
+        with self.rf.write() as f:
+            h = replace_group(f, "groups")
+            h.create_dataset("name", data=np.array([g.name for g in gs], dtype=object), dtype=_str_dtype())
+            h.create_dataset("kind", data=np.array([g.kind for g in gs], dtype=object), dtype=_str_dtype())
+            h.create_dataset("size", data=np.array([g.size for g in gs], dtype=np.int64))
+            h.create_dataset("channels", data=np.array([g.channels or g.size for g in gs], dtype=np.int64))
+            h.create_dataset("maskable", data=np.array([g.maskable for g in gs]))
+            h.create_dataset("macs_per_channel", data=np.array(per_unit, dtype=np.float64))
+            h.create_dataset("layer_types", data=np.array([json.dumps(g.layer_types) for g in gs], dtype=object), dtype=_str_dtype())
+            h.create_dataset(
+                "members", data=np.array([json.dumps([[m.module, "out" if m.out else "in", m.unit] for m in g.members]) for g in gs], dtype=object), dtype=_str_dtype()
+            )
+            h.attrs["excluded"] = json.dumps([[e.name, e.layer_types, e.reason] for e in graph.excluded])
+            h.attrs["ignored"] = json.dumps(self.ignore)
+            cg = h.create_group("cost")
+            for kind, (coef, exps) in exact.terms.items():
+                cg.create_dataset(f"{kind}_coef", data=np.asarray(coef, dtype=np.float64))
+                cg.create_dataset(f"{kind}_exps", data=np.asarray(exps, dtype=np.int8))
+            cg.attrs["dense_macs"], cg.attrs["dense_params"] = float(cost.dense["macs"]), float(cost.dense["params"])
+            h.attrs["complete"] = True
+        log.info("%d groups: %s", len(gs), ", ".join(f"{g.name}({g.size})" for g in gs))
+
+    def _analysis_setup(self) -> None:
+        """Every rank: the graph on the dense model (the groups the groups stage kept), importance
+        scores (data-driven criteria: each rank scores its share, the sums are all-reduced), the
+        calibration batches and the cost model; rank 0 records the scores once."""
+        self.example = self.data.example_input
+        with self.rf.read() as f:
+            h = f["groups"]
+            v1 = "excluded" not in h.attrs  # schema 1: no verification record; its groups are the recorded ones
+            excluded = [e[0] for e in json.loads(h.attrs.get("excluded", "[]"))]
+            names = [n.decode() if isinstance(n, bytes) else str(n) for n in h["name"][()]]
+            cost_terms = {k[:-5]: (h["cost"][k][()], h["cost"][k[:-5] + "_exps"][()]) for k in h.get("cost", {}) if k.endswith("_coef")}
+        self.graph = self._graph(self.model, exclude=excluded)
+        if v1:
+            self.graph.exclude([Excluded(g.name, g.layer_types, "not a group of the run file (schema 1)")
+                                for g in self.graph.groups if g.name not in names])
+        if [g.name for g in self.graph.groups] != names:
+            raise RunFileError(f"{self.rf.path}: the model's groups ({len(self.graph.groups)}) are not the ones its groups stage "
+                               f"recorded ({len(names)}): the model changed; use another hydra.run.dir")
         self.calib = metrics.make_batches(self.data.calib, int(self.cfg.sensitivity.batch_size), self.device)
         if len(self.data.calib) == 0:
             raise ConfigError("data.calib_samples: the calibration set is empty")
-        # data-driven criteria: each rank scores its share of the batches, the sums are all-reduced
         share = [(x.cpu(), y.cpu()) for x, y in self.calib[self.world.rank :: self.world.size]]
         reduce = self.world.allreduce_sum if self.world.size > 1 else None
         self.scores = importance.group_scores(self.graph, str(self.cfg.importance), share, int(self.cfg.seed), reduce)
         self.orders = {n: importance.prune_order(s) for n, s in self.scores.items()}
         self.module_macs = metrics.module_macs(self.model, self.example[:1])
-        self.cost = allocate.CostModel(self.model, self.graph.groups, self.module_macs)
-        if not self.graph.groups:
-            raise ConfigError(f"model {self.cfg.model._target_}: no prunable groups found")
-        if self.main and not self._done("groups"):
-            gs = self.graph.groups
-            per_channel = []
-            for i, g in enumerate(gs):
-                r = np.zeros(len(gs))
-                r[i] = 1.0 - (g.size - 1) / g.size
-                per_channel.append(self.cost.dense["macs"] - self.cost.cost("macs", r))
-            with self.rf.write() as f:
-                h = replace_group(f, "groups")
-                h.create_dataset("name", data=np.array([g.name for g in gs], dtype=object), dtype=_str_dtype())
-                h.create_dataset("kind", data=np.array([g.kind for g in gs], dtype=object), dtype=_str_dtype())
-                h.create_dataset("size", data=np.array([g.size for g in gs], dtype=np.int64))
-                h.create_dataset("maskable", data=np.array([g.maskable for g in gs]))
-                h.create_dataset("macs_per_channel", data=np.array(per_channel, dtype=np.float64))
-                h.create_dataset(
-                    "members", data=np.array([json.dumps([[m.module, "out" if m.out else "in", m.unit] for m in g.members]) for g in gs], dtype=object), dtype=_str_dtype()
-                )
-                imp = h.create_group("importance")
-                for g in gs:
-                    imp.create_dataset(g.name, data=self.scores[g.name].numpy())
-                h.attrs["criterion"] = str(self.cfg.importance)
-                h.attrs["ignored"] = json.dumps(self.ignore)
-                h.attrs["complete"] = True
-        log.info("%d groups: %s", len(self.graph.groups), ", ".join(f"{g.name}({g.size})" for g in self.graph.groups))
+        if cost_terms:
+            self.cost = allocate.CostModel(self.graph.groups, cost_terms)
+        else:  # a run file of schema 1: derived again on the dense model
+            from .costs import ExactCost, probes_from_graph
+
+            exact = ExactCost.derive(self.model, self.example[:1], probes_from_graph(self.graph))
+            self.cost = allocate.CostModel.from_exact(self.graph.groups, exact)
+        if self.main:
+            with self.rf.read() as f:
+                recorded = "groups/importance" in f
+            if not recorded:
+                with self.rf.write() as f:
+                    imp = f["groups"].create_group("importance")
+                    for g in self.graph.groups:
+                        imp.create_dataset(g.name, data=self.scores[g.name].numpy())
+                    f["groups"].attrs["criterion"] = str(self.cfg.importance)
 
     # ---- sensitivity ------------------------------------------------------------------------------
     def sensitivity(self) -> None:
@@ -396,6 +502,7 @@ class Sweep:
             recal_batches=[(x.to(self.device), y) for x, y in self._train_batches(int(cfg.sensitivity.bn_recalib_batches))],
             channels_last=bool(cfg.sensitivity.get("channels_last", False)),
             fold_bn=bool(cfg.sensitivity.get("fold_bn", False)),
+            graph=self.graph, round_to=int(cfg.prune.round_to),
         )
         # damage is measured against the dense model on the same calibration batches, in the same layout
         dense_calib = metrics.evaluate(evaluator.model, evaluator.batches)
@@ -488,25 +595,12 @@ class Sweep:
             state["rank"][c.group, c.ratio] = c.rank
         buffer.clear()
         self._early_stop(state)
-        with self.rf.write() as f:
-            s = f["sensitivity"] if "sensitivity" in f else f.create_group("sensitivity")
-            if "ratios" not in s:
-                s.create_dataset("ratios", data=np.array([float(r) for r in self.cfg.sensitivity.ratios]))
-            for k, v in state.items():
-                if k in s:
-                    s[k][...] = v
-                else:
-                    s.create_dataset(k, data=v)
-            s.attrs["metric_name"] = self.metric_name
-            s.attrs["dense_metric"] = self.base["metric"]
-            s.attrs["dense_loss"] = self.base["loss"]
-            s.attrs["dense_calib_metric"], s.attrs["dense_calib_loss"] = self.dense_calib
-            s.attrs["calib_samples"] = len(self.data.calib)
-            s.attrs["world_size"] = self.world.size
-            s.attrs["status_codes"] = "0 pending, 1 done, 2 skipped (early stop)"
-            if complete:
-                s.attrs["wall_s"] = float(wall or 0.0) + float(s.attrs.get("wall_s", 0.0))
-                s.attrs["complete"] = True
+        write_sensitivity_cells(self.rf, state, {
+            "metric_name": self.metric_name, "dense_metric": self.base["metric"], "dense_loss": self.base["loss"],
+            "dense_calib_metric": self.dense_calib[0], "dense_calib_loss": self.dense_calib[1],
+            "calib_samples": len(self.data.calib), "world_size": self.world.size,
+            "status_codes": "0 pending, 1 done, 2 skipped (early stop)",
+        }, ratios=[float(r) for r in self.cfg.sensitivity.ratios], complete=complete, wall=wall)
 
     # ---- allocation -------------------------------------------------------------------------------
     def _targets(self) -> dict[str, float]:
@@ -639,7 +733,11 @@ class Sweep:
 
     def _plan(self, ratios: np.ndarray) -> dict[str, list[int]]:
         round_to = int(self.cfg.prune.round_to)
-        return {g.name: sorted(self.orders[g.name][g.size - n_keep(g, float(r), round_to):]) for g, r in zip(self.graph.groups, ratios)}
+        # recorded as the root layer's kept channels (a unit of a grouped conv or GroupNorm group is
+        # several channels); heads and blocks by unit
+        return {g.name: (sorted(self.orders[g.name][g.size - n_keep(g, float(r), round_to):]) if g.kind in ("heads", "block")
+                         else g.unit_channels(self.orders[g.name][g.size - n_keep(g, float(r), round_to):]))
+                for g, r in zip(self.graph.groups, ratios)}
 
     # ---- prune ------------------------------------------------------------------------------------
     def prune(self) -> None:
@@ -689,7 +787,7 @@ class Sweep:
             for name, kept in plan.items():
                 pl.create_dataset(name, data=np.array(kept, dtype=np.int64))
             pl.attrs["groups"] = np.array(list(plan), dtype=object).astype(str).tolist()
-            write_state_dict(p.create_group("weights"), model.state_dict())
+            write_weights(self.rf, "pruned", model.state_dict(), p)
             p.attrs["complete"] = True
 
     def _check_targets(self, rec: dict[str, Any]) -> None:
@@ -786,7 +884,7 @@ class Sweep:
             ft.attrs["complete"] = True
             fin = replace_group(f, "final")
             put_attrs(fin, rec)
-            write_state_dict(fin.create_group("weights"), model.state_dict())
+            write_weights(self.rf, "final", model.state_dict(), fin)
             fin.attrs["complete"] = True
 
     # ---- summary ----------------------------------------------------------------------------------

@@ -6,6 +6,7 @@ import pytest
 import torch
 
 from hpcprune import allocate, importance, metrics
+from hpcprune.costs import ExactCost, probes_from_graph
 from hpcprune.graph import Graph, keep_count, mask_group
 from hpcprune.zoo.models import MLP, resnet
 
@@ -79,7 +80,7 @@ def test_restore_is_exact():
 def test_cost_model_is_exact(round_to):
     model, x, ignore = _models()["resnet"]
     graph = Graph(model, x, ignore)
-    cm = allocate.CostModel(model, graph.groups, metrics.module_macs(model, x[:1]))
+    cm = allocate.CostModel.from_exact(graph.groups, ExactCost.derive(model, x[:1], probes_from_graph(graph)))
     rng = np.random.default_rng(0)
     for _ in range(3):
         ratios = rng.uniform(0, 0.8, len(graph.groups))

@@ -12,7 +12,8 @@ checkpoints are those of ``model=resnet_tiny``.
   ``FAULTY_MARK`` names a file that gets the time of the fault.
 - ``nan_resnet``: the output of each module listed in ``nan_modules`` becomes NaN whenever that
   module's output is narrower than the dense model's: sensitivity cells that slice channels out of
-  it (and the pruned model) output NaN; the dense model is fine. ``nan_modules=all`` hooks every
+  it (and the pruned model) output NaN in inference mode (cells, evaluations; not the groups stage's
+  verification); the dense model is fine. ``nan_modules=all`` hooks every
   convolution and BatchNorm: the whole sensitivity grid is NaN.
 """
 from __future__ import annotations
@@ -67,7 +68,9 @@ def nan_resnet(nan_modules: list[str] | str = "all", **kwargs) -> nn.Module:
         width = mod.out_channels if isinstance(mod, nn.Conv2d) else mod.num_features
 
         def hook(mod: nn.Module, inp: tuple, out: torch.Tensor, width: int = width) -> torch.Tensor | None:
-            if out.shape[1] != width:
+            # only where cells and evaluations run (inference mode): the groups stage's verification
+            # (plain no_grad) would otherwise exclude the group before any cell sees the fault
+            if out.shape[1] != width and torch.is_inference_mode_enabled():
                 return out * float("nan")
             return None
 

@@ -1,0 +1,176 @@
+"""Every group is verified on the architecture before any compute (the groups stage).
+
+For each group, on the model itself (cut in place, then restored):
+
+1. cut the group at its largest ratio (``prune.max_ratio``, ``prune.round_to``) and run the example
+   input: the cut must run, keep the output's shape (a group that changes it feeds the model's
+   output: the classifier, a conv classifier, a vocabulary head; it is kept, whatever its layer
+   type) and give finite values;
+2. where the sensitivity cells cut the group another way than the prune stage (``slice_group`` for
+   groups whose layers index the channels 1:1), both cuts must give the same output;
+3. where the function of the cut model is known without Torch-Pruning (no normalisation that mixes
+   channels, consumers that are convolutions or linears), the cut model must equal the dense model
+   whose consumers ignore the removed channels (their input columns zeroed): this catches an index
+   mapping Torch-Pruning gets wrong (a concat offset, a flatten block, a grouped convolution's
+   inputs) instead of trusting it;
+4. after ``restore()`` the model must compute exactly what it computed before.
+
+A group that fails 1-3 is excluded with one line naming it, its layer types and why; 4 failing is a
+bug in hpcprune and raises.
+"""
+from __future__ import annotations
+
+import logging
+import time
+from typing import Any, Sequence
+
+import torch
+from torch import nn
+
+from .graph import Excluded, Graph, GroupInfo, n_keep, slice_group
+
+log = logging.getLogger(__name__)
+
+OUTPUT = "it feeds the model's output (its cut changes the output's shape); kept"
+
+
+def _mixes(types: Sequence[str]) -> bool:
+    """Members whose output depends on several channels at once (normalisations over channels), or
+    tensors Torch-Pruning cuts by a guessed dimension: no known reference without Torch-Pruning."""
+    return any(t in ("Parameter", "buffer") or (t.endswith("Norm") and not t.startswith(("BatchNorm", "InstanceNorm")))
+               for t in types)
+
+
+def first_tensor(out: Any) -> torch.Tensor:
+    """The model's main output tensor (logits) from a tensor, tuple, list, dict or HF ModelOutput."""
+    if isinstance(out, torch.Tensor):
+        return out
+    if hasattr(out, "logits") and isinstance(out.logits, torch.Tensor):
+        return out.logits
+    if isinstance(out, dict):
+        out = list(out.values())
+    if isinstance(out, (list, tuple)):
+        for o in out:
+            try:
+                return first_tensor(o)
+            except TypeError:
+                continue
+    raise TypeError(f"the model's output ({type(out).__name__}) holds no tensor")
+
+
+def verify_groups(graph: Graph, example: torch.Tensor, max_ratio: float, round_to: int = 1,
+                  seed: int = 0, progress: Any = None) -> list[Excluded]:
+    """Check every group of ``graph`` (see the module docstring); returns the excluded ones (also
+    removed from ``graph.groups`` and added to ``graph.excluded``). ``example``: the data's example
+    input (its first two samples are used)."""
+    model = graph.model
+    was = model.training
+    model.eval()
+    x = example[:2]
+    out: list[Excluded] = []
+    t0 = time.perf_counter()
+    with torch.no_grad():
+        dense = first_tensor(model(x)).clone()
+        scale = 1.0 + float(dense.abs().max())
+        for i, g in enumerate(list(graph.groups)):
+            reason = _check(graph, g, x, dense, scale, max_ratio, round_to, seed)
+            if reason is not None:
+                out.append(Excluded(g.name, list(g.layer_types), reason))
+            if progress is not None:
+                progress(i + 1, len(graph.groups), time.perf_counter() - t0)
+    model.train(was)
+    graph.exclude(out)
+    return out
+
+
+def _drop(g: GroupInfo, max_ratio: float, round_to: int, seed: int) -> list[int]:
+    n = g.size - n_keep(g, max_ratio, round_to)
+    if g.kind == "block":
+        n = 1
+    perm = torch.randperm(g.size, generator=torch.Generator().manual_seed(seed + 7919 * g.size))
+    return sorted(int(i) for i in perm[:n])
+
+
+def _check(graph: Graph, g: GroupInfo, x: torch.Tensor, dense: torch.Tensor, scale: float, max_ratio: float,
+           round_to: int, seed: int) -> str | None:
+    model = graph.model
+    drop = _drop(g, max_ratio, round_to, seed)
+    if not drop:
+        return None
+    try:
+        cut = graph.cut(g.name, drop)
+    except Exception as e:  # noqa: BLE001 - the reason is recorded, the group excluded
+        return f"Torch-Pruning cannot cut it ({type(e).__name__}: {_line(e)})"
+    try:
+        got = first_tensor(model(x)).clone()
+    except Exception as e:  # noqa: BLE001
+        return f"the model fails once it is cut ({type(e).__name__}: {_line(e)})"
+    finally:
+        cut.restore()
+    _check_restored(graph, g, x, dense)
+    if got.shape != dense.shape:
+        return OUTPUT
+    if not torch.isfinite(got).all():
+        return "the cut model's output is not finite"
+    if g.sliceable and g.kind in ("channels", "neurons"):
+        sl = slice_group(graph.by_name, g, [i for i in range(g.size) if i not in set(drop)])
+        try:
+            other = first_tensor(model(x)).clone()
+        except Exception as e:  # noqa: BLE001
+            return f"the cells' in-place slice fails ({type(e).__name__}: {_line(e)})"
+        finally:
+            sl.restore()
+        if not torch.allclose(other, got, atol=1e-4 * scale, rtol=1e-4):
+            return (f"the cells' in-place slice and the pruned model disagree (max difference "
+                    f"{float((other - got).abs().max()):.3g})")
+    if g.kind in ("channels", "neurons") and not _mixes(g.layer_types):
+        ref = _oracle(graph, g, drop, x)
+        if ref is not None and not torch.allclose(ref, got, atol=1e-4 * scale, rtol=1e-4):
+            return (f"the cut model is not the dense model without these channels (max difference "
+                    f"{float((ref - got).abs().max()):.3g}): Torch-Pruning maps the channels wrongly through "
+                    f"{', '.join(g.layer_types)}")
+    _check_restored(graph, g, x, dense)
+    return None
+
+
+def _check_restored(graph: Graph, g: GroupInfo, x: torch.Tensor, dense: torch.Tensor) -> None:
+    again = first_tensor(graph.model(x))
+    if not torch.equal(again, dense):
+        raise RuntimeError(f"hpcprune bug: group {g.name} did not restore the model exactly after a cut")
+
+
+def _oracle(graph: Graph, g: GroupInfo, drop: Sequence[int], x: torch.Tensor) -> torch.Tensor | None:
+    """The dense model with the removed channels' input columns zeroed in every consumer; None when
+    a consumer is not a linear or convolution (its function without the channels is not known here)."""
+    dg = graph.dg
+    zeroed: list[tuple[torch.Tensor, torch.Tensor]] = []
+    try:
+        for dep, idxs in graph.tp_group(g.name, g.unit_channels(drop)):
+            mod = dep.target.module
+            if not isinstance(mod, nn.Module) or dg.is_out_channel_pruning_fn(dep.handler):
+                continue
+            if not isinstance(mod, (nn.Linear, nn.modules.conv._ConvNd)):
+                return None
+            w = mod.weight
+            zeroed.append((w, w.data.clone()))
+            i = torch.as_tensor(list(idxs), dtype=torch.long)
+            if isinstance(mod, nn.Linear):
+                w.data[:, i] = 0
+            elif mod.transposed:
+                w.data[i] = 0
+            elif mod.groups == 1:
+                w.data[:, i] = 0
+            else:  # a grouped convolution: input channel c feeds the rows of its block only
+                cin, cout = mod.in_channels // mod.groups, mod.out_channels // mod.groups
+                for c in i.tolist():
+                    b = c // cin
+                    w.data[b * cout:(b + 1) * cout, c % cin] = 0
+        return first_tensor(graph.model(x)).clone()
+    finally:
+        for w, data in zeroed:
+            w.data = data
+
+
+def _line(e: BaseException) -> str:
+    text = str(e).strip()
+    return text.splitlines()[0].strip()[:300] if text else type(e).__name__
