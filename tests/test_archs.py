@@ -125,3 +125,29 @@ def test_architecture_end_to_end(name, tmp_path):
     data = build_data(cfg.data)
     sums = metrics.evaluate(model, metrics.make_batches(data.val, 256))
     assert sums.metric("accuracy") == pytest.approx(final["metric"], abs=1e-9)
+
+
+@pytest.mark.mpi
+@pytest.mark.parametrize("name", ["inception_concat", "resnext_grouped"])
+def test_architecture_two_ranks_equal_one(name, tmp_path):
+    """The sweep on two real MPI ranks records the one-rank sensitivity cells, plan and final metric."""
+    import subprocess
+
+    from conftest import MPIEXEC, PY, ROOT, have_mpiexec
+
+    if not have_mpiexec():
+        pytest.skip("no mpiexec")
+    env = dict(os.environ, PYTHONPATH=os.path.dirname(os.path.abspath(__file__)))
+    out = {}
+    for ranks in (1, 2):
+        d = tmp_path / f"r{ranks}"
+        cmd = [PY, "-m", "hpcprune.sweep", f"hydra.run.dir={d}", *case_overrides(name)]
+        if ranks > 1:
+            cmd = [MPIEXEC, "-n", str(ranks), *cmd]
+        p = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+        assert p.returncode == 0, p.stderr[-3000:]
+        with h5py.File(d / "run.h5") as f:
+            out[ranks] = (f["sensitivity/loss"][()], dict(f["final"].attrs), read_plan(RunFile(str(d / "run.h5"))))
+    np.testing.assert_allclose(out[2][0], out[1][0], rtol=1e-5, atol=1e-6)
+    assert out[2][2] == out[1][2]
+    assert out[2][1]["metric"] == pytest.approx(out[1][1]["metric"], abs=1e-9)
