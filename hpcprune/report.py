@@ -464,6 +464,14 @@ def render_html(runs: Sequence[Run], figs: Sequence[Any], title: str = "hpcprune
                                  for v in vals) + "</tr>")
         out.append("</tbody></table>")
     # figures
+    excl = [(r, e) for r in runs for e in r.excluded]
+    if excl:  # groups the groups stage did not prune, and why (verification, output layers)
+        out.append('<h2 id="excluded">Groups not pruned</h2><table><thead><tr><th>run</th><th>group</th>'
+                   '<th>layer types</th><th>why</th></tr></thead><tbody>')
+        for r, e in excl:
+            out.append(f"<tr><td>{html.escape(r.label)}</td><td>{html.escape(str(e[0]))}</td>"
+                       f"<td>{html.escape(', '.join(e[1]))}</td><td>{html.escape(str(e[2]))}</td></tr>")
+        out.append("</tbody></table>")
     out.append('<h2 id="pareto-sec">Pareto front</h2>')
     out += [_img(f) for f in figs if f.id.startswith("pareto")] or ['<p class="note">No run has a pruned metric yet.</p>']
     out.append('<h2 id="alloc-sec">Allocation</h2><p class="note">Channels kept per group (bars) against the dense '
