@@ -7,6 +7,7 @@ import numpy as np
 import pytest
 from omegaconf import OmegaConf
 
+from hpcprune.costs import ExactCost, probes_from_graph
 from hpcprune.finetune import FinetuneJob
 from hpcprune.store import RunFile
 
@@ -61,7 +62,7 @@ def test_relinearized_latency_model_is_exact_at_its_reference():
     model = resnet(widths=[8, 16], blocks=[1, 1]).eval()
     x = torch.randn(1, 1, 8, 8)
     graph = Graph(model, x, ["3.fc"])
-    cm = allocate.CostModel(model, graph.groups, metrics.module_macs(model, x))
+    cm = allocate.CostModel.from_exact(graph.groups, ExactCost.derive(model, x, probes_from_graph(graph)))
     G, grid = len(graph.groups), [0.25, 0.5, 0.75]
     cur = np.full(G, 0.5)
     table = 40.0 + np.arange(G)[:, None] + np.array([[3.0, 2.0, 1.0]])  # T_g at 0.25, 0.5, 0.75
@@ -134,7 +135,7 @@ def test_sensitivity_allocation_continues_from_a_start():
     model = resnet(widths=[8, 16], blocks=[1, 1]).eval()
     x = torch.randn(1, 1, 8, 8)
     graph = Graph(model, x, ["3.fc"])
-    cm = allocate.CostModel(model, graph.groups, metrics.module_macs(model, x))
+    cm = allocate.CostModel.from_exact(graph.groups, ExactCost.derive(model, x, probes_from_graph(graph)))
     grid = [0.25, 0.5, 0.75]
     damage = np.tile([0.1, 0.3, 0.9], (len(graph.groups), 1)) * (1 + np.arange(len(graph.groups)))[:, None]
     start = allocate.sensitivity(cm, grid, damage, {"macs": 0.8}, 0.9).ratios

@@ -97,7 +97,7 @@ def test_cost_model_is_exact(round_to):
 def test_allocators_meet_targets_and_report_unreachable():
     model, x, ignore = _models()["resnet"]
     graph = Graph(model, x, ignore)
-    cm = allocate.CostModel(model, graph.groups, metrics.module_macs(model, x[:1]))
+    cm = allocate.CostModel.from_exact(graph.groups, ExactCost.derive(model, x[:1], probes_from_graph(graph)))
     scores = importance.group_scores(graph, "l1")
     targets = {"macs": 0.4, "params": 0.5}
     grid = [0.2, 0.4, 0.6, 0.8]
@@ -116,7 +116,7 @@ def test_allocators_meet_targets_and_report_unreachable():
 def test_sensitivity_prefers_insensitive_groups():
     model, x, ignore = _models()["resnet"]
     graph = Graph(model, x, ignore)
-    cm = allocate.CostModel(model, graph.groups, metrics.module_macs(model, x[:1]))
+    cm = allocate.CostModel.from_exact(graph.groups, ExactCost.derive(model, x[:1], probes_from_graph(graph)))
     grid = [0.25, 0.5, 0.75]
     damage = np.ones((len(graph.groups), 3)) * np.array(grid) * 10
     damage[2] = 0.0  # group 2 costs nothing to prune

@@ -11,6 +11,7 @@ import pytest
 import torch
 
 import hpcprune
+from hpcprune.costs import ExactCost, probes_from_graph
 from hpcprune import allocate, importance, metrics
 from hpcprune.graph import Graph, mask_group, n_keep, skip_block, slice_group
 from hpcprune.runs import build_data, ignore_names, load_config
@@ -30,7 +31,7 @@ def gpt():
         for p in model.parameters():
             p.add_(0.05 * torch.randn_like(p))
     x = torch.randint(0, 256, (4, 32), generator=torch.Generator().manual_seed(1))
-    return model, x, ignore_names(model, [])
+    return model, x, ignore_names(model, ["head"])  # the output layer (the groups stage finds it by verification)
 
 
 def _kinds(graph):
@@ -117,7 +118,7 @@ def test_costs_are_exact_with_heads_and_blocks(gpt):
     width, heads and blocks (including heads inside a removed block)."""
     model, x, ignore = gpt
     graph = Graph(model, x[:1], ignore)
-    cm = allocate.CostModel(model, graph.groups, metrics.module_macs(model, x[:1]))
+    cm = allocate.CostModel.from_exact(graph.groups, ExactCost.derive(model, x[:1], probes_from_graph(graph)))
     dense_macs, dense_params = metrics.macs(model, x[:1]), metrics.params(model)
     rng = np.random.default_rng(0)
     for trial in range(6):
@@ -211,7 +212,7 @@ def test_allocator_mixes_width_and_depth(gpt):
     removes it (its MACs and every layer inside go), uniform and global never touch blocks."""
     model, x, ignore = gpt
     graph = Graph(model, x[:1], ignore)
-    cm = allocate.CostModel(model, graph.groups, metrics.module_macs(model, x[:1]))
+    cm = allocate.CostModel.from_exact(graph.groups, ExactCost.derive(model, x[:1], probes_from_graph(graph)))
     grid = [0.25, 0.5, 0.75]
     damage = np.ones((len(graph.groups), len(grid))) * np.array([0.5, 2.0, 8.0])
     blocks = [i for i, g in enumerate(graph.groups) if g.kind == "block"]
@@ -225,7 +226,7 @@ def test_allocator_mixes_width_and_depth(gpt):
         assert all(alloc.ratios[i] == 0 for i in blocks) and alloc.predicted["macs"] <= 0.6
     # depth only: the cheapest blocks go first
     only = Graph(model, x[:1], ignore, kinds=["block"])
-    cmb = allocate.CostModel(model, only.groups, metrics.module_macs(model, x[:1]))
+    cmb = allocate.CostModel.from_exact(only.groups, ExactCost.derive(model, x[:1], probes_from_graph(only)))
     one = cmb.fraction("params", np.array([0.0, 0.5, 0.0]))
     assert one < 0.95
     d = allocate.sensitivity(cmb, grid, damage[blocks], {"params": one}, 0.9)
