@@ -68,7 +68,7 @@ def raising_task(tmp_path_factory, dense_ckpt):
     base = tmp_path_factory.mktemp("ft_raise")
     d = base / "run"
     mark = base / "fault_time"
-    cfg = config(dense_ckpt, "model._target_=faulty.raising_resnet", "+model.rank_var=RANK", "+model.when=train",
+    cfg = config(dense_ckpt, "model=resnet_tiny", "model._target_=faulty.raising_resnet", "+model.rank_var=RANK", "+model.when=train",
                  "+model.fail_after=2")
     job = Job(sweep_cmd(d, *cfg), base / "log", env=fault_env(FAULTY_MARK=mark))
     try:

@@ -31,7 +31,7 @@ FAIL_AFTER_TEAM = CALIB_BATCHES + CALIB_BATCHES // 2 * 12 + CALIB_BATCHES // 4
 
 
 def config(dense_ckpt, fail_after=FAIL_AFTER, fail_rank=1, extra=()):
-    return ov(LEAN, [f"checkpoint={dense_ckpt}", "model._target_=faulty.raising_resnet", f"+model.fail_after={fail_after}",
+    return ov(LEAN, [f"checkpoint={dense_ckpt}", "model=resnet_tiny", "model._target_=faulty.raising_resnet", f"+model.fail_after={fail_after}",
                      f"+model.fail_rank={fail_rank}", "sensitivity.batch_size=2", "data.calib_samples=256",
                      "sensitivity.flush_s=0", *extra])
 
