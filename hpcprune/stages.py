@@ -896,11 +896,6 @@ class Sweep:
         print(f"run file: {self.rf.path}", flush=True)
 
 
-def _first_line(e: BaseException) -> str:
-    text = str(e).strip()
-    return text.splitlines()[0].strip() if text else type(e).__name__
-
-
 def _instantiate(key: str, build: Any, node: Any) -> Any:
     """Build ``model`` or ``data`` from its config; a failure becomes one line naming the value
     (Hydra wraps the error in an InstantiationException whose message spans several lines)."""
