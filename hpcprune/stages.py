@@ -376,7 +376,10 @@ class Sweep:
         verify_groups(graph, self.example, float(cfg.prune.max_ratio), int(cfg.prune.round_to), int(cfg.seed), progress)
         failed = [e for e in graph.excluded if e.reason != OUTPUT]
         for e in graph.excluded:
-            (log.info if e.reason == OUTPUT else log.warning)("groups: %s excluded (%s): %s", e.name, ", ".join(e.layer_types), e.reason)
+            if e.reason == OUTPUT:
+                log.info("groups: %s not pruned (%s): it feeds the model's output", e.name, ", ".join(e.layer_types))
+            else:
+                log.warning("groups: %s excluded (%s): %s", e.name, ", ".join(e.layer_types), e.reason)
         if failed and cfg.groups.get("strict", False):
             e = failed[0]
             raise ConfigError(f"groups.strict=true: group {e.name} ({', '.join(e.layer_types)}) cannot be pruned: {e.reason}; "
@@ -384,7 +387,8 @@ class Sweep:
         if not graph.groups:
             types = sorted({t for e in failed for t in e.layer_types}) or sorted({type(m).__name__ for m in model.modules()
                                                                                    if not list(m.children())})
-            why = f"; {failed[0].name}: {failed[0].reason}" if failed else ""
+            why = (f"; {failed[0].name}: {failed[0].reason}" if failed
+                   else "; every group found feeds the model's output (the output layer is never cut)")
             raise ConfigError(f"model {cfg.model.get('_target_')}: no prunable group (layer types: {', '.join(types[:12])}){why}; "
                               "declare attention heads and blocks with prune_structure() (hpcprune/structure.py), or choose "
                               "other groups.kinds / groups.ignore")
@@ -434,7 +438,9 @@ class Sweep:
                 cg.create_dataset(f"{kind}_exps", data=np.asarray(exps, dtype=np.int8))
             cg.attrs["dense_macs"], cg.attrs["dense_params"] = float(cost.dense["macs"]), float(cost.dense["params"])
             h.attrs["complete"] = True
-        log.info("%d groups: %s", len(gs), ", ".join(f"{g.name}({g.size})" for g in gs))
+        log.info("%d groups: %s", len(gs), ", ".join(
+            f"{g.name}({g.size})" if not g.channels or g.channels == g.size else f"{g.name}({g.size} units of {g.channels // g.size} channels)"
+            for g in gs))
 
     def _analysis_setup(self) -> None:
         """Every rank: the graph on the dense model (the groups the groups stage kept), importance
@@ -651,7 +657,8 @@ class Sweep:
     def _write_allocation(self, alloc: allocate.Allocation, targets: dict[str, float], adjusted: list | None = None) -> None:
         cfg = self.cfg
         method, max_ratio, round_to = str(cfg.prune.method), float(cfg.prune.max_ratio), int(cfg.prune.round_to)
-        log.info("allocation (%s): ratios %s, predicted kept %s", method, np.round(alloc.ratios, 3).tolist(),
+        log.info("allocation (%s): ratios %s, predicted kept %s", method,
+                 {g.name: round(float(r), 3) for g, r in zip(self.graph.groups, alloc.ratios)},
                  {k: round(v, 4) for k, v in alloc.predicted.items()})
         with self.rf.write() as f:
             a = replace_group(f, "allocation")
