@@ -477,13 +477,13 @@ class Sweep:
             self.cost = allocate.CostModel.from_exact(self.graph.groups, exact)
         if self.main:
             with self.rf.read() as f:
-                recorded = "groups/importance" in f
-            if not recorded:
+                recorded = "groups/importance" in f or "importance" in f
+            if not recorded:  # its own group: /groups stays as the groups stage completed it
                 with self.rf.write() as f:
-                    imp = f["groups"].create_group("importance")
+                    imp = f.create_group("importance")
                     for g in self.graph.groups:
                         imp.create_dataset(g.name, data=self.scores[g.name].numpy())
-                    f["groups"].attrs["criterion"] = str(self.cfg.importance)
+                    imp.attrs["criterion"] = str(self.cfg.importance)
 
     # ---- sensitivity ------------------------------------------------------------------------------
     def sensitivity(self) -> None:

@@ -34,6 +34,23 @@ STAGES = ("baseline", "groups", "sensitivity", "allocation", "pruned", "finetune
 WEIGHT_FILES = {"baseline": "dense.safetensors", "pruned": "pruned.safetensors", "final": "final.safetensors"}
 
 
+_WRITES = [0]  # run-file transactions of this process (for the fault tests' failpoint)
+
+
+def _failpoint(tmp: str) -> None:
+    """Fault tests (tests/faults): with ``HPCPRUNE_FAILPOINT_WRITE=k`` in the environment, the k-th
+    run-file transaction of this process stops between writing ``run.h5.tmp`` and renaming it, and
+    says so in ``run.h5.tmp.stopped``, until the test kills it: a kill at exactly that point, without
+    racing a short-lived file. Not set: nothing happens."""
+    _WRITES[0] += 1
+    want = os.environ.get("HPCPRUNE_FAILPOINT_WRITE", "")
+    if want.isdigit() and _WRITES[0] == int(want):
+        with open(tmp + ".stopped", "w") as fh:
+            fh.write(f"pid {os.getpid()} write {_WRITES[0]}\n")
+        while True:
+            time.sleep(1.0)
+
+
 class RunFileError(ValueError):
     """The run file cannot be used: not HDF5, another program's, a newer schema, or truncated."""
 
@@ -102,6 +119,7 @@ class RunFile:
                 fh.write(image.getbuffer())
                 fh.flush()
                 os.fsync(fh.fileno())
+            _failpoint(tmp)
             os.replace(tmp, self.path)
             dir_fd = os.open(os.path.dirname(self.path), os.O_RDONLY)
             try:

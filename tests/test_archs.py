@@ -77,7 +77,7 @@ def _cells_equal_copies(path):
         loss = f["sensitivity/loss"][()]
         status = f["sensitivity/status"][()]
         ratios = list(f["sensitivity/ratios"][()])
-        orders = {n: [int(i) for i in np.argsort(f[f"groups/importance/{n}"][()], kind="stable")] for n in names}
+        orders = {n: [int(i) for i in np.argsort(f[f"importance/{n}"][()], kind="stable")] for n in names}
     ignore = ignore_names(dense, list(cfg.groups.ignore or []))
     checked = 0
     for gi, name in enumerate(names):

@@ -140,6 +140,6 @@ def test_data_driven_scores_over_two_ranks_equal_one(tmp_path, criterion):
     run_sweep(tmp_path / "two", *fast, ranks=2)
     with h5py.File(tmp_path / "one" / "run.h5") as a, h5py.File(tmp_path / "two" / "run.h5") as b:
         assert a["groups"].attrs["criterion"] == criterion
-        for name in a["groups/importance"]:
-            np.testing.assert_allclose(b["groups/importance"][name][()], a["groups/importance"][name][()], rtol=1e-6, atol=1e-12)
+        for name in a["importance"]:
+            np.testing.assert_allclose(b["importance"][name][()], a["importance"][name][()], rtol=1e-6, atol=1e-12)
         np.testing.assert_array_equal(a["pruned/plan"]["0.0"][()], b["pruned/plan"]["0.0"][()])

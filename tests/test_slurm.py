@@ -165,7 +165,9 @@ def checkpoint_epoch(run_dir):
 def without_finetune(src_run_dir, dest):
     """A copy of a finished run that stops after pruning: the sweep resumes it at the fine-tune."""
     os.makedirs(dest)
-    shutil.copy(os.path.join(src_run_dir, "run.h5"), os.path.join(dest, "run.h5"))
+    for name in os.listdir(src_run_dir):  # the run file and the weights beside it (schema 2)
+        if name == "run.h5" or name.endswith(".safetensors"):
+            shutil.copy(os.path.join(src_run_dir, name), os.path.join(dest, name))
     with h5py.File(os.path.join(dest, "run.h5"), "a") as f:
         for g in ("finetune", "final"):
             del f[g]

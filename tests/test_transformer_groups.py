@@ -251,8 +251,8 @@ def test_sweep_heads_blocks_two_ranks_equal_one_and_reload(tmp_path):
         kinds = [k.decode() if isinstance(k, bytes) else k for k in a["groups/kind"][()]]
         assert {"heads", "block", "neurons", "channels"} <= set(kinds)
         np.testing.assert_allclose(b["sensitivity/loss"][()], a["sensitivity/loss"][()], rtol=0, atol=1e-6)
-        for name in a["groups/importance"]:
-            np.testing.assert_allclose(b["groups/importance"][name][()], a["groups/importance"][name][()], rtol=1e-6, atol=1e-12)
+        for name in a["importance"]:
+            np.testing.assert_allclose(b["importance"][name][()], a["importance"][name][()], rtol=1e-6, atol=1e-12)
         assert (a["sensitivity/status"][()] == 1).all()
         assert json.loads(b.attrs["hosts"]) == [socket.gethostname()] and int(b.attrs["world_size"]) == 2  # gathered from both ranks
         plan = {n: a["pruned/plan"][n][()].tolist() for n in a["pruned/plan"]}

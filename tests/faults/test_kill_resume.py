@@ -18,7 +18,7 @@ import h5py
 import numpy as np
 import pytest
 
-from conftest import (LEAN, Job, assert_same, ok, ov, read_done, run, snapshot, stage_keys, sweep_cmd,
+from conftest import (LEAN, Job, assert_same, fault_env, ok, ov, read_done, run, snapshot, stage_keys, sweep_cmd,
                       wait_gone)
 
 pytestmark = [pytest.mark.faults, pytest.mark.slow]
@@ -108,32 +108,23 @@ def _kill_in_stage(job, watcher, rng, start_line, window_s, lo=0.1, hi=0.9):
     return f"{delay:.2f} s after {start_line!r}"
 
 
-def _kill_in_write(job, watcher, rng, first, last):
+def _kill_in_write(job, watcher):
     """SIGKILL the group while a run-file transaction is on disk (run.h5.tmp written, not renamed yet):
-    the k-th write seen, k drawn in first..last (write 1 creates the file; a lean run makes about 20:
-    2-7 baseline and groups, 8-14 sensitivity flushes, then allocation, prune, final, status). The
-    group is stopped (SIGSTOP) when run.h5.tmp appears and killed only if the file is still there;
-    else it continues to the next write."""
-    tmp = watcher.h5 + ".tmp"
-    k = rng.randint(first, last)
-    seen = 0
-    was_there = False
+    the sweep runs with ``HPCPRUNE_FAILPOINT_WRITE=k`` (``store._failpoint``), so its k-th transaction
+    stops there and says so in ``run.h5.tmp.stopped``; no race with a short-lived file."""
+    stopped = watcher.h5 + ".tmp.stopped"
     deadline = time.monotonic() + 300
     while time.monotonic() < deadline:
-        there = os.path.exists(tmp)
-        if there and not was_there:
-            seen += 1
-            if seen >= k:
-                job.signal_group(signal.SIGSTOP)
-                if os.path.exists(tmp):
-                    job.signal_group(signal.SIGKILL)
-                    job.signal_group(signal.SIGCONT)  # a stopped process dies on SIGKILL; this only tidies
-                    return f"during write {seen} (aimed at {k}): run.h5.tmp was there"
-                job.signal_group(signal.SIGCONT)
-        was_there = there
+        if os.path.exists(stopped):
+            with open(stopped) as fh:
+                what = fh.read().strip()
+            job.signal_group(signal.SIGKILL)
+            os.remove(stopped)
+            return f"during a run-file write ({what}): run.h5.tmp was there"
         if not job.alive():
-            raise AssertionError(f"the sweep ended before a write could be hit ({seen} writes seen)")
-    raise AssertionError("timed out waiting for a write")
+            raise AssertionError("the sweep ended before the failpoint write")
+        time.sleep(0.05)
+    raise AssertionError("timed out waiting for the failpoint write")
 
 
 POINTS = ["sensitivity", "write-early", "write-late", "prune", "finetune-start", "finetune-epoch2"]
@@ -146,15 +137,18 @@ def test_sigkill_job_then_resume(tmp_path, dense_ckpt, references, point):
     rng = random.Random(f"{SEED}:{point}")
     cfg = config(dense_ckpt, finetune)
     d = tmp_path / "run"
-    job = Job(sweep_cmd(d, *cfg), tmp_path / "log")
+    # the k-th run-file write (1 creates the file; a lean run makes about 20: 2-7 groups and baseline,
+    # 8-14 sensitivity flushes, then allocation, prune, final, status) stops before its rename
+    k = rng.randint(2, 7) if point == "write-early" else rng.randint(8, 18) if point == "write-late" else 0
+    job = Job(sweep_cmd(d, *cfg), tmp_path / "log", env=fault_env(HPCPRUNE_FAILPOINT_WRITE=k) if k else None)
     watcher = Watcher(d)
     try:
         if point == "sensitivity":
-            where = _kill_in_stage(job, watcher, rng, "stage groups:", ref_s["sensitivity"], lo=0.05, hi=0.7)
+            where = _kill_in_stage(job, watcher, rng, "stage baseline:", ref_s["sensitivity"], lo=0.05, hi=0.7)
         elif point == "write-early":
-            where = _kill_in_write(job, watcher, rng, 2, 7)
+            where = _kill_in_write(job, watcher)
         elif point == "write-late":
-            where = _kill_in_write(job, watcher, rng, 8, 18)
+            where = _kill_in_write(job, watcher)
         elif point == "prune":
             where = _kill_in_stage(job, watcher, rng, "stage allocation:", ref_s["pruned"], lo=0.05, hi=0.6)
         elif point == "finetune-start":  # the job starting up or in its first epoch
