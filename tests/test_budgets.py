@@ -84,7 +84,7 @@ def test_sensitivity_meets_macs_and_params_together(tmp_path):
     run_sweep(d, *QUICK, "prune.target.macs=0.6", "prune.target.params=0.4", "importance=activation")
     with h5py.File(d / "run.h5") as f:
         assert f["pruned"].attrs["macs_kept"] <= 0.6 and f["pruned"].attrs["params_kept"] <= 0.4
-        assert f["groups"].attrs["criterion"] == "activation"
+        assert f["importance"].attrs["criterion"] == "activation"
 
 
 @pytest.mark.parametrize("round_to", [4])

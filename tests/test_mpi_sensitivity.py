@@ -139,7 +139,7 @@ def test_data_driven_scores_over_two_ranks_equal_one(tmp_path, criterion):
     run_sweep(tmp_path / "one", *fast)
     run_sweep(tmp_path / "two", *fast, ranks=2)
     with h5py.File(tmp_path / "one" / "run.h5") as a, h5py.File(tmp_path / "two" / "run.h5") as b:
-        assert a["groups"].attrs["criterion"] == criterion
+        assert a["importance"].attrs["criterion"] == criterion
         for name in a["importance"]:
             np.testing.assert_allclose(b["importance"][name][()], a["importance"][name][()], rtol=1e-6, atol=1e-12)
         np.testing.assert_array_equal(a["pruned/plan"]["0.0"][()], b["pruned/plan"]["0.0"][()])
