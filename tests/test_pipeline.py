@@ -26,7 +26,7 @@ def test_default_single_vs_two_ranks(tmp_path):
         for f, world in ((fa, 1), (fb, 2)):
             assert f.attrs["status"] == "complete"
             assert f.attrs["world_size"] == world
-            assert f.attrs["schema_version"] == 1
+            assert f.attrs["schema_version"] == 2
             assert (f["sensitivity/status"][()] == 1).all()
             # the fine-tune ran as 2 DDP processes, which ended with identical weights
             assert f["finetune"].attrs["world_size"] == 2
