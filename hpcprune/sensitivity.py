@@ -146,7 +146,7 @@ def _identity(x: Any) -> Any:
 
 def _foldable(conv: nn.Module, bn: nn.Module) -> bool:
     return (isinstance(conv, (nn.Conv1d, nn.Conv2d, nn.Conv3d)) and isinstance(bn, nn.modules.batchnorm._BatchNorm)
-            and bn.track_running_stats and bn.running_mean is not None and not bn.training)
+            and bn.track_running_stats and bn.running_mean is not None)
 
 
 def fold_pairs(chain: Sequence[tuple[str, nn.Module]]) -> list[tuple[int, nn.Module, nn.Module]]:

@@ -101,25 +101,18 @@ def _check(graph: Graph, g: GroupInfo, x: torch.Tensor, dense: torch.Tensor, sca
         cut = graph.cut(g.name, drop)
     except Exception as e:  # noqa: BLE001 - the reason is recorded, the group excluded
         return f"Torch-Pruning cannot cut it ({type(e).__name__}: {_line(e)})"
-    try:
-        got = first_tensor(model(x)).clone()
-    except Exception as e:  # noqa: BLE001
-        return f"the model fails once it is cut ({type(e).__name__}: {_line(e)})"
-    finally:
-        cut.restore()
+    got = _run_cut(model, x, cut)
+    if isinstance(got, str):
+        return f"the model fails once it is cut ({got})"
     _check_restored(graph, g, x, dense)
     if got.shape != dense.shape:
         return OUTPUT
     if not torch.isfinite(got).all():
         return "the cut model's output is not finite"
     if g.sliceable and g.kind in ("channels", "neurons"):
-        sl = slice_group(graph.by_name, g, [i for i in range(g.size) if i not in set(drop)])
-        try:
-            other = first_tensor(model(x)).clone()
-        except Exception as e:  # noqa: BLE001
-            return f"the cells' in-place slice fails ({type(e).__name__}: {_line(e)})"
-        finally:
-            sl.restore()
+        other = _run_cut(model, x, slice_group(graph.by_name, g, [i for i in range(g.size) if i not in set(drop)]))
+        if isinstance(other, str):
+            return f"the cells' in-place slice fails ({other})"
         if not torch.allclose(other, got, atol=1e-4 * scale, rtol=1e-4):
             return (f"the cells' in-place slice and the pruned model disagree (max difference "
                     f"{float((other - got).abs().max()):.3g})")
@@ -131,6 +124,16 @@ def _check(graph: Graph, g: GroupInfo, x: torch.Tensor, dense: torch.Tensor, sca
                     f"{', '.join(g.layer_types)}")
     _check_restored(graph, g, x, dense)
     return None
+
+
+def _run_cut(model: nn.Module, x: torch.Tensor, cut: Any) -> torch.Tensor | str:
+    """The model's output with ``cut`` applied (then restored), or the error as one line."""
+    try:
+        return first_tensor(model(x)).clone()
+    except Exception as e:  # noqa: BLE001 - the reason is recorded, the group excluded
+        return f"{type(e).__name__}: {_line(e)}"
+    finally:
+        cut.restore()
 
 
 def _check_restored(graph: Graph, g: GroupInfo, x: torch.Tensor, dense: torch.Tensor) -> None:
