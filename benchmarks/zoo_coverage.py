@@ -14,10 +14,9 @@ checks the run file:
 - groups kept / excluded: ``/groups`` (``/groups@excluded``, less the classifier, which is always
   kept because it feeds the output; with the excluded groups' layer types)
 - MACs error: ``/final@macs`` against a fresh count of ``hpcprune.load_pruned(run.h5)`` with
-  ``torch.utils.flop_counter.FlopCounterMode`` (FLOPs / 2) on one example; the same for the dense
-  model (``/baseline@macs``) as a reference: hpcprune counts BatchNorm/LayerNorm elements and not
-  attention matmuls or functional linears, FlopCounterMode the other way round, so only a pruned
-  error far from the dense one points at a pruning bug
+  ``torch.utils.flop_counter.FlopCounterMode`` (FLOPs / 2) on one example, with
+  ``nn.MultiheadAttention``'s fused fast path off (``torch.backends.mha.set_fastpath_enabled``; its
+  fused kernel has no flop formula); the same for the dense model (``/baseline@macs``)
 - reload: ``load_pruned`` re-evaluated on the validation set equals ``/final@metric`` and ``@loss``
 
 It prints (and tees to --log) a markdown table, summary counts and, as its last line, one JSON
@@ -74,6 +73,11 @@ with rf.read() as f:
     out["stages"] = [s for s in STAGES if s in f and bool(f[s].attrs.get("complete", False))]
     base_macs = float(f["baseline"].attrs["macs"]) if "baseline" in f and "macs" in f["baseline"].attrs else None
     fin = dict(f["final"].attrs) if "final" in f else None
+
+# nn.MultiheadAttention's fused inference path (_native_multi_head_attention) has no flop formula:
+# off, with PyTorch's public switch, so that the counter sees its projections and products
+torch.backends.mha.set_fastpath_enabled(False)
+
 
 def flops(m):
     with torch.no_grad(), FlopCounterMode(display=False) as fc:
@@ -261,9 +265,13 @@ def main(argv: list[str] | None = None) -> int:
     counts["reload_identical"] = sum(1 for r in rows.values() if r.get("reload_ok") is True)
     counts["reload_differs"] = sum(1 for r in rows.values() if r.get("reload_ok") is False)
     counts["with_excluded_groups"] = sum(1 for r in rows.values() if (r.get("excluded") or 0) > 0)
-    counts["macs_err_over_5pct_beyond_dense"] = sum(
-        1 for r in rows.values()
-        if r.get("macs_err") is not None and r.get("macs_err_dense") is not None and abs(r["macs_err"] - r["macs_err_dense"]) > 0.05)
+    # the issue's bar: recorded MACs within 1 % of a fresh count, dense and pruned
+    counts["macs_err_over_1pct"] = sum(1 for r in rows.values()
+                                       if any(abs(r.get(k) or 0.0) > 0.01 for k in ("macs_err", "macs_err_dense")))
+    counts["silently_wrong"] = counts["reload_differs"] + counts["macs_err_over_1pct"]
+    counts["done_over_60s"] = sum(1 for r in rows.values() if r["status"] in ("completed", "refused")
+                                  and (r.get("seconds") or 0) > 60)
+    counts["refused_over_60s"] = sum(1 for r in rows.values() if r["status"] == "refused" and (r.get("seconds") or 0) > 60)
     log("")
     log("summary: " + ", ".join(f"{k} {v}" for k, v in counts.items()))
     reasons: dict[str, int] = {}

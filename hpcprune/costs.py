@@ -216,9 +216,33 @@ class Recorder(FlopCounterMode):
         return out
 
 
-def record(model: nn.Module, example_input: Any) -> Recorder:
-    """Run one sample of ``example_input`` through ``model`` (eval, no grad) under a :class:`Recorder`."""
-    rec = Recorder(model)
+class ShapeRecorder(Recorder):
+    """A :class:`Recorder` for the cut levels of a derivation, which need only every counted op's
+    dims: the same dispatch and decompositions (so the same op list), no module tracking and no flop
+    formula evaluated (``Op.flops`` 0, ``Op.scope`` empty); about a third cheaper per op."""
+
+    def __enter__(self) -> "ShapeRecorder":
+        from torch.utils.flop_counter import _FlopCounterMode
+        self.flop_counts.clear()
+        self.mode = _FlopCounterMode(self)
+        self.mode.__enter__()
+        return self
+
+    def __exit__(self, *args: Any) -> Any:
+        b = self.mode.__exit__(*args)
+        self.mode = None
+        return b
+
+    def _count_flops(self, func_packet: Any, out: Any, args: Any, kwargs: Any) -> Any:
+        if func_packet in self.flop_registry:
+            self.ops.append(Op.make(func_packet, args, kwargs, out, 0, frozenset()))
+        return out
+
+
+def record(model: nn.Module, example_input: Any, shapes_only: bool = False) -> Recorder:
+    """Run one sample of ``example_input`` through ``model`` (eval, no grad) under a :class:`Recorder`
+    (a :class:`ShapeRecorder` with ``shapes_only``)."""
+    rec = ShapeRecorder(model) if shapes_only else Recorder(model)
     with counting_env(model), rec:
         _call(model, _first(example_input))
     return rec
@@ -243,6 +267,8 @@ def _unique_params(model: nn.Module) -> list[tuple[str, tuple[int, ...]]]:
 class Probe(Protocol):
     size: int  # units N_g (1 for a block)
     block: str | None  # a block group's module name
+    # optional ``in_place: bool``: True when cuts of several probes, entered together, compose (one
+    # recording then checks every group's second level at once); else each group is recorded alone
 
     def cut(self, m: int) -> ContextManager[nn.Module]: ...  # noqa: E704
 
@@ -256,6 +282,7 @@ class GraphProbe:
     name: str
     size: int
     block: str | None = None
+    in_place: bool = True  # cuts of several probes compose (each cuts the model the previous one left)
 
     @contextlib.contextmanager
     def cut(self, m: int) -> Iterator[nn.Module]:
@@ -357,10 +384,6 @@ def _slopes(name: str, N: int, dense: list[tuple[int, ...]], levels: list[tuple[
     return out
 
 
-def _levels(N: int) -> list[int]:
-    return sorted({max(1, N // 2), N - 1}) if N > 1 else []
-
-
 def _label(op: Op, i: int) -> str:
     mod = op.module()
     return f"op #{i} {op.name}" + (f" in {mod}" if mod else "")
@@ -421,33 +444,44 @@ class ExactCost:
         p_blocks: list[list[int]] = [[] for _ in params]
         sizes = np.array([int(p.size) for p in probes], dtype=np.int64)
         blocks = [getattr(p, "block", None) for p in probes]
+        names = [getattr(p, "name", None) or f"#{g}" for g, p in enumerate(probes)]
+        dense_dims = [op.dims for op in ops]
+        dense_shapes = [s for _, s in params]
         for g, probe in enumerate(probes):
-            gname = getattr(probe, "name", None) or f"#{g}"
             if blocks[g] is not None:
-                cls._block(g, gname, blocks[g], probe, x, ops, params, op_blocks, p_blocks)
-                continue
-            N = int(probe.size)
-            levels = []
-            p_levels = []
-            for m in _levels(N):
-                with probe.cut(m) as cut_model:
-                    rec = record(cut_model, x)
-                    # shapes now: an in-place cut (data swapped) restores the same tensor objects
-                    params_cut = {n: tuple(q.shape) for n, q in cut_model.named_parameters(remove_duplicate=False)}
-                if len(rec.ops) != len(ops) or any(a.signature() != b.signature() for a, b in zip(ops, rec.ops)):
-                    i = next((i for i, (a, b) in enumerate(zip(ops, rec.ops)) if a.signature() != b.signature()),
-                             min(len(ops), len(rec.ops)))
-                    what = (f"{op_labels[i]} becomes {_label(rec.ops[i], i)}" if i < min(len(ops), len(rec.ops))
-                            else f"{len(ops)} counted ops dense, {len(rec.ops)} keeping {m} of {N}")
-                    raise ValueError(f"group {gname}: its cut changes which operations the model runs ({what})")
-                levels.append((m, [op.dims for op in rec.ops]))
-                p_levels.append((m, _param_shapes(params_cut, pnames, gname, m, N)))
-            if not levels:
-                continue
-            for i, a in enumerate(_slopes(gname, N, [op.dims for op in ops], levels, op_labels)):
+                cls._block(g, names[g], blocks[g], probe, x, ops, params, op_blocks, p_blocks)
+        # every channel group cut alone to about half its units: each op dimension's slope in the
+        # group's kept units (one recorded forward per group) ...
+        chan = [g for g in range(G) if blocks[g] is None and int(sizes[g]) > 1]
+        half = {g: max(1, int(sizes[g]) // 2) for g in chan}
+        first: dict[int, tuple[list[np.ndarray], list[np.ndarray]]] = {}
+        seen: dict[int, tuple[list, list]] = {}
+        for g in chan:
+            seen[g] = cls._level(probes, {g: half[g]}, x, ops, op_labels, pnames, names[g])
+            first[g] = (_slopes(names[g], int(sizes[g]), dense_dims, [(half[g], seen[g][0])], op_labels),
+                        _slopes(names[g], int(sizes[g]), dense_shapes, [(half[g], seen[g][1])], p_labels))
+        # ... then checked at a second level: every group cut at once to N - 1 units, where every
+        # dimension must be the dense one plus the sum of the groups' slopes (affine in each group and
+        # additive over groups, as the polynomials below assume); if not, each group alone at N - 1
+        second = {g: int(sizes[g]) - 1 for g in chan if int(sizes[g]) - 1 != half[g]}
+        joint = all(getattr(p, "in_place", False) for p in probes)  # cuts that compose (a copy per cut does not)
+        bad = -1 if not joint else cls._joint(probes, second, first, sizes, x, ops, pnames, dense_dims, dense_shapes) if second else None
+        if bad is not None:
+            for g, m in second.items():
+                op_dims, shapes = cls._level(probes, {g: m}, x, ops, op_labels, pnames, names[g])
+                N = int(sizes[g])
+                _slopes(names[g], N, dense_dims, [(half[g], seen[g][0]), (m, op_dims)], op_labels)
+                _slopes(names[g], N, dense_shapes, [(half[g], seen[g][1]), (m, shapes)], p_labels)
+            if bad >= 0:  # each group alone is affine, together they are not: no sum of polynomials follows
+                i, table, labels = (bad, 0, op_labels) if bad < len(ops) else (bad - len(ops), 1, p_labels)
+                g = next(g for g in second if first[g][table][i].any())
+                raise ValueError(f"group {names[g]}: {labels[i]} depends on its kept units and another group's "
+                                 "jointly, not as a sum")
+        for g in chan:
+            for i, a in enumerate(first[g][0]):
                 if a.any():
                     op_slopes[i][g] = a
-            for i, a in enumerate(_slopes(gname, N, [s for _, s in params], p_levels, p_labels)):
+            for i, a in enumerate(first[g][1]):
                 if a.any():
                     p_slopes[i][g] = a
         cache: dict[Any, dict[tuple[int, ...], Fraction]] = {}
@@ -480,6 +514,45 @@ class ExactCost:
         return out
 
     @staticmethod
+    def _level(probes: Sequence[Probe], kept: dict[int, int], x: Any, ops: list[Op], op_labels: list[str],
+               pnames: list[str], what: str) -> tuple[list[tuple[int, ...]], list[tuple[int, ...]]]:
+        """Record the model with group ``g`` cut to ``kept[g]`` units (all at once): every counted op's
+        dims and every parameter's shape. ValueError when the ops are not the dense ones."""
+        with contextlib.ExitStack() as stack:
+            for g, m in kept.items():
+                model = stack.enter_context(probes[g].cut(m))
+            rec = record(model, x, shapes_only=True)
+            # shapes now: an in-place cut (data swapped) restores the same tensor objects
+            shapes = {n: tuple(q.shape) for n, q in model.named_parameters(remove_duplicate=False)}
+        if len(rec.ops) != len(ops) or any(a.signature() != b.signature() for a, b in zip(ops, rec.ops)):
+            i = next((i for i, (a, b) in enumerate(zip(ops, rec.ops)) if a.signature() != b.signature()),
+                     min(len(ops), len(rec.ops)))
+            m = ", ".join(f"{m} of {int(probes[g].size)}" for g, m in kept.items())
+            change = (f"{op_labels[i]} becomes {_label(rec.ops[i], i)}" if i < min(len(ops), len(rec.ops))
+                      else f"{len(ops)} counted ops dense, {len(rec.ops)} keeping {m}")
+            raise ValueError(f"group {what}: its cut changes which operations the model runs ({change})")
+        missing = [n for n in pnames if n not in shapes]
+        if missing:
+            raise ValueError(f"group {what}: cut, the model has no parameter {missing[0]}")
+        return [op.dims for op in rec.ops], [shapes[n] for n in pnames]
+
+    @classmethod
+    def _joint(cls, probes: Sequence[Probe], kept: dict[int, int], first: dict, sizes: np.ndarray, x: Any,
+               ops: list[Op], pnames: list[str], dense_dims: list, dense_shapes: list) -> int | None:
+        """Cut every group of ``kept`` at once: None when every op's dims and parameter's shape are
+        what the slopes predict, else the first item that is not (ops first, then parameters), or -1
+        when the model does not run so cut (each group alone then says which one and why)."""
+        try:
+            op_dims, shapes = cls._level(probes, kept, x, ops, [""] * len(ops), pnames, "(all at once)")
+        except Exception as e:  # noqa: BLE001
+            log.debug("costs: groups cut all at once: %s: %s", type(e).__name__, e, exc_info=True)
+            return -1
+        delta = {g: m - int(sizes[g]) for g, m in kept.items()}
+        want = (_predict(dense_dims, {g: first[g][0] for g in kept}, delta)
+                + _predict(dense_shapes, {g: first[g][1] for g in kept}, delta))
+        return next((i for i, (a, b) in enumerate(zip(op_dims + shapes, want)) if a != b), None)
+
+    @staticmethod
     def _block(g: int, gname: str, block: str, probe: Probe, x: Any, ops: list[Op], params: list, op_blocks: list,
                p_blocks: list) -> None:
         inside = [block in op.scope for op in ops]
@@ -508,36 +581,82 @@ class ExactCost:
     def _item(fn: Callable[[tuple[int, ...]], int], dims: tuple[int, ...], slopes: dict[int, np.ndarray],
               blocks_in: list[int], sizes: np.ndarray, G: int, label: str, rng: random.Random, cache: dict,
               key: tuple) -> dict[tuple[int, ...], Fraction]:
-        """One op's (parameter's) polynomial over all G groups."""
-        gs = sorted(slopes)
+        """One op's (parameter's) polynomial over all G groups.
+
+        Groups with the same slope vector act on the op only through the sum of their kept units
+        (the branches of a concatenation: DenseNet's layer 24 reads 24 groups through one dimension),
+        so one variable per such class is fitted, ``v_c = sum_g n_g`` (dense ``S_c = sum_g N_g``), and
+        ``v_c / S_c = sum_g (N_g / S_c) f_g`` is expanded afterwards: the interpolation grid is
+        ``(degree + 1) ** classes``, not ``** groups``."""
+        classes: dict[tuple[int, ...], list[int]] = {}
+        for g in sorted(slopes):
+            classes.setdefault(tuple(int(v) for v in slopes[g]), []).append(g)
+        forms = list(classes.items())
         base = np.array(dims, dtype=np.int64)
-        ns = [int(sizes[g]) for g in gs]
-        ck = key + (tuple(dims), tuple((n, tuple(slopes[g])) for g, n in zip(gs, ns)))
+        ss = [int(sum(int(sizes[g]) for g in members)) for _, members in forms]
+        ck = key + (tuple(dims), tuple((S, a) for S, (a, _) in zip(ss, forms)))
         local = cache.get(ck)
         if local is None:
-            def at(n: tuple[int, ...]) -> int:
+            vecs = [np.array(a, dtype=np.int64) for a, _ in forms]
+
+            def at(v: tuple[int, ...]) -> int:
                 d = base.copy()
-                for g, v, N in zip(gs, n, ns):
-                    d += slopes[g] * (v - N)
-                return fn(tuple(int(v) for v in d))
-            local = _fit_poly(at, ns, label, rng)
+                for a, x, S in zip(vecs, v, ss):
+                    d += a * (x - S)
+                return fn(tuple(int(x) for x in d))
+            local = _fit_poly(at, ss, label, rng)
             cache[ck] = local
         out: dict[tuple[int, ...], Fraction] = {}
+        expand = [_linear_powers([(g, Fraction(int(sizes[g]), S)) for g in members], G) for S, (_, members) in zip(ss, forms)]
         for e, c in local.items():
-            full = [0] * G
-            for g, p in zip(gs, e):
-                full[g] = p
-            for b in blocks_in:
-                full[b] += 1
-            out[tuple(full)] = out.get(tuple(full), Fraction(0)) + c
+            terms: dict[tuple[int, ...], Fraction] = {tuple([0] * G): c}
+            for ci, p in enumerate(e):
+                if p:
+                    terms = _poly_mul(terms, expand[ci](p))
+            for full, v in terms.items():
+                if blocks_in:
+                    f = list(full)
+                    for b in blocks_in:
+                        f[b] += 1
+                    full = tuple(f)
+                out[full] = out.get(full, Fraction(0)) + v
         return out
 
 
-def _param_shapes(params: dict[str, tuple[int, ...]], names: list[str], gname: str, m: int, N: int) -> list[tuple[int, ...]]:
-    missing = [n for n in names if n not in params]
-    if missing:
-        raise ValueError(f"group {gname}: keeping {m} of {N} units, the model has no parameter {missing[0]}")
-    return [params[n] for n in names]
+def _poly_mul(a: dict[tuple[int, ...], Fraction], b: dict[tuple[int, ...], Fraction]) -> dict[tuple[int, ...], Fraction]:
+    out: dict[tuple[int, ...], Fraction] = {}
+    for ea, ca in a.items():
+        for eb, cb in b.items():
+            e = tuple(x + y for x, y in zip(ea, eb))
+            out[e] = out.get(e, Fraction(0)) + ca * cb
+    return out
+
+
+def _linear_powers(weights: list[tuple[int, Fraction]], G: int) -> Callable[[int], dict[tuple[int, ...], Fraction]]:
+    """``p -> (sum_g w_g f_g) ** p`` as {exponents over G groups: coefficient} (memoised per p)."""
+    memo: dict[int, dict[tuple[int, ...], Fraction]] = {}
+    one = {}
+    for g, w in weights:
+        e = [0] * G
+        e[g] = 1
+        one[tuple(e)] = w
+
+    def power(p: int) -> dict[tuple[int, ...], Fraction]:
+        if p not in memo:
+            memo[p] = one if p == 1 else _poly_mul(power(p - 1), one)
+        return memo[p]
+    return power
+
+
+def _predict(dense: list[tuple[int, ...]], slopes: dict[int, list[np.ndarray]], delta: dict[int, int]) -> list[tuple[int, ...]]:
+    """Per item, ``dense + sum_g slope_g * delta_g`` (the dims with every group's kept units moved by delta)."""
+    out = []
+    for i, d in enumerate(dense):
+        v = np.array(d, dtype=np.int64)
+        for g, sl in slopes.items():
+            v = v + sl[i] * delta[g]
+        out.append(tuple(int(t) for t in v))
+    return out
 
 
 def _add(acc: dict, poly: dict, scale: Fraction) -> None:

@@ -159,7 +159,11 @@ def slice_group(model_modules: dict[str, nn.Module], group: GroupInfo, keep: Seq
         if m.module in seen and isinstance(mod, nn.modules.conv._ConvNd) and mod.groups > 1:
             continue  # a depthwise conv's in and out channels are the same: cut once
         seen.add(m.module)
-        k = expand(list(keep), m.unit).to(mod.weight.device if getattr(mod, "weight", None) is not None else "cpu")
+        k = expand(list(keep), m.unit)
+        if getattr(m, "chunks", 1) > 1:  # [q; k; v] rows: the same units in every block
+            rows_per = mod.weight.shape[0] // m.chunks
+            k = torch.cat([c * rows_per + k for c in range(m.chunks)])
+        k = k.to(mod.weight.device if getattr(mod, "weight", None) is not None else "cpu")
         rows = lambda t, k=k: t.index_select(0, k)  # noqa: E731
         if isinstance(mod, _NORMS):
             for name in ("weight", "bias"):
@@ -268,7 +272,11 @@ class TPCut:
                 if p is not None:
                     ties.setdefault(id(p), []).append((owner, pname))
         for owner in targets:
-            cut.saved.append((owner, dict(owner.__dict__), dict(owner._parameters), dict(owner._buffers)))
+            # lists copied: Torch-Pruning's ConcatPruner/SplitPruner decrement the old ``concat_sizes``
+            # / ``split_sizes`` list in place before assigning a new one (upstream bug), so a restored
+            # reference would hold the cut sizes and every later cut through that concat be mis-mapped
+            attrs = {k: (list(v) if isinstance(v, list) else v) for k, v in owner.__dict__.items()}
+            cut.saved.append((owner, attrs, dict(owner._parameters), dict(owner._buffers)))
         try:
             for dep, idxs in group:
                 mod = dep.target.module

@@ -46,6 +46,7 @@ class HeadSpec:
     units: int  # KV heads (= attention heads when n_rep == 1)
     n_rep: int = 1  # query heads per KV head
     attrs: list[tuple[str, str, int]] = field(default_factory=list)
+    fused: list[str] = field(default_factory=list)  # layers whose rows are [q; k; v], each laid out like q (n_rep 1)
 
 
 @dataclass
@@ -63,7 +64,61 @@ class Skip(nn.Module):
         return x
 
 
+_HEAD_ATTRS = ("num_heads", "n_head", "n_heads", "heads", "num_attention_heads", "nheads", "n_heads_q")
+
+
 def structure_of(model: nn.Module) -> Structure:
-    """The model's declared structure (empty for models that declare none)."""
+    """The model's declared structure; for a model that declares none, the attention layers
+    :func:`detect_heads` recognises (their head groups, their projections in ``ignore``)."""
     fn = getattr(model, "prune_structure", None)
-    return fn() if callable(fn) else Structure()
+    if callable(fn):
+        return fn()
+    heads = detect_heads(model)
+    return Structure(heads=heads, ignore=[n for h in heads for n in (*h.fused, *h.q, *h.kv)])
+
+
+def detect_heads(model: nn.Module) -> list[HeadSpec]:
+    """Attention layers written the usual way, recognised without a declaration: a module with an
+    integer head count (``num_heads``, ``n_head``, ``heads``, ...: one of :data:`_HEAD_ATTRS`) whose
+    own ``nn.Linear`` children are either a fused ``qkv`` (``out_features == 3 * E``) or three
+    projections q, k, v (``out_features == E``, in that order of definition), and one output
+    projection (``in_features == E``), with ``E`` divisible by the head count. The head count
+    attribute is rescaled when heads go (so ``reshape(B, T, 3, self.heads, -1)`` follows). Whether the
+    forward really computes per head as assumed is not guessed: the groups stage verifies every head
+    group against the dense model with the removed heads' output columns zeroed, and excludes it,
+    naming the reason, when it does not (a head dimension computed as ``C // self.num_heads`` from
+    the residual width, a parameter sized by the head count such as Swin's relative position bias).
+    ``nn.MultiheadAttention`` is not matched here (Torch-Pruning's own pruner cuts it)."""
+    out: list[HeadSpec] = []
+    for name, mod in model.named_modules():
+        if isinstance(mod, nn.MultiheadAttention):
+            continue
+        attr = next((a for a in _HEAD_ATTRS if isinstance(getattr(mod, a, None), int)
+                     and not isinstance(getattr(mod, a), bool) and getattr(mod, a) > 1), None)
+        if attr is None:
+            continue
+        H = int(getattr(mod, attr))
+        lin = [(f"{name}.{n}" if name else n, c) for n, c in mod.named_children() if isinstance(c, nn.Linear)]
+        spec = _match_attention(name, lin, H)
+        if spec is not None:
+            spec.attrs.append((name, attr, 1))
+            out.append(spec)
+    return out
+
+
+def _match_attention(name: str, lin: list[tuple[str, nn.Linear]], H: int) -> HeadSpec | None:
+    fused = [(n, c) for n, c in lin if c.out_features % 3 == 0 and (c.out_features // 3) % H == 0]
+    for qkv_name, qkv in fused:
+        E = qkv.out_features // 3
+        outs = [n for n, c in lin if n != qkv_name and c.in_features == E]
+        if len(outs) == 1:
+            return HeadSpec(name, [], [], outs[0], E // H, H, fused=[qkv_name])
+    for i in range(len(lin) - 2):
+        (qn, q), (kn, k), (vn, v) = lin[i:i + 3]
+        E = q.out_features
+        if E % H or not (k.out_features == v.out_features == E and q.in_features == k.in_features == v.in_features):
+            continue
+        outs = [n for n, c in lin if n not in (qn, kn, vn) and c.in_features == E]
+        if len(outs) == 1:
+            return HeadSpec(name, [qn], [kn, vn], outs[0], E // H, H)
+    return None

@@ -8,6 +8,7 @@ import torch
 from hpcprune import allocate, importance, metrics
 from hpcprune.costs import ExactCost, probes_from_graph
 from hpcprune.graph import Graph, keep_count, mask_group
+from hpcprune.verify import verify_groups
 from hpcprune.zoo.models import MLP, resnet
 
 
@@ -148,3 +149,108 @@ def test_slice_cuts_a_tied_parameter_once(permanent):
         torch.testing.assert_close(model(x), ref, atol=0, rtol=0)
     else:
         assert isinstance(model[0].weight, torch.nn.Parameter)
+
+
+@pytest.mark.parametrize("name", ["inception_concat", "csp_chunk", "unet", "densenet"])
+def test_a_cut_after_other_cuts_and_restores_equals_a_fresh_cut(name):
+    """Cuts and restores leave no trace in Torch-Pruning's state: a group cut after every other group
+    was cut and restored computes what the same cut computes on a fresh graph (Torch-Pruning's
+    ConcatPruner/SplitPruner decrement the old ``concat_sizes``/``split_sizes`` list in place, which a
+    restore used to put back: every later cut through that concat was then mis-mapped)."""
+    import os
+    import sys
+    sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+    import archs
+
+    torch.manual_seed(0)
+    model_fn, data_fn = archs.CASES[name]
+    x = data_fn(calib_samples=8, val_samples=8, seed=0).example_input[:2]
+    model = model_fn().eval()
+    fresh_model = copy.deepcopy(model)
+    graph = Graph(model, x)
+    verify_groups(graph, x, 0.5)  # the groups the sweep would keep
+    names = [g.name for g in graph.groups if g.kind == "channels" and g.size > 1]
+    assert len(names) >= 2
+
+    def sizes():
+        return {id(n): (list(getattr(n.module, "concat_sizes", None) or []), list(getattr(n.module, "split_sizes", None) or []))
+                for n in graph.dg.module2node.values() if type(n.module).__name__ in ("_ConcatOp", "_SplitOp")}
+    with torch.no_grad():
+        for n in names:  # every group cut (half its units) and restored
+            g = graph.group(n)
+            graph.cut(n, []).restore()  # the concat and split sizes known
+        before = sizes()
+        assert any(c or s for c, s in before.values())
+        for n in names:
+            g = graph.group(n)
+            graph.cut(n, list(range(g.size // 2, g.size))).restore()
+        assert sizes() == before
+        for n in names:
+            g = graph.group(n)
+            drop = list(range(0, g.size, 2))[: g.size // 2]
+            cut = graph.cut(n, drop)
+            try:
+                got = model(x)
+            finally:
+                cut.restore()
+            m2 = copy.deepcopy(fresh_model)
+            Graph(m2, x).cut(n, drop, permanent=True)
+            torch.testing.assert_close(got, m2(x), msg=f"group {n}")
+
+
+class _QKVAttn(torch.nn.Module):
+    """Fused qkv attention; ``width_from_input``: the head width taken from the residual width
+    (``C // self.num_heads``, as Swin's functional attention does), which no head cut survives."""
+
+    def __init__(self, d=16, heads=4, width_from_input=False):
+        super().__init__()
+        self.num_heads, self.width_from_input = heads, width_from_input
+        self.qkv = torch.nn.Linear(d, 3 * d)
+        self.proj = torch.nn.Linear(d, d)
+
+    def forward(self, x):
+        B, T, C = x.shape
+        hd = C // self.num_heads if self.width_from_input else -1
+        q, k, v = self.qkv(x).reshape(B, T, 3, self.num_heads, hd).permute(2, 0, 3, 1, 4)
+        o = torch.nn.functional.scaled_dot_product_attention(q, k, v)
+        return x + self.proj(o.transpose(1, 2).reshape(B, T, -1))
+
+
+class _QKVNet(torch.nn.Module):
+    def __init__(self, width_from_input=False):
+        super().__init__()
+        self.inp = torch.nn.Linear(6, 16)
+        self.attn = _QKVAttn(width_from_input=width_from_input)
+        self.head = torch.nn.Linear(16, 3)
+
+    def forward(self, x):
+        return self.head(self.attn(self.inp(x)).mean(1))
+
+
+def test_fused_qkv_attention_recognised_as_heads_and_cut_whole():
+    torch.manual_seed(0)
+    model, x = _QKVNet().eval(), torch.randn(2, 5, 6)
+    graph = Graph(model, x)
+    assert "attn:heads" not in [e.name for e in verify_groups(graph, x, 0.5)]
+    g = graph.group("attn:heads")
+    assert (g.kind, g.size) == ("heads", 4) and g in graph.groups
+    assert not any(m.module == "attn.qkv" for gi in graph.groups if gi.kind != "heads" for m in gi.members if m.out)
+    dense = copy.deepcopy(model)
+    w = dense.attn.proj.weight.data
+    w[:, 4:8] = 0  # head 1 removed = its output columns zeroed
+    graph.prune_group("attn:heads", [1])
+    assert model.attn.num_heads == 3 and model.attn.qkv.weight.shape == (36, 16)
+    torch.testing.assert_close(model(x), dense(x))
+    # rows kept: q, k and v of heads 0, 2, 3
+    keep = torch.tensor([0, 1, 2, 3, 8, 9, 10, 11, 12, 13, 14, 15])
+    torch.testing.assert_close(model.attn.qkv.weight, torch.cat([dense.attn.qkv.weight[c * 16 + keep] for c in range(3)]))
+
+
+def test_attention_that_is_not_per_head_is_excluded_with_the_reason():
+    torch.manual_seed(0)
+    model, x = _QKVNet(width_from_input=True).eval(), torch.randn(2, 5, 6)
+    graph = Graph(model, x)
+    out = verify_groups(graph, x, 0.5)
+    ex = {e.name: e.reason for e in out}
+    assert "attn:heads" in ex and "attn:heads" not in [g.name for g in graph.groups]
+    assert "fails once it is cut" in ex["attn:heads"] or "not the dense model" in ex["attn:heads"]
