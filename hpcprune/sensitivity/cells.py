@@ -1,0 +1,413 @@
+"""Cell evaluation: one rank's model, a chunk's cells one after another, with its caches.
+
+A cell prunes one group at one ratio (least important channels first) and evaluates the model on
+the fixed calibration batches, by cutting the group's channels in place and restoring them
+afterwards (no deep copy, no re-trace). For an ``nn.Sequential`` model the activations entering
+the first block a group touches are the same for every ratio of that group: they are computed once
+per group and only the rest of the network runs per ratio.
+"""
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+from typing import Any, Callable, Sequence
+
+import numpy as np
+import torch
+from torch import nn
+
+from .. import blockcache
+from ..graph import Graph, GroupInfo, Slice, n_keep, skip_block, slice_group
+from ..metrics import EvalSums, batch_sums
+from ..structure import structure_of
+from . import bn
+from .early_stop import StopRule, skipped, stops
+from .records import DONE, CellResult, Chunk
+from .split import Team, shard_batches, team_share
+
+
+def flatten_chain(model: nn.Module) -> list[tuple[str, nn.Module]] | None:
+    """The model as a chain of (name, module), nested ``nn.Sequential``s expanded; None when the
+    model is not a chain (then every cell runs the full forward)."""
+    if not isinstance(model, nn.Sequential) or type(model).forward is not nn.Sequential.forward:
+        return None
+    chain: list[tuple[str, nn.Module]] = []
+
+    def walk(prefix: str, seq: nn.Sequential) -> None:
+        for name, child in seq.named_children():
+            full = f"{prefix}{name}"
+            if isinstance(child, nn.Sequential):
+                walk(full + ".", child)
+            else:
+                chain.append((full, child))
+
+    walk("", model)
+    return chain
+
+
+def nhwc(x: torch.Tensor) -> torch.Tensor:
+    """A 4-D tensor in channels-last layout (others unchanged)."""
+    return x.contiguous(memory_format=torch.channels_last) if x.dim() == 4 else x
+
+
+@dataclass
+class _ChunkRun:
+    """What every cell of one chunk shares: the group, where its cells' forward starts (chain index
+    ``k``; ``sliced_cache``: the cache is element ``k - 1``'s output, sliced per cell; ``plan``: in
+    block ``k``, from its captured values), this rank's batches, their cached activations and the
+    seconds computing those took."""
+
+    chunk: Chunk
+    group: GroupInfo
+    k: int
+    sliced_cache: bool
+    plan: blockcache.BlockPlan | None
+    batches: Sequence
+    recal_batches: Sequence
+    prefix: Any
+    recal_prefix: Any
+    t_prefix: float
+    t_recal_prefix: float
+    rank: int
+    team: Team | None
+
+
+class Evaluator:
+    """Evaluates cells on one rank's model and calibration batches.
+
+    Per group, the evaluator finds the first chain element the group touches and caches what
+    enters it (or, when that element is a layer whose output channels are the group's channels,
+    what leaves it: those channels are then simply sliced out). Per ratio it cuts the channels out
+    of the member layers in place: ``slice_group`` where every member indexes the channels 1:1,
+    else Torch-Pruning's own layer functions on its mapped indices (``Graph.cut``: concat offsets,
+    flatten blocks, grouped convolutions), restored after the cell. Either is the pruned model's
+    exact computation. ``round_to``: the cells cut what the prune stage will (kept channels a
+    multiple of it).
+
+    ``channels_last``: run convolutions on NHWC tensors (weights, calibration batches, cached
+    activations, sliced weights), faster conv kernels on CPU and tensor cores; the numbers agree
+    with the default layout to rounding (~1e-7). ``close()`` puts the model back in the default layout.
+
+    ``fold_bn``: per cell (after the cut and the BatchNorm re-estimation), fold every BatchNorm the
+    cell runs after a convolution it runs into that convolution (``bn.fold_pairs``; not inside a block
+    the cell starts from cached values), and skip the BatchNorm: one pass over the activations less
+    per pair; numbers agree to rounding (~1e-7).
+    """
+
+    def __init__(
+        self,
+        model: nn.Module,
+        groups: Sequence[GroupInfo],
+        orders: dict[str, list[int]],
+        ratios: Sequence[float],
+        batches: Sequence[tuple[torch.Tensor, torch.Tensor]],
+        example_input: torch.Tensor,
+        ignore: Sequence[str] = (),
+        cache_prefix: bool = True,
+        slice_channels: bool = True,
+        recal_batches: Sequence[tuple[torch.Tensor, torch.Tensor]] = (),
+        channels_last: bool = False,
+        fold_bn: bool = False,
+        graph: Graph | None = None,
+        round_to: int = 1,
+    ) -> None:
+        self.channels_last = channels_last and any(isinstance(m, nn.Conv2d) for m in model.modules())
+        if self.channels_last:
+            model.to(memory_format=torch.channels_last)
+            batches = [(nhwc(x), y) for x, y in batches]
+            recal_batches = [(nhwc(x), y) for x, y in recal_batches]
+        self.model = model.eval()
+        self.modules = dict(model.named_modules())
+        self.groups = list(groups)
+        self.orders = orders
+        self.ratios = list(ratios)
+        self.batches = list(batches)
+        self.example_input = example_input
+        self.ignore = list(ignore)
+        self.slice_channels = slice_channels
+        self.chain = flatten_chain(model) if cache_prefix else None
+        self._fold_pairs = bn.fold_pairs(self.chain) if (fold_bn and self.chain is not None) else []
+        # training batches on which each cell re-estimates the BatchNorm statistics downstream of
+        # the cut (pruning shifts them; without this, cells overstate the damage of pruning)
+        self.recal_batches = list(recal_batches)
+        self.structure = structure_of(model)
+        self.round_to = int(round_to)
+        self._graph = graph  # Torch-Pruning's graph over this model, for groups that are not sliced (built on first use)
+        self._memo: dict[tuple, EvalSums] = {}  # (group or None, units cut, shard, shards) -> sums
+        self._plans: dict[int, blockcache.BlockPlan | None] = {}
+        # the cached activations of the last chunk's group (and batch share), for its next chunk
+        self._held: tuple[tuple, Any, Any] | None = None
+        self._team_share: tuple[tuple[int, int], list, list] | None = None
+
+    def close(self) -> None:
+        """The model back in the default memory layout (after ``channels_last``); cached activations freed."""
+        self._held = None
+        if self.channels_last:
+            self.model.to(memory_format=torch.contiguous_format)
+            self.channels_last = False
+
+    def team_share(self, team: Team) -> tuple[list, list]:
+        """This team member's calibration and BatchNorm re-estimation batches (``split.team_share``,
+        computed once per team)."""
+        if self._team_share is None or self._team_share[0] != (team.index, team.size):
+            fmt = nhwc if self.channels_last else (lambda t: t.contiguous())
+            calib, recal = team_share(self.batches, self.recal_batches, team.index, team.size, fmt)
+            self._team_share = ((team.index, team.size), calib, recal)
+        return self._team_share[1], self._team_share[2]
+
+    def share(self, chunk: Chunk, team: Team | None) -> tuple[Sequence, Sequence]:
+        """The calibration and re-estimation batches this rank evaluates of ``chunk``'s cells: a team
+        member's share (``team_share``), a shard's batches (``shard_batches``), or all."""
+        if team is not None:
+            return self.team_share(team)
+        if chunk.shards > 1:
+            return shard_batches(self.batches, chunk.shard, chunk.shards), self.recal_batches
+        return self.batches, self.recal_batches
+
+    def _idxs(self, g: GroupInfo, ratio: float) -> list[int]:
+        n = g.size - n_keep(g, ratio, self.round_to)
+        return self.orders[g.name][:n]
+
+    @property
+    def graph(self) -> Graph:
+        if self._graph is None:
+            self._graph = Graph(self.model, self.example_input, self.ignore)
+        return self._graph
+
+    def entry(self, g: GroupInfo) -> tuple[int, bool]:
+        """(chain index where a cell's forward starts, whether the cache is that element's output)."""
+        if self.chain is None:
+            return 0, False
+        touched = [
+            i for i, (name, _) in enumerate(self.chain)
+            if any(m.module == name or m.module.startswith(name + ".") for m in g.members)
+        ]
+        if not touched:
+            return 0, False
+        k = touched[0]
+        name, mod = self.chain[k]
+        roles = {m.out for m in g.members if m.module == name}
+        leaf_out = roles == {True} and isinstance(mod, (nn.modules.conv._ConvNd, nn.Linear))
+        leaf_out = leaf_out and not (isinstance(mod, nn.modules.conv._ConvNd) and mod.groups > 1) and g.kind != "heads"
+        if leaf_out and g.sliceable and self.slice_channels:
+            return k + 1, True
+        return k, False
+
+    def block_plan(self, gi: int) -> blockcache.BlockPlan | None:
+        """Inside the block where group ``gi``'s cells start: what a cell can skip (see blockcache)."""
+        if gi not in self._plans:
+            g = self.groups[gi]
+            k, sliced_cache = self.entry(g)
+            plan = None
+            if (self.chain is not None and not sliced_cache and g.sliceable and self.slice_channels
+                    and g.kind in ("channels", "neurons") and all(m.unit == 1 for m in g.members)):
+                name, mod = self.chain[k]
+                members = {m.module: m.out for m in g.members if m.module.startswith(name + ".")}
+                if members and any(True for _ in mod.children()):
+                    plan = blockcache.plan_block(mod, name, members, no_unchanged_bn=bool(self.recal_batches))
+            self._plans[gi] = plan
+        return self._plans[gi]
+
+    def chunk_cost(self, chunk: Chunk, module_macs: dict[str, int] | None) -> float:
+        """Relative cost: forward MACs before the cache point once, after it once per distinct cell
+        (ratios that cut the same number of units are one evaluation; cutting nothing is the dense
+        model, nearly free). A block's 9 ratios are 2 evaluations: such a chunk is not worth splitting."""
+        g = self.groups[chunk.group]
+        cuts = {len(self._idxs(g, self.ratios[r])) for r in chunk.ratios}
+        evals = len(cuts - {0}) + (0.1 if 0 in cuts else 0.0)
+        k, _ = self.entry(g)
+        if module_macs is None or self.chain is None:
+            return evals / chunk.shards
+        per = [sum(v for n, v in module_macs.items() if n == name or n.startswith(name + ".")) for name, _ in self.chain]
+        total = sum(per) or 1.0
+        suffix = sum(per[k:]) / total
+        return ((1.0 - suffix) + suffix * evals) / chunk.shards
+
+    # ---- a chunk --------------------------------------------------------------------------------
+    def run_chunk(
+        self, chunk: Chunk, rank: int, stop_below: StopRule | None = None,
+        between: Callable[[], None] | None = None, team: Team | None = None,
+    ) -> list[CellResult]:
+        """Evaluate a chunk's cells, in ratio order, until one ``stops`` the group (the rest are
+        ``skipped``). With ``team``, every member of the team calls this with the same chunk: each
+        evaluates its share of the batches and the shares are summed after each cell, so every
+        member returns the whole cells' numbers. ``between()`` runs after each cell computed (not
+        after one taken from the memo): rank 0 serves the workers there."""
+        run = self._start(chunk, rank, team)
+        results: list[CellResult] = []
+        for i, r in enumerate(chunk.ratios):
+            cell, computed = self._cell(run, r, first=not results)
+            results.append(cell)
+            if computed and between is not None:
+                between()
+            if stops(stop_below, cell):
+                results += skipped(chunk.group, chunk.ratios[i + 1:], rank, cell.team)
+                break
+        return results
+
+    def _start(self, chunk: Chunk, rank: int, team: Team | None) -> _ChunkRun:
+        g = self.groups[chunk.group]
+        k, sliced_cache = self.entry(g)
+        batches, recal_batches = self.share(chunk, team)
+        plan = self.block_plan(chunk.group)
+        held_key = (chunk.group, chunk.shard, chunk.shards)
+        if self._held is not None and self._held[0] == held_key:  # the group's previous chunk computed it
+            prefix, recal_prefix, t_prefix, t_recal_prefix = self._held[1], self._held[2], 0.0, 0.0
+        else:
+            self._held = None  # one group's activations at a time
+            prefix, recal_prefix, t_prefix, t_recal_prefix = self._prefixes(k, plan, batches, recal_batches)
+            self._held = (held_key, prefix, recal_prefix)
+        return _ChunkRun(chunk, g, k, sliced_cache, plan, batches, recal_batches, prefix, recal_prefix,
+                         t_prefix, t_recal_prefix, rank, team)
+
+    def _prefixes(self, k: int, plan: blockcache.BlockPlan | None, batches: Sequence,
+                  recal_batches: Sequence) -> tuple[Any, Any, float, float]:
+        """(cached activations of the calibration batches, of the re-estimation batches (None: cells
+        run the whole model), seconds computing both, of which the re-estimation batches')."""
+        t_prefix = time.perf_counter()
+        recal_prefix: Any = None
+        if plan is not None:
+            prefix: Any = self._captured(plan, k, batches)
+            t_recal_prefix = time.perf_counter()
+            if self.recal_batches:
+                recal_prefix = self._captured(plan, k, recal_batches)
+        else:
+            prefix = self._prefix(k, batches) if k > 0 else None
+            t_recal_prefix = time.perf_counter()
+            if k > 0 and self.recal_batches:
+                recal_prefix = self._prefix(k, recal_batches)
+        t_recal_prefix = time.perf_counter() - t_recal_prefix
+        t_prefix = time.perf_counter() - t_prefix
+        return prefix, recal_prefix, t_prefix, t_recal_prefix
+
+    def _cell(self, run: _ChunkRun, r: int, first: bool) -> tuple[CellResult, bool]:
+        """Cell (group, ratio ``r``) and whether it was computed (else taken from the memo)."""
+        t0 = time.perf_counter()
+        idxs = self._idxs(run.group, self.ratios[r])
+        key = self._memo_key(run, idxs)
+        computed = key not in self._memo
+        t_recal = 0.0
+        if computed:
+            self._memo[key], t_recal = self._evaluate(run, idxs)
+        sums = self._memo[key]
+        chunk = run.chunk
+        return CellResult(chunk.group, r, DONE, sums.as_tuple(), time.perf_counter() - t0, run.rank, chunk.shard,
+                          chunk.shards, run.t_prefix if first else 0.0, t_recal, run.t_recal_prefix if first else 0.0,
+                          run.team.size if run.team is not None else 1), computed
+
+    def _memo_key(self, run: _ChunkRun, idxs: list[int]) -> tuple:
+        # cells that cut the same units (grid ratios that round to the same count: a block at
+        # every ratio >= 0.5, 3 KV heads at 0.4 and 0.55) are the same model: evaluated once
+        # per batch shard. Cells that cut nothing are the dense model, shared by all groups
+        # unless BatchNorm re-estimation (which depends on where the group sits) is on.
+        # A team's sums are the whole cell's.
+        chunk = run.chunk
+        if not idxs and not (self.recal_batches and self._suffix_bns(run.k)):
+            return (None, 0, chunk.shard, chunk.shards)
+        return (chunk.group, len(idxs), chunk.shard, chunk.shards)
+
+    def _evaluate(self, run: _ChunkRun, idxs: list[int]) -> tuple[EvalSums, float]:
+        """Cut ``idxs`` out of the group, re-estimate the BatchNorms after the cut, fold, evaluate,
+        put everything back: (the cell's sums, whole with a team; seconds of the re-estimation)."""
+        g, k = run.group, run.k
+        cut, keep_t = self._cut(run, idxs)
+        recal = self.recal_batches and not (g.kind == "block" and not idxs) and self._suffix_bns(k)
+        t_recal = time.perf_counter()
+        bn_saved = self._recalibrate(run, keep_t) if recal else None
+        t_recal = time.perf_counter() - t_recal
+        folded = None
+        try:
+            folded = bn.fold(self._fold_pairs, k, run.plan is None) if self._fold_pairs else None
+            if run.prefix is not None:
+                sums = self._suffix_sums(k, run.prefix, keep_t, run.batches, run.plan)
+            else:
+                sums = self._full_sums(self.model, run.batches)
+        finally:
+            if folded:
+                bn.unfold(folded)
+            if bn_saved is not None:
+                bn.restore(bn_saved)
+            cut.restore()
+        if run.team is not None:
+            sums = EvalSums(*(float(v) for v in run.team.sum(np.array(sums.as_tuple()))))
+        return sums, t_recal
+
+    def _cut(self, run: _ChunkRun, idxs: list[int]) -> tuple[Any, torch.Tensor | None]:
+        """The group without ``idxs``, in place (``.restore()`` undoes it), and the kept channels as
+        a tensor where the cell starts from cached values that hold them all (else None)."""
+        g = run.group
+        if g.kind == "block":
+            return (skip_block(self.model, g, self.structure) if idxs else Slice()), None
+        if g.sliceable and self.slice_channels:
+            drop = set(idxs)
+            keep = [i for i in range(g.size) if i not in drop]
+            cut = slice_group(self.modules, g, keep)
+            keep_t = None
+            if run.sliced_cache or run.plan is not None:
+                keep_t = torch.as_tensor(keep, dtype=torch.long, device=self.batches[0][0].device)
+            return cut, keep_t
+        return self.graph.cut(g.name, idxs), None
+
+    # ---- forward passes -------------------------------------------------------------------------
+    @torch.inference_mode()
+    def _captured(self, plan: blockcache.BlockPlan, k: int, batches: Sequence) -> list[list[torch.Tensor]]:
+        return [blockcache.capture(plan, h) for h in self._prefix(k, batches)]
+
+    @torch.inference_mode()
+    def _prefix(self, k: int, batches: Sequence[tuple[torch.Tensor, torch.Tensor]]) -> list[torch.Tensor]:
+        outs = []
+        for x, _ in batches:
+            for _, child in self.chain[:k]:  # type: ignore[index]
+                x = child(x)
+            outs.append(x)
+        return outs
+
+    def _enter(self, k: int, h: Any, keep: torch.Tensor | None, plan: blockcache.BlockPlan | None) -> tuple[int, torch.Tensor]:
+        """From a cached value to the input of the chain element where the cell's forward goes on."""
+        if plan is not None:  # the cut part of block k, from its cached values
+            return k + 1, blockcache.run(plan, h, keep, self.channels_last)
+        if keep is not None:
+            h = nhwc(h.index_select(1, keep)) if self.channels_last else h.index_select(1, keep)
+        return k, h
+
+    def _from_cache(self, k: int, h: Any, keep: torch.Tensor | None, plan: blockcache.BlockPlan | None) -> torch.Tensor:
+        """The model's output from a cached value."""
+        start, h = self._enter(k, h, keep, plan)
+        for _, child in self.chain[start:]:  # type: ignore[index]
+            h = child(h)
+        return h
+
+    @torch.inference_mode()
+    def _suffix_sums(self, k: int, inputs: Sequence[Any], keep: torch.Tensor | None, batches: Sequence,
+                     plan: blockcache.BlockPlan | None = None) -> EvalSums:
+        total = EvalSums()
+        for h, (_, y) in zip(inputs, batches):
+            total = total + batch_sums(self._from_cache(k, h, keep, plan), y)
+        return total
+
+    @torch.inference_mode()
+    def _full_sums(self, model: nn.Module, batches: Sequence) -> EvalSums:
+        total = EvalSums()
+        for x, y in batches:
+            total = total + batch_sums(model(x), y)
+        return total
+
+    # ---- BatchNorm ------------------------------------------------------------------------------
+    def _suffix_bns(self, k: int) -> list[nn.Module]:
+        """BatchNorms after the cut point that keep running statistics."""
+        roots = [m for _, m in self.chain[k:]] if (self.chain is not None and k > 0) else [self.model]
+        return bn.running_bns(roots)
+
+    def _recalibrate(self, run: _ChunkRun, keep: torch.Tensor | None) -> list:
+        """Re-estimate the BatchNorm statistics after the cut point on this rank's re-estimation
+        batches, from their cached activations where there are some (``bn.reestimate``); returns
+        what ``bn.restore`` puts back."""
+        def forward() -> None:
+            if run.recal_prefix is not None:
+                for h in run.recal_prefix:
+                    self._from_cache(run.k, h, keep, run.plan)
+            else:
+                for x, _ in run.recal_batches:
+                    self.model(x)
+
+        return bn.reestimate(self._suffix_bns(run.k), forward, run.team)
