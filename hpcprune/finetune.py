@@ -183,76 +183,26 @@ class FinetuneJob:
         terminated = _Terminated()
         ckpt_path = os.path.join(spec["work_dir"], "checkpoint.pt")
         key = _key(cfg, _digest(model))
-        history: list[list[float]] = []
-        start = 0
-        if os.path.exists(ckpt_path):
-            ck = torch.load(ckpt_path, map_location=device, weights_only=False)
-            if ck.get("key") != key:
-                if rank == 0:
-                    print(f"finetune: ignoring {ckpt_path}: it belongs to another fine-tune (other starting "
-                          "weights or finetune/data/seed settings); starting at epoch 1", flush=True)
-            else:
-                model.load_state_dict(ck["model"])
-                opt.load_state_dict(ck["optimizer"])
-                sched.load_state_dict(ck["scheduler"])
-                history = ck["history"]
-                start = ck["epoch"] + 1
-                if rank == 0:
-                    print(f"finetune: resuming from {ckpt_path}: {start} of {ft.epochs} epochs done", flush=True)
+        history, start = _resume(ckpt_path, key, model, opt, sched, device, rank, ft.epochs)
         val_idx = list(range(rank, len(data.val), world))  # exact shards, no padding
         val = torch.utils.data.DataLoader(torch.utils.data.Subset(data.val, val_idx), batch_size=256)
-        T = float(ft.distill.temperature)
         for epoch in range(start, ft.epochs):
             t0 = time.perf_counter()
             sampler.set_epoch(epoch)
-            ddp.train()
             lr = opt.param_groups[0]["lr"]
-            loss_sum, n = 0.0, 0
-            for x, y in loader:
-                x, y = x.to(device), y.to(device)
-                logits = ddp(x)
-                loss = task_loss(logits, y)
-                if teacher is not None:
-                    with torch.no_grad():
-                        t_logits = teacher(x)
-                    kd = F.kl_div(
-                        F.log_softmax(logits / T, -1).flatten(0, -2),
-                        F.log_softmax(t_logits / T, -1).flatten(0, -2),
-                        reduction="batchmean",
-                        log_target=True,
-                    ) * (T * T)
-                    w = float(ft.distill.weight)
-                    loss = (1 - w) * loss + w * kd
-                opt.zero_grad(set_to_none=True)
-                loss.backward()
-                opt.step()
-                loss_sum += loss.item() * x.shape[0]
-                n += x.shape[0]
+            loss_sum, n = _train_epoch(ddp, teacher, loader, opt, device, ft.distill)
             sched.step()
             if world > 1:
                 # DDP copies rank 0's buffers (BatchNorm statistics) at the start of each forward, so
                 # after the last one every rank holds its own: validate and save rank 0's model on all
                 for buf in model.buffers():
                     dist.broadcast(buf, 0)
-            sums = EvalSums()
-            model.eval()
-            with torch.inference_mode():
-                for x, y in val:
-                    sums = sums + batch_sums(model(x.to(device)), y.to(device))
-            tot = torch.tensor([sums.correct, sums.loss, sums.count, loss_sum, n], dtype=torch.float64, device=device)
-            if world > 1:
-                dist.all_reduce(tot)
-            s = EvalSums(*tot[:3].tolist())
-            row = [epoch, tot[3].item() / max(1.0, tot[4].item()), s.metric(data.metric), s.mean_loss(), lr, time.perf_counter() - t0]
+            train_loss, metric, val_loss = _evaluate(model, val, device, world, loss_sum, n, data.metric)
+            row = [epoch, train_loss, metric, val_loss, lr, time.perf_counter() - t0]
             history.append(row)
             if rank == 0:
-                tmp = ckpt_path + ".tmp"
-                torch.save(
-                    {"epoch": epoch, "model": model.state_dict(), "optimizer": opt.state_dict(), "scheduler": sched.state_dict(),
-                     "history": history, "key": key},
-                    tmp,
-                )
-                os.replace(tmp, ckpt_path)
+                _save_checkpoint(ckpt_path, {"epoch": epoch, "model": model.state_dict(), "optimizer": opt.state_dict(),
+                                             "scheduler": sched.state_dict(), "history": history, "key": key})
                 print(f"finetune epoch {epoch + 1}/{ft.epochs}: loss {row[1]:.4f} val {data.metric} {row[2]:.4f}", flush=True)
             if world > 1:
                 dist.barrier()
@@ -267,3 +217,78 @@ class FinetuneJob:
             os.replace(final + ".tmp", final)
             out.update(history=history, weights=final)
         return out
+
+
+def _resume(ckpt_path: str, key: str, model: nn.Module, opt: Any, sched: Any, device: torch.device, rank: int,
+            epochs: int) -> tuple[list[list[float]], int]:
+    """(history, first epoch to run): from the checkpoint of this fine-tune, if there is one (weights,
+    optimizer and scheduler loaded), else ([], 0)."""
+    if not os.path.exists(ckpt_path):
+        return [], 0
+    ck = torch.load(ckpt_path, map_location=device, weights_only=False)
+    if ck.get("key") != key:
+        if rank == 0:
+            print(f"finetune: ignoring {ckpt_path}: it belongs to another fine-tune (other starting "
+                  "weights or finetune/data/seed settings); starting at epoch 1", flush=True)
+        return [], 0
+    model.load_state_dict(ck["model"])
+    opt.load_state_dict(ck["optimizer"])
+    sched.load_state_dict(ck["scheduler"])
+    start = ck["epoch"] + 1
+    if rank == 0:
+        print(f"finetune: resuming from {ckpt_path}: {start} of {epochs} epochs done", flush=True)
+    return ck["history"], start
+
+
+def _save_checkpoint(path: str, state: dict[str, Any]) -> None:
+    """Write the checkpoint atomically (a temporary file, renamed)."""
+    tmp = path + ".tmp"
+    torch.save(state, tmp)
+    os.replace(tmp, path)
+
+
+def _train_epoch(ddp: nn.Module, teacher: nn.Module | None, loader: Any, opt: Any, device: torch.device,
+                 distill: Any) -> tuple[float, int]:
+    """One pass over this rank's share of the training data: (summed loss, samples). With a teacher,
+    the loss mixes in the KL divergence to its softened outputs (``distill.weight``, ``temperature``)."""
+    T = float(distill.temperature)
+    ddp.train()
+    loss_sum, n = 0.0, 0
+    for x, y in loader:
+        x, y = x.to(device), y.to(device)
+        logits = ddp(x)
+        loss = task_loss(logits, y)
+        if teacher is not None:
+            with torch.no_grad():
+                t_logits = teacher(x)
+            kd = F.kl_div(
+                F.log_softmax(logits / T, -1).flatten(0, -2),
+                F.log_softmax(t_logits / T, -1).flatten(0, -2),
+                reduction="batchmean",
+                log_target=True,
+            ) * (T * T)
+            w = float(distill.weight)
+            loss = (1 - w) * loss + w * kd
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+        loss_sum += loss.item() * x.shape[0]
+        n += x.shape[0]
+    return loss_sum, n
+
+
+def _evaluate(model: nn.Module, val: Any, device: torch.device, world: int, loss_sum: float, n: int,
+              metric: str) -> tuple[float, float, float]:
+    """(mean training loss, validation metric, mean validation loss), summed over every rank."""
+    import torch.distributed as dist
+
+    sums = EvalSums()
+    model.eval()
+    with torch.inference_mode():
+        for x, y in val:
+            sums = sums + batch_sums(model(x.to(device)), y.to(device))
+    tot = torch.tensor([sums.correct, sums.loss, sums.count, loss_sum, n], dtype=torch.float64, device=device)
+    if world > 1:
+        dist.all_reduce(tot)
+    s = EvalSums(*tot[:3].tolist())
+    return tot[3].item() / max(1.0, tot[4].item()), s.metric(metric), s.mean_loss()

@@ -19,11 +19,13 @@ from matplotlib.colors import CenteredNorm  # noqa: E402
 from matplotlib.patches import Rectangle  # noqa: E402
 from matplotlib.ticker import MaxNLocator  # noqa: E402
 
+from .store import TIMED_STAGES  # noqa: E402
+
 if TYPE_CHECKING:
     from .report import Run
 
 PENDING, DONE, SKIPPED = 0, 1, 2  # /sensitivity/status codes (hpcprune.sensitivity)
-STAGE_ORDER = ("baseline", "groups", "sensitivity", "allocation", "pruned", "final")
+STAGE_ORDER = TIMED_STAGES
 STAGE_LABEL = {"baseline": "baseline", "groups": "groups", "sensitivity": "sensitivity", "allocation": "allocation",
                "pruned": "prune", "final": "fine-tune", "other": "other"}
 STAGE_COLOUR = {"baseline": "#4c72b0", "groups": "#8c8c8c", "sensitivity": "#dd8452", "allocation": "#937860",
@@ -39,7 +41,7 @@ class Figure:
     fig: Any                   # matplotlib.figure.Figure
     data: dict[str, Any] = field(default_factory=dict)
     caption: str = ""
-    png: bytes | None = None   # rendered once, by report.figure_png
+    png: bytes | None = None   # rendered once, by report_html.figure_png
 
 
 def _worse_is_red(higher_is_better: bool) -> Any:

@@ -27,9 +27,17 @@ from typing import Any, Iterator
 import h5py
 import numpy as np
 
+from .errors import HpcpruneError
+
 SCHEMA_VERSION = 2  # 1: weights inside the run file (still read); 2: weights in safetensors files beside it
 FORMAT = "hpcprune-run"
+# every group a stage completes, in README's order (``done_stages`` lists them so). The one list of
+# stage names: TIMED_STAGES, the pipeline's table (hpcprune.stages.STAGES, in the order the stages
+# run, checked against it), the report's columns and the plots take theirs from here.
 STAGES = ("baseline", "groups", "sensitivity", "allocation", "pruned", "finetune", "final")
+# the pipeline's stages, one per row of README's stage table: each is timed under its name and done
+# once that group is complete. /finetune is not one: the fine-tune stage (``final``) writes it with /final
+TIMED_STAGES = tuple(s for s in STAGES if s != "finetune")
 # the stages that hold weights, and their files in the run directory (schema 2)
 WEIGHT_FILES = {"baseline": "dense.safetensors", "pruned": "pruned.safetensors", "final": "final.safetensors"}
 
@@ -51,11 +59,11 @@ def _failpoint(tmp: str) -> None:
             time.sleep(1.0)
 
 
-class RunFileError(ValueError):
+class RunFileError(HpcpruneError, ValueError):
     """The run file cannot be used: not HDF5, another program's, a newer schema, or truncated."""
 
 
-class RunDirLocked(RuntimeError):
+class RunDirLocked(HpcpruneError, RuntimeError):
     """Another sweep is running in this run directory."""
 
 
@@ -434,23 +442,29 @@ def read_weights(run_file: RunFile, stage: str) -> "OrderedDict[str, Any]":
 
 def write_sensitivity_cells(run_file: RunFile, state: dict[str, np.ndarray], attrs: dict[str, Any],
                             ratios: list[float] | None = None, complete: bool = False, wall: float | None = None) -> None:
-    """One flush of the sensitivity grid: the (G, R) cell arrays and per-group arrays of ``state``,
-    the stage attributes ``attrs``; ``ratios`` on the first flush; ``complete``: the last flush
-    (``wall`` seconds added to ``wall_s``)."""
+    """One flush of the sensitivity grid, in its own transaction (see :func:`put_sensitivity_cells`)."""
     with run_file.write() as f:
-        s = f["sensitivity"] if "sensitivity" in f else f.create_group("sensitivity")
-        if "ratios" not in s and ratios is not None:
-            s.create_dataset("ratios", data=np.array([float(r) for r in ratios]))
-        for k, v in state.items():
-            if k in s:
-                s[k][...] = v
-            else:
-                s.create_dataset(k, data=v)
-        for k, v in attrs.items():
-            s.attrs[k] = v
-        if complete:
-            s.attrs["wall_s"] = float(wall or 0.0) + float(s.attrs.get("wall_s", 0.0))
-            s.attrs["complete"] = True
+        put_sensitivity_cells(f, state, attrs, ratios, complete, wall)
+
+
+def put_sensitivity_cells(f: h5py.File, state: dict[str, np.ndarray], attrs: dict[str, Any],
+                          ratios: list[float] | None = None, complete: bool = False, wall: float | None = None) -> None:
+    """One flush of the sensitivity grid into an open transaction ``f``: the (G, R) cell arrays and
+    per-group arrays of ``state``, the stage attributes ``attrs``; ``ratios`` on the first flush;
+    ``complete``: the last flush (``wall`` seconds added to ``wall_s``)."""
+    s = f["sensitivity"] if "sensitivity" in f else f.create_group("sensitivity")
+    if "ratios" not in s and ratios is not None:
+        s.create_dataset("ratios", data=np.array([float(r) for r in ratios]))
+    for k, v in state.items():
+        if k in s:
+            s[k][...] = v
+        else:
+            s.create_dataset(k, data=v)
+    for k, v in attrs.items():
+        s.attrs[k] = v
+    if complete:
+        s.attrs["wall_s"] = float(wall or 0.0) + float(s.attrs.get("wall_s", 0.0))
+        s.attrs["complete"] = True
 
 
 class RunLock:

@@ -14,6 +14,7 @@ import sys
 import time
 from typing import Any
 
+from . import schema as _schema  # noqa: F401 - registers hpcprune_schema (config.yaml's first default) before Hydra composes
 from .world import MPIMismatch, World, run_guarded
 
 log = logging.getLogger("hpcprune")
@@ -139,6 +140,9 @@ def _one_line(e: BaseException, dry: _DryHydra, overrides: list[str]) -> str:
                 parser.parse_override(arg)
             except Exception as pe:
                 return f"{arg}: not a valid override ({str(pe).strip().splitlines()[0]})"
+    typed = _schema_error(e, text, overrides)
+    if typed:
+        return typed
     lines = []
     for ln in text.splitlines():
         if ln.strip().startswith(("Config search path", "Search path", "See https://")):
@@ -149,6 +153,31 @@ def _one_line(e: BaseException, dry: _DryHydra, overrides: list[str]) -> str:
     if type(e).__module__.split(".")[0] != "hydra":  # e.g. a YAML error in a config file: say which kind
         msg = f"{type(e).__name__}: {msg}"
     return msg
+
+
+def _schema_error(e: BaseException, text: str, overrides: list[str]) -> str | None:
+    """A value the schema (hpcprune/schema.py) refuses while Hydra composes (or, in a config file, a
+    key it does not have), as one line naming the override or the config file, the key, and why
+    (the choices, for an unknown choice):
+    ``prune.method=magic: Invalid value 'magic', expected one of [uniform, global, sensitivity]``,
+    ``In 'experiment/mine': threads: Value 'abc' of type 'str' could not be converted to Integer``.
+    None for any other error."""
+    import re
+
+    from omegaconf.errors import ValidationError
+
+    cause = e.__cause__ if isinstance(e.__cause__, ValidationError) else None
+    if cause is not None:  # an override: Hydra says "Error merging override ARG", the cause says why
+        m = re.match(r"Error merging override (.+)$", text)
+        key, why = str(cause.full_key or ""), str(cause.msg).strip().splitlines()[0]
+        given = m.group(1) if m and m.group(1) in overrides else None
+        if given is None:
+            return f"{key}: {why}" if key else None
+        return f"{given}: {why}" + (f" (at {key})" if key and key != _override_key(given) else "")
+    m = re.match(r"(In '[^']+'): \w+ raised while composing config:\n(.+?)\n\s*full_key: (\S+)", text)
+    if m:  # a value in a config file
+        return f"{m.group(1)}: {m.group(3)}: {m.group(2).strip()}"
+    return None
 
 
 def _dry(argv: list[str]) -> tuple[Any, list[str], bool] | None:
@@ -258,7 +287,7 @@ _MIN_FREE = 1 << 20  # bytes: Hydra's config files, sweep.log and a first run fi
 def precheck_run_dir(argv: list[str]) -> str | None:
     """An explicit ``hydra.run.dir`` that cannot be written is refused before Hydra writes into it
     (Hydra's own error is a traceback). The run's real space needs are checked once the model is
-    known (``Sweep._check_inputs``)."""
+    known (``pipeline.Sweep._check_inputs``)."""
     value = None
     for arg in argv:
         key, sep, v = arg.partition("=")
@@ -295,7 +324,36 @@ def _inject_run_dir(world: World, argv: list[str]) -> list[str]:
         extra.append(f"hydra.sweep.dir=multirun/{stamp}")
     if not world.is_main and "hydra.output_subdir" not in keys:
         extra.append("hydra.output_subdir=null")
-    return argv + extra
+    return _with_overrides(argv, extra)
+
+
+# Hydra's options that take a value (``--cfg job``); ``--info`` takes one of its choices, optionally
+_VALUE_FLAGS = {"--cfg", "-c", "--package", "-p", "--config-path", "-cp", "--config-name", "-cn", "--config-dir", "-cd",
+                "--experimental-rerun"}
+_INFO = {"all", "config", "defaults", "defaults-tree", "plugins", "searchpath"}
+
+
+def _with_overrides(argv: list[str], extra: list[str]) -> list[str]:
+    """``argv`` with overrides ``extra`` added after the user's own, all overrides in one run after
+    the options: Hydra's parser takes its overrides as one positional list, so an override appended
+    after ``--cfg job`` would be refused."""
+    if not extra:
+        return argv
+    options: list[str] = []
+    overrides: list[str] = []
+    i = 0
+    while i < len(argv):
+        a = argv[i]
+        if a.startswith("-"):
+            options.append(a)
+            takes = a in _VALUE_FLAGS or (a in ("--info", "-i") and i + 1 < len(argv) and argv[i + 1] in _INFO)
+            if takes and i + 1 < len(argv):
+                options.append(argv[i + 1])
+                i += 1
+        else:
+            overrides.append(a)
+        i += 1
+    return options + overrides + extra
 
 
 def _own_output_subdir(argv: list[str]) -> tuple[list[str], bool]:
@@ -305,7 +363,7 @@ def _own_output_subdir(argv: list[str]) -> tuple[list[str], bool]:
     accepted (``_write_hydra_dir``). Returns the arguments and whether rank 0 writes it."""
     if any(a.split("=", 1)[0].lstrip("+~") == "hydra.output_subdir" for a in argv):
         return argv, False
-    return argv + ["hydra.output_subdir=null"], True
+    return _with_overrides(argv, ["hydra.output_subdir=null"]), True
 
 
 def _write_hydra_dir(cfg: Any, run_dir: str) -> None:
@@ -345,13 +403,16 @@ def _setup_logging(world: World, run_dir: str) -> None:
 def _task(cfg: Any) -> None:
     from hydra.core.hydra_config import HydraConfig
 
-    from .stages import Sweep
+    from . import pipeline
 
     world = _WORLD or World.from_env()
     run_dir = HydraConfig.get().runtime.output_dir
     _setup_logging(world, run_dir)
     accept = (lambda: _write_hydra_dir(cfg, run_dir)) if (_WRITE_HYDRA_DIR and world.is_main) else None
-    rc = run_guarded(world, lambda: Sweep(cfg, world, run_dir, on_accept=accept).run())
+    # any error ends every rank with one line "hpcprune: error: ..." and a non-zero exit: 2 when rank 0
+    # refuses the run before it starts, 1 from a stage; a user's error (HpcpruneError) is that line,
+    # anything else is a bug and keeps its traceback in sweep.log (run_guarded)
+    rc = run_guarded(world, lambda: pipeline.run(cfg, world, run_dir, on_accept=accept))
     if rc:
         sys.exit(rc)
 

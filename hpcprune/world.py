@@ -14,6 +14,8 @@ import sys
 import time
 from typing import Any, Callable, Sequence
 
+from .errors import HpcpruneError
+
 log = logging.getLogger(__name__)
 
 # environment variables that MPI launchers set in every rank they start
@@ -36,7 +38,7 @@ def clean_env(env: dict[str, str] | None = None) -> dict[str, str]:
     return {k: v for k, v in env.items() if not k.startswith(_MPI_ENV_PREFIXES)}
 
 
-class MPIMismatch(RuntimeError):
+class MPIMismatch(HpcpruneError, RuntimeError):
     """The MPI launcher and mpi4py's MPI library disagree on the world size."""
 
 
@@ -164,7 +166,12 @@ def sharing(mine: Sequence[int], everyone: Sequence[Sequence[int]]) -> int:
 
 
 def run_guarded(world: World, fn: Callable[[], int], err_stream: Any = None) -> int:
-    """Run ``fn``; on an exception print one line naming the rank and end every rank (MPI_Abort)."""
+    """Run ``fn``; on an exception print one line naming the rank and end every rank (MPI_Abort),
+    exit status 2 for a user's error (as for a bad config value found before the run starts), 1 for
+    anything else.
+
+    A user's error (:class:`~hpcprune.errors.HpcpruneError`: the line says it all) is logged as that
+    line; anything else is a bug and its traceback goes to the rank's log (sweep.log on rank 0)."""
     try:
         return fn()
     except SystemExit:
@@ -173,6 +180,10 @@ def run_guarded(world: World, fn: Callable[[], int], err_stream: Any = None) -> 
         where = f"rank {world.rank}/{world.size}: " if world.size > 1 else ""
         stream = err_stream or sys.stderr
         print(f"hpcprune: error: {where}{type(e).__name__}: {e}", file=stream, flush=True)
-        log.debug("fatal error on rank %d", world.rank, exc_info=True)
-        world.abort(1)
-        return 1
+        if isinstance(e, HpcpruneError):
+            log.debug("stopped on rank %d: %s: %s", world.rank, type(e).__name__, e)
+        else:
+            log.debug("fatal error on rank %d", world.rank, exc_info=True)
+        code = 2 if isinstance(e, HpcpruneError) else 1  # 2: the user's input (as before the run starts); 1: a bug
+        world.abort(code)
+        return code

@@ -1,0 +1,135 @@
+"""The groups stage (rank 0, first, on the architecture before any training): the dependency graph,
+every group verified, the exact cost model, every target checked for reachability.
+
+Writes ``/groups``: name, kind, size, members, MACs per unit, the excluded groups and why, and the
+cost model's terms.
+"""
+from __future__ import annotations
+
+import json
+import logging
+import time
+from typing import Any
+
+import h5py
+import numpy as np
+from torch import nn
+
+from .. import allocate
+from ..config import ConfigError, targets
+from ..graph import Excluded, Graph
+from ..runs import build_model
+from ..store import RunFile, replace_group
+from .context import Context, Record, build_graph
+
+log = logging.getLogger("hpcprune.stages")  # one logger for every stage: sweep.log's lines name it
+
+
+def run(ctx: Context, cfg: Any, rf: RunFile) -> Record:
+    """Rank 0, on the architecture (the config's model, with the checkpoint when one is given): the
+    dependency graph, every group verified (``verify.verify_groups``), the exact cost model, and
+    every target checked for reachability, before any training or evaluation."""
+    from ..verify import verify_groups
+
+    model = ctx.arch_model or build_model(cfg.model)
+    ctx.arch_model = None  # handed over: no second copy of a large model from here on
+    model = model.eval()
+    t0 = time.perf_counter()
+    graph, ignore = build_graph(model, cfg, ctx.example)
+    log.info("groups: dependency graph in %.1f s: %d groups found, %d excluded by the search", time.perf_counter() - t0,
+             len(graph.groups), len(graph.excluded))
+    last = [time.perf_counter()]
+
+    def progress(i: int, n: int, seconds: float) -> None:
+        if time.perf_counter() - last[0] > 10.0:
+            last[0] = time.perf_counter()
+            log.info("groups: verified %d of %d groups (%.0f s)", i, n, seconds)
+
+    verify_groups(graph, ctx.example, float(cfg.prune.max_ratio), int(cfg.prune.round_to), int(cfg.seed), progress)
+    _report_excluded(graph, model, cfg)
+    exact = _derive_cost(graph, model, ctx.example, cfg)
+    cost = allocate.CostModel.from_exact(graph.groups, exact)
+    budgets = {k: v for k, v in targets(cfg).items() if k != "latency"}
+    if budgets:
+        try:
+            allocate._check_reachable(cost, budgets, float(cfg.prune.max_ratio), int(cfg.prune.round_to),
+                                     blocks=str(cfg.prune.method) == "sensitivity")
+        except allocate.BudgetError as e:
+            raise ConfigError(f"{e} (found on the architecture, before any training)") from None
+    gs = graph.groups
+    log.info("%d groups: %s", len(gs), ", ".join(
+        f"{g.name}({g.size})" if not g.channels or g.channels == g.size else f"{g.name}({g.size} units of {g.channels // g.size} channels)"
+        for g in gs))
+    return lambda f: _write(f, graph, ignore, exact, cost)
+
+
+def _report_excluded(graph: Graph, model: nn.Module, cfg: Any) -> None:
+    """One line per group verification excluded; ConfigError with ``groups.strict`` or when no group is left."""
+    from ..verify import OUTPUT
+
+    failed = [e for e in graph.excluded if e.reason != OUTPUT]
+    for e in graph.excluded:
+        if e.reason == OUTPUT:
+            log.info("groups: %s not pruned (%s): it feeds the model's output", e.name, ", ".join(e.layer_types))
+        else:
+            log.warning("groups: %s excluded (%s): %s", e.name, ", ".join(e.layer_types), e.reason)
+    if failed and cfg.groups.strict:
+        e = failed[0]
+        raise ConfigError(f"groups.strict=true: group {e.name} ({', '.join(e.layer_types)}) cannot be pruned: {e.reason}; "
+                          f"add it to groups.ignore=[{e.name}] or set groups.strict=false to prune the others")
+    if not graph.groups:
+        types = sorted({t for e in failed for t in e.layer_types}) or sorted({type(m).__name__ for m in model.modules()
+                                                                               if not list(m.children())})
+        why = (f"; {failed[0].name}: {failed[0].reason}" if failed
+               else "; every group found feeds the model's output (the output layer is never cut)")
+        raise ConfigError(f"model {cfg.model.get('_target_')}: no prunable group (layer types: {', '.join(types[:12])}){why}; "
+                          "declare attention heads and blocks with prune_structure() (hpcprune/structure.py), or choose "
+                          "other groups.kinds / groups.ignore")
+
+
+def _derive_cost(graph: Graph, model: nn.Module, example: Any, cfg: Any) -> Any:
+    """The exact cost model (``costs.ExactCost``); a group whose cut no cost model follows is excluded."""
+    from ..costs import ExactCost, probes_from_graph
+
+    exact = None
+    while exact is None:
+        try:
+            exact = ExactCost.derive(model, example[:1], probes_from_graph(graph))
+        except ValueError as e:  # a group whose cut changes the computation in a way no cost model follows
+            bad = next((g for g in graph.groups if str(e).startswith(f"group {g.name}:")), None)
+            if bad is None:
+                raise
+            log.warning("groups: %s excluded (%s): %s", bad.name, ", ".join(bad.layer_types), str(e).split(": ", 1)[1])
+            graph.exclude([Excluded(bad.name, list(bad.layer_types), str(e).split(": ", 1)[1])])
+            if not graph.groups:
+                raise ConfigError(f"model {cfg.model.get('_target_')}: no prunable group; {e}") from None
+    return exact
+
+
+def _write(f: h5py.File, graph: Graph, ignore: list[str], exact: Any, cost: allocate.CostModel) -> None:
+    gs = graph.groups
+    per_unit = []
+    for i, g in enumerate(gs):
+        r = np.zeros(len(gs))
+        r[i] = 1.0 - (g.size - 1) / g.size
+        per_unit.append(cost.dense["macs"] - cost.cost("macs", r))
+    text = h5py.string_dtype()
+    h = replace_group(f, "groups")
+    h.create_dataset("name", data=np.array([g.name for g in gs], dtype=object), dtype=text)
+    h.create_dataset("kind", data=np.array([g.kind for g in gs], dtype=object), dtype=text)
+    h.create_dataset("size", data=np.array([g.size for g in gs], dtype=np.int64))
+    h.create_dataset("channels", data=np.array([g.channels or g.size for g in gs], dtype=np.int64))
+    h.create_dataset("maskable", data=np.array([g.maskable for g in gs]))
+    h.create_dataset("macs_per_channel", data=np.array(per_unit, dtype=np.float64))
+    h.create_dataset("layer_types", data=np.array([json.dumps(g.layer_types) for g in gs], dtype=object), dtype=text)
+    h.create_dataset(
+        "members", data=np.array([json.dumps([[m.module, "out" if m.out else "in", m.unit] for m in g.members]) for g in gs], dtype=object), dtype=text
+    )
+    h.attrs["excluded"] = json.dumps([[e.name, e.layer_types, e.reason] for e in graph.excluded])
+    h.attrs["ignored"] = json.dumps(ignore)
+    cg = h.create_group("cost")
+    for kind, (coef, exps) in exact.terms.items():
+        cg.create_dataset(f"{kind}_coef", data=np.asarray(coef, dtype=np.float64))
+        cg.create_dataset(f"{kind}_exps", data=np.asarray(exps, dtype=np.int8))
+    cg.attrs["dense_macs"], cg.attrs["dense_params"] = float(cost.dense["macs"]), float(cost.dense["params"])
+    h.attrs["complete"] = True

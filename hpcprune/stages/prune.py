@@ -1,0 +1,104 @@
+"""The prune stage (rank 0): the dense model cut by the allocation's plan, BatchNorm statistics
+re-estimated, measured; every budget checked on the real model. A missed latency target measures
+the latency model again around that allocation and re-allocates from it
+(``prune.latency_attempts`` times at most).
+
+Writes ``/pruned``: the plan (kept channels per group), metric, MACs, params, latency, the pruned
+weights (``pruned.safetensors``).
+"""
+from __future__ import annotations
+
+import json
+import logging
+from typing import Any
+
+import h5py
+import numpy as np
+import torch
+
+from .. import allocate, metrics
+from ..config import targets as config_targets
+from ..graph import Graph
+from ..runs import dense_model
+from ..store import RunFile, put_attrs, replace_group, write_weights
+from . import allocation
+from .context import Context, Record, measure, plan, train_batches
+from .latency import latency_table, relinearize
+
+log = logging.getLogger("hpcprune.stages")
+
+
+def run(ctx: Context, cfg: Any, rf: RunFile) -> Record:
+    targets = config_targets(cfg)
+    if "latency" in targets:
+        latency_table(ctx, cfg, rf)
+    with rf.read() as f:
+        ratios = f["allocation/ratio"][()]
+    adjustments: list[dict[str, Any]] = []
+    for attempt in range(int(cfg.prune.latency_attempts)):
+        model, kept, rec = _prune_to(ctx, cfg, rf, ratios)
+        if "latency" not in targets:
+            break
+        measured = rec["latency_ms"] / float(ctx.cost.dense["latency"])
+        if measured <= targets["latency"]:
+            break
+        ratios = _reallocate(ctx, cfg, rf, ratios, rec, measured, attempt, adjustments)
+    else:
+        raise RuntimeError(f"prune.target.latency={targets['latency']}: still {measured:.3f} of the dense latency after "
+                           f"{len(adjustments)} re-allocations (prune.latency_attempts); latency on this device may be noisy")
+    for k, t in targets.items():
+        if rec[f"{k}_kept"] > t + 1e-9:
+            raise RuntimeError(f"pruned model keeps {rec[f'{k}_kept']:.4f} of the dense {k}, above prune.target.{k}={t}")
+    log.info("pruned: %s %.4f, %.3f MACs kept, %.3f params kept, %.2f ms", ctx.metric, rec["metric"],
+             rec["macs_kept"], rec["params_kept"], rec["latency_ms"])
+
+    def write(f: h5py.File) -> None:
+        p = replace_group(f, "pruned")
+        put_attrs(p, rec)
+        p.attrs["bn_recalib_batches"] = int(cfg.prune.bn_recalib_batches)
+        p.attrs["latency_adjustments"] = json.dumps(adjustments)
+        pl = p.create_group("plan")
+        for name, units in kept.items():
+            pl.create_dataset(name, data=np.array(units, dtype=np.int64))
+        pl.attrs["groups"] = np.array(list(kept), dtype=object).astype(str).tolist()
+        write_weights(rf, "pruned", model.state_dict(), p)
+        p.attrs["complete"] = True
+
+    return write
+
+
+def _prune_to(ctx: Context, cfg: Any, rf: RunFile, ratios: np.ndarray) -> tuple[torch.nn.Module, dict[str, list[int]], dict[str, Any]]:
+    """A fresh dense model cut to ``ratios``, its BatchNorm statistics re-estimated: (model, plan, record)."""
+    kept = plan(ctx, cfg, ratios)
+    model = dense_model(rf, cfg)
+    graph = Graph(model, ctx.example[:1], ctx.ignore)
+    graph.apply_plan(kept)
+    recal = int(cfg.prune.bn_recalib_batches)
+    if recal:
+        metrics.recalibrate_bn(model, train_batches(ctx, cfg, recal))
+    return model, kept, measure(ctx, cfg, model)
+
+
+def _reallocate(ctx: Context, cfg: Any, rf: RunFile, ratios: np.ndarray, rec: dict[str, Any], measured: float,
+                attempt: int, adjustments: list[dict[str, Any]]) -> np.ndarray:
+    """The latency target was missed: the additive latency model (measured around the dense model)
+    is measured again around the allocation just pruned, so that it is exact there, and the
+    allocation continues from that point for the same target (sensitivity: only pruning more).
+    Records the new allocation (and the miss in ``adjustments``); returns its ratios."""
+    targets = config_targets(cfg)
+    relinearize(ctx, cfg, rf, ratios, rec["latency_ms"], attempt)
+    used = allocate.tighten_for_latency(targets, rec["macs_kept"], measured)
+    adjustments.append({"attempt": attempt, "measured": measured, "macs_kept": rec["macs_kept"], "targets": used,
+                        "relinearized": True})
+    log.info("latency kept %.3f > target %.3f: latency table measured around this allocation; re-allocating from "
+             "it with MACs capped at %.3f", measured, targets["latency"], used["macs"])
+    try:
+        alloc = allocation.allocate_ratios(ctx, cfg, rf, used, start=ratios)
+    except allocate.BudgetError as e:
+        raise RuntimeError(f"prune.target.latency={targets['latency']}: still {measured:.3f} of the dense latency after "
+                           f"{attempt} re-allocation(s), and the next step (the table measured around this allocation, "
+                           f"MACs capped at {used['macs']:.3f}) is out of reach ({e})") from e
+    write = allocation.record(ctx, cfg, alloc, used, adjustments)
+    with rf.write() as f:
+        write(f)
+    return alloc.ratios

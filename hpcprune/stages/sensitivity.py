@@ -1,0 +1,144 @@
+"""The sensitivity stage (every rank): the metric of every (group, ratio) cell, cells handed out by
+rank 0 (``hpcprune.sensitivity``), rank 0 flushing them to the run file as they arrive.
+
+Every rank runs it, done or not: a partly done grid (a killed run) computes only its pending cells.
+Writes ``/sensitivity``: metric, loss, seconds, rank, status per cell (flushed every
+``sensitivity.flush_s`` seconds; ``complete`` with the last flush).
+"""
+from __future__ import annotations
+
+import logging
+import math
+import sys
+import time
+from typing import Any
+
+import numpy as np
+
+from .. import metrics
+from ..sensitivity import DONE, PENDING, Evaluator, run_sensitivity, skip_past_floor, stop_rule
+from ..store import RunFile, RunFileError, put_sensitivity_cells, write_sensitivity_cells
+from .context import Context, Record, train_batches
+
+log = logging.getLogger("hpcprune.stages")
+
+STATUS_CODES = "0 pending, 1 done, 2 skipped (early stop)"
+
+
+def run(ctx: Context, cfg: Any, rf: RunFile) -> Record | None:
+    ratios = [float(r) for r in cfg.sensitivity.ratios]
+    state = _load_state(rf, len(ctx.graph.groups), ratios) if ctx.main else None
+    pending = ctx.world.bcast(state["status"] == PENDING if state is not None else None)
+    if not pending.any():
+        return None
+    floor = cfg.sensitivity.early_stop_floor
+    stop = stop_rule(ctx.metric, floor, bool(metrics.METRIC_HIGHER_IS_BETTER[ctx.metric]))
+    evaluator = _evaluator(ctx, cfg, ratios)
+    # damage is measured against the dense model on the same calibration batches, in the same layout
+    dense_calib = metrics.evaluate(evaluator.model, evaluator.batches)
+    t0 = time.perf_counter()
+    cells = None
+    if ctx.main:
+        cells = _Cells(rf, state, ratios, ctx.metric, floor, float(cfg.sensitivity.flush_s), {
+            "metric_name": ctx.metric, "dense_metric": ctx.base["metric"], "dense_loss": ctx.base["loss"],
+            "dense_calib_metric": dense_calib.metric(ctx.metric), "dense_calib_loss": dense_calib.mean_loss(),
+            "calib_samples": len(ctx.data.calib), "world_size": ctx.world.size, "status_codes": STATUS_CODES,
+        })
+    bar = None
+    if ctx.main:
+        from tqdm import tqdm
+
+        bar = tqdm(total=int(pending.sum()), desc="sensitivity", unit="cell", file=sys.stderr, disable=None)
+    try:
+        results = run_sensitivity(ctx.world, evaluator, pending, ctx.module_macs, cells.add if cells else None, stop, bar,
+                                  cfg.sensitivity.team_size)
+    finally:
+        evaluator.close()
+    if bar is not None:
+        bar.close()
+    ctx.model.cpu()
+    if cells is None:
+        return None
+    wall = time.perf_counter() - t0
+    log.info("sensitivity: %d cells on %d ranks in %.1f s", len(results), ctx.world.size, wall)
+    return cells.record(wall)
+
+
+def _evaluator(ctx: Context, cfg: Any, ratios: list[float]) -> Evaluator:
+    s = cfg.sensitivity
+    return Evaluator(
+        ctx.model.to(ctx.device), ctx.graph.groups, ctx.orders, ratios, ctx.calib, ctx.example[:1].to(ctx.device),
+        ctx.ignore, bool(s.cache_prefix),
+        recal_batches=[(x.to(ctx.device), y) for x, y in train_batches(ctx, cfg, int(s.bn_recalib_batches))],
+        channels_last=bool(s.get("channels_last", False)),
+        fold_bn=bool(s.get("fold_bn", False)),
+        graph=ctx.graph, round_to=int(cfg.prune.round_to),
+    )
+
+
+def _load_state(rf: RunFile, G: int, ratios: list[float]) -> dict[str, np.ndarray]:
+    """The cell arrays: as a partly done run left them, or all pending."""
+    R = len(ratios)
+    with rf.read() as f:
+        if "sensitivity" in f:
+            s = f["sensitivity"]
+            if list(s["ratios"][()]) != ratios:
+                raise RunFileError(f"{rf.path}: stored ratio grid {list(s['ratios'][()])} differs from {ratios}")
+            state = {k: s[k][()] for k in ("metric", "loss", "seconds", "rank", "status")}
+            for k, like in (("prefix_seconds", np.zeros(G)), ("recal_prefix_seconds", np.zeros(G)),
+                            ("recal_seconds", np.full((G, R), np.nan)), ("team", np.ones((G, R), dtype=np.int32))):
+                state[k] = s[k][()] if k in s else like
+            return state
+    return {
+        "metric": np.full((G, R), np.nan), "loss": np.full((G, R), np.nan), "seconds": np.full((G, R), np.nan),
+        "rank": np.full((G, R), -1, dtype=np.int32), "status": np.zeros((G, R), dtype=np.int8),
+        "prefix_seconds": np.zeros(G),  # time to compute a group's cached activations (last chunk)
+        "recal_prefix_seconds": np.zeros(G),  # of which for the BatchNorm re-estimation batches
+        "recal_seconds": np.full((G, R), np.nan),  # of a cell's seconds: re-estimating BatchNorm statistics
+        "team": np.ones((G, R), dtype=np.int32),  # ranks that evaluated the cell together (rank: the leader)
+    }
+
+
+class _Cells:
+    """Rank 0's copy of the grid: cells arrive from every rank (:meth:`add`), are written every
+    ``flush_s`` seconds, and the last of them with the stage's record (:meth:`record`)."""
+
+    def __init__(self, rf: RunFile, state: dict[str, np.ndarray], ratios: list[float], metric: str, floor: Any,
+                 flush_s: float, attrs: dict[str, Any]) -> None:
+        self.rf, self.state, self.ratios, self.metric, self.floor = rf, state, ratios, metric, floor
+        self.flush_s, self.attrs = flush_s, attrs
+        self.buffer: list[Any] = []
+        self.last = time.perf_counter()
+
+    def add(self, results: list[Any]) -> None:
+        self.buffer.extend(results)
+        if time.perf_counter() - self.last >= self.flush_s:
+            self._apply()
+            write_sensitivity_cells(self.rf, self.state, self.attrs, ratios=self.ratios)
+            self.last = time.perf_counter()
+
+    def record(self, wall: float) -> Record:
+        self._apply()
+        return lambda f: put_sensitivity_cells(f, self.state, self.attrs, ratios=self.ratios, complete=True, wall=wall)
+
+    def _apply(self) -> None:
+        state = self.state
+        for c in self.buffer:
+            if c.status == DONE:
+                sums = metrics.EvalSums(*c.sums)
+                loss = sums.mean_loss()
+                # a model whose output is NaN has no metric either (argmax of NaN logits is class 0)
+                state["metric"][c.group, c.ratio] = sums.metric(self.metric) if not math.isnan(loss) else math.nan
+                state["loss"][c.group, c.ratio] = loss
+            state["status"][c.group, c.ratio] = c.status
+            if c.prefix_s > 0:
+                state["prefix_seconds"][c.group] = c.prefix_s
+                state["recal_prefix_seconds"][c.group] = c.recal_prefix_s
+            state["seconds"][c.group, c.ratio] = c.seconds
+            state["recal_seconds"][c.group, c.ratio] = c.recal_s
+            state["team"][c.group, c.ratio] = c.team
+            state["rank"][c.group, c.ratio] = c.rank
+        self.buffer.clear()
+        # several ranks may have evaluated chunks of one group at once: the rule once more on the whole record
+        skip_past_floor(state, self.floor, bool(metrics.METRIC_HIGHER_IS_BETTER[self.metric]))
+
