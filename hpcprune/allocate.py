@@ -23,14 +23,14 @@ import numpy as np
 import torch
 from torch import nn
 
-from .costs import poly_eval
+from .errors import HpcpruneError
 from .graph import BLOCK_RATIO, GroupInfo, n_keep
 
 METHODS = ("uniform", "global", "sensitivity")
 COSTS = ("macs", "params", "latency")
 
 
-class BudgetError(ValueError):
+class BudgetError(HpcpruneError, ValueError):
     """A target that cannot be met within the allowed per-group ratios."""
 
 
@@ -67,6 +67,13 @@ class CostModel:
             if (exps < 0).any():
                 raise ValueError(f"cost terms for {kind}: negative exponent")
             self.terms[kind] = (coef, exps)
+        # the same terms, sparse: a term involves a few groups (a convolution: its input and output
+        # groups), so products over (term, group) pairs with a non-zero exponent, not over all G
+        self._sparse: dict[str, tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]] = {}
+        for kind, (coef, exps) in self.terms.items():
+            t, g = np.nonzero(exps)
+            starts = np.flatnonzero(np.r_[True, t[1:] != t[:-1]]) if len(t) else np.zeros(0, dtype=np.int64)
+            self._sparse[kind] = (t, g, exps[t, g], starts)
         self.latency: tuple[np.ndarray, np.ndarray, float] | None = None  # (grid, G x R ms, dense ms)
         self._kf: dict[tuple[int, float, int], float] = {}  # keep_fraction memo
         self.dense = {k: self.cost(k, np.zeros(G)) for k in ("macs", "params") if k in self.terms}
@@ -119,7 +126,16 @@ class CostModel:
             if self.latency is None:
                 raise ValueError("prune.target.latency needs a measured latency table")
             return self.latency[2] + sum(self.latency_delta(g, float(r)) for g, r in enumerate(ratios))
-        return poly_eval(*self.terms[kind], self.keep_fractions(np.asarray(ratios, dtype=np.float64), round_to))
+        return float(self.terms[kind][0] @ self._term_values(kind, self.keep_fractions(np.asarray(ratios, dtype=np.float64), round_to)))
+
+    def _term_values(self, kind: str, f: np.ndarray) -> np.ndarray:
+        """prod_g f_g ** exps[t, g] per term t (0 ** 0 = 1: a removed block's absent terms)."""
+        coef = self.terms[kind][0]
+        t, g, e, starts = self._sparse[kind]
+        vals = np.ones(len(coef))
+        if len(t):
+            vals[t[starts]] = np.multiply.reduceat(f[g] ** e, starts)
+        return vals
 
     def poly_in(self, kind: str, g: int, ratios: np.ndarray, round_to: int = 1) -> np.ndarray:
         """Coefficients ``c`` of the cost as a polynomial in group ``g``'s kept fraction with every
@@ -132,12 +148,7 @@ class CostModel:
         out = np.zeros(top + 1)
         if not len(coef):
             return out
-        top_all = int(exps.max())
-        powers = np.ones((len(f), top_all + 1))  # powers[h, e] = f_h ** e, with 0 ** 0 = 1 (removed blocks)
-        for e in range(1, top_all + 1):
-            powers[:, e] = powers[:, e - 1] * f
-        powers[g, :] = 1.0
-        vals = powers[np.arange(len(f))[None, :], exps].prod(axis=1)
+        vals = self._term_values(kind, f)  # f[g] = 1: every factor but group g's
         np.add.at(out, exps[:, g], coef * vals)
         return out
 
@@ -340,7 +351,9 @@ def sensitivity(
     cost saved wins (this looks past plateaus instead of only at the next step). Costs saved are exact
     for the current state of all other groups (``CostModel.poly_in``: the cost is a polynomial,
     at most quadratic for matmuls and convolutions, in one group's kept fraction).
-    Assumes damages add up across groups; see cluster_docs/allocation.md.
+    Once the targets are met, steps back that keep them met give damage back (:func:`_give_back`:
+    a jump can overshoot the target). Assumes damages add up across groups; see
+    cluster_docs/allocation.md.
 
     ``start``: continue from these ratios instead of from the dense model (only ever pruning more),
     e.g. from an allocation whose measured latency missed, with a latency table measured around it.
@@ -355,41 +368,14 @@ def sensitivity(
         cand = np.unique(np.concatenate([cand, np.minimum(np.asarray(start, dtype=np.float64), max_ratio)]))
         curves = _curves(cm, grid, damage, cand)
         state = np.array([int(np.searchsorted(cand, min(float(s), max_ratio) - 1e-12)) for s in start], dtype=np.int64)
+    floor = state.copy()  # only ever pruning more than ``start``
     kinds = list(targets)
 
     def ratios_of(st: np.ndarray) -> np.ndarray:
         return cand[st]
 
     while not _meets(cm, ratios_of(state), targets, round_to):
-        r = ratios_of(state)
-        fr = {k: cm.fraction(k, r, round_to) for k in kinds}
-        weights = {k: (1.0 if fr[k] > targets[k] + 1e-12 else 1e-3) for k in kinds}
-        best = None
-        for g in range(n):
-            if state[g] + 1 >= len(cand):
-                continue
-            # the cost as a polynomial in group g's kept fraction (every other group as it is now):
-            # quadratic where the group feeds itself (residual streams), exact for every candidate
-            f_now = cm.keep_fraction(g, r[g], round_to)
-            if cm.keep_fraction(g, 1.0, round_to) >= f_now:
-                continue
-            polys = {k: cm.poly_in(k, g, r, round_to) / cm.dense[k] for k in kinds if k != "latency"}
-            now = {k: float(np.polynomial.polynomial.polyval(f_now, c)) for k, c in polys.items()}
-            for j in range(state[g] + 1, len(cand)):
-                if not np.isfinite(curves[g, j]):
-                    break
-                f_new = cm.keep_fraction(g, cand[j], round_to)
-                if f_new >= f_now:
-                    continue
-                saved = sum(weights[k] * (now[k] - float(np.polynomial.polynomial.polyval(f_new, c))) for k, c in polys.items())
-                if "latency" in kinds:  # additive: the group's own measured change
-                    saved += weights["latency"] * (cm.latency_delta(g, r[g]) - cm.latency_delta(g, cand[j])) / cm.dense["latency"]
-                if saved <= 0:
-                    continue
-                dmg = curves[g, j] - curves[g, state[g]]
-                score = dmg / saved
-                if best is None or score < best[0]:
-                    best = (score, g, j)
+        best = _best_jump(cm, cand, curves, state, targets, round_to)
         if best is None:
             raise BudgetError(
                 "prune.method=sensitivity: the measured curves cannot reach the targets "
@@ -397,6 +383,80 @@ def sensitivity(
                 f"{ {k: round(cm.fraction(k, ratios_of(state), round_to), 4) for k in kinds} }"
             )
         state[best[1]] = best[2]
+    state = _give_back(cm, cand, curves, state, targets, round_to, floor=floor)
     r = ratios_of(state)
     loss = float(sum(curves[g, state[g]] for g in range(n)))
     return _result(cm, r, round_to, loss)
+
+
+def _best_jump(cm: CostModel, cand: np.ndarray, curves: np.ndarray, state: np.ndarray, targets: dict[str, float],
+               round_to: int) -> tuple[float, int, int] | None:
+    """The jump (score, group, candidate index) with the least damage per cost saved from ``state``
+    (kinds already met weigh 1e-3), or None when no group can save anything."""
+    kinds = list(targets)
+    r = cand[state]
+    fr = {k: cm.fraction(k, r, round_to) for k in kinds}
+    weights = {k: (1.0 if fr[k] > targets[k] + 1e-12 else 1e-3) for k in kinds}
+    best = None
+    for g in range(len(cm.groups)):
+        if state[g] + 1 >= len(cand):
+            continue
+        # the cost as a polynomial in group g's kept fraction (every other group as it is now):
+        # quadratic where the group feeds itself (residual streams), exact for every candidate
+        f_now = cm.keep_fraction(g, r[g], round_to)
+        if cm.keep_fraction(g, 1.0, round_to) >= f_now:
+            continue
+        polys = {k: cm.poly_in(k, g, r, round_to) / cm.dense[k] for k in kinds if k != "latency"}
+        now = {k: float(np.polynomial.polynomial.polyval(f_now, c)) for k, c in polys.items()}
+        for j in range(state[g] + 1, len(cand)):
+            if not np.isfinite(curves[g, j]):
+                break
+            f_new = cm.keep_fraction(g, cand[j], round_to)
+            if f_new >= f_now:
+                continue
+            saved = sum(weights[k] * (now[k] - float(np.polynomial.polynomial.polyval(f_new, c))) for k, c in polys.items())
+            if "latency" in kinds:  # additive: the group's own measured change
+                saved += weights["latency"] * (cm.latency_delta(g, r[g]) - cm.latency_delta(g, cand[j])) / cm.dense["latency"]
+            if saved <= 0:
+                continue
+            dmg = curves[g, j] - curves[g, state[g]]
+            score = dmg / saved
+            if best is None or score < best[0]:
+                best = (score, g, j)
+    return best
+
+
+def _give_back(cm: CostModel, cand: np.ndarray, curves: np.ndarray, state: np.ndarray, targets: dict[str, float],
+               round_to: int, floor: np.ndarray | None = None) -> np.ndarray:
+    """After the greedy has met the targets: its jumps can overshoot them (a group jumped to a large
+    ratio where a smaller one would have done). Undo, one group at a time, the step back that gives
+    the most damage back while the targets stay met (ties: the one that adds the most cost back,
+    i.e. overshoots least), until no step back does."""
+    state = state.copy()
+    kinds = [k for k in targets if k != "latency"]
+    if not kinds or "latency" in targets:  # a measured latency is not re-predicted here
+        return state
+    while True:
+        best = None
+        r = cand[state]
+        for g in range(len(state)):
+            lo = int(floor[g]) if floor is not None else 0
+            if state[g] <= lo:
+                continue
+            # the cost in group g's kept fraction, every other group as it is: exact per candidate
+            polys = {k: cm.poly_in(k, g, r, round_to) / cm.dense[k] for k in kinds}
+            for j in range(lo, int(state[g])):
+                gain = float(curves[g, state[g]] - curves[g, j])
+                if gain < 0 or not np.isfinite(gain):
+                    continue
+                f = cm.keep_fraction(g, cand[j], round_to)
+                fr = {k: float(np.polynomial.polynomial.polyval(f, c)) for k, c in polys.items()}
+                if any(fr[k] > targets[k] + 1e-12 for k in kinds):
+                    continue
+                added = sum(fr.values())
+                if best is None or (gain, added) > best[0]:
+                    best = ((gain, added), g, j)
+                break  # the smallest ratio that still meets is the most given back for this group
+        if best is None:  # every move lowers one ratio: this ends
+            return state
+        state[best[1]] = best[2]
