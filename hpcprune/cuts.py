@@ -231,6 +231,26 @@ def _owner(model: nn.Module, name: str) -> tuple[nn.Module, str]:
     return (model.get_submodule(parent) if parent else model), attr
 
 
+def _targets(dg: Any, group: Any) -> list[nn.Module]:
+    """Every module a Torch-Pruning group's layer functions may change: each member (a bare parameter's
+    owner) and its submodules (a layer function may cut a submodule too: MHA's out_proj), once."""
+    seen: set[int] = set()
+    targets = []
+    for dep, _ in group:
+        mod = dep.target.module
+        if isinstance(mod, nn.Parameter):
+            owner = _owner(dg.model, dg._param_to_name[mod])[0]
+        elif isinstance(mod, nn.Module):
+            owner = mod
+        else:
+            continue
+        for sub in owner.modules():
+            if id(sub) not in seen:
+                seen.add(id(sub))
+                targets.append(sub)
+    return targets
+
+
 @dataclass
 class TPCut:
     """A Torch-Pruning group (``dg.get_pruning_group(...)``: every coupled layer with the indices it
@@ -251,20 +271,7 @@ class TPCut:
     def apply(cls, dg: Any, group: Any, buffers: dict[int, str] | None = None, permanent: bool = False) -> "TPCut":
         cut = cls()
         model = dg.model
-        seen: set[int] = set()
-        targets = []
-        for dep, idxs in group:
-            mod = dep.target.module
-            if isinstance(mod, nn.Parameter):
-                owner, _ = _owner(model, dg._param_to_name[mod])
-            elif isinstance(mod, nn.Module):
-                owner = mod
-            else:
-                continue
-            for sub in owner.modules():  # a layer function may cut a submodule too (MHA's out_proj)
-                if id(sub) not in seen:
-                    seen.add(id(sub))
-                    targets.append(sub)
+        targets = _targets(dg, group)
         # tied parameters: which (module, name) pairs hold the same tensor before the cut
         ties: dict[int, list[tuple[nn.Module, str]]] = {}
         for owner in targets:
@@ -273,7 +280,7 @@ class TPCut:
                     ties.setdefault(id(p), []).append((owner, pname))
         for owner in targets:
             # lists copied: Torch-Pruning's ConcatPruner/SplitPruner decrement the old ``concat_sizes``
-            # / ``split_sizes`` list in place before assigning a new one (upstream bug), so a restored
+            # / ``split_sizes`` list in place before assigning a new one (upstream bug, see tp_fixes), so a restored
             # reference would hold the cut sizes and every later cut through that concat be mis-mapped
             attrs = {k: (list(v) if isinstance(v, list) else v) for k, v in owner.__dict__.items()}
             cut.saved.append((owner, attrs, dict(owner._parameters), dict(owner._buffers)))

@@ -1,6 +1,7 @@
 """Prunable groups from Torch-Pruning's dependency graph; masking a group in place; applying a plan.
 
-This is the one module that talks to Torch-Pruning. A *group* is a set of channels (or neurons)
+This is the one module that talks to Torch-Pruning (the upstream bugs hpcprune patches or works
+around are :mod:`hpcprune.tp_fixes`, imported first). A *group* is a set of channels (or neurons)
 coupled through residual adds, BatchNorm, concatenations or attention projections: pruning channel
 ``i`` of the group removes it from every member layer at once. Groups are named after their first
 member layer in model order, which is stable across processes and runs of the same model.
@@ -13,7 +14,6 @@ import math
 import signal
 import threading
 import time
-import weakref
 import warnings
 from dataclasses import dataclass, field
 from typing import Any, Iterator, Sequence
@@ -22,7 +22,9 @@ import torch
 import torch_pruning as tp
 from torch import nn
 
+from . import tp_fixes  # first: Torch-Pruning patched before any graph is built
 from .cuts import _NORMS, Mask, Slice, TPCut, _dim_size, expand, mask_group, skip_block, slice_group  # noqa: F401
+from .errors import HpcpruneError
 from .structure import Skip, Structure, structure_of  # noqa: F401
 
 log = logging.getLogger(__name__)
@@ -30,71 +32,7 @@ log = logging.getLogger(__name__)
 _MASKABLE = (nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.Linear, nn.modules.batchnorm._BatchNorm)
 
 
-def _layernorm_prune(self: Any, layer: nn.Module, idxs: Sequence[int]) -> nn.Module:
-    """Torch-Pruning 1.6's ``LayernormPruner.prune_out_channels`` builds its kept indices as
-    ``torch.tensor(list(set(range(n)) - set(idxs)))`` and calls ``keep_idxs.sort()``, which is not in
-    place on a tensor: with many channels cut, the kept scale and shift come out in the order of a
-    Python set, permuted against their channels. The same function with a sorted list (upstream
-    bug, ``torch_pruning/pruner/function.py``; replaced here before any graph is built)."""
-    dim = self.pruning_dim
-    if len(layer.normalized_shape) < -dim:
-        return layer
-    n = layer.normalized_shape[dim]
-    drop = set(int(i) for i in idxs)
-    keep = [i for i in range(n) if i not in drop]
-    if layer.elementwise_affine:
-        layer.weight = self._prune_parameter_and_grad(layer.weight, keep, dim)
-        if layer.bias is not None:
-            layer.bias = self._prune_parameter_and_grad(layer.bias, keep, dim)
-    shape = list(layer.normalized_shape)
-    shape[dim] = len(keep)
-    layer.normalized_shape = tuple(shape)
-    return layer
-
-
-tp.pruner.function.LayernormPruner.prune_out_channels = _layernorm_prune
-tp.pruner.function.LayernormPruner.prune_in_channels = _layernorm_prune
-
-
-_tp_update_index_mapping = tp.dependency.index_mapping.update_index_mapping
-_mapped_at: "weakref.WeakKeyDictionary[Any, tuple]" = weakref.WeakKeyDictionary()
-
-
-def _update_index_mapping(dg: Any) -> None:
-    """Torch-Pruning recomputes every concat/split/reshape index mapping of the whole graph on every
-    ``get_pruning_group`` (27 ms a call on DenseNet-121, two calls per group verified or cut); the
-    mappings follow the layers' widths only, so they are recomputed only when a parameter or buffer
-    shape of the model has changed since the last time (a permanent cut, a cut not yet restored)."""
-    model = getattr(dg, "model", None)
-    if model is None:
-        return _tp_update_index_mapping(dg)
-    key = tuple(tuple(t.shape) for t in model.parameters()) + tuple(tuple(t.shape) for t in model.buffers())
-    if _mapped_at.get(dg) != key:
-        _tp_update_index_mapping(dg)
-        _mapped_at[dg] = key
-
-
-tp.dependency.index_mapping.update_index_mapping = _update_index_mapping
-
-_tp_flatten_call = tp.dependency.index_mapping._FlattenIndexMapping.__call__
-_max_width = [0]  # the largest dimension of any tensor of a model a graph was built on (only grows)
-
-
-def _flatten_call(self: Any, idxs: Any) -> Any:
-    """Torch-Pruning maps a reshape that does not touch channels (Swin's window partition of an NHWC
-    tensor) as a flatten whose stride multiplies along the chain: the index lists grow past any
-    layer's width (30 million indices, minutes, on Swin-T). A mapping to more indices than the
-    largest dimension of any of the model's tensors is wrong: the group is refused at once."""
-    if not self.reverse and _max_width[0] and len(idxs) * self._stride > _max_width[0]:
-        raise ValueError(f"Torch-Pruning maps a reshape to {len(idxs) * self._stride} channel indices, more than "
-                         f"any layer's width ({_max_width[0]}): a reshape it does not understand (channels last?)")
-    return _tp_flatten_call(self, idxs)
-
-
-tp.dependency.index_mapping._FlattenIndexMapping.__call__ = _flatten_call
-
-
-class GraphError(ValueError):
+class GraphError(HpcpruneError, ValueError):
     """The model's dependency graph cannot be built (untraceable model, time limit)."""
 
 
@@ -166,8 +104,6 @@ def n_keep(g: GroupInfo, ratio: float, round_to: int = 1) -> int:
     return keep_count(g.size, ratio, max(1, round_to // math.gcd(round_to, per)))
 
 
-
-
 _ROOTS = (nn.modules.conv._ConvNd, nn.Linear)
 _KNOWN_BUFFERS = (nn.modules.batchnorm._BatchNorm, nn.modules.instancenorm._InstanceNorm)
 
@@ -218,8 +154,8 @@ class Graph:
         self.excluded: list[Excluded] = []
         self._buffers: dict[int, str] = {}  # id(parameter standing for a buffer while traced) -> its name
         t0 = time.perf_counter()
-        _max_width[0] = max([_max_width[0], *(max(t.shape, default=1) for t in model.parameters()),
-                             *(max(t.shape, default=1) for t in model.buffers())])
+        tp_fixes._max_width[0] = max([tp_fixes._max_width[0], *(max(t.shape, default=1) for t in model.parameters()),
+                                      *(max(t.shape, default=1) for t in model.buffers())])
         with time_limit(timeout_s, f"groups: Torch-Pruning's dependency graph of {type(model).__name__} did not finish in "
                                    f"groups.timeout_s={timeout_s:g} s; declare attention layers and blocks with "
                                    "prune_structure() (hpcprune/structure.py), name slow parts in groups.ignore=[...], "

@@ -70,7 +70,7 @@ def group_scores(
                     s = _magnitude(2)(graph.tp_group(g.name))
             except (IndexError, RuntimeError, ValueError) as e:
                 # Torch-Pruning's criteria index some layers wrongly (a depthwise conv with a channel
-                # multiplier): the norm of the weights producing each channel of the root layer instead
+                # multiplier; see tp_fixes): the norm of the weights producing each channel of the root layer instead
                 log.warning("importance: %s for group %s failed in Torch-Pruning (%s: %s); using the root layer's output "
                             "weight norms", criterion, g.name, type(e).__name__, str(e).splitlines()[0] if str(e) else "")
                 s = _out_weight_norm(graph.by_name[g.name])

@@ -124,8 +124,8 @@ def module_macs(model: nn.Module, example_input: torch.Tensor) -> dict[str, int]
 def macs(model: nn.Module, example_input: torch.Tensor) -> int:
     """Multiply-accumulates of one forward per sample, as PyTorch's own flop formulas count what the
     forward really computes (``torch.utils.flop_counter``: matmuls, convolutions, attention; flops / 2;
-    see :func:`hpcprune.costs.count_macs`). Elementwise ops and normalisations are not counted."""
-    from .costs import count_macs
+    see :func:`hpcprune.flops.count_macs`). Elementwise ops and normalisations are not counted."""
+    from .flops import count_macs
 
     return int(count_macs(model, example_input))
 

@@ -9,15 +9,16 @@
 Only the run file is read (plus ``sweep.log`` next to it for per-stage timings); torch is not
 imported. Run files of a schema this code does not know are refused with one line each and a
 non-zero exit; the readable ones are still reported.
+
+This module reads the run files (:func:`load_run`) and does the table, sorting, filtering and CSV;
+the figures, PNG files and the HTML page are :mod:`hpcprune.report_html` (its functions are also
+reachable here, as before: ``report.render_html``, ``report.build_figures``, ...).
 """
 from __future__ import annotations
 
 import argparse
-import base64
 import csv
 import glob
-import html
-import io
 import json
 import math
 import os
@@ -28,7 +29,9 @@ from typing import Any, Sequence
 
 import numpy as np
 
-from .store import RunFile, RunFileError
+from .config import RESUME_IGNORED
+from .errors import HpcpruneError
+from .store import TIMED_STAGES, RunFile, RunFileError
 
 COLUMNS = [
     ("run", "run"), ("status", "status"), ("method", "method"), ("target", "target"),
@@ -37,14 +40,14 @@ COLUMNS = [
     ("world", "ranks"), ("ft_tasks", "DDP"),
     ("t_sens", "sens s"), ("t_ft", "ft s"), ("wall", "wall s"),
 ]
-STAGES = ("baseline", "groups", "sensitivity", "allocation", "pruned", "final")
-# config keys that do not change results (as in stages._RESUME_IGNORED): ignored when deciding
+STAGES = TIMED_STAGES  # the stages timed per run, in README's order
+# config keys that do not change results (those a resume may change): ignored when deciding
 # whether runs differ only in prune.method
-NEUTRAL_KEYS = ("launcher", "threads", "device", "resume", "sensitivity.flush_s", "hydra")
+NEUTRAL_KEYS = RESUME_IGNORED
 _STAGE_LINE = re.compile(r"stage (\w+): ([0-9.]+) s\b")
 
 
-class ReportError(ValueError):
+class ReportError(HpcpruneError, ValueError):
     """Bad report arguments (unknown column, unknown filter key)."""
 
 
@@ -86,6 +89,7 @@ class Run:
     final: dict[str, Any] = field(default_factory=dict)    # /final attrs
     groups: list[str] = field(default_factory=list)        # model order
     excluded: list[list] = field(default_factory=list)     # [name, layer types, reason] per group not pruned
+    status_reason: str = ""                                 # why a failed run stopped
     sizes: list[int] = field(default_factory=list)
     sens: dict[str, Any] | None = None
     alloc: dict[str, Any] | None = None
@@ -127,19 +131,7 @@ def load_run(path: str) -> Run:
             run.sizes = [int(x) for x in f["groups/size"][()]]
             run.excluded = json.loads(_get(f["groups"].attrs, "excluded") or "[]")
         if "sensitivity/metric" in f and run.groups:
-            s = f["sensitivity"]
-            # the cells are measured on the calibration set; the run file's dense reference is the
-            # val metric unless a dense calibration metric is recorded
-            if sens.get("dense_calib_metric") is not None:
-                ref, ref_name = float(sens["dense_calib_metric"]), "dense model on the calibration set"
-            else:
-                ref = float(sens.get("dense_metric", base.get("metric", math.nan)))
-                ref_name = ("dense model on the validation set (the run file records no dense metric on the "
-                            "calibration set, which the cells are measured on)")
-            run.sens = {"ratios": s["ratios"][()].astype(float), "metric": s["metric"][()].astype(float),
-                        "loss": s["loss"][()].astype(float), "status": s["status"][()].astype(int),
-                        "seconds": s["seconds"][()].astype(float), "rank": s["rank"][()].astype(int),
-                        "reference": ref, "reference_name": ref_name, "attrs": sens}
+            run.sens = _read_sensitivity(f["sensitivity"], sens, base)
         if "allocation/ratio" in f and bool(alloc.get("complete")):
             run.alloc = {"ratio": f["allocation/ratio"][()].astype(float), "keep": f["allocation/keep"][()].astype(int),
                          "attrs": alloc}
@@ -149,50 +141,77 @@ def load_run(path: str) -> Run:
             run.history_columns = _strs(ds.attrs.get("columns", ["epoch", "train_loss", "val_metric", "val_loss", "lr", "seconds"]))
         run.wall = _get(root, "wall_s")
         run.worlds = {"sweep": _get(root, "world_size"), "sensitivity": sens.get("world_size"), "finetune": ft.get("world_size")}
-        # per-stage seconds: a `seconds` attribute on the stage groups, else the root attribute
-        # `stage_seconds` (JSON), else the "stage NAME: X s" lines of sweep.log next to the run file
-        stored = {s: _get(f[s].attrs, "seconds") for s in STAGES if s in f}
-        stored = {s: float(v) for s, v in stored.items() if v is not None}
-        if not stored and root.get("stage_seconds"):
-            try:
-                stored = {k: float(v) for k, v in json.loads(root["stage_seconds"]).items() if k in STAGES and v is not None}
-            except (ValueError, TypeError, AttributeError):
-                stored = {}
-        if stored:
-            run.timings, run.timing_source = stored, "run file"
-        else:
-            run.timings = _timings_from_log(os.path.join(os.path.dirname(rf.path), "sweep.log"))
-            run.timing_source = "sweep.log" if run.timings else ""
-        if "sensitivity" not in run.timings and sens.get("wall_s") is not None:
-            run.timings["sensitivity"] = float(sens["wall_s"])
-            run.timing_source = run.timing_source or "run file"
-
-        row: dict[str, Any] = {"run": os.path.relpath(os.path.dirname(rf.path)), "path": rf.path}
-        row["status"] = str(root.get("status"))
-        row["world"] = int(root.get("world_size") or 1)
-        row["wall"] = run.wall
-        row["metric"] = run.metric_name
-        row["dense"] = _get(base, "metric")
-        row["pruned"] = _get(pr, "metric")
-        row["final"] = _get(fin, "metric")
-        row["method"] = str(alloc.get("method") or run.config.get("prune.method") or "")
-        targets = json.loads(alloc["targets"]) if alloc.get("targets") else {
-            k.split(".")[-1]: v for k, v in run.config.items() if k.startswith("prune.target.") and v is not None}
-        row["target"] = ",".join(f"{k}={v}" for k, v in targets.items())
-        src = fin or pr
-        row["macs_kept"] = _get(src, "macs_kept")
-        row["params_kept"] = _get(src, "params_kept")
-        row["speedup"] = _get(src, "latency_speedup")
-        row["ft_tasks"] = _get(ft, "world_size")
-        row["groups"] = len(run.groups) if run.groups else None
-        # excluded by verification (a group that feeds the output is kept on purpose, not counted)
-        row["excluded"] = sum(1 for e in run.excluded if "feeds the model's output" not in str(e[2])) if run.groups else None
-        row["t_sens"] = _get(sens, "wall_s")
-        hist = run.history
-        sec = run.history_columns.index("seconds") if "seconds" in run.history_columns else None
-        row["t_ft"] = float(hist[:, sec].sum()) if hist is not None and len(hist) and sec is not None else None
-        run.row = row
+        _read_timings(run, f, root, sens)
+        run.status_reason = str(root.get("status_reason") or "")
+        run.row = _row(run, rf.path, root, base, alloc, pr, fin, ft, sens)
     return run
+
+
+def _read_sensitivity(s: Any, sens: dict[str, Any], base: dict[str, Any]) -> dict[str, Any]:
+    """The sensitivity grid (``/sensitivity`` datasets) with the dense reference its cells compare to."""
+    # the cells are measured on the calibration set; the run file's dense reference is the
+    # val metric unless a dense calibration metric is recorded
+    if sens.get("dense_calib_metric") is not None:
+        ref, ref_name = float(sens["dense_calib_metric"]), "dense model on the calibration set"
+    else:
+        ref = float(sens.get("dense_metric", base.get("metric", math.nan)))
+        ref_name = ("dense model on the validation set (the run file records no dense metric on the "
+                    "calibration set, which the cells are measured on)")
+    return {"ratios": s["ratios"][()].astype(float), "metric": s["metric"][()].astype(float),
+            "loss": s["loss"][()].astype(float), "status": s["status"][()].astype(int),
+            "seconds": s["seconds"][()].astype(float), "rank": s["rank"][()].astype(int),
+            "reference": ref, "reference_name": ref_name, "attrs": sens}
+
+
+def _read_timings(run: Run, f: Any, root: dict[str, Any], sens: dict[str, Any]) -> None:
+    """``run.timings`` (seconds per stage) and ``run.timing_source``: a ``seconds`` attribute on the
+    stage groups, else the root attribute ``stage_seconds`` (JSON), else the "stage NAME: X s" lines
+    of sweep.log next to the run file."""
+    stored = {s: _get(f[s].attrs, "seconds") for s in STAGES if s in f}
+    stored = {s: float(v) for s, v in stored.items() if v is not None}
+    if not stored and root.get("stage_seconds"):
+        try:
+            stored = {k: float(v) for k, v in json.loads(root["stage_seconds"]).items() if k in STAGES and v is not None}
+        except (ValueError, TypeError, AttributeError):
+            stored = {}
+    if stored:
+        run.timings, run.timing_source = stored, "run file"
+    else:
+        run.timings = _timings_from_log(os.path.join(os.path.dirname(run.path), "sweep.log"))
+        run.timing_source = "sweep.log" if run.timings else ""
+    if "sensitivity" not in run.timings and sens.get("wall_s") is not None:
+        run.timings["sensitivity"] = float(sens["wall_s"])
+        run.timing_source = run.timing_source or "run file"
+
+
+def _row(run: Run, path: str, root: dict[str, Any], base: dict[str, Any], alloc: dict[str, Any], pr: dict[str, Any],
+         fin: dict[str, Any], ft: dict[str, Any], sens: dict[str, Any]) -> dict[str, Any]:
+    """The run's table row (:data:`COLUMNS`, plus ``metric`` and ``path``)."""
+    row: dict[str, Any] = {"run": os.path.relpath(os.path.dirname(path)), "path": path}
+    row["status"] = str(root.get("status"))
+    row["world"] = int(root.get("world_size") or 1)
+    row["wall"] = run.wall
+    row["metric"] = run.metric_name
+    row["dense"] = _get(base, "metric")
+    row["pruned"] = _get(pr, "metric")
+    row["final"] = _get(fin, "metric")
+    row["method"] = str(alloc.get("method") or run.config.get("prune.method") or "")
+    targets = json.loads(alloc["targets"]) if alloc.get("targets") else {
+        k.split(".")[-1]: v for k, v in run.config.items() if k.startswith("prune.target.") and v is not None}
+    row["target"] = ",".join(f"{k}={v}" for k, v in targets.items())
+    src = fin or pr
+    row["macs_kept"] = _get(src, "macs_kept")
+    row["params_kept"] = _get(src, "params_kept")
+    row["speedup"] = _get(src, "latency_speedup")
+    row["ft_tasks"] = _get(ft, "world_size")
+    row["groups"] = len(run.groups) if run.groups else None
+    # excluded by verification (a group that feeds the output is kept on purpose, not counted)
+    row["excluded"] = sum(1 for e in run.excluded if "feeds the model's output" not in str(e[2])) if run.groups else None
+    row["t_sens"] = _get(sens, "wall_s")
+    hist = run.history
+    sec = run.history_columns.index("seconds") if "seconds" in run.history_columns else None
+    row["t_ft"] = float(hist[:, sec].sum()) if hist is not None and len(hist) and sec is not None else None
+    return row
 
 
 def _timings_from_log(log_path: str) -> dict[str, float]:
@@ -340,193 +359,6 @@ def method_families(runs: Sequence[Run]) -> list[list[Run]]:
     return list(fams.values())
 
 
-def build_figures(runs: Sequence[Run]) -> list[Any]:
-    """Every figure of the report, in page order."""
-    from . import plots
-
-    figs: list[Any] = []
-    by_metric: dict[str, list[Run]] = {}
-    for r in runs:
-        by_metric.setdefault(r.metric_name, []).append(r)
-    for i, (name, rs) in enumerate(by_metric.items()):
-        f = plots.pareto(rs, "pareto" if i == 0 else f"pareto-{name}")
-        if f:
-            figs.append(f)
-    for i, fam in enumerate(method_families(runs)):
-        methods = {r.row.get("method") for r in fam}
-        if len(fam) > 1 and len(methods) == len(fam):
-            title = f"Allocation: methods compared ({', '.join(sorted(str(m) for m in methods))})"
-        elif len(fam) > 1:
-            title = f"Allocation: {len(fam)} runs with the same config"
-        else:
-            title = f"Allocation: {fam[0].label} ({fam[0].row.get('method')})"
-        f = plots.allocation_chart(fam, f"alloc-{i}", title)
-        if f:
-            figs.append(f)
-    for i, r in enumerate(runs):
-        for fn in (plots.sensitivity_heatmap, plots.sensitivity_curves):
-            f = fn(r, i)
-            if f:
-                figs.append(f)
-    for fn in (plots.finetune_curves, plots.timings_chart):
-        f = fn(runs)
-        if f:
-            figs.append(f)
-    return figs
-
-
-def figure_png(f: Any) -> bytes:
-    """The figure as PNG bytes (rendered once for both --png and --html)."""
-    if f.png is None:
-        buf = io.BytesIO()
-        f.fig.savefig(buf, format="png", dpi=f.fig.dpi)
-        f.png = buf.getvalue()
-    return f.png
-
-
-def write_pngs(out_dir: str, figs: Sequence[Any]) -> list[str]:
-    os.makedirs(out_dir, exist_ok=True)
-    paths = []
-    for f in figs:
-        p = os.path.join(out_dir, f"{f.id}.png")
-        with open(p, "wb") as fh:
-            fh.write(figure_png(f))
-        paths.append(p)
-    return paths
-
-
-# ---- HTML -------------------------------------------------------------------------------------------
-_CSS = """
-body{font-family:system-ui,-apple-system,"Segoe UI",Roboto,sans-serif;margin:0;color:#222;background:#fafafa}
-main{max-width:1360px;margin:0 auto;padding:12px 20px 40px}
-h1{font-size:22px;margin:8px 0 4px} h2{font-size:17px;margin:26px 0 8px;border-bottom:1px solid #ddd;padding-bottom:3px}
-p.note,figcaption{color:#555;font-size:12.5px;margin:4px 0}
-table{border-collapse:collapse;font-size:12.5px;background:#fff;margin:6px 0}
-th,td{border:1px solid #ddd;padding:3px 7px;text-align:left;white-space:nowrap}
-th{background:#f0f0f0} td.num{text-align:right;font-variant-numeric:tabular-nums}
-tr.failed td{color:#b00} tr.running td{color:#a60}
-figure{margin:8px 0;background:#fff;border:1px solid #e4e4e4;padding:6px;display:inline-block;vertical-align:top;max-width:100%}
-figure img{max-width:100%;height:auto;display:block}
-.pair{display:flex;flex-wrap:wrap;gap:10px;align-items:flex-start}
-.pair figure{flex:1 1 600px}
-nav a{margin-right:12px;font-size:13px}
-code{background:#eee;padding:0 3px;border-radius:3px}
-"""
-
-
-def _cell(v: Any, num: bool | None = None, key: str = "", fmt: str = "") -> str:
-    num = isinstance(v, (int, float)) and not isinstance(v, bool) if num is None else num
-    text = format(v, fmt) if fmt and isinstance(v, float) else _fmt(v, key)
-    return f'<td class="num">{html.escape(text)}</td>' if num else f"<td>{html.escape(text)}</td>"
-
-
-def _img(f: Any) -> str:
-    b64 = base64.b64encode(figure_png(f)).decode()
-    cap = f"<figcaption>{html.escape(f.caption)}</figcaption>" if f.caption else ""
-    return (f'<figure id="{f.id}"><img id="img-{f.id}" title="{html.escape(f.title, quote=True)}" '
-            f'alt="{html.escape(f.alt, quote=True)}" '
-            f'src="data:image/png;base64,{b64}">{cap}</figure>')
-
-
-def render_html(runs: Sequence[Run], figs: Sequence[Any], title: str = "hpcprune report") -> str:
-    by_id = {f.id: f for f in figs}
-    out = [f'<!DOCTYPE html><html lang="en"><head><meta charset="utf-8"><title>{html.escape(title)}</title>',
-           f"<style>{_CSS}</style></head><body><main>",
-           f"<h1>{html.escape(title)}</h1>",
-           f'<p class="note">{len(runs)} run(s). Metric: '
-           + ", ".join(sorted({f"{r.metric_name} ({'higher' if r.higher_is_better else 'lower'} is better)" for r in runs}))
-           + ". Kept fractions and speed-ups are of the fine-tuned model (of the pruned one when fine-tuning has not run).</p>",
-           '<nav><a href="#runs">runs</a><a href="#diff">config diff</a><a href="#pareto-sec">Pareto</a>'
-           '<a href="#alloc-sec">allocation</a><a href="#sens-sec">sensitivity</a><a href="#ft-sec">fine-tuning</a>'
-           '<a href="#time-sec">timings</a></nav>']
-    # runs table
-    out.append('<h2 id="runs">Runs</h2><table id="runs-table"><thead><tr><th>label</th>'
-               + "".join(f"<th>{html.escape(h)}</th>" for _, h in COLUMNS) + "</tr></thead><tbody>")
-    for r in runs:
-        st = html.escape(str(r.row.get("status")))
-        out.append(f'<tr class="{st}" data-path="{html.escape(r.path, quote=True)}"><td>{html.escape(r.label)}</td>'
-                   + "".join(_cell(r.row.get(k), None if k not in ("run", "status", "method", "target") else False, k)
-                             for k, _ in COLUMNS) + "</tr>")
-    out.append("</tbody></table>")
-    # config diff
-    diff = config_diff(runs)
-    out.append('<h2 id="diff">Config diff</h2>')
-    if len(runs) < 2:
-        out.append('<p class="note" id="config-diff">One run: nothing to compare.</p>')
-    elif not diff:
-        out.append('<p class="note" id="config-diff">The runs have identical configs.</p>')
-    else:
-        out.append('<table id="config-diff"><thead><tr><th>key</th>'
-                   + "".join(f"<th>{html.escape(r.label)}</th>" for r in runs) + "</tr></thead><tbody>")
-        for k, vals in diff:
-            out.append(f"<tr><td><code>{html.escape(k)}</code></td>"
-                       + "".join(f"<td>{html.escape('(absent)' if v is None else json.dumps(v) if not isinstance(v, str) else v)}</td>"
-                                 for v in vals) + "</tr>")
-        out.append("</tbody></table>")
-    # figures
-    excl = [(r, e) for r in runs for e in r.excluded]
-    if excl:  # groups the groups stage did not prune, and why (verification, output layers)
-        out.append('<h2 id="excluded">Groups not pruned</h2><table><thead><tr><th>run</th><th>group</th>'
-                   '<th>layer types</th><th>why</th></tr></thead><tbody>')
-        for r, e in excl:
-            out.append(f"<tr><td>{html.escape(r.label)}</td><td>{html.escape(str(e[0]))}</td>"
-                       f"<td>{html.escape(', '.join(e[1]))}</td><td>{html.escape(str(e[2]))}</td></tr>")
-        out.append("</tbody></table>")
-    out.append('<h2 id="pareto-sec">Pareto front</h2>')
-    out += [_img(f) for f in figs if f.id.startswith("pareto")] or ['<p class="note">No run has a pruned metric yet.</p>']
-    out.append('<h2 id="alloc-sec">Allocation</h2><p class="note">Channels kept per group (bars) against the dense '
-               "width (dashed outline). Runs that differ only in <code>prune.method</code> share one chart.</p>")
-    allocs = [_img(f) for f in figs if f.id.startswith("alloc-")]
-    out.append('<div class="pair">' + "".join(allocs) + "</div>" if allocs else '<p class="note">No allocation yet.</p>')
-    out.append('<h2 id="sens-sec">Sensitivity</h2><p class="note">One group pruned at a time; colour: metric change '
-               "against the dense model (red: worse). Groups in model order.</p>")
-    any_sens = False
-    for i, r in enumerate(runs):
-        pair = [by_id[k] for k in (f"sens-heatmap-{i}", f"sens-curves-{i}") if k in by_id]
-        if pair:
-            any_sens = True
-            same = next((o.label for o in runs[:i] if _same_grid(o, r)), None)
-            note = f' <small class="note">(the same grid as {html.escape(same)})</small>' if same else ""
-            out.append(f"<h3>{html.escape(r.label)}{note}</h3><div class=\"pair\">" + "".join(_img(f) for f in pair) + "</div>")
-    if not any_sens:
-        out.append('<p class="note">No sensitivity results yet.</p>')
-    out.append('<h2 id="ft-sec">Fine-tuning</h2>')
-    out.append(_img(by_id["finetune"]) if "finetune" in by_id else '<p class="note">No fine-tuning history.</p>')
-    out.append('<h2 id="time-sec">Timings</h2>')
-    if "timings" in by_id:
-        out.append(_img(by_id["timings"]))
-    out.append(_timings_table(runs))
-    out.append("</main></body></html>")
-    return "\n".join(out)
-
-
-def _same_grid(a: Run, b: Run) -> bool:
-    if a.sens is None or b.sens is None or a.groups != b.groups:
-        return False
-    return all(np.array_equal(a.sens[k], b.sens[k], equal_nan=True) for k in ("ratios", "metric", "status"))
-
-
-def _timings_table(runs: Sequence[Run]) -> str:
-    head = ["run", *STAGES, "wall s", "ranks", "sens ranks", "DDP tasks", "sens cell-s", "cell-s / sens s", "source"]
-    rows = []
-    for r in runs:
-        cells = None
-        if r.sens is not None:
-            sec = r.sens["seconds"][r.sens["status"] != 0]
-            cells = float(np.nansum(sec)) if sec.size else None
-        eff = cells / r.timings["sensitivity"] if cells is not None and r.timings.get("sensitivity") else None
-        vals = [r.label, *[r.timings.get(s) for s in STAGES], r.wall, r.worlds.get("sweep"), r.worlds.get("sensitivity"),
-                r.worlds.get("finetune"), cells, eff, r.timing_source or "-"]
-        fmts = ["", *[".1f"] * len(STAGES), ".1f", "", "", "", ".1f", ".2f", ""]
-        rows.append("<tr>" + "".join(_cell(v, fmt=f) for v, f in zip(vals, fmts)) + "</tr>")
-    stage_heads = [{"pruned": "prune", "final": "fine-tune"}.get(h, h) for h in head]
-    return ('<table id="timings-table"><thead><tr>' + "".join(f"<th>{html.escape(h)}</th>" for h in stage_heads)
-            + "</tr></thead><tbody>" + "".join(rows) + "</tbody></table>"
-            '<p class="note">Seconds of wall clock on rank 0 per stage (fine-tune: the whole job, start-up included). '
-            "sens cell-s: the cells' seconds added up over all ranks; divided by the stage's wall clock it gives the "
-            "effective parallelism. source: where the per-stage seconds come from.</p>")
-
-
 # ---- command line -----------------------------------------------------------------------------------
 def find_runs(paths: list[str]) -> list[str]:
     out: list[str] = []
@@ -542,7 +374,7 @@ def _parent(path: str) -> None:
     os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
 
 
-def main(argv: list[str] | None = None) -> int:
+def _parser() -> argparse.ArgumentParser:
     ap = argparse.ArgumentParser(prog="python -m hpcprune.report", description="Compare hpcprune run files.")
     ap.add_argument("runs", nargs="+", help="run.h5 files, or directories searched recursively for run.h5")
     ap.add_argument("--sort", default=None, metavar="COLUMN", help=f"sort by a column ({', '.join(k for k, _ in COLUMNS)})")
@@ -552,22 +384,54 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--csv", default=None, metavar="OUT.csv", help="write the table as CSV")
     ap.add_argument("--html", default=None, metavar="OUT.html", help="write one self-contained HTML page with the figures")
     ap.add_argument("--png", default=None, metavar="DIR", help="write the figures as PNG files into DIR")
-    args = ap.parse_args(argv)
+    return ap
 
-    def error(msg: str) -> None:
-        print(f"hpcprune.report: error: {msg}", file=sys.stderr)
 
-    paths = find_runs(args.runs)
-    if not paths:
-        error(f"no run files found in {' '.join(args.runs)}")
-        return 2
+def _error(msg: str) -> None:
+    print(f"hpcprune.report: error: {msg}", file=sys.stderr)
+
+
+def _load_all(paths: Sequence[str]) -> tuple[list[Run], int]:
+    """The readable runs of ``paths``, and how many were refused (one error line each)."""
     runs, refused = [], 0
     for p in paths:
         try:
             runs.append(load_run(p))
         except (RunFileError, OSError, KeyError) as e:
-            error(str(e) if not isinstance(e, KeyError) else f"{os.path.abspath(p)}: incomplete run file (missing {e})")
+            _error(str(e) if not isinstance(e, KeyError) else f"{os.path.abspath(p)}: incomplete run file (missing {e})")
             refused += 1
+    return runs, refused
+
+
+def _write_outputs(args: argparse.Namespace, runs: Sequence[Run]) -> None:
+    """--csv, --png, --html (OSError when one cannot be written)."""
+    if args.csv:
+        _parent(args.csv)
+        write_csv(args.csv, runs)
+    if args.html or args.png:
+        from . import plots, report_html
+
+        figs = report_html.build_figures(runs)
+        try:
+            if args.png:
+                for p in report_html.write_pngs(args.png, figs):
+                    print(f"wrote {p}", file=sys.stderr)
+            if args.html:
+                _parent(args.html)
+                with open(args.html, "w") as fh:
+                    fh.write(report_html.render_html(runs, figs))
+                print(f"wrote {args.html}", file=sys.stderr)
+        finally:
+            plots.close(figs)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = _parser().parse_args(argv)
+    paths = find_runs(args.runs)
+    if not paths:
+        _error(f"no run files found in {' '.join(args.runs)}")
+        return 2
+    runs, refused = _load_all(paths)
     if not runs:
         return 2
     label_runs(runs)
@@ -577,35 +441,33 @@ def main(argv: list[str] | None = None) -> int:
         if args.sort:
             runs = sort_runs(runs, args.sort, args.desc)
     except ReportError as e:
-        error(str(e))
+        _error(str(e))
         return 2
     if not runs:
-        error(f"no run matches {' '.join('--filter ' + f for f in args.filter)}")
+        _error(f"no run matches {' '.join('--filter ' + f for f in args.filter)}")
         return 1
     print(format_table([r.row for r in runs]))
+    for r in runs:  # why a run stopped: the one line the sweep printed, kept in the run file
+        if r.row.get("status") == "failed" and r.status_reason:
+            print(f"{r.row['run']}: failed: {r.status_reason}")
     try:
-        if args.csv:
-            _parent(args.csv)
-            write_csv(args.csv, runs)
-        if args.html or args.png:
-            from . import plots
-
-            figs = build_figures(runs)
-            try:
-                if args.png:
-                    for p in write_pngs(args.png, figs):
-                        print(f"wrote {p}", file=sys.stderr)
-                if args.html:
-                    _parent(args.html)
-                    with open(args.html, "w") as fh:
-                        fh.write(render_html(runs, figs))
-                    print(f"wrote {args.html}", file=sys.stderr)
-            finally:
-                plots.close(figs)
+        _write_outputs(args, runs)
     except OSError as e:
-        error(f"cannot write {e.filename}: {e.strerror}")
+        _error(f"cannot write {e.filename}: {e.strerror}")
         return 2
     return 2 if refused else 0
+
+
+# the figures, PNG files and HTML page moved to hpcprune.report_html: the old names still work here
+_HTML_NAMES = ("build_figures", "figure_png", "write_pngs", "render_html")
+
+
+def __getattr__(name: str) -> Any:
+    if name in _HTML_NAMES:
+        from . import report_html
+
+        return getattr(report_html, name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
 if __name__ == "__main__":

@@ -141,43 +141,52 @@ class _RReader:
             raw = self.take(n)
             latin1 = bool((flags >> 12) & 4)
             return raw.decode("latin-1" if latin1 else "utf-8", errors="replace")
+        if t == 238:  # ALTREP: class info, state, attributes
+            return self._altrep()
+        value = self._vector(t)
+        if has_attr:
+            return {"value": value, "attributes": self.item()}
+        return value
+
+    def _vector(self, t: int) -> Any:
+        """The elements of a vector of type ``t`` (logical, integer, double, complex, character, list,
+        expression, raw)."""
         if t in (10, 13):  # logical, integer
             n = self.length()
             vals = list(struct.unpack_from(f">{n}i", self.b, self.i))
             self.i += 4 * n
-            value: Any = [None if v == -(2**31) else v for v in vals]
-        elif t == 14:  # double
+            return [None if v == -(2**31) else v for v in vals]
+        if t == 14:  # double
             n = self.length()
             value = list(struct.unpack_from(f">{n}d", self.b, self.i))
             self.i += 8 * n
-        elif t == 15:  # complex
+            return value
+        if t == 15:  # complex
             n = self.length()
             v = struct.unpack_from(f">{2 * n}d", self.b, self.i)
             self.i += 16 * n
-            value = [complex(v[2 * k], v[2 * k + 1]) for k in range(n)]
-        elif t in (16, 19, 20):  # character vector, list, expression
-            value = [self.item() for _ in range(self.length())]
-        elif t == 24:  # raw
-            value = self.take(self.length())
-        elif t == 238:  # ALTREP: class info, state, attributes
-            info, state, attrs = self.item(), self.item(), self.item()
-            cls = next(iter(info.values())) if isinstance(info, dict) else info
-            if cls == "compact_intseq" and isinstance(state, list) and len(state) == 3:
-                n, start, step = (int(x) for x in state)
-                value = list(range(start, start + n * step, step))
-            elif cls == "compact_realseq" and isinstance(state, list) and len(state) == 3:
-                n, start, step = state
-                value = [start + k * step for k in range(int(n))]
-            elif isinstance(state, dict) and state:  # wrapper classes: (payload, metadata)
-                value = next(iter(state.values()))
-            else:
-                value = state
-            return {"value": value, "attributes": attrs} if attrs else value
+            return [complex(v[2 * k], v[2 * k + 1]) for k in range(n)]
+        if t in (16, 19, 20):  # character vector, list, expression
+            return [self.item() for _ in range(self.length())]
+        if t == 24:  # raw
+            return self.take(self.length())
+        raise ValueError(f"R serialization: object type {t} is not supported")
+
+    def _altrep(self) -> Any:
+        """An ALTREP object (class info, state, attributes): compact sequences expanded, wrappers unwrapped."""
+        info, state, attrs = self.item(), self.item(), self.item()
+        cls = next(iter(info.values())) if isinstance(info, dict) else info
+        if cls == "compact_intseq" and isinstance(state, list) and len(state) == 3:
+            n, start, step = (int(x) for x in state)
+            value: Any = list(range(start, start + n * step, step))
+        elif cls == "compact_realseq" and isinstance(state, list) and len(state) == 3:
+            n, start, step = state
+            value = [start + k * step for k in range(int(n))]
+        elif isinstance(state, dict) and state:  # wrapper classes: (payload, metadata)
+            value = next(iter(state.values()))
         else:
-            raise ValueError(f"R serialization: object type {t} is not supported")
-        if has_attr:
-            return {"value": value, "attributes": self.item()}
-        return value
+            value = state
+        return {"value": value, "attributes": attrs} if attrs else value
 
 
 def _unserialize(raw: bytes) -> Any:

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import difflib
 import os
-from typing import Any
+from typing import Any, Sequence
 
 import torch
 from torch import nn
@@ -132,6 +132,24 @@ class _Transformed(Dataset):
         return self.transform(img), label
 
 
+def _stratified_split(samples: Sequence[tuple[Any, int]], val_fraction: float, seed: int) -> tuple[list[int], list[int]]:
+    """(train, val) sample indices: ``val_fraction`` of each class, by ``seed`` (at least one image per
+    class in val when the class has two)."""
+    g = torch.Generator().manual_seed(seed)
+    by_class: dict[int, list[int]] = {}
+    for i, (_, y) in enumerate(samples):
+        by_class.setdefault(y, []).append(i)
+    train_idx: list[int] = []
+    val_idx: list[int] = []
+    for y in sorted(by_class):
+        idx = by_class[y]
+        perm = [idx[j] for j in torch.randperm(len(idx), generator=g).tolist()]
+        n_val = min(len(idx) - 1, max(1, round(len(idx) * val_fraction))) if len(idx) > 1 else 0
+        val_idx += perm[:n_val]
+        train_idx += perm[n_val:]
+    return train_idx, val_idx
+
+
 def image_folder(
     root: str,
     image_size: int = 32,
@@ -175,19 +193,7 @@ def image_folder(
     else:
         raise ValueError(f"data.train_transforms={train_transforms!r}: use random_resized_crop or none")
 
-    # stratified split: val_fraction of each class (at least one image per class when it has two)
-    g = torch.Generator().manual_seed(seed)
-    by_class: dict[int, list[int]] = {}
-    for i, (_, y) in enumerate(base.samples):
-        by_class.setdefault(y, []).append(i)
-    train_idx: list[int] = []
-    val_idx: list[int] = []
-    for y in sorted(by_class):
-        idx = by_class[y]
-        perm = [idx[j] for j in torch.randperm(len(idx), generator=g).tolist()]
-        n_val = min(len(idx) - 1, max(1, round(len(idx) * val_fraction))) if len(idx) > 1 else 0
-        val_idx += perm[:n_val]
-        train_idx += perm[n_val:]
+    train_idx, val_idx = _stratified_split(base.samples, val_fraction, seed)
     if not val_idx:
         raise ValueError(f"data.root={root}: too few images for a validation split ({len(base.samples)} in all)")
     train = _Transformed(base, sorted(train_idx), train_tf)

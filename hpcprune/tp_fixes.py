@@ -1,0 +1,106 @@
+"""Torch-Pruning's upstream bugs that hpcprune patches at import, and those it works around elsewhere.
+
+Importing this module replaces three functions of Torch-Pruning (1.6) for the whole process;
+:mod:`hpcprune.graph` imports it first, so the patches are in place before any ``DependencyGraph``
+is built. Each section below is one upstream bug, described as it would be reported upstream:
+
+1. ``LayernormPruner`` permutes the kept scale and shift (:func:`_layernorm_prune`).
+2. ``update_index_mapping`` recomputes every index mapping of the graph on every
+   ``get_pruning_group`` (:func:`_update_index_mapping`: a cost, not a wrong result).
+3. ``_FlattenIndexMapping`` maps a reshape that does not touch channels to ever more indices
+   (:func:`_flatten_call`: refused at once instead of running for minutes).
+
+Upstream behaviour hpcprune works around elsewhere, without patching Torch-Pruning:
+
+- ``ConcatPruner`` / ``SplitPruner`` decrement the layer's old ``concat_sizes`` / ``split_sizes``
+  list in place before assigning a new one, so a saved reference to the list holds the cut sizes:
+  ``cuts.TPCut`` saves copies of list attributes, or a restored concat would mis-map every later cut.
+- ``ConvPruner.prune_in_channels`` on a grouped convolution keeps, in every group, the weight's
+  input columns of the first group's kept positions (``keep_idxs[:len(keep_idxs) // groups]``):
+  right only when every group keeps the same positions. ``MultiheadAttentionPruner`` checks only
+  that the new ``embed_dim`` divides by ``num_heads``, not that every head keeps the same width.
+  ``graph._block_width`` / ``graph._unit_count`` make a group's unit one channel position in every
+  block (every group of a grouped convolution, of a GroupNorm, every attention head), so any cut
+  keeps every block the same width at the same positions; a group that no such unit keeps even is
+  excluded. Grouped (not depthwise) convolutions are never masked or sliced by hpcprune itself
+  (``Graph._maskable``: they index their inputs per group), and ``verify.verify_groups`` compares
+  every cut with a reference that does not use Torch-Pruning where one exists.
+- ``GroupMagnitudeImportance`` (and the other group criteria) index some layers wrongly, e.g. a
+  depthwise convolution with a channel multiplier, and fail: ``importance.group_scores`` falls back
+  to the norms of the root layer's output weights for that group, with a warning.
+"""
+from __future__ import annotations
+
+import weakref
+from typing import Any, Sequence
+
+import torch_pruning as tp
+from torch import nn
+
+
+# ---- 1. LayernormPruner: kept scale and shift permuted ----------------------------------------------
+def _layernorm_prune(self: Any, layer: nn.Module, idxs: Sequence[int]) -> nn.Module:
+    """Torch-Pruning 1.6's ``LayernormPruner.prune_out_channels`` builds its kept indices as
+    ``torch.tensor(list(set(range(n)) - set(idxs)))`` and calls ``keep_idxs.sort()``, which is not in
+    place on a tensor: with many channels cut, the kept scale and shift come out in the order of a
+    Python set, permuted against their channels. The same function with a sorted list (upstream
+    bug, ``torch_pruning/pruner/function.py``; replaced here before any graph is built)."""
+    dim = self.pruning_dim
+    if len(layer.normalized_shape) < -dim:
+        return layer
+    n = layer.normalized_shape[dim]
+    drop = set(int(i) for i in idxs)
+    keep = [i for i in range(n) if i not in drop]
+    if layer.elementwise_affine:
+        layer.weight = self._prune_parameter_and_grad(layer.weight, keep, dim)
+        if layer.bias is not None:
+            layer.bias = self._prune_parameter_and_grad(layer.bias, keep, dim)
+    shape = list(layer.normalized_shape)
+    shape[dim] = len(keep)
+    layer.normalized_shape = tuple(shape)
+    return layer
+
+
+tp.pruner.function.LayernormPruner.prune_out_channels = _layernorm_prune
+tp.pruner.function.LayernormPruner.prune_in_channels = _layernorm_prune
+
+
+# ---- 2. update_index_mapping: every mapping recomputed on every get_pruning_group -----------------
+_tp_update_index_mapping = tp.dependency.index_mapping.update_index_mapping
+_mapped_at: "weakref.WeakKeyDictionary[Any, tuple]" = weakref.WeakKeyDictionary()
+
+
+def _update_index_mapping(dg: Any) -> None:
+    """Torch-Pruning recomputes every concat/split/reshape index mapping of the whole graph on every
+    ``get_pruning_group`` (27 ms a call on DenseNet-121, two calls per group verified or cut); the
+    mappings follow the layers' widths only, so they are recomputed only when a parameter or buffer
+    shape of the model has changed since the last time (a permanent cut, a cut not yet restored)."""
+    model = getattr(dg, "model", None)
+    if model is None:
+        return _tp_update_index_mapping(dg)
+    key = tuple(tuple(t.shape) for t in model.parameters()) + tuple(tuple(t.shape) for t in model.buffers())
+    if _mapped_at.get(dg) != key:
+        _tp_update_index_mapping(dg)
+        _mapped_at[dg] = key
+
+
+tp.dependency.index_mapping.update_index_mapping = _update_index_mapping
+
+
+# ---- 3. _FlattenIndexMapping: a reshape that does not touch channels mapped to ever more indices ---
+_tp_flatten_call = tp.dependency.index_mapping._FlattenIndexMapping.__call__
+_max_width = [0]  # the largest dimension of any tensor of a model a graph was built on (only grows; set by graph.Graph)
+
+
+def _flatten_call(self: Any, idxs: Any) -> Any:
+    """Torch-Pruning maps a reshape that does not touch channels (Swin's window partition of an NHWC
+    tensor) as a flatten whose stride multiplies along the chain: the index lists grow past any
+    layer's width (30 million indices, minutes, on Swin-T). A mapping to more indices than the
+    largest dimension of any of the model's tensors is wrong: the group is refused at once."""
+    if not self.reverse and _max_width[0] and len(idxs) * self._stride > _max_width[0]:
+        raise ValueError(f"Torch-Pruning maps a reshape to {len(idxs) * self._stride} channel indices, more than "
+                         f"any layer's width ({_max_width[0]}): a reshape it does not understand (channels last?)")
+    return _tp_flatten_call(self, idxs)
+
+
+tp.dependency.index_mapping._FlattenIndexMapping.__call__ = _flatten_call
