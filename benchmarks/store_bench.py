@@ -10,9 +10,10 @@ old sweep did (the dense weights only: what the file holds during the sensitivit
 
 Measured, median of ``--repeats``:
 
-- flush: one write of the G x R sensitivity cell arrays, as ``stages.Sweep._flush_cells`` does
-  (schema 2: ``store.write_sensitivity_cells``; schema 1: the same transaction inline, copied from
-  the old ``_flush_cells``), some cells changed between flushes;
+- flush: one write of the G x R sensitivity cell arrays, as the sensitivity stage
+  (``hpcprune/stages/sensitivity.py``) does (schema 2: ``store.write_sensitivity_cells``; schema 1:
+  the same transaction inline, copied from the old ``Sweep._flush_cells``), some cells changed
+  between flushes;
 - status: ``RunFile.set_status``.
 
 Peak RSS: resident memory of this process (rank 0 in a sweep) sampled from ``/proc/self/statm``
@@ -114,7 +115,7 @@ def flush(rf: RunFile, state: dict[str, np.ndarray], ratios: list[float]) -> Non
     if hasattr(store, "write_sensitivity_cells"):  # schema 2: the sweep's own code path
         store.write_sensitivity_cells(rf, state, ATTRS, ratios=ratios)
         return
-    with rf.write() as f:  # schema 1: stages.Sweep._flush_cells of hpcprune 0.1.0, its write inline
+    with rf.write() as f:  # schema 1: the sensitivity flush of hpcprune 0.1.0, its write inline
         s = f["sensitivity"] if "sensitivity" in f else f.create_group("sensitivity")
         if "ratios" not in s:
             s.create_dataset("ratios", data=np.array(ratios))

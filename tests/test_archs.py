@@ -128,6 +128,7 @@ def test_architecture_end_to_end(name, tmp_path):
 
 
 @pytest.mark.mpi
+@pytest.mark.slow
 @pytest.mark.parametrize("name", ["inception_concat", "resnext_grouped"])
 def test_architecture_two_ranks_equal_one(name, tmp_path):
     """The sweep on two real MPI ranks records the one-rank sensitivity cells, plan and final metric."""

@@ -1,40 +1,130 @@
-"""Bad input stops at once with one clear line naming the value, a non-zero exit, on every rank."""
+"""Bad input stops at once with one clear line naming the value, a non-zero exit, on every rank.
+
+The line itself is checked in this process, case by case: a bad group option, or a value of the
+wrong type or not among a key's choices (the schema, hpcprune/schema.py), by the sweep's dry
+composition (``hpcprune.sweep.precheck_argv``, what ``main`` runs before Hydra), a bad value of the
+right type by ``hpcprune.stages.validate`` on the composed config (what rank 0 runs before it touches the run
+directory); the sweep prints either as ``hpcprune: error: <line>``. A few real processes (one and two
+MPI ranks) check the rest of the claim end to end: the exit code, that one line and nothing else on
+stderr, no run file.
+"""
 import os
 
 import pytest
 
-from conftest import FAST, run_sweep
+from conftest import FAST, compose, run_sweep, sweep_in_process
+from hpcprune.stages import ConfigError, validate
+from hpcprune.sweep import precheck_argv
 
-CASES = [
-    (["model=nosuchmodel"], "unknown model 'nosuchmodel'"),
-    (["data=nosuchdata"], "unknown data 'nosuchdata'"),
-    (["launcher=kubernetes"], "unknown launcher 'kubernetes'"),
-    (["prune.target.macs=1.5"], "prune.target.macs=1.5"),
-    (["prune.target.macs=0"], "prune.target.macs=0"),
-    (["sensitivity.ratios=[0.5,1.2]"], "ratio 1.2 is outside (0, 1)"),
-    (["sensitivity.ratios=[0.5,0.2]"], "strictly increasing"),
-    (["sensitivity.ratios=[]"], "the ratio grid is empty"),
-    (["prune.method=magic"], "prune.method=magic"),
-    (["importance=vibes"], "importance=vibes"),
-    (["checkpoint=/nonexistent/dense.pt"], "checkpoint=/nonexistent/dense.pt"),
-    (["prune.target.macs=0.05", "prune.max_ratio=0.5"], "cannot be met"),
-    (["launcher.master_port=80"], "launcher.master_port=80: a TCP port"),
-    (["sensitivity.channels_last=maybe"], "sensitivity.channels_last=maybe: must be true or false"),
-    (["sensitivity.team_size=0"], "sensitivity.team_size=0: must be auto or a positive integer"),
+# a group option that does not exist: refused by the composition itself
+COMPOSE_CASES = [
+    (["model=nosuchmodel"], "model=nosuchmodel: unknown model 'nosuchmodel'"),
+    (["data=nosuchdata"], "data=nosuchdata: unknown data 'nosuchdata'"),
+    (["launcher=kubernetes"], "launcher=kubernetes: unknown launcher 'kubernetes'"),
+]
+
+# a value of the wrong type, or not one of the key's choices: refused by the composition (the schema)
+SCHEMA_CASES = [
+    (["prune.method=magic"], "prune.method=magic:", "expected one of [uniform, global, sensitivity]"),
+    (["importance=vibes"], "importance=vibes:", "expected one of [l1, l2, bn_scale, taylor, activation, random]"),
+    (["sensitivity.channels_last=maybe"], "sensitivity.channels_last=maybe:", "not a valid bool"),
+    (["groups.kinds=[channels,rows]"], "groups.kinds=[channels,rows]:", "Invalid value 'rows', expected one of"),
+    (["threads=abc"], "threads=abc:", "could not be converted to Integer"),
+    (["prune.target.macs=most"], "prune.target.macs=most:", "could not be converted to Float"),
+]
+
+# a value the config composes with, refused by validate(): (overrides, the line's start, more of it)
+VALUE_CASES = [
+    (["prune.target.macs=1.5"], "prune.target.macs=1.5:", "in (0, 1)"),
+    (["prune.target.macs=0"], "prune.target.macs=0.0:", "in (0, 1)"),  # typed float: the config holds 0.0
+    (["prune.target.macs=null"], "prune.target=", "give at least one target"),
+    (["+prune.target.energy=0.5"], "prune.target.energy=0.5:", "unknown target"),
+    (["sensitivity.ratios=[0.5,1.2]"], "sensitivity.ratios=[0.5, 1.2]:", "ratio 1.2 is outside (0, 1)"),
+    (["sensitivity.ratios=[0.5,0.2]"], "sensitivity.ratios=[0.5, 0.2]:", "strictly increasing"),
+    (["sensitivity.ratios=[]"], "sensitivity.ratios=[]:", "the ratio grid is empty"),
+    (["checkpoint=/nonexistent/dense.pt"], "checkpoint=/nonexistent/dense.pt:", "no such file"),
+    (["launcher.master_port=80"], "launcher.master_port=80:", "a TCP port"),
+    (["sensitivity.team_size=0"], "sensitivity.team_size=0:", "must be auto or a positive integer"),
+    (["prune.max_ratio=1.0"], "prune.max_ratio=1.0:", "must be in (0, 1)"),
+    (["prune.round_to=0"], "prune.round_to=0:", "must be a positive integer"),
+    (["groups.kinds=[]"], "groups.kinds=[]:", "give a non-empty list of group kinds"),
+    (["groups.timeout_s=-1"], "groups.timeout_s=-1:", "must be a number of seconds"),
+    (["groups.timeout_s=soon"], "groups.timeout_s=soon:", "must be a number of seconds"),
+    (["finetune.distill.weight=2"], "finetune.distill.weight=2.0:", "must be in [0, 1]"),
+    (["finetune.epochs=-1"], "finetune.epochs=-1:", "must be a non-negative integer"),
+    (["sensitivity.batch_size=0"], "sensitivity.batch_size=0:", "must be a positive integer"),
+    (["device=tpu"], "device=tpu:", "use auto, cpu, cuda or cuda:N"),
 ]
 
 
-@pytest.mark.parametrize("overrides,needle", CASES, ids=[c[1][:30] for c in CASES])
-def test_bad_override_one_line(tmp_path, overrides, needle):
-    p = run_sweep(tmp_path / "run", *FAST, *overrides, check=False, timeout=120)
+def test_good_configs_validate():
+    """What the cases below change is valid as given: each refusal is the bad value's."""
+    for overrides in ([], FAST, [*FAST, "prune.target.macs=null", "prune.target.latency=0.5", "sensitivity.team_size=2",
+                                 "launcher.master_port=29500", "device=cuda:1", "groups.kinds=[channels]"]):
+        assert precheck_argv(list(overrides)) is None
+        validate(compose(overrides))
+
+
+@pytest.mark.parametrize("overrides,line", COMPOSE_CASES, ids=[c[0][0].split("=")[0] for c in COMPOSE_CASES])
+def test_unknown_group_option_one_line(overrides, line):
+    err = precheck_argv([*FAST, *overrides])
+    assert err is not None and err.startswith(line) and "\n" not in err, err
+    assert "choose from: " in err  # the options there are
+
+
+@pytest.mark.parametrize("overrides,start,needle", SCHEMA_CASES, ids=[c[0][0].split("=")[0] for c in SCHEMA_CASES])
+def test_bad_type_or_choice_one_line(overrides, start, needle):
+    err = precheck_argv([*FAST, *overrides])
+    assert err is not None and "\n" not in err and err.startswith(start) and needle in err, err
+
+
+@pytest.mark.parametrize("overrides,start,needle", VALUE_CASES, ids=[c[0][0].lstrip("+")[:32] for c in VALUE_CASES])
+def test_bad_value_one_line(overrides, start, needle):
+    assert precheck_argv([*FAST, *overrides]) is None  # it composes: the value is refused, not the command line
+    cfg = compose([*FAST, *overrides])
+    with pytest.raises(ConfigError) as e:
+        validate(cfg)
+    msg = str(e.value)
+    assert "\n" not in msg and msg.startswith(start) and needle in msg, msg
+
+
+# ---- end to end: the process --------------------------------------------------------------------
+def _one_error_line(p, needle):
     assert p.returncode != 0
     lines = [l for l in p.stderr.splitlines() if l.strip() and not l.startswith("[hpcprune]") and "%|" not in l]
     assert len(lines) == 1, p.stderr
     assert lines[0].startswith("hpcprune: error:") and needle in lines[0], lines[0]
 
 
+def test_target_out_of_reach_on_the_architecture(tmp_path, dense_ckpt):
+    """A target no allocation within prune.max_ratio can meet: found by the groups stage, on the
+    architecture, before any training or sensitivity cell (one line: the sweep prints the message)."""
+    with pytest.raises(ConfigError) as e:
+        sweep_in_process(tmp_path / "run", *FAST, f"checkpoint={dense_ckpt}", "prune.target.macs=0.05",
+                         "prune.max_ratio=0.5")
+    msg = str(e.value)
+    assert "\n" not in msg and msg.startswith("prune.target.macs=0.05 cannot be met: with prune.max_ratio=0.5") and \
+        "found on the architecture, before any training" in msg, msg
+
+
+E2E = [
+    (["model=nosuchmodel"], COMPOSE_CASES[0][1]),  # the dry composition, before Hydra
+    (["prune.target.macs=1.5"], "prune.target.macs=1.5: a target is the fraction"),  # validate, on rank 0
+]
+
+
+@pytest.mark.parametrize("overrides,needle", E2E, ids=["compose", "validate"])
+def test_bad_override_process(tmp_path, overrides, needle):
+    """Exit code 2, the one line alone on stderr, no run file."""
+    p = run_sweep(tmp_path / "run", *FAST, *overrides, check=False, timeout=120)
+    _one_error_line(p, needle)
+    assert p.returncode == 2
+    assert not os.path.exists(tmp_path / "run" / "run.h5")
+
+
 @pytest.mark.mpi
-@pytest.mark.parametrize("overrides,needle", [CASES[0], CASES[3], CASES[5]], ids=["model", "target", "ratios"])
+@pytest.mark.slow
+@pytest.mark.parametrize("overrides,needle", [COMPOSE_CASES[0][:2], VALUE_CASES[4][::2]], ids=["model", "ratios"])
 def test_bad_override_under_mpi(tmp_path, overrides, needle):
     p = run_sweep(tmp_path / "run", *FAST, *overrides, ranks=2, check=False, timeout=60)
     assert p.returncode != 0

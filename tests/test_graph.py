@@ -254,3 +254,19 @@ def test_attention_that_is_not_per_head_is_excluded_with_the_reason():
     ex = {e.name: e.reason for e in out}
     assert "attn:heads" in ex and "attn:heads" not in [g.name for g in graph.groups]
     assert "fails once it is cut" in ex["attn:heads"] or "not the dense model" in ex["attn:heads"]
+
+
+def test_sensitivity_allocation_gives_back_an_overshoot():
+    """A damage plateau makes the greedy's best jump overshoot the target (group a to 0.9 where 0.5
+    meets it at the same damage): the give-back step returns to the target."""
+    from hpcprune.graph import GroupInfo
+
+    groups = [GroupInfo(n, "channels", 100, [], True) for n in ("a", "b")]
+    # macs = 0.8 f_a + 0.2 f_b
+    cm = allocate.CostModel(groups, {"macs": (np.array([0.8, 0.2]), np.array([[1, 0], [0, 1]])),
+                                     "params": (np.array([1.0]), np.array([[0, 0]]))})
+    grid = [0.3, 0.5, 0.9]
+    damage = np.array([[0.3, 1.0, 1.0], [1.0, 5.0, 9.0]])
+    alloc = allocate.sensitivity(cm, grid, damage, {"macs": 0.65}, 0.9)
+    assert alloc.predicted["macs"] <= 0.65
+    assert alloc.predicted["macs"] == pytest.approx(0.65, abs=0.03), alloc.ratios

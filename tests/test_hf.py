@@ -72,6 +72,7 @@ def test_same_seed_same_weights_in_any_process(name, models):
     assert torch.equal(torch.random.get_rng_state(), state)  # building consumed none of it
 
 
+@pytest.mark.slow
 def test_same_weights_in_another_process(models):
     """hpcprune rebuilds the model from its config in other processes (ranks, fine-tune tasks)."""
     code = (f"import sys; sys.path.insert(0, {ROOT!r}); import hashlib\n"

@@ -13,6 +13,8 @@ from hpcprune.structure import Skip  # noqa: E402
 
 from conftest import run_sweep  # noqa: E402
 
+pytestmark = pytest.mark.slow  # whole sweeps in subprocesses
+
 SMALL = ["data=text", "launcher=debug", "baseline.epochs=1", "data.train_bytes=32768", "data.val_bytes=8192",
          "data.calib_samples=32", "finetune.epochs=0", "sensitivity.ratios=[0.25,0.5,0.75]", "baseline.latency_repeats=2",
          "baseline.latency_batch=4", "importance=activation"]

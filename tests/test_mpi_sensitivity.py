@@ -14,6 +14,7 @@ import pytest
 from conftest import ROOT, run_sweep, sweep_cmd
 
 SENS = [
+    "threads=1",
     "baseline.epochs=4",
     "finetune.epochs=0",
     "launcher=debug",
@@ -22,7 +23,7 @@ SENS = [
     "data.calib_samples=256",
 ]
 
-pytestmark = pytest.mark.mpi
+pytestmark = [pytest.mark.mpi, pytest.mark.slow]
 
 
 def _matrix(path):
@@ -31,14 +32,32 @@ def _matrix(path):
 
 
 @pytest.fixture(scope="module")
-def one_rank(tmp_path_factory):
+def one_rank_run(tmp_path_factory):
     d = tmp_path_factory.mktemp("w1") / "run"
     run_sweep(d, *SENS)
-    return _matrix(d / "run.h5")
+    return d
 
 
-def test_three_ranks_identical(tmp_path, one_rank):
-    run_sweep(tmp_path / "w3", *SENS, ranks=3, timeout=400)
+@pytest.fixture(scope="module")
+def one_rank(one_rank_run):
+    return _matrix(one_rank_run / "run.h5")
+
+
+@pytest.fixture(scope="module")
+def trained(one_rank_run, tmp_path_factory):
+    """one_rank's dense weights as ``checkpoint=``: the runs compared with it start from the very same
+    dense model and skip the training."""
+    import torch
+
+    from hpcprune.store import RunFile, read_weights
+
+    path = tmp_path_factory.mktemp("ckpt") / "trained.pt"
+    torch.save(dict(read_weights(RunFile(str(one_rank_run / "run.h5")), "baseline")), path)
+    return f"checkpoint={path}"
+
+
+def test_three_ranks_identical(tmp_path, one_rank, trained):
+    run_sweep(tmp_path / "w3", *SENS, trained, ranks=3, timeout=400)
     loss, metric, status, rank = _matrix(tmp_path / "w3" / "run.h5")
     assert (status == 1).all()
     assert set(rank.ravel()) == {0, 1, 2}
@@ -46,7 +65,7 @@ def test_three_ranks_identical(tmp_path, one_rank):
     np.testing.assert_allclose(metric, one_rank[1], atol=1e-5)
 
 
-def test_team_shares_cells_equals_one_rank(tmp_path, one_rank):
+def test_team_shares_cells_equals_one_rank(tmp_path, one_rank, trained):
     """4 ranks as a dispatcher and two teams (ranks 1-2 and rank 3; sensitivity.team_size=2) whose
     members split every cell's calibration samples and BatchNorm re-estimation batches: one rank's
     numbers. With an early-stop floor between two measured values, exactly the cells after each
@@ -61,7 +80,7 @@ def test_team_shares_cells_equals_one_rank(tmp_path, one_rank):
             expected[g, below[0] + 1:] = 2
     assert (expected == 2).any() and (expected[:, 0] == 1).all()
     d = tmp_path / "team"
-    run_sweep(d, *SENS, "sensitivity.team_size=2", f"sensitivity.early_stop_floor={floor}", ranks=4, timeout=400)
+    run_sweep(d, *SENS, trained, "sensitivity.team_size=2", f"sensitivity.early_stop_floor={floor}", ranks=4, timeout=400)
     loss, got, status, rank = _matrix(d / "run.h5")
     np.testing.assert_array_equal(status, expected)
     done = status == 1
@@ -74,9 +93,9 @@ def test_team_shares_cells_equals_one_rank(tmp_path, one_rank):
     assert (recal[done] > 0).any()
 
 
-def test_kill_mid_sensitivity_resumes(tmp_path, one_rank):
+def test_kill_mid_sensitivity_resumes(tmp_path, one_rank, trained):
     d = tmp_path / "killed"
-    proc = subprocess.Popen(sweep_cmd(d, *SENS, "sensitivity.flush_s=0", ranks=2), cwd=ROOT, start_new_session=True,
+    proc = subprocess.Popen(sweep_cmd(d, *SENS, trained, "sensitivity.flush_s=0", ranks=2), cwd=ROOT, start_new_session=True,
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     h5 = d / "run.h5"
     done_before = None
@@ -107,7 +126,7 @@ def test_kill_mid_sensitivity_resumes(tmp_path, one_rank):
         secs_before = f["sensitivity/seconds"][()]
         done_before = st == 1
         assert 8 <= done_before.sum() < st.size
-    p = run_sweep(d, *SENS, ranks=2, timeout=400)
+    p = run_sweep(d, *SENS, trained, ranks=2, timeout=400)
     missing = int(st.size - done_before.sum())
     m = re.search(r"sensitivity: (\d+) cells", p.stderr)
     assert m and int(m.group(1)) == missing, p.stderr[-2000:]
@@ -133,9 +152,9 @@ def test_more_ranks_than_cells(tmp_path, one_rank):
 
 
 @pytest.mark.parametrize("criterion", ["taylor", "activation"])
-def test_data_driven_scores_over_two_ranks_equal_one(tmp_path, criterion):
+def test_data_driven_scores_over_two_ranks_equal_one(tmp_path, trained, criterion):
     """Taylor and activation statistics: each rank scores a share of the batches, sums all-reduced."""
-    fast = [*SENS, f"importance={criterion}", "sensitivity.ratios=[0.5]", "sensitivity.batch_size=64"]
+    fast = [*SENS, trained, f"importance={criterion}", "sensitivity.ratios=[0.5]", "sensitivity.batch_size=64"]
     run_sweep(tmp_path / "one", *fast)
     run_sweep(tmp_path / "two", *fast, ranks=2)
     with h5py.File(tmp_path / "one" / "run.h5") as a, h5py.File(tmp_path / "two" / "run.h5") as b:

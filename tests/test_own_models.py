@@ -118,6 +118,7 @@ def _sweep(*args, timeout=120):
                           text=True, timeout=timeout)
 
 
+@pytest.mark.slow
 def test_examples_sweep_with_config_dir(tmp_path):
     d = tmp_path / "run"
     p = _sweep("--config-dir", "examples/conf", "model=my_cnn", "data=my_digits", f"hydra.run.dir={d}", *TINY,

@@ -20,6 +20,8 @@ from hpcprune.store import SCHEMA_VERSION
 
 from conftest import FAST, ROOT, run_sweep
 
+pytestmark = pytest.mark.slow  # runs: fast_run and two more sweeps
+
 # one dense model (the shared fast_run), then runs that reuse its weights as checkpoint=...; the
 # uniform and global runs differ from each other only in prune.method
 REUSE = [*FAST, "launcher=debug", "sensitivity.early_stop_floor=0.9",

@@ -60,8 +60,10 @@ _DOWN = _slurm_down_reason()
 
 
 def needs_slurm(test):
+    """On the cluster: skipped without one, and slow. (Under xdist this file runs on one worker, one test
+    at a time: slurm_run is made once, and the dev cluster's 8 CPUs hold the jobs of one test.)"""
     test = pytest.mark.skipif(_DOWN is not None, reason=f"Slurm not running: start it with slurm/dev_cluster.sh start ({_DOWN})")(test)
-    return pytest.mark.slurm(test)
+    return pytest.mark.slurm(pytest.mark.slow(test))
 
 
 def run(cmd, **kw):

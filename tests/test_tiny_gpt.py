@@ -4,6 +4,7 @@ import copy
 import os
 
 import h5py
+import pytest
 import torch
 from omegaconf import OmegaConf
 
@@ -46,6 +47,7 @@ def test_text_data_is_real_and_deterministic():
     assert not torch.equal(other.train[0][0], a.train[0][0])
 
 
+@pytest.mark.slow
 def test_tiny_gpt_learns_below_unigram():
     """A short in-process dense training (~90 steps, ~10 s on one core) beats byte frequencies."""
     torch.manual_seed(0)
@@ -124,6 +126,7 @@ def test_whole_heads_slice_out():
     torch.testing.assert_close(sliced(x), masked(x), atol=1e-5, rtol=1e-5)
 
 
+@pytest.mark.slow
 def test_sweep_tiny_gpt_text(tmp_path):
     """``model=tiny_gpt data=text`` through every stage (small sizes), rebuilt from the run file."""
     run = tmp_path / "run"

@@ -241,6 +241,7 @@ GPT_SWEEP = ["model=tiny_gpt", "data=text", "launcher=debug", "baseline.epochs=1
 
 
 @pytest.mark.mpi
+@pytest.mark.slow
 def test_sweep_heads_blocks_two_ranks_equal_one_and_reload(tmp_path):
     """The tiny GPT sweep with heads and blocks: 2 real MPI ranks give the same sensitivity matrix
     and importance as 1; the run file rebuilds the pruned model with identical outputs."""

@@ -20,6 +20,7 @@ _parent = importlib.util.module_from_spec(_spec)
 _spec.loader.exec_module(_parent)
 ROOT, PY, MPIEXEC, FAST = _parent.ROOT, _parent.PY, _parent.MPIEXEC, _parent.FAST
 sweep_cmd, run_sweep, have_mpiexec = _parent.sweep_cmd, _parent.run_sweep, _parent.have_mpiexec
+compose, sweep_in_process, copy_run = _parent.compose, _parent.sweep_in_process, _parent.copy_run
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 
@@ -43,18 +44,7 @@ VOLATILE = {"latency_ms", "latency_speedup", "latency_kept", "seconds", "wall_s"
             "rank_digests", "launcher", "weights_mtime_ns", "weights_sha256"}  # weights: compared by value (snapshot)
 
 
-@pytest.fixture(scope="session")
-def dense_ckpt(tmp_path_factory):
-    """resnet_tiny's dense weights (seeded init) as a state-dict file: runs skip dense training."""
-    import torch
-
-    from hpcprune.zoo.models import resnet
-
-    torch.manual_seed(0)
-    model = resnet(in_channels=1, num_classes=10, widths=[16, 32, 64], blocks=[1, 1, 1], stem_stride=1)
-    path = tmp_path_factory.mktemp("ckpt") / "dense.pt"
-    torch.save(model.state_dict(), path)
-    return str(path)
+# dense_ckpt (resnet_tiny's seeded initial weights as a checkpoint file): tests/conftest.py
 
 
 def fault_env(**extra):

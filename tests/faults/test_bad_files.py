@@ -11,7 +11,7 @@ import h5py
 import numpy as np
 import pytest
 
-from conftest import LEAN, MPIEXEC, PY, error_lines, ok, ov, run, sweep_cmd
+from conftest import LEAN, MPIEXEC, PY, error_lines, ok, ov, run, sweep_cmd, sweep_in_process
 
 pytestmark = pytest.mark.faults
 
@@ -45,6 +45,7 @@ def _copy_run(lean_run, dest):
 
 
 # ---- run files --------------------------------------------------------------------------------
+@pytest.mark.slow  # lean_run: a whole sweep
 def test_newer_schema_refused(tmp_path, lean_run, dense_ckpt):
     h5 = _copy_run(lean_run, tmp_path / "run")
     with h5py.File(h5, "a") as f:
@@ -55,6 +56,7 @@ def test_newer_schema_refused(tmp_path, lean_run, dense_ckpt):
     assert md5(h5) == before
 
 
+@pytest.mark.slow  # lean_run: a whole sweep
 def test_truncated_run_file_refused(tmp_path, lean_run, dense_ckpt):
     h5 = _copy_run(lean_run, tmp_path / "run")
     size = os.path.getsize(h5)
@@ -79,6 +81,7 @@ def test_other_programs_hdf5_refused(tmp_path, dense_ckpt):
     assert md5(d / "run.h5") == before
 
 
+@pytest.mark.slow  # lean_run: a whole sweep
 def test_resume_with_other_config_refused(tmp_path, lean_run, dense_ckpt):
     h5 = _copy_run(lean_run, tmp_path / "run")
     shutil.copytree(lean_run / ".hydra", tmp_path / "run" / ".hydra")  # the run's own record of its config
@@ -91,60 +94,64 @@ def test_resume_with_other_config_refused(tmp_path, lean_run, dense_ckpt):
     assert {f: md5(tmp_path / "run" / ".hydra" / f) for f in hydra_before} == hydra_before  # not rewritten
 
 
-# ---- checkpoints ------------------------------------------------------------------------------
+# ---- checkpoints, data, model: refused by rank 0's input checks, in this process ---------------
 def _no_result(d):
     assert not os.path.exists(d / "run.h5"), "a run file was created for a refused run"
 
 
-def test_checkpoint_wrong_shapes(tmp_path):
+
+# (the sweep runs the same Sweep.run(); test_bad_input.py checks the exit code and the single
+# line of a real process for this path, and test_missing_data_path_under_mpi below under mpiexec)
+def refused_in_process(capsys, d, overrides, needle):
+    """Sweep.run() in this process: exit code 2, one line holding ``needle``, no run file."""
+    rc = sweep_in_process(d, *overrides)
+    err = capsys.readouterr().err
+    assert rc == 2, err[-3000:]
+    lines = error_lines(err)
+    assert len(lines) == 1, err[-3000:]
+    assert lines[0].startswith("hpcprune: error:") and needle in lines[0], lines[0]
+    _no_result(d)
+    return lines[0]
+
+
+def test_checkpoint_wrong_shapes(tmp_path, capsys):
     import torch
 
     ck = tmp_path / "wrong.pt"
     torch.save({"0.0.weight": torch.zeros(8, 1, 3, 3), "fc.weight": torch.zeros(10, 8)}, ck)
-    p = run(sweep_cmd(tmp_path / "run", *LEAN, f"checkpoint={ck}"))
-    refused(p, f"checkpoint={ck}: does not fit the model")
-    _no_result(tmp_path / "run")
+    refused_in_process(capsys, tmp_path / "run", [*LEAN, f"checkpoint={ck}"], f"checkpoint={ck}: does not fit the model")
 
 
-def test_checkpoint_corrupt(tmp_path, dense_ckpt):
+def test_checkpoint_corrupt(tmp_path, dense_ckpt, capsys):
     ck = tmp_path / "corrupt.pt"
     with open(dense_ckpt, "rb") as f:
         ck.write_bytes(f.read()[:4000])  # a copy cut short
-    p = run(sweep_cmd(tmp_path / "run", *LEAN, f"checkpoint={ck}"))
-    refused(p, f"checkpoint={ck}: not a readable torch state dict")
-    _no_result(tmp_path / "run")
+    refused_in_process(capsys, tmp_path / "run", [*LEAN, f"checkpoint={ck}"], f"checkpoint={ck}: not a readable torch state dict")
 
 
-def test_checkpoint_not_a_state_dict(tmp_path):
+def test_checkpoint_not_a_state_dict(tmp_path, capsys):
     import torch
 
     ck = tmp_path / "list.pt"
     torch.save([1, 2, 3], ck)
-    p = run(sweep_cmd(tmp_path / "run", *LEAN, f"checkpoint={ck}"))
-    refused(p, f"checkpoint={ck}: holds a list, not a state dict")
-    _no_result(tmp_path / "run")
+    refused_in_process(capsys, tmp_path / "run", [*LEAN, f"checkpoint={ck}"], f"checkpoint={ck}: holds a list, not a state dict")
 
 
-# ---- data and model ---------------------------------------------------------------------------
-def test_missing_data_path(tmp_path):
-    p = run(sweep_cmd(tmp_path / "run", *LEAN, "data=fashion_mnist", "data.root=/nonexistent"))
-    refused(p, "data.root=/nonexistent")
-    _no_result(tmp_path / "run")
+def test_missing_data_path(tmp_path, capsys):
+    refused_in_process(capsys, tmp_path / "run", [*LEAN, "data=fashion_mnist", "data.root=/nonexistent"], "data.root=/nonexistent")
 
 
-def test_empty_calibration_set(tmp_path, dense_ckpt):
-    p = run(sweep_cmd(tmp_path / "run", *ov(LEAN, [f"checkpoint={dense_ckpt}", "data.calib_samples=0"])))
-    refused(p, "data.calib_samples=0")
-    _no_result(tmp_path / "run")
+def test_empty_calibration_set(tmp_path, dense_ckpt, capsys):
+    refused_in_process(capsys, tmp_path / "run", ov(LEAN, [f"checkpoint={dense_ckpt}", "data.calib_samples=0"]),
+                       "data.calib_samples=0")
 
 
-def test_unknown_model_target(tmp_path):
-    p = run(sweep_cmd(tmp_path / "run", *LEAN, "model._target_=nosuch.module.net"))
-    refused(p, "model._target_=nosuch.module.net")
-    _no_result(tmp_path / "run")
+def test_unknown_model_target(tmp_path, capsys):
+    refused_in_process(capsys, tmp_path / "run", [*LEAN, "model._target_=nosuch.module.net"], "model._target_=nosuch.module.net")
 
 
 @pytest.mark.mpi
+@pytest.mark.slow
 def test_missing_data_path_under_mpi(tmp_path):
     p = run(sweep_cmd(tmp_path / "run", *LEAN, "data=fashion_mnist", "data.root=/nonexistent", ranks=2), timeout=120)
     refused(p, "data.root=/nonexistent")
@@ -153,6 +160,7 @@ def test_missing_data_path_under_mpi(tmp_path):
 
 # ---- more ranks than cells, NaN outputs -------------------------------------------------------
 @pytest.mark.mpi
+@pytest.mark.slow
 def test_four_ranks_two_cells(tmp_path):
     """mpiexec -n 4 for 2 cells: two ranks idle, the run completes with every cell done."""
     d = tmp_path / "run"
@@ -164,6 +172,7 @@ def test_four_ranks_two_cells(tmp_path):
         assert np.isfinite(f["sensitivity/loss"][()]).all()
 
 
+@pytest.mark.slow
 def test_nan_cells_recorded_and_avoided(tmp_path, dense_ckpt):
     """Pruning group 2.conv1 makes the model output NaN: its cells are NaN (loss and metric), the
     allocation leaves that group alone, the run completes."""
@@ -183,6 +192,7 @@ def test_nan_cells_recorded_and_avoided(tmp_path, dense_ckpt):
     assert "NaN loss, not used by the allocation: 2.conv1@0.25" in p.stderr
 
 
+@pytest.mark.slow
 def test_all_nan_grid_fails_clearly(tmp_path, dense_ckpt):
     d = tmp_path / "run"
     p = run(sweep_cmd(d, *LEAN, f"checkpoint={dense_ckpt}", "model=resnet_tiny", "model._target_=faulty.nan_resnet",

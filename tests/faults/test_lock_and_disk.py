@@ -34,15 +34,29 @@ def _holds_lock(d, job):
         return False
 
 
+def _status_is(d, status):
+    try:
+        with h5py.File(d / "run.h5", "r") as f:
+            return f.attrs["status"] == status
+    except (OSError, KeyError):
+        return False
+
+
 # ---- the run directory lock -------------------------------------------------------------------
+@pytest.mark.slow
 def test_second_sweep_refused_at_once(tmp_path, dense_ckpt):
     d = tmp_path / "run"
     cfg = config(dense_ckpt)
     first = Job(sweep_cmd(d, *cfg), tmp_path / "first")
     try:
         _wait(lambda: _holds_lock(d, first), first, what="the first sweep's lock")
-        second = run(sweep_cmd(d, *cfg), timeout=60)
-        still_running = first.alive()
+        # stopped while it holds the lock: it is still there however long the second sweep takes to start
+        first.signal_group(signal.SIGSTOP)
+        try:
+            second = run(sweep_cmd(d, *cfg), timeout=60)
+            still_running = first.alive()
+        finally:
+            first.signal_group(signal.SIGCONT)
         rc = first.wait(timeout=300)
     finally:
         first.cleanup()
@@ -56,6 +70,7 @@ def test_second_sweep_refused_at_once(tmp_path, dense_ckpt):
         assert f.attrs["status"] == "complete" and f.attrs["status_reason"] == ""
 
 
+@pytest.mark.slow
 def test_lock_of_killed_sweep_does_not_block(tmp_path, dense_ckpt):
     d = tmp_path / "run"
     cfg = config(dense_ckpt)
@@ -63,6 +78,8 @@ def test_lock_of_killed_sweep_does_not_block(tmp_path, dense_ckpt):
     try:
         _wait(lambda: _holds_lock(d, job) and "stage baseline:" in (d / "sweep.log").read_text(), job,
               what="the baseline")
+        job.signal_group(signal.SIGSTOP)  # no race between the check and the kill: it cannot finish meanwhile
+        assert job.alive() and not _status_is(d, "complete"), "the sweep finished before it could be killed"
         job.signal_group(signal.SIGKILL)
         job.wait(timeout=30)
     finally:
@@ -146,6 +163,7 @@ def test_too_little_space_for_the_run(tmpfs, dense_ckpt):
     assert "dense:" not in p.stderr  # not even the baseline was measured
 
 
+@pytest.mark.slow
 def test_disk_fills_during_the_run(tmpfs, dense_ckpt):
     """The disk fills up after the baseline (another job's files) leaving room for a copy of the run
     file and the small stages, not for the pruned weights: the failing write is one clean error

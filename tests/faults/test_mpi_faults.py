@@ -18,7 +18,7 @@ import pytest
 
 from conftest import LEAN, Job, fault_env, ok, ov, rank_pid, read_done, run, sweep_cmd, wait_gone
 
-pytestmark = [pytest.mark.faults, pytest.mark.mpi]
+pytestmark = [pytest.mark.faults, pytest.mark.mpi, pytest.mark.slow]
 
 CALIB_BATCHES = 128  # data.calib_samples / sensitivity.batch_size: forward calls per cell
 # rank 1 raises inside its third cell: the dense calibration pass and two cells come first
