@@ -19,10 +19,12 @@ pytestmark = pytest.mark.slow  # whole sweeps in subprocesses (fast_run: one, sh
 
 @pytest.mark.mpi
 def test_default_single_vs_two_ranks(tmp_path):
-    """The embedded default, once in one process and once over 2 MPI ranks."""
+    """The embedded default, once in one process and once over 2 MPI ranks. One torch thread per
+    process (the default takes every CPU a rank may use): next to xdist's other worker, two OpenMP
+    threads per process made this test 4x slower (waiting on each other's descheduled threads)."""
     a, b = tmp_path / "A", tmp_path / "B"
-    pa = run_sweep(a)
-    run_sweep(b, ranks=2)
+    pa = run_sweep(a, "threads=1")
+    run_sweep(b, "threads=1", ranks=2)
     assert "run file:" in pa.stdout and "complete" in pa.stdout
     with h5py.File(a / "run.h5") as fa, h5py.File(b / "run.h5") as fb:
         for f, world in ((fa, 1), (fb, 2)):
