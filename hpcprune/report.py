@@ -29,7 +29,7 @@ from typing import Any, Sequence
 
 import numpy as np
 
-from .config import RESUME_IGNORED
+from .config import RESUME_IGNORED, flat
 from .errors import HpcpruneError
 from .store import TIMED_STAGES, RunFile, RunFileError
 
@@ -62,16 +62,6 @@ def _get(attrs: Any, key: str) -> Any:
 
 def _strs(a: Any) -> list[str]:
     return [x.decode() if isinstance(x, bytes) else str(x) for x in np.asarray(a).ravel()]
-
-
-def flatten(d: Any, prefix: str = "") -> dict[str, Any]:
-    out: dict[str, Any] = {}
-    if isinstance(d, dict):
-        for k, v in d.items():
-            out.update(flatten(v, f"{prefix}{k}."))
-    else:
-        out[prefix[:-1]] = d
-    return out
 
 
 @dataclass
@@ -120,7 +110,7 @@ def load_run(path: str) -> Run:
         base, alloc, pr, fin, ft, sens = (_attrs(f, n) for n in ("baseline", "allocation", "pruned", "final", "finetune", "sensitivity"))
         run = Run(path=rf.path, row={})
         try:
-            run.config = flatten(yaml.safe_load(root.get("config") or "") or {})
+            run.config = flat(yaml.safe_load(root.get("config") or "") or {})
         except yaml.YAMLError:
             run.config = {}
         run.metric_name = str(base.get("metric_name") or sens.get("metric_name") or "metric")
