@@ -1,6 +1,6 @@
 """Torch-Pruning's upstream bugs that hpcprune patches at import, and those it works around elsewhere.
 
-Importing this module replaces three functions of Torch-Pruning (1.6) for the whole process;
+Importing this module replaces four functions of Torch-Pruning (1.6) for the whole process;
 :mod:`hpcprune.graph` imports it first, so the patches are in place before any ``DependencyGraph``
 is built. Each section below is one upstream bug, described as it would be reported upstream:
 
@@ -9,6 +9,8 @@ is built. Each section below is one upstream bug, described as it would be repor
    ``get_pruning_group`` (:func:`_update_index_mapping`: a cost, not a wrong result).
 3. ``_FlattenIndexMapping`` maps a reshape that does not touch channels to ever more indices
    (:func:`_flatten_call`: refused at once instead of running for minutes).
+4. ``update_reshape_index_mapping`` divides by a width it inferred as 0
+   (:func:`_update_reshape_index_mapping`: ShuffleNetV2 could not be traced at all).
 
 Upstream behaviour hpcprune works around elsewhere, without patching Torch-Pruning:
 
@@ -99,8 +101,28 @@ def _flatten_call(self: Any, idxs: Any) -> Any:
     largest dimension of any of the model's tensors is wrong: the group is refused at once."""
     if not self.reverse and _max_width[0] and len(idxs) * self._stride > _max_width[0]:
         raise ValueError(f"Torch-Pruning maps a reshape to {len(idxs) * self._stride} channel indices, more than "
-                         f"any layer's width ({_max_width[0]}): a reshape it does not understand (channels last?)")
+                         f"any layer's width ({_max_width[0]}): a reshape it does not understand (a channel shuffle, a channels-last view)")
     return _tp_flatten_call(self, idxs)
 
 
 tp.dependency.index_mapping._FlattenIndexMapping.__call__ = _flatten_call
+
+
+# ---- 4. update_reshape_index_mapping: ZeroDivisionError on a reshape next to a split ---------------
+_tp_update_reshape = tp.dependency.index_mapping.update_reshape_index_mapping
+
+
+def _update_reshape_index_mapping(graph: Any, reshape_node: Any) -> None:
+    """Torch-Pruning infers the channels on each side of a reshape and divides one by the other;
+    the inference answers 0 where it cannot see a width (a ``chunk`` / ``split`` output, a model
+    input), and ``in_channels // 0`` raises ``ZeroDivisionError`` while the graph is built
+    (torchvision's ShuffleNetV2: ``channel_shuffle`` between ``cat`` and the next ``chunk``). A side
+    of width 0 is a width it does not know: the reshape gets no index mapping, as when either side
+    is ``None`` upstream. (Whether channels pass through a permuting reshape correctly is checked by
+    :func:`hpcprune.graph.shuffle_groups`, not here.)"""
+    try:
+        _tp_update_reshape(graph, reshape_node)
+    except ZeroDivisionError:  # raised before any mapping is assigned: the reshape keeps none
+        pass
+
+tp.dependency.index_mapping.update_reshape_index_mapping = _update_reshape_index_mapping

@@ -270,3 +270,46 @@ def test_sensitivity_allocation_gives_back_an_overshoot():
     alloc = allocate.sensitivity(cm, grid, damage, {"macs": 0.65}, 0.9)
     assert alloc.predicted["macs"] <= 0.65
     assert alloc.predicted["macs"] == pytest.approx(0.65, abs=0.03), alloc.ratios
+
+
+class _ShuffleV2Unit(torch.nn.Module):
+    """ShuffleNetV2's stride-1 unit: half the channels pass, half go through 1x1 -> dw 3x3 -> 1x1,
+    then ``cat`` and a channel shuffle (torchvision's ``channel_shuffle``)."""
+
+    def __init__(self, c=16):
+        super().__init__()
+        h = c // 2
+        self.branch = torch.nn.Sequential(
+            torch.nn.Conv2d(h, h, 1, bias=False), torch.nn.BatchNorm2d(h), torch.nn.ReLU(),
+            torch.nn.Conv2d(h, h, 3, padding=1, groups=h, bias=False), torch.nn.BatchNorm2d(h),
+            torch.nn.Conv2d(h, h, 1, bias=False), torch.nn.BatchNorm2d(h), torch.nn.ReLU())
+
+    def forward(self, x):
+        a, b = x.chunk(2, dim=1)
+        out = torch.cat((a, self.branch(b)), dim=1)
+        n, c, hh, ww = out.shape
+        return out.view(n, 2, c // 2, hh, ww).transpose(1, 2).contiguous().view(n, c, hh, ww)
+
+
+def test_channel_shuffle_after_a_split_traces_and_only_correct_groups_are_kept():
+    """A ShuffleNetV2 unit: the branch's inner group is kept and cut right, and no group is kept
+    whose channels the shuffle permutes (Torch-Pruning maps them as if it did not). (That
+    torchvision's ShuffleNetV2 traces at all, past Torch-Pruning's ZeroDivisionError, is checked by
+    benchmarks/zoo_coverage.py: this small unit does not reach that division.)"""
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Conv2d(1, 16, 3, padding=1), _ShuffleV2Unit(), _ShuffleV2Unit(),
+                                torch.nn.AdaptiveAvgPool2d(1), torch.nn.Flatten(), torch.nn.Linear(16, 10)).eval()
+    _randomize_bn(model)
+    x = torch.randn(2, 1, 8, 8)
+    graph = Graph(model, x)
+    verify_groups(graph, x, 0.5)
+    kept = {g.name for g in graph.groups}
+    assert "1.branch.0" in kept and "2.branch.0" in kept
+    for g in graph.groups:  # every kept group: the cut model equals the dense one with the consumers' columns zeroed
+        if g.name.endswith("branch.0"):
+            dense = copy.deepcopy(model)
+            getattr(dense, g.name.split(".")[0]).branch[5].weight.data[:, [0, 3]] = 0
+            cut = copy.deepcopy(model)
+            Graph(cut, x).prune_group(g.name, [0, 3])
+            torch.testing.assert_close(cut(x), dense(x))
+    assert "0" not in kept  # the stem's channels pass through both shuffles
