@@ -18,6 +18,8 @@ checks the run file:
   ``nn.MultiheadAttention``'s fused fast path off (``torch.backends.mha.set_fastpath_enabled``; its
   fused kernel has no flop formula); the same for the dense model (``/baseline@macs``)
 - reload: ``load_pruned`` re-evaluated on the validation set equals ``/final@metric`` and ``@loss``
+- seconds: wall time of the sweep, and its CPU seconds (user + system, one torch thread): the time
+  it would take on an idle core, whatever else runs on the machine
 
 It prints (and tees to --log) a markdown table, summary counts and, as its last line, one JSON
 object with the counts.
@@ -32,6 +34,7 @@ import sys
 import tempfile
 import threading
 import time
+from typing import Any
 from concurrent.futures import ThreadPoolExecutor
 
 HERE = os.path.dirname(os.path.abspath(__file__))
@@ -154,6 +157,23 @@ def last_error_line(text: str) -> str:
     return lines[-1][:200] if lines else ""
 
 
+def _run_timed(cmd: list[str], env: dict, out: Any, timeout: float) -> tuple[int | None, float]:
+    """Run ``cmd``; its exit code (None after ``timeout`` seconds: killed) and the CPU seconds (user +
+    system) it used: the sweep runs one torch thread in one process, so its CPU time is what its
+    wall time would be on an idle core, whatever else loads the machine."""
+    p = subprocess.Popen(cmd, cwd=REPO, env=env, stdout=out, stderr=subprocess.STDOUT)
+    end = time.perf_counter() + timeout
+    while True:
+        pid, status, ru = os.wait4(p.pid, os.WNOHANG)
+        if pid:
+            return os.waitstatus_to_exitcode(status), ru.ru_utime + ru.ru_stime
+        if time.perf_counter() > end:
+            p.kill()
+            _, _, ru = os.wait4(p.pid, 0)
+            return None, ru.ru_utime + ru.ru_stime
+        time.sleep(0.2)
+
+
 def run_one(name: str, a: argparse.Namespace, cache: dict, lock: threading.Lock) -> dict:
     from hpcprune.zoo.vision import min_image_size
 
@@ -175,11 +195,9 @@ def run_one(name: str, a: argparse.Namespace, cache: dict, lock: threading.Lock)
     with open(out_path, "w") as f:
         f.write(" ".join(cmd) + "\n\n")
         f.flush()
-        try:
-            rc: int | None = subprocess.run(cmd, cwd=REPO, env=env, stdout=f, stderr=subprocess.STDOUT, timeout=a.timeout).returncode
-        except subprocess.TimeoutExpired:
-            rc = None
+        rc, cpu = _run_timed(cmd, env, f, a.timeout)
     row["seconds"] = round(time.perf_counter() - t0, 1)
+    row["cpu_s"] = round(cpu, 1)
     with open(out_path, errors="replace") as f:
         text = f.read()
     if rc is None:
@@ -245,20 +263,20 @@ def main(argv: list[str] | None = None) -> int:
         except Exception as e:  # the harness itself: never lose the other models
             r = {"model": n, "status": "crashed", "error": f"harness: {type(e).__name__}: {e}"}
         rows[n] = r
-        log(f"- {n}: {r['status']} in {r.get('seconds', '-')} s" + (f": {r['error']}" if r.get("error") else ""))
+        log(f"- {n}: {r['status']} in {r.get('seconds', '-')} s ({r.get('cpu_s', '-')} CPU s)" + (f": {r['error']}" if r.get("error") else ""))
 
     with ThreadPoolExecutor(max_workers=max(1, a.jobs)) as ex:
         list(ex.map(job, names))
 
     log("")
-    log("| model | px | status | last stage done | groups | excluded | MACs err (pruned) | MACs err (dense) | reload identical | s | error |")
-    log("| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |")
+    log("| model | px | status | last stage done | groups | excluded | MACs err (pruned) | MACs err (dense) | reload identical | s | CPU s | error |")
+    log("| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |")
     for n in names:
         r = rows[n]
         last = r["stages"][-1] if r.get("stages") else "-"
         log(f"| {n} | {r.get('size', '-')} | {r['status']} | {last} | {fmt(r.get('groups'))} | {fmt(r.get('excluded'))}{' (' + ', '.join(r['excluded_types'][:4]) + ')' if r.get('excluded_types') else ''} | "
             f"{fmt(r.get('macs_err'), True)} | {fmt(r.get('macs_err_dense'), True)} | {fmt(r.get('reload_ok'))} | "
-            f"{fmt(r.get('seconds'))} | {(r.get('error') or r.get('check_error') or '').replace('|', '/')} |")
+            f"{fmt(r.get('seconds'))} | {fmt(r.get('cpu_s'))} | {(r.get('error') or r.get('check_error') or '').replace('|', '/')} |")
     counts: dict[str, int] = {"models": len(names)}
     for s in ("completed", "refused", "crashed", "timeout"):
         counts[s] = sum(1 for r in rows.values() if r["status"] == s)
@@ -272,6 +290,9 @@ def main(argv: list[str] | None = None) -> int:
     counts["done_over_60s"] = sum(1 for r in rows.values() if r["status"] in ("completed", "refused")
                                   and (r.get("seconds") or 0) > 60)
     counts["refused_over_60s"] = sum(1 for r in rows.values() if r["status"] == "refused" and (r.get("seconds") or 0) > 60)
+    # the same on CPU seconds: one torch thread, so this is the wall time on an idle core
+    counts["done_over_60_cpu_s"] = sum(1 for r in rows.values() if r["status"] in ("completed", "refused")
+                                       and (r.get("cpu_s") or 0) > 60)
     log("")
     log("summary: " + ", ".join(f"{k} {v}" for k, v in counts.items()))
     reasons: dict[str, int] = {}
