@@ -7,6 +7,7 @@ pruned model computes (``verify.verify_groups`` checks that on every group befor
 """
 from __future__ import annotations
 
+import copy
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Sequence
 
@@ -14,6 +15,7 @@ import torch
 from torch import nn
 
 from .structure import Skip, Structure, structure_of
+from .tp_layers import is_conv1d, weight_dims
 
 if TYPE_CHECKING:
     from .graph import GroupInfo
@@ -28,6 +30,24 @@ def expand(idxs: Sequence[int] | torch.Tensor, unit: int) -> torch.Tensor:
     if unit == 1:
         return i
     return (i[:, None] * unit + torch.arange(unit)).reshape(-1)
+
+
+def member_channels(m: Any, units: Sequence[int] | torch.Tensor, channels: int) -> torch.Tensor:
+    """Indices, on member ``m``'s channel dimension of ``channels`` channels, of group units ``units``:
+    ``expand(units, m.unit)`` in each of the member's consecutive blocks (``m.parts`` channels per
+    unit in each block; ``m.chunks`` equal blocks of ``m.unit`` otherwise). Raises ValueError when
+    ``channels`` is not a whole number of units."""
+    parts = tuple(getattr(m, "parts", ()) or ()) or (m.unit,) * int(getattr(m, "chunks", 1))
+    if len(parts) == 1:
+        return expand(units, parts[0])
+    n, rem = divmod(channels, sum(parts))
+    if rem:
+        raise ValueError(f"{m.module}: {channels} channels are not blocks of {parts} channels per unit")
+    out, offset = [], 0
+    for p in parts:
+        out.append(offset + expand(units, p))
+        offset += p * n
+    return torch.cat(out)
 
 
 # ---- masking in place (sensitivity cells) ---------------------------------------------------------
@@ -70,20 +90,19 @@ def mask_group(model_modules: dict[str, nn.Module], group: GroupInfo, idxs: Sequ
     if units.numel() == 0:
         return mask
     for m in group.members:
-        idx = expand(units, m.unit)
         mod = model_modules[m.module]
+        idx = member_channels(m, units, _dim_size(mod, m.out))
         if isinstance(mod, nn.modules.batchnorm._BatchNorm):
             mask._zero(mod.weight, (idx.to(mod.weight.device),)) if mod.weight is not None else None
             mask._zero(mod.bias, (idx.to(mod.bias.device),)) if mod.bias is not None else None
             continue
-        w = mod.weight  # Conv / Linear
+        w = mod.weight  # Conv / Linear / HF Conv1D (weight [in, out])
         i = idx.to(w.device)
         depthwise = isinstance(mod, nn.modules.conv._ConvNd) and mod.groups > 1
+        dim = weight_dims(mod)[0 if (m.out or depthwise) else 1]
+        mask._zero(w, (slice(None),) * dim + (i,))
         if m.out or depthwise:
-            mask._zero(w, (i,))
             mask._zero(mod.bias, (i,))
-        else:
-            mask._zero(w, (slice(None), i))
     return mask
 
 
@@ -94,6 +113,8 @@ def _dim_size(mod: nn.Module, out: bool) -> int:
         return mod.out_channels if (out or mod.groups > 1) else mod.in_channels
     if isinstance(mod, nn.Linear):
         return mod.out_features if out else mod.in_features
+    if is_conv1d(mod):
+        return int(mod.nf if out else mod.nx)
     if isinstance(mod, _NORMS):
         return int(mod.normalized_shape[-1])
     if isinstance(mod, nn.Embedding):
@@ -153,16 +174,13 @@ def slice_group(model_modules: dict[str, nn.Module], group: GroupInfo, keep: Seq
     sl = Slice(permanent=permanent)
     seen: set[str] = set()
     for module, attr, per_unit in group.attrs:
-        sl._set(model_modules[module], attr, per_unit * len(keep))
+        _set_count(sl, model_modules[module], attr, per_unit * len(keep))
     for m in group.members:
         mod = model_modules[m.module]
         if m.module in seen and isinstance(mod, nn.modules.conv._ConvNd) and mod.groups > 1:
             continue  # a depthwise conv's in and out channels are the same: cut once
         seen.add(m.module)
-        k = expand(list(keep), m.unit)
-        if getattr(m, "chunks", 1) > 1:  # [q; k; v] rows: the same units in every block
-            rows_per = mod.weight.shape[0] // m.chunks
-            k = torch.cat([c * rows_per + k for c in range(m.chunks)])
+        k = member_channels(m, list(keep), _dim_size(mod, m.out))  # fused [q; k; v]: the same units in every block
         k = k.to(mod.weight.device if getattr(mod, "weight", None) is not None else "cpu")
         rows = lambda t, k=k: t.index_select(0, k)  # noqa: E731
         if isinstance(mod, _NORMS):
@@ -185,13 +203,14 @@ def slice_group(model_modules: dict[str, nn.Module], group: GroupInfo, keep: Seq
                 _sync_sizes(mod)
             continue
         depthwise = isinstance(mod, nn.modules.conv._ConvNd) and mod.groups > 1
+        dim = weight_dims(mod)[0 if (m.out or depthwise) else 1]
+        sl._param(mod, "weight", lambda t, k=k, dim=dim: t.index_select(dim, k))
         if m.out or depthwise:
-            sl._param(mod, "weight", rows)
             sl._param(mod, "bias", rows)
             if depthwise:
                 sl._set(mod, "groups", len(keep))
-        else:
-            sl._param(mod, "weight", lambda t, k=k: t.index_select(1, k))
+        if is_conv1d(mod) and not permanent:  # its forward sizes the output by nf
+            sl._set(mod, "nf" if m.out else "nx", len(k))
         if permanent:
             _sync_sizes(mod)
     if permanent:
@@ -200,9 +219,22 @@ def slice_group(model_modules: dict[str, nn.Module], group: GroupInfo, keep: Seq
     return sl
 
 
+def _set_count(sl: Slice, mod: nn.Module, attr: str, value: int) -> None:
+    """Set a head count: a module attribute, or ``config.<name>`` on the module's own copy of its
+    config (the model's config object is shared by every layer and left alone)."""
+    if not attr.startswith("config."):
+        sl._set(mod, attr, value)
+        return
+    if not any(obj is mod and a == "config" for obj, a, _ in sl.saved):
+        sl._set(mod, "config", copy.copy(mod.config))
+    sl._set(mod.config, attr.split(".", 1)[1], value)
+
+
 def _sync_sizes(mod: nn.Module) -> None:
     """After a permanent cut: the layer's size attributes follow its weight."""
-    if isinstance(mod, nn.Linear):
+    if is_conv1d(mod):
+        mod.nx, mod.nf = mod.weight.shape
+    elif isinstance(mod, nn.Linear):
         mod.out_features, mod.in_features = mod.weight.shape
     elif isinstance(mod, nn.modules.conv._ConvNd):
         mod.out_channels = mod.weight.shape[0]

@@ -16,6 +16,8 @@ callers that catch those still do::
     MPIMismatch (world.py)       RuntimeError   mpiexec and mpi4py's MPI disagree
     ReportError (report.py)      ValueError     bad report arguments
     GraphError (graph.py)        ValueError     a model Torch-Pruning cannot trace, a graph past groups.timeout_s
+    ExportError (export.py)      ValueError     bad export arguments, a missing deploy package, an export that disagrees
+    StructureError (structure.py) ValueError    a model whose attention layers do not fit its config
 """
 from __future__ import annotations
 

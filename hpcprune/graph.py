@@ -26,6 +26,7 @@ from . import tp_fixes  # first: Torch-Pruning patched before any graph is built
 from .cuts import _NORMS, Mask, Slice, TPCut, _dim_size, expand, mask_group, skip_block, slice_group  # noqa: F401
 from .errors import HpcpruneError
 from .structure import Skip, Structure, structure_of  # noqa: F401
+from .tp_layers import customized_pruners, is_conv1d
 
 log = logging.getLogger(__name__)
 
@@ -51,6 +52,7 @@ class Member:
     out: bool  # True: the module's output channels are cut; False: its input channels
     unit: int = 1  # channels of this member per group unit (a head's rows: n_rep * head_dim for q)
     chunks: int = 1  # the member's rows are this many equal blocks, each laid out by unit (a fused qkv: 3)
+    parts: tuple[int, ...] = ()  # else: channels per unit of each consecutive block (a fused GQA qkv: n_rep*hd, hd, hd)
 
 
 @dataclass
@@ -154,8 +156,6 @@ class Graph:
         self.excluded: list[Excluded] = []
         self._buffers: dict[int, str] = {}  # id(parameter standing for a buffer while traced) -> its name
         t0 = time.perf_counter()
-        tp_fixes._max_width[0] = max([tp_fixes._max_width[0], *(max(t.shape, default=1) for t in model.parameters()),
-                                      *(max(t.shape, default=1) for t in model.buffers())])
         with time_limit(timeout_s, f"groups: Torch-Pruning's dependency graph of {type(model).__name__} did not finish in "
                                    f"groups.timeout_s={timeout_s:g} s; declare attention layers and blocks with "
                                    "prune_structure() (hpcprune/structure.py), name slow parts in groups.ignore=[...], "
@@ -196,7 +196,8 @@ class Graph:
                 # the last dimension, is right for normalisation scales; no need for the warning
                 warnings.filterwarnings("ignore", message="Unwrapped parameters detected")
                 try:
-                    return tp.DependencyGraph().build_dependency(model, example_inputs=example_input)
+                    return tp.DependencyGraph().build_dependency(model, example_inputs=example_input,
+                                                                 customized_pruners=customized_pruners(model))
                 except GraphError:
                     raise
                 except Exception as e:
@@ -219,7 +220,7 @@ class Graph:
         infos: list[GroupInfo] = []
         ignored = {id(m) for m in self.ignored} | {id(m) for m in self.dg.IGNORED_LAYERS_IN_TRACING}
         visited: set[int] = set()
-        roots = [m for m in self.dg.module2node if isinstance(m, _ROOTS) and id(m) not in ignored]
+        roots = [m for m in self.dg.module2node if (isinstance(m, _ROOTS) or is_conv1d(m)) and id(m) not in ignored]
         last = time.perf_counter()
         for i, root in enumerate(roots):
             if time.perf_counter() - last > 10.0:
@@ -283,6 +284,8 @@ class Graph:
         types = sorted(set(types))
         channels = int(self.dg.get_out_channels(root))
         size = _unit_count(channels, blocks)
+        if size == channels and any(isinstance(dep.target.module, tp.ops._SplitOp) for dep, _ in group):
+            size = self._closure_stride(root, channels)
         if size is None:
             self.excluded.append(Excluded(name, types, "its layers split the channels into blocks (grouped convolution, "
                                           "GroupNorm, attention heads) that no cut of whole units keeps equal"))
@@ -293,7 +296,7 @@ class Graph:
             return None
         # named after its first output member in model order (stable across processes and runs)
         name = next((m.module for m in members if m.out and m.module in self.by_name), name)
-        kind = "neurons" if isinstance(self.by_name[name], nn.Linear) else "channels"
+        kind = "neurons" if isinstance(self.by_name[name], nn.Linear) or is_conv1d(self.by_name[name]) else "channels"
         # a layer reached twice (a module called twice, a weight shared by two members): Torch-Pruning's
         # functions cut it once per role, which slicing in place would not repeat
         reused = len({m.module for m in members}) < len(members) and any(
@@ -304,6 +307,17 @@ class Graph:
         sliceable = plain and identity and all(self._sliceable(self.by_name[m.module], m.out) for m in members)
         self._tp_groups[name] = root
         return GroupInfo(name, kind, size, members, maskable, sliceable, channels=channels, layer_types=types)
+
+    def _closure_stride(self, root: nn.Module, channels: int) -> int | None:
+        """The group's units when Torch-Pruning cuts root channel 0 together with channels S, 2S, ...
+        (a fused ``gate_up_proj`` chunked in two and multiplied: neuron u is rows u and u + S): S;
+        ``channels`` when channel 0 goes alone; None for any other coupling."""
+        group = self.dg.get_pruning_group(root, self.dg.get_pruner_of_module(root).prune_out_channels, [0])
+        got = sorted({int(i) for dep, idxs in group
+                      if dep.target.module is root and self.dg.is_out_channel_pruning_fn(dep.handler) for i in idxs})
+        if got == [0]:
+            return channels
+        return got[1] if channels % got[1] == 0 and got == list(range(0, channels, got[1])) else None
 
     def _tied_across(self, group: Any) -> str | None:
         """The name of a parameter of a member that another module outside the group also holds."""
@@ -342,13 +356,17 @@ class Graph:
                 if n not in self.by_name:
                     raise ValueError(f"prune_structure: attention {h.name!r} names module {n!r}, which the model does not have")
             q_unit = h.n_rep * h.head_dim
-            for n in h.fused:
+            for n in [*h.fused, *h.per_head]:
                 if n not in self.by_name:
                     raise ValueError(f"prune_structure: attention {h.name!r} names module {n!r}, which the model does not have")
-            members = ([Member(n, True, q_unit, 3) for n in h.fused] + [Member(n, True, q_unit) for n in h.q]
-                       + [Member(n, True, h.head_dim) for n in h.kv] + [Member(h.o, False, q_unit)])
+            parts = tuple(h.fused_parts) or (q_unit, h.head_dim, h.head_dim)
+            members = ([Member(n, True, sum(parts), parts=parts) for n in h.fused] + [Member(n, True, q_unit) for n in h.q]
+                       + [Member(n, True, h.head_dim) for n in h.kv] + [Member(h.o, False, q_unit)]
+                       + [Member(n, True, h.n_rep) for n in h.per_head])
             infos.append(GroupInfo(f"{h.name}:heads", "heads", int(h.units), members, True, True, list(h.attrs),
                                    layer_types=sorted({type(self.by_name[m.module]).__name__ for m in members})))
+        for name, reason in self.structure.refused.items():
+            self.excluded.append(Excluded(name, [type(self.by_name.get(name.split(":")[0])).__name__], reason))
         for b in self.structure.blocks:
             if b not in self.by_name:
                 raise ValueError(f"prune_structure: no block module named {b!r}")
@@ -373,6 +391,8 @@ class Graph:
         return self._maskable(mod, out)
 
     def _maskable(self, mod: nn.Module, out: bool) -> bool:
+        if is_conv1d(mod):
+            return True
         if not isinstance(mod, _MASKABLE):
             return False
         if isinstance(mod, nn.modules.conv._ConvNd):

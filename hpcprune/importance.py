@@ -8,7 +8,7 @@ the batches and the sums are added, which equals the single-rank result.
 """
 from __future__ import annotations
 
-from typing import Callable, Sequence
+from typing import Any, Callable, Sequence
 
 import numpy as np
 import torch
@@ -16,8 +16,10 @@ import torch_pruning as tp
 
 import logging
 
+from .cuts import member_channels
 from .graph import Graph, GroupInfo
 from .metrics import task_loss
+from .tp_layers import is_conv1d, weight_dims
 
 log = logging.getLogger(__name__)
 
@@ -68,6 +70,8 @@ def group_scores(
                 s = imp(graph.tp_group(g.name))
                 if s is None:  # e.g. bn_scale on a group without BatchNorm: fall back to L2 magnitude
                     s = _magnitude(2)(graph.tp_group(g.name))
+                if s is None:  # no member is a layer Torch-Pruning's criteria know (a HF Conv1D): the same sums here
+                    s = _unit_scores(graph, g, criterion if criterion in ("l1", "taylor") else "l2")
             except (IndexError, RuntimeError, ValueError) as e:
                 # Torch-Pruning's criteria index some layers wrongly (a depthwise conv with a channel
                 # multiplier; see tp_fixes): the norm of the weights producing each channel of the root layer instead
@@ -100,9 +104,20 @@ def _unit_scores(graph: Graph, g: GroupInfo, criterion: str) -> torch.Tensor:
                 v = (p.detach() * p.grad.detach()).abs().double()
             else:
                 v = p.detach().abs().double() ** (1 if criterion == "l1" else 2)
-            v = v if m.out else v.transpose(0, 1)  # channels first
-            total += v.reshape(g.size, -1).sum(dim=1).cpu()
+            if pname == "bias":
+                dim = 0
+            elif isinstance(mod, torch.nn.Embedding):  # (rows, channels): a per-head table's columns
+                dim = 1
+            else:
+                dim = weight_dims(mod)[0 if m.out else 1]
+            per_channel = v.transpose(0, dim).reshape(v.shape[dim], -1).sum(dim=1).cpu()
+            total += per_channel[_per_unit(m, g.size, per_channel.numel())].sum(dim=1)
     return total
+
+
+def _per_unit(m: Any, size: int, channels: int) -> torch.Tensor:
+    """[size, channels per unit] indices of each unit's channels on member ``m``."""
+    return torch.stack([member_channels(m, [u], channels) for u in range(size)])
 
 
 def _summed_gradients(model: torch.nn.Module, batches: Sequence, reduce: Callable) -> None:
@@ -133,7 +148,8 @@ def _activation_scores(graph: Graph, batches: Sequence, reduce: Callable) -> dic
     projection's column, summed over each unit's channels."""
     modules = dict(graph.model.named_modules())
     groups = [g for g in graph.groups if g.kind != "block"]
-    width = {g.name: (g.channels or g.size) if g.kind != "heads" else g.size * g.members[-1].unit for g in groups}
+    o_of = {g.name: next(m for m in g.members if not m.out) for g in groups if g.kind == "heads"}  # the output projection
+    width = {g.name: (g.channels or g.size) if g.kind != "heads" else g.size * o_of[g.name].unit for g in groups}
     sums = {g.name: torch.zeros(width[g.name], dtype=torch.float64) for g in groups}
     counts = {g.name: 0.0 for g in groups}
     hooks = []
@@ -156,8 +172,8 @@ def _activation_scores(graph: Graph, batches: Sequence, reduce: Callable) -> dic
         return hook
 
     for g in groups:
-        if g.kind == "heads":  # the o projection's input (its last member)
-            hooks.append(modules[g.members[-1].module].register_forward_pre_hook(pre_hook_for(g.name)))
+        if g.kind == "heads":  # the o projection's input
+            hooks.append(modules[o_of[g.name].module].register_forward_pre_hook(pre_hook_for(g.name)))
         else:
             hooks.append(modules[g.name].register_forward_hook(hook_for(g.name)))
     try:
@@ -179,8 +195,9 @@ def _activation_scores(graph: Graph, batches: Sequence, reduce: Callable) -> dic
         act = torch.from_numpy(flat[i : i + width[g.name]].copy()) / max(total[j], 1.0)
         i += width[g.name]
         if g.kind == "heads":
-            o = modules[g.members[-1].module].weight.detach().double().cpu()
-            out[g.name] = (act * o.norm(dim=0)).reshape(g.size, -1).sum(dim=1)
+            om = modules[o_of[g.name].module]
+            o = om.weight.detach().double().cpu()
+            out[g.name] = (act * o.norm(dim=weight_dims(om)[0])).reshape(g.size, -1).sum(dim=1)
         else:
             out[g.name] = graph.unit_scores(g, act * _out_weight_norm(modules[g.name]))
     for g in graph.groups:
@@ -192,6 +209,8 @@ def _activation_scores(graph: Graph, batches: Sequence, reduce: Callable) -> dic
 def _out_weight_norm(mod: torch.nn.Module) -> torch.Tensor:
     """Norm of the weights that produce each output channel of ``mod``."""
     w = mod.weight.detach().double().cpu()
+    if is_conv1d(mod):  # Hugging Face Conv1D (in, out): a channel is a column
+        return w.norm(dim=0)
     if isinstance(mod, torch.nn.modules.conv._ConvTransposeNd):  # (in, out / groups, ...): a channel is a column
         return w.transpose(0, 1).flatten(1).norm(dim=1).repeat(mod.groups)
     if isinstance(mod, torch.nn.Embedding):  # (vocabulary, width): a channel is a column

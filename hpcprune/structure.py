@@ -16,8 +16,10 @@ model exposes both through one optional method::
   which returns its first argument), so other modules keep their names and state-dict keys.
 - ``ignore``: layers whose output channels Torch-Pruning must not cut one by one (the attention
   projections: channels inside a head are not independent).
+- ``refused``: groups the model has but that cannot be pruned, and why (recorded as excluded).
 
-Built-in models implement it (``zoo.gpt.TinyGPT``, the Hugging Face wrappers in ``zoo.hf``).
+Built-in models implement it (``zoo.gpt.TinyGPT``; the Hugging Face wrappers in ``zoo.hf`` read it from
+the model's config and modules, ``zoo.hf_structure``).
 """
 from __future__ import annotations
 
@@ -25,6 +27,8 @@ from dataclasses import dataclass, field
 from typing import Callable
 
 from torch import nn
+
+from .errors import HpcpruneError
 
 
 @dataclass
@@ -34,8 +38,10 @@ class HeadSpec:
     ``q``: layers whose output rows hold the query heads (``n_rep * head_dim`` rows per unit);
     ``kv``: layers whose output rows hold the key and value heads (``head_dim`` rows per unit);
     ``o``: the layer whose input columns hold the attention output (laid out like ``q``);
-    ``attrs``: ``(module, attribute, value per unit)`` rescaled when units go, for implementations
-    that store a head count (None for models that infer it from the weights).
+    ``fused``: layers whose rows hold q, k and v of every unit, in blocks of ``fused_parts`` rows per
+    unit; ``attrs``: ``(module, attribute, value per unit)`` rescaled when units go, for
+    implementations that store a head count (empty for models that infer it from the weights); an
+    attribute ``config.<name>`` sets ``<name>`` on the module's own copy of its ``config``.
     """
 
     name: str  # the attention module (the group is named ``f"{name}:heads"``)
@@ -46,7 +52,13 @@ class HeadSpec:
     units: int  # KV heads (= attention heads when n_rep == 1)
     n_rep: int = 1  # query heads per KV head
     attrs: list[tuple[str, str, int]] = field(default_factory=list)
-    fused: list[str] = field(default_factory=list)  # layers whose rows are [q; k; v], each laid out like q (n_rep 1)
+    fused: list[str] = field(default_factory=list)  # layers whose rows hold q, k and v together (see fused_parts)
+    # rows per unit of each consecutive block of a fused layer's rows: () = [q; k; v] blocks,
+    # (n_rep * head_dim, head_dim, head_dim); (3 * head_dim,) = one [q k v] run per head (GPT-NeoX)
+    fused_parts: tuple[int, ...] = ()
+    # modules holding one output channel per head (unit 1): an nn.Embedding whose columns are a per-head
+    # table (a relative position bias), a Linear whose rows produce one (Swin V2's bias MLP)
+    per_head: list[str] = field(default_factory=list)
 
 
 @dataclass
@@ -55,6 +67,11 @@ class Structure:
     blocks: list[str] = field(default_factory=list)
     ignore: list[str] = field(default_factory=list)
     skip: Callable[[nn.Module], nn.Module] | None = None  # block -> its replacement (default Skip)
+    refused: dict[str, str] = field(default_factory=dict)  # group name -> why it cannot be pruned (reported as excluded)
+
+
+class StructureError(HpcpruneError, ValueError):
+    """A model whose structure hpcprune cannot read (no attention that fits its config)."""
 
 
 class Skip(nn.Module):

@@ -81,6 +81,8 @@ def _update_index_mapping(dg: Any) -> None:
     if model is None:
         return _tp_update_index_mapping(dg)
     key = tuple(tuple(t.shape) for t in model.parameters()) + tuple(tuple(t.shape) for t in model.buffers())
+    # the flatten guard (3.) for this graph's model: every get_pruning_group passes here first
+    _max_width[0] = max((max(shape, default=1) for shape in key), default=0)
     if _mapped_at.get(dg) != key:
         _tp_update_index_mapping(dg)
         _mapped_at[dg] = key
@@ -91,7 +93,7 @@ tp.dependency.index_mapping.update_index_mapping = _update_index_mapping
 
 # ---- 3. _FlattenIndexMapping: a reshape that does not touch channels mapped to ever more indices ---
 _tp_flatten_call = tp.dependency.index_mapping._FlattenIndexMapping.__call__
-_max_width = [0]  # the largest dimension of any tensor of a model a graph was built on (only grows; set by graph.Graph)
+_max_width = [0]  # the largest dimension of any tensor of the model whose graph Torch-Pruning works on (set by 2.)
 
 
 def _flatten_call(self: Any, idxs: Any) -> Any:

@@ -313,3 +313,35 @@ def test_channel_shuffle_after_a_split_traces_and_only_correct_groups_are_kept()
             Graph(cut, x).prune_group(g.name, [0, 3])
             torch.testing.assert_close(cut(x), dense(x))
     assert "0" not in kept  # the stem's channels pass through both shuffles
+
+
+class _SKConv(torch.nn.Module):
+    """Selective-kernel attention (SKNet): two branches gated by a softmax over ``view(b, 2, C)``."""
+
+    def __init__(self, c, r=4):
+        super().__init__()
+        self.b3 = torch.nn.Sequential(torch.nn.Conv2d(c, c, 3, padding=1, bias=False), torch.nn.BatchNorm2d(c), torch.nn.ReLU())
+        self.b5 = torch.nn.Sequential(torch.nn.Conv2d(c, c, 5, padding=2, bias=False), torch.nn.BatchNorm2d(c), torch.nn.ReLU())
+        self.fc = torch.nn.Sequential(torch.nn.Linear(c, c // r), torch.nn.ReLU())
+        self.fcs = torch.nn.Linear(c // r, 2 * c)
+
+    def forward(self, x):
+        u0, u1 = self.b3(x), self.b5(x)
+        a = self.fcs(self.fc((u0 + u1).mean((2, 3)))).view(x.shape[0], 2, -1).softmax(1)
+        return u0 * a[:, 0, :, None, None] + u1 * a[:, 1, :, None, None]
+
+
+def test_a_mapping_wrong_by_little_at_init_is_excluded():
+    """Torch-Pruning reads ``view(b, 2, C)`` as ``view(b, C, 2)``: it keeps rows 2c, 2c+1 of ``fcs``
+    for channel c instead of c and C + c. On randomly initialised weights the wrong cut differs from
+    the reference by ~5e-5 (below the float32 tolerance; 0.02 once trained): the float64 check
+    catches it, and the group is excluded rather than pruned wrongly."""
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Conv2d(1, 24, 3, padding=1), _SKConv(24), torch.nn.Conv2d(24, 32, 3, 2, 1),
+                                _SKConv(32), torch.nn.AdaptiveAvgPool2d(1), torch.nn.Flatten(), torch.nn.Linear(32, 10)).eval()
+    x = torch.randn(2, 1, 8, 8)
+    graph = Graph(model, x)
+    before = {n: p.dtype for n, p in model.state_dict().items()}
+    ex = {e.name: e.reason for e in verify_groups(graph, x, 0.9)}
+    assert "1.b3.0" in ex and "float64" in ex["1.b3.0"], ex
+    assert {n: p.dtype for n, p in model.state_dict().items()} == before and torch.get_default_dtype() == torch.float32

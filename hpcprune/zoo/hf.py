@@ -3,22 +3,17 @@
 ``transformers`` is imported inside the functions, so this module imports without it; using a model
 or tokenizer without it raises one line naming ``pip install hpcprune[llm]``.
 
-Models are wrapped so that ``forward(input_ids: LongTensor[B, T]) -> logits[B, T, vocab]`` (what
-hpcprune's training, evaluation and tracing call) and so that they declare their structure
-(:mod:`hpcprune.structure`):
-
-- :class:`HFCausalLM`: Llama-family decoders (``LlamaAttention``-like modules with ``q_proj``,
-  ``k_proj``, ``v_proj``, ``o_proj``, ``head_dim`` and ``num_key_value_groups``): Llama, SmolLM2,
-  Mistral, Qwen2/3. These infer the head count from the weights (``view(..., -1, head_dim)``) and
-  repeat each KV head ``num_key_value_groups`` times, so removing whole KV groups keeps the model
-  valid with no attribute to rescale.
-- :class:`HFEncoderLM`: BERT (``BertForMaskedLM``): ``BertSelfAttention`` (``query``/``key``/
-  ``value``, output projection ``attention.output.dense``).
-
-Both leave the residual stream alone: every layer that writes it (``o_proj``/``down_proj``,
-``attention.output.dense``/``output.dense``) and the output head are ignored, so Torch-Pruning's
-remaining groups are the MLP neurons of each layer (for SwiGLU: ``gate_proj`` and ``up_proj`` outputs
-with ``down_proj`` inputs, coupled by the product), and the (possibly tied) embedding is never cut.
+Models are wrapped so that ``forward`` takes one tensor and returns logits (what hpcprune's
+training, evaluation and tracing call): :class:`HFCausalLM` (decoders: Llama, Qwen2/3, Mistral,
+Gemma/Gemma 2, Phi, Phi-3, OPT, GPT-2, GPT-NeoX; ``input_ids[B, T] -> logits[B, T, V]``),
+:class:`HFEncoderLM` (BERT, RoBERTa, DistilBERT masked-LM heads), :class:`HFImageClassifier` (ViT;
+``pixel_values -> logits[B, classes]``), :class:`HFSeq2SeqLM` (T5). Every wrapper declares its
+structure (:mod:`hpcprune.structure`) as :mod:`hpcprune.zoo.hf_structure` reads it from the model's
+config and modules: whole KV groups per attention (grouped-query attention stays valid; fused
+``qkv_proj`` / ``query_key_value`` / ``c_attn`` rows cut per head), whole layers as blocks, and the
+MLP neurons (``gate_proj`` and ``up_proj`` outputs with ``down_proj`` inputs, coupled by the product;
+a fused ``gate_up_proj``; ``fc1``/``c_fc``/``wi``) left to Torch-Pruning. The residual width, the
+(possibly tied) embeddings and the output head are never cut.
 
 Constructors for Hydra ``_target_``: :func:`llama_tiny`, :func:`bert_tiny` (random weights, the same
 for the same seed in every process), :func:`smollm2` (the real SmolLM2-135M-Instruct from the
@@ -28,15 +23,15 @@ from __future__ import annotations
 
 import glob
 import importlib.util
-import inspect
 import os
 from typing import Any
 
 import torch
 from torch import nn
 
-from ..structure import HeadSpec, Skip, Structure
+from ..structure import Structure
 from .data import TaskData, _bundle
+from .hf_structure import TupleSkip, hf_structure  # noqa: F401 (TupleSkip: removed 4.x layers, re-exported)
 from .text import TokenWindows
 
 _INSTALL = "pip install hpcprune[llm]"
@@ -58,35 +53,6 @@ def _need(module: str) -> None:
         raise ImportError(f"this needs the {module} package, which is not installed: {_INSTALL}")
 
 
-# ---- structure helpers ------------------------------------------------------------------------------
-def _returns_tuple(block: nn.Module) -> bool:
-    """Whether a layer's forward is declared to return a tuple (transformers 4.x layers did; 5.x
-    decoder and encoder layers return the hidden states tensor)."""
-    try:
-        ann = inspect.signature(type(block).forward).return_annotation
-    except (TypeError, ValueError):
-        return False
-    return ann is not inspect.Signature.empty and "tuple" in str(ann).lower()
-
-
-class TupleSkip(nn.Module):
-    """A removed layer whose model expects ``(hidden_states,)`` back (transformers 4.x layers)."""
-
-    def forward(self, x, *args, **kwargs):  # noqa: D401
-        return (x,)
-
-
-def _skip_factory(blocks: list[nn.Module]) -> Any:
-    """None (the default :class:`Skip`) when the layers return their hidden states as a tensor."""
-    if any(_returns_tuple(b) for b in blocks):
-        return lambda block: TupleSkip() if _returns_tuple(block) else Skip()
-    return None
-
-
-def _parent(name: str) -> str:
-    return name.rsplit(".", 1)[0] if "." in name else ""
-
-
 class _HFWrapper(nn.Module):
     def __init__(self, hf: nn.Module) -> None:
         super().__init__()
@@ -96,11 +62,11 @@ class _HFWrapper(nn.Module):
         """The Hugging Face config as a plain dict."""
         return self.hf.config.to_dict()
 
-    def _name_of(self, module: nn.Module | None) -> str | None:
-        for name, m in self.named_modules():
-            if m is module:
-                return name
-        return None
+    def prune_structure(self) -> Structure:
+        """KV-group heads per attention, layers as blocks, the attention projections, residual
+        writers and output embedding ignored (only MLP neurons left to Torch-Pruning), read from the
+        config and the modules (:func:`hpcprune.zoo.hf_structure.hf_structure`)."""
+        return hf_structure(self, self.hf)
 
 
 class HFCausalLM(_HFWrapper):
@@ -108,37 +74,6 @@ class HFCausalLM(_HFWrapper):
 
     def forward(self, input_ids: torch.Tensor) -> torch.Tensor:
         return self.hf(input_ids=input_ids, use_cache=False).logits
-
-    def prune_structure(self) -> Structure:
-        """Llama-family structure: KV groups per attention, decoder layers as blocks; the attention
-        projections, ``down_proj`` and the output head ignored (only MLP neurons stay prunable)."""
-        mods = dict(self.named_modules())
-        heads: list[HeadSpec] = []
-        ignore: list[str] = []
-        blocks: list[str] = []
-        for name, m in mods.items():
-            if all(isinstance(getattr(m, p, None), nn.Linear) for p in ("q_proj", "k_proj", "v_proj", "o_proj")):
-                head_dim = int(getattr(m, "head_dim", 0) or 0)
-                if head_dim <= 0:
-                    raise ValueError(f"{name}: attention module without a head_dim attribute; not a Llama-family attention")
-                n_rep = int(getattr(m, "num_key_value_groups", 1))
-                units = m.k_proj.out_features // head_dim
-                q, k, v, o = (f"{name}.{p}" for p in ("q_proj", "k_proj", "v_proj", "o_proj"))
-                heads.append(HeadSpec(name=name, q=[q], kv=[k, v], o=o, head_dim=head_dim, units=units, n_rep=n_rep, attrs=[]))
-                ignore += [q, k, v, o]
-                block = _parent(name)
-                if isinstance(mods.get(_parent(block)), nn.ModuleList):
-                    blocks.append(block)
-            elif isinstance(getattr(m, "down_proj", None), nn.Linear):
-                ignore.append(f"{name}.down_proj")
-        if not heads:
-            raise ValueError(f"{type(self.hf).__name__}: no attention module with q_proj/k_proj/v_proj/o_proj found; "
-                             "HFCausalLM.prune_structure knows Llama-family decoders only")
-        head = self._name_of(self.hf.get_output_embeddings())
-        if head:
-            ignore.append(head)
-        return Structure(heads=heads, blocks=blocks, ignore=list(dict.fromkeys(ignore)),
-                         skip=_skip_factory([mods[b] for b in blocks]))
 
 
 class HFEncoderLM(_HFWrapper):
@@ -150,39 +85,24 @@ class HFEncoderLM(_HFWrapper):
             return self.hf(input_ids=input_ids, use_cache=False).logits
         return self.hf(input_ids=input_ids).logits
 
-    def prune_structure(self) -> Structure:
-        """BERT structure: heads per self-attention (``query``/``key``/``value`` outputs, the
-        sibling ``output.dense`` inputs), encoder layers as blocks; every ``nn.Linear`` but the
-        per-layer ``intermediate.dense`` ignored (attention, residual writers, the MLM head)."""
-        mods = dict(self.named_modules())
-        heads: list[HeadSpec] = []
-        blocks: list[str] = []
-        keep: set[str] = set()  # Linear layers left to Torch-Pruning
-        for name, m in mods.items():
-            if not all(isinstance(getattr(m, p, None), nn.Linear) for p in ("query", "key", "value")):
-                continue
-            head_dim = int(getattr(m, "attention_head_size", 0) or 0)
-            if head_dim <= 0:
-                raise ValueError(f"{name}: self-attention without attention_head_size; not a BERT-style attention")
-            attention = _parent(name)  # ...layer.i.attention (holds .self and .output)
-            o = f"{attention}.output.dense"
-            if not isinstance(mods.get(o), nn.Linear):
-                raise ValueError(f"{name}: no output projection {o}")
-            # BertSelfAttention stores head counts; 5.x's forward infers them from the weights
-            # (view(..., -1, head_dim)), older forwards reshape with all_head_size: keep both true
-            attrs = [(name, a, per) for a, per in (("num_attention_heads", 1), ("all_head_size", head_dim)) if hasattr(m, a)]
-            heads.append(HeadSpec(name=name, q=[f"{name}.query"], kv=[f"{name}.key", f"{name}.value"], o=o,
-                                  head_dim=head_dim, units=m.query.out_features // head_dim, n_rep=1, attrs=attrs))
-            layer = _parent(attention)
-            if isinstance(mods.get(_parent(layer)), nn.ModuleList):
-                blocks.append(layer)
-            if isinstance(mods.get(f"{layer}.intermediate.dense"), nn.Linear):
-                keep.add(f"{layer}.intermediate.dense")
-        if not heads:
-            raise ValueError(f"{type(self.hf).__name__}: no self-attention with query/key/value found; "
-                             "HFEncoderLM.prune_structure knows BERT-style encoders only")
-        ignore = [n for n, m in mods.items() if isinstance(m, nn.Linear) and n not in keep]
-        return Structure(heads=heads, blocks=blocks, ignore=ignore, skip=_skip_factory([mods[b] for b in blocks]))
+
+class HFImageClassifier(_HFWrapper):
+    """A ``transformers`` image classifier (in ``self.hf``, e.g. ``ViTForImageClassification``):
+    ``forward(pixel_values[B, C, H, W]) -> logits[B, num_labels]``."""
+
+    def forward(self, pixel_values: torch.Tensor) -> torch.Tensor:
+        return self.hf(pixel_values=pixel_values).logits
+
+
+class HFSeq2SeqLM(_HFWrapper):
+    """A ``transformers`` encoder-decoder LM (in ``self.hf``, e.g. ``T5ForConditionalGeneration``):
+    ``forward(input_ids[B, T]) -> logits[B, T, V]``. The encoder reads ``input_ids``, the decoder
+    ``input_ids`` shifted right (the model's ``_shift_right``: its ``decoder_start_token_id`` first),
+    so ``logits[:, t]`` predict ``input_ids[:, t]``: T5's reconstruction objective, for calibrating
+    and pruning a pretrained model (next-token targets could be read off the encoder's input)."""
+
+    def forward(self, input_ids: torch.Tensor) -> torch.Tensor:
+        return self.hf(input_ids=input_ids, decoder_input_ids=self.hf._shift_right(input_ids), use_cache=False).logits
 
 
 # ---- constructors (Hydra _target_s) ---------------------------------------------------------------

@@ -114,6 +114,10 @@ def torchvision_model(
             lines = [ln.strip() for ln in str(e).strip().splitlines() if ln.strip()]
             first = " ".join(lines[:2])[:300]
             raise ValueError(f"model.weights={weights}: does not fit {name} with num_classes={num_classes} ({first})") from None
+    if name.startswith("swin"):  # heads and blocks prunable (see hpcprune.zoo.vision_swin)
+        from .vision_swin import prunable_swin
+
+        model = prunable_swin(model)
     return model
 
 
