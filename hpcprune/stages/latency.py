@@ -53,7 +53,8 @@ def latency_table(ctx: Context, cfg: Any, rf: RunFile) -> None:
         h.create_dataset("table_ms", data=table)
         h.create_dataset("ratios", data=np.array(grid))
         put_attrs(h, {"dense_ms": dense_ms, "batch": int(cfg.baseline.latency_batch), "threads": int(cfg.baseline.latency_threads),
-                      "device": str(ctx.device), "complete": True})
+                      "device": str(ctx.device),
+                      "runtime": str(cfg.prune.latency_runtime), "complete": True})
 
 
 def relinearize(ctx: Context, cfg: Any, rf: RunFile, ratios: np.ndarray, base_ms: float, attempt: int) -> None:
