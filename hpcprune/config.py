@@ -21,7 +21,7 @@ from .errors import HpcpruneError
 # keys that may change between a run and its resumption without changing any result (beyond
 # rounding, ~1e-7, as with another world size: layouts, BatchNorm folding, teams)
 RESUME_IGNORED = ("launcher", "threads", "device", "resume", "sensitivity.flush_s", "groups.timeout_s", "sensitivity.team_size",
-                  "baseline.copy_checkpoint", "sensitivity.channels_last", "sensitivity.fold_bn", "hydra")
+                  "baseline.copy_checkpoint", "finetune.tensorboard", "cache_dir", "sensitivity.channels_last", "sensitivity.fold_bn", "hydra")
 
 
 class ConfigError(HpcpruneError, ValueError):
@@ -126,6 +126,13 @@ def _check_prune(cfg: Any) -> None:
         _bad("prune.max_ratio", cfg.prune.max_ratio, "must be in (0, 1)")
     if cfg.prune.round_to < 1:
         _bad("prune.round_to", cfg.prune.round_to, "must be a positive integer")
+    if str(cfg.prune.latency_runtime) == "onnxruntime":
+        import importlib.util
+
+        missing = [m for m in ("onnx", "onnxscript", "onnxruntime") if importlib.util.find_spec(m) is None]
+        if missing:
+            _bad("prune.latency_runtime", "onnxruntime", f"{', '.join(missing)} not installed; pip install hpcprune[deploy], "
+                 "or prune.latency_runtime=torch")
 
 
 def _check_groups(cfg: Any) -> None:
@@ -170,6 +177,9 @@ def _check_counts(cfg: Any) -> None:
 def _check_paths(cfg: Any) -> None:
     if cfg.checkpoint is not None and not os.path.isfile(str(cfg.checkpoint)):
         _bad("checkpoint", cfg.checkpoint, "no such file")
+    cache = cfg.get("cache_dir")
+    if cache is not None and os.path.exists(str(cache)) and not os.path.isdir(str(cache)):
+        _bad("cache_dir", cache, "is a file, not a directory")
     if cfg.device not in ("auto", "cpu", "cuda") and not str(cfg.device).startswith("cuda:"):
         _bad("device", cfg.device, "use auto, cpu, cuda or cuda:N")
 

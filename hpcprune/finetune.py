@@ -26,7 +26,8 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
-from .metrics import EvalSums, batch_sums, task_loss
+from .metrics import EvalSums, batch_sums, logits_of, task_loss
+from .tb import TrainLog
 
 
 def _digest(model: nn.Module) -> str:
@@ -184,13 +185,15 @@ class FinetuneJob:
         ckpt_path = os.path.join(spec["work_dir"], "checkpoint.pt")
         key = _key(cfg, _digest(model))
         history, start = _resume(ckpt_path, key, model, opt, sched, device, rank, ft.epochs)
+        tb = TrainLog(spec.get("tensorboard_dir") or os.path.join(spec["work_dir"], "tensorboard"), rank,
+                      bool(ft.get("tensorboard", False)), start * len(loader))
         val_idx = list(range(rank, len(data.val), world))  # exact shards, no padding
         val = torch.utils.data.DataLoader(torch.utils.data.Subset(data.val, val_idx), batch_size=256)
         for epoch in range(start, ft.epochs):
             t0 = time.perf_counter()
             sampler.set_epoch(epoch)
             lr = opt.param_groups[0]["lr"]
-            loss_sum, n = _train_epoch(ddp, teacher, loader, opt, device, ft.distill)
+            loss_sum, n = _train_epoch(ddp, teacher, loader, opt, device, ft.distill, lambda loss: tb.train_step(loss, lr))
             sched.step()
             if world > 1:
                 # DDP copies rank 0's buffers (BatchNorm statistics) at the start of each forward, so
@@ -200,6 +203,7 @@ class FinetuneJob:
             train_loss, metric, val_loss = _evaluate(model, val, device, world, loss_sum, n, data.metric)
             row = [epoch, train_loss, metric, val_loss, lr, time.perf_counter() - t0]
             history.append(row)
+            tb.epoch(train_loss, data.metric, metric, val_loss, n * world / max(row[5], 1e-9))
             if rank == 0:
                 _save_checkpoint(ckpt_path, {"epoch": epoch, "model": model.state_dict(), "optimizer": opt.state_dict(),
                                              "scheduler": sched.state_dict(), "history": history, "key": key})
@@ -209,6 +213,7 @@ class FinetuneJob:
             if math.isnan(row[1]):
                 raise FloatingPointError(f"fine-tuning loss became NaN at epoch {epoch}")
             terminated.wait_if_ending(f"after epoch {epoch + 1} (checkpoint saved)")
+        tb.close()
         terminated.wait_if_ending("before returning results")
         out: dict[str, Any] = {"rank": rank, "world_size": world, "digest": _digest(model)}
         if rank == 0:
@@ -248,19 +253,20 @@ def _save_checkpoint(path: str, state: dict[str, Any]) -> None:
 
 
 def _train_epoch(ddp: nn.Module, teacher: nn.Module | None, loader: Any, opt: Any, device: torch.device,
-                 distill: Any) -> tuple[float, int]:
+                 distill: Any, on_step: Any = None) -> tuple[float, int]:
     """One pass over this rank's share of the training data: (summed loss, samples). With a teacher,
-    the loss mixes in the KL divergence to its softened outputs (``distill.weight``, ``temperature``)."""
+    the loss mixes in the KL divergence to its softened outputs (``distill.weight``, ``temperature``).
+    ``on_step(loss)`` is called after every optimizer step with the batch's loss."""
     T = float(distill.temperature)
     ddp.train()
     loss_sum, n = 0.0, 0
     for x, y in loader:
         x, y = x.to(device), y.to(device)
-        logits = ddp(x)
+        logits = logits_of(ddp(x))
         loss = task_loss(logits, y)
         if teacher is not None:
             with torch.no_grad():
-                t_logits = teacher(x)
+                t_logits = logits_of(teacher(x))
             kd = F.kl_div(
                 F.log_softmax(logits / T, -1).flatten(0, -2),
                 F.log_softmax(t_logits / T, -1).flatten(0, -2),
@@ -272,8 +278,11 @@ def _train_epoch(ddp: nn.Module, teacher: nn.Module | None, loader: Any, opt: An
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()
-        loss_sum += loss.item() * x.shape[0]
+        batch_loss = loss.item()
+        loss_sum += batch_loss * x.shape[0]
         n += x.shape[0]
+        if on_step is not None:
+            on_step(batch_loss)
     return loss_sum, n
 
 

@@ -9,7 +9,7 @@ import math
 import statistics
 import time
 from dataclasses import dataclass
-from typing import Iterable, Sequence
+from typing import Any, Iterable, Sequence
 
 import torch
 from torch import nn
@@ -17,6 +17,8 @@ from torch.nn import functional as F
 
 # metric name -> True when higher is better
 METRIC_HIGHER_IS_BETTER = {"accuracy": True, "perplexity": False}
+# what runs the model in :func:`latency_ms` (``prune.latency_runtime``; hpcprune.schema.LatencyRuntime)
+LATENCY_RUNTIMES = ("torch", "onnxruntime")
 
 
 @dataclass
@@ -46,13 +48,37 @@ class EvalSums:
         return self.loss / self.count if self.count else math.nan
 
 
-def task_loss(logits: torch.Tensor, target: torch.Tensor, reduction: str = "mean") -> torch.Tensor:
+def logits_of(out: Any) -> torch.Tensor:
+    """The model's main output tensor (logits): the output itself, a Hugging Face ``ModelOutput``'s
+    ``.logits``, a dict's ``"logits"`` (else its first tensor), or a tuple's or list's first tensor.
+
+    Raises ``TypeError`` when the output holds no tensor."""
+    if isinstance(out, torch.Tensor):
+        return out
+    if isinstance(getattr(out, "logits", None), torch.Tensor):
+        return out.logits
+    if isinstance(out, dict):
+        out = [out["logits"]] if isinstance(out.get("logits"), torch.Tensor) else list(out.values())
+    if isinstance(out, (list, tuple)):
+        for o in out:
+            try:
+                return logits_of(o)
+            except TypeError:
+                continue
+    raise TypeError(f"the model's output ({type(out).__name__}) holds no tensor")
+
+
+def task_loss(logits: Any, target: torch.Tensor, reduction: str = "mean") -> torch.Tensor:
+    """Cross-entropy of a model output (``logits_of``): (batch, classes) against (batch,) labels, or
+    a language model's (batch, tokens, vocab) against (batch, tokens) next tokens."""
+    logits = logits_of(logits)
     if logits.dim() == 3:  # language model: (batch, tokens, vocab)
         return F.cross_entropy(logits.flatten(0, 1), target.flatten(), reduction=reduction)
     return F.cross_entropy(logits, target, reduction=reduction)
 
 
-def batch_sums(logits: torch.Tensor, target: torch.Tensor) -> EvalSums:
+def batch_sums(logits: Any, target: torch.Tensor) -> EvalSums:
+    logits = logits_of(logits)
     loss = task_loss(logits.float(), target, reduction="sum").item()
     if logits.dim() == 3:
         return EvalSums(float((logits.argmax(-1) == target).sum()), loss, float(target.numel()))
@@ -130,11 +156,20 @@ def macs(model: nn.Module, example_input: torch.Tensor) -> int:
     return int(count_macs(model, example_input))
 
 
-def latency_ms(model: nn.Module, example: torch.Tensor, batch_size: int, warmup: int = 3, repeats: int = 10, threads: int = 1) -> float:
+def latency_ms(model: nn.Module, example: torch.Tensor, batch_size: int, warmup: int = 3, repeats: int = 10, threads: int = 1,
+               runtime: str = "torch") -> float:
     """Median wall time of one forward at ``batch_size`` on the example's device, in milliseconds.
 
     On the CPU it runs at ``threads`` torch threads (0: as set), so that numbers compare across runs
-    and machines load (spinning OpenMP threads on busy cores inflate times a hundredfold)."""
+    and machines load (spinning OpenMP threads on busy cores inflate times a hundredfold).
+    ``runtime="onnxruntime"``: the model exported to ONNX and run by an ONNX Runtime session
+    instead (:func:`hpcprune.export.onnxruntime_latency_ms`, ``threads`` intra-op threads)."""
+    if runtime == "onnxruntime":
+        from .export import onnxruntime_latency_ms
+
+        return onnxruntime_latency_ms(model, example, batch_size, warmup, repeats, threads)
+    if runtime != "torch":
+        raise ValueError(f"latency runtime {runtime!r}: choose from {', '.join(LATENCY_RUNTIMES)}")
     saved = torch.get_num_threads()
     if threads > 0 and not example.is_cuda:
         torch.set_num_threads(threads)

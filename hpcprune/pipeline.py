@@ -123,6 +123,8 @@ class Sweep:
             # to 18 of its 21) and would run past the end with 6 fewer
             with self.rf.write() as f:
                 f[stage.key].attrs["seconds"] = seconds + float(f[stage.key].attrs.get("seconds", 0.0))
+        while ctx.after_commit:
+            ctx.after_commit.pop(0)()
 
     def _done(self, stage: str) -> bool:
         return stage in self.rf.done_stages()

@@ -46,6 +46,8 @@ def _choice(name: str, values: tuple[str, ...]) -> Any:
 Method = _choice("Method", ("uniform", "global", "sensitivity"))
 Importance = _choice("Importance", ("l1", "l2", "bn_scale", "taylor", "activation", "random"))
 GroupKind = _choice("GroupKind", ("channels", "neurons", "heads", "block"))
+# what runs the model when a latency is measured (hpcprune.metrics.LATENCY_RUNTIMES)
+LatencyRuntime = _choice("LatencyRuntime", ("torch", "onnxruntime"))
 
 
 @dataclass
@@ -93,6 +95,7 @@ class PruneConfig:
     method: Method = MISSING  # type: ignore[valid-type]
     target: TargetConfig = field(default_factory=TargetConfig)
     latency_attempts: int = MISSING
+    latency_runtime: LatencyRuntime = MISSING  # type: ignore[valid-type]
     max_ratio: float = MISSING
     round_to: int = MISSING
     bn_recalib_batches: int = MISSING
@@ -111,6 +114,7 @@ class FinetuneConfig:
     lr: float = MISSING
     weight_decay: float = MISSING
     distill: DistillConfig = field(default_factory=DistillConfig)
+    tensorboard: bool = MISSING  # rank 0 writes TensorBoard events under <run dir>/tensorboard (hpcprune.tb)
 
 
 @dataclass
@@ -129,6 +133,7 @@ class SweepConfig:
     device: str = MISSING  # auto | cpu | cuda | cuda:N (validate)
     threads: int = MISSING
     checkpoint: Optional[str] = MISSING
+    cache_dir: Optional[str] = MISSING  # sensitivity grids and dense models kept for later runs (hpcprune.reuse)
     baseline: BaselineConfig = field(default_factory=BaselineConfig)
     groups: GroupsConfig = field(default_factory=GroupsConfig)
     importance: Importance = MISSING  # type: ignore[valid-type]

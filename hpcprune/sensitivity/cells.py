@@ -8,6 +8,7 @@ per group and only the rest of the network runs per ratio.
 """
 from __future__ import annotations
 
+import logging
 import time
 from dataclasses import dataclass
 from typing import Any, Callable, Sequence
@@ -23,6 +24,8 @@ from ..structure import structure_of
 from . import bn
 from .early_stop import StopRule, skipped, stops
 from .records import DONE, CellResult, Chunk
+
+log = logging.getLogger("hpcprune.stages")
 from .split import Team, shard_batches, team_share
 
 
@@ -72,6 +75,25 @@ class _ChunkRun:
     team: Team | None
 
 
+def _runs_channels_last(model: nn.Module, x: torch.Tensor) -> bool:
+    """Whether ``model`` runs on NHWC tensors (``sensitivity.channels_last``): a forward that flattens
+    with ``.view`` (``x.view(x.size(0), -1)``) fails on a channels-last tensor. A model that does not
+    runs the cells in its own layout: same numbers (the key is result-neutral), one warning line."""
+    if x.dim() != 4:
+        return True
+    try:
+        with torch.no_grad():
+            model.to(memory_format=torch.channels_last)(nhwc(x[:1]))
+        return True
+    except RuntimeError as e:
+        log.warning("sensitivity: the model fails on channels-last tensors (%s: %s); its cells run in the default "
+                    "layout (sensitivity.channels_last=false says so and skips this check)",
+                    type(e).__name__, str(e).strip().splitlines()[0][:160])
+        return False
+    finally:
+        model.to(memory_format=torch.contiguous_format)
+
+
 class Evaluator:
     """Evaluates cells on one rank's model and calibration batches.
 
@@ -111,7 +133,8 @@ class Evaluator:
         graph: Graph | None = None,
         round_to: int = 1,
     ) -> None:
-        self.channels_last = channels_last and any(isinstance(m, nn.Conv2d) for m in model.modules())
+        self.channels_last = channels_last and any(isinstance(m, nn.Conv2d) for m in model.modules()) \
+            and _runs_channels_last(model, batches[0][0] if batches else example_input)
         if self.channels_last:
             model.to(memory_format=torch.channels_last)
             batches = [(nhwc(x), y) for x, y in batches]

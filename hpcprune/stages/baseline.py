@@ -1,7 +1,9 @@
 """The baseline stage (rank 0): the dense model, from the checkpoint or trained here, measured.
 
 Writes ``/baseline``: metric, loss, params, MACs, latency, the example input, and the dense weights
-(``dense.safetensors`` beside the run file, or a reference to the user's checkpoint).
+(``dense.safetensors`` beside the run file, or a reference to the user's checkpoint). Without a
+checkpoint, a dense model trained before under the same content key (``hpcprune.reuse``: the cache
+directory, the other runs of a multirun) is loaded instead of trained again (``/baseline@source``).
 """
 from __future__ import annotations
 
@@ -12,7 +14,7 @@ from typing import Any
 import h5py
 import torch
 
-from .. import metrics
+from .. import metrics, reuse
 from ..config import load_dense_checkpoint
 from ..runs import build_model
 from ..store import RunFile, put_attrs, replace_group, write_weights
@@ -23,25 +25,46 @@ log = logging.getLogger("hpcprune.stages")
 
 def run(ctx: Context, cfg: Any, rf: RunFile) -> Record:
     model = build_model(cfg.model)
+    key, source, claim = "", "", None
     if cfg.checkpoint:
         load_dense_checkpoint(model, str(cfg.checkpoint))
         trained = False
     else:
-        train_dense(model, ctx.data, cfg, ctx.device)
-        trained = True
+        key = reuse.dense_key(cfg)
+        found, claim = _trained_before(ctx, cfg, key)
+        if found is not None:
+            source = found[0]
+            model.load_state_dict(found[1])
+            log.info("dense: the model trained under key %s is reused from %s", key[:12], source)
+            trained = False
+        else:
+            try:
+                train_dense(model, ctx.data, cfg, ctx.device)
+            except BaseException:
+                if claim is not None:
+                    claim.release()
+                raise
+            trained = True
     model = model.cpu().eval()
+    if trained:
+        state = model.state_dict()  # with its _metadata (module versions); the model is not changed after this
+        ctx.after_commit.append(lambda: reuse.publish_dense(cfg, state, key))
+    if claim is not None:
+        ctx.after_commit.append(claim.release)
     example = ctx.example
     val = metrics.make_batches(ctx.data.val, 256)
     sums = metrics.evaluate(model, val)
     macs = metrics.macs(model, example[:1])
+    runtime = str(cfg.prune.latency_runtime)
     lat = metrics.latency_ms(model.to(ctx.device), example.to(ctx.device), cfg.baseline.latency_batch,
-                             repeats=cfg.baseline.latency_repeats, threads=int(cfg.baseline.latency_threads))
+                             repeats=cfg.baseline.latency_repeats, threads=int(cfg.baseline.latency_threads), runtime=runtime)
     model.cpu()
     rec = dict(
         metric=sums.metric(ctx.metric), loss=sums.mean_loss(), metric_name=ctx.metric,
         higher_is_better=metrics.METRIC_HIGHER_IS_BETTER[ctx.metric], params=metrics.params(model),
         macs=macs, latency_ms=lat, latency_batch=cfg.baseline.latency_batch,
-        latency_device=str(ctx.device), trained_here=trained,
+        latency_device=str(ctx.device), latency_runtime=runtime, trained_here=trained,
+        dense_key=key, source=source,
     )
     log.info("dense: %s %.4f, %d params, %d MACs, %.2f ms", ctx.metric, rec["metric"], rec["params"], rec["macs"], lat)
     # a referenced checkpoint is recorded by path and digest, not copied (unless baseline.copy_checkpoint)
@@ -55,6 +78,20 @@ def run(ctx: Context, cfg: Any, rf: RunFile) -> Record:
         g.attrs["complete"] = True
 
     return write
+
+
+def _trained_before(ctx: Context, cfg: Any, key: str) -> tuple[Any, Any]:
+    """((where from, state dict) of a dense model trained under ``key`` before, None) or (None, the
+    held claim to train it here): ``hpcprune.reuse``."""
+    found = reuse.find_dense(cfg, ctx.run_dir, key)
+    if found is not None:
+        return found, None
+    claim = reuse.Claim(cfg, ctx.run_dir, "dense", key).acquire()
+    found = reuse.find_dense(cfg, ctx.run_dir, key)  # trained by another run while this one waited
+    if found is not None:
+        claim.release()
+        return found, None
+    return None, claim
 
 
 def train_dense(model: torch.nn.Module, data: Any, cfg: Any, device: str) -> None:

@@ -50,6 +50,8 @@ class Context:
     cost: allocate.CostModel | None = None  # MACs and params as polynomials in the kept fractions (+ latency tables)
     calib: Batches = field(default_factory=list)  # the calibration set, on ``device``
     module_macs: dict[str, int] = field(default_factory=dict)  # per layer, for the cells' cost records
+    # rank 0: what a stage asks to be done once its record is committed (publish a result, drop a lock)
+    after_commit: list[Callable[[], None]] = field(default_factory=list)
 
     @property
     def main(self) -> bool:
@@ -146,10 +148,12 @@ def train_batches(ctx: Context, cfg: Any, n: int) -> Batches:
 
 
 def latency(ctx: Context, cfg: Any, model: nn.Module) -> float:
-    """Milliseconds per batch of ``baseline.latency_batch`` on the run's device."""
+    """Milliseconds per batch of ``baseline.latency_batch`` on the run's device, run by torch or by
+    ONNX Runtime (``prune.latency_runtime``)."""
     b = cfg.baseline
     return metrics.latency_ms(model.to(ctx.device), ctx.example.to(ctx.device), int(b.latency_batch),
-                              repeats=int(b.latency_repeats), threads=int(b.latency_threads))
+                              repeats=int(b.latency_repeats), threads=int(b.latency_threads),
+                              runtime=str(cfg.prune.latency_runtime))
 
 
 def measure(ctx: Context, cfg: Any, model: nn.Module) -> dict[str, Any]:
@@ -163,6 +167,7 @@ def measure(ctx: Context, cfg: Any, model: nn.Module) -> dict[str, Any]:
     model.cpu()
     base = ctx.base
     return dict(metric=sums.metric(ctx.metric), loss=sums.mean_loss(), params=p, macs=m, latency_ms=lat,
+                latency_runtime=str(cfg.prune.latency_runtime),
                 macs_kept=m / float(base["macs"]), params_kept=p / float(base["params"]),
                 latency_speedup=float(base["latency_ms"]) / lat,
                 latency_kept=lat / float(ctx.cost.dense.get("latency", base["latency_ms"])))

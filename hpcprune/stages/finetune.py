@@ -71,6 +71,7 @@ def _train(cfg: Any, rf: RunFile, work: str, ntasks: int) -> tuple[str, list[dic
         "config": OmegaConf.to_container(cfg, resolve=True, enum_to_str=True),  # plain data: the schema's choices as names
         "run_file": rf.path,
         "work_dir": work,
+        "tensorboard_dir": os.path.join(os.path.dirname(work), "tensorboard"),
         "distributed": cfg.launcher.name != "debug",
         "local_tasks": ntasks if cfg.launcher.name == "local" else int(cfg.launcher.get("tasks_per_node", 1)),
         "master_port": cfg.launcher.get("master_port"),

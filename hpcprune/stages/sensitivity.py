@@ -2,6 +2,8 @@
 rank 0 (``hpcprune.sensitivity``), rank 0 flushing them to the run file as they arrive.
 
 Every rank runs it, done or not: a partly done grid (a killed run) computes only its pending cells.
+A grid not begun is first looked for under its content key (``hpcprune.reuse``: the cache
+directory, the other runs of a multirun) and copied when found (``/sensitivity@source``).
 Writes ``/sensitivity``: metric, loss, seconds, rank, status per cell (flushed every
 ``sensitivity.flush_s`` seconds; ``complete`` with the last flush).
 """
@@ -15,7 +17,7 @@ from typing import Any
 
 import numpy as np
 
-from .. import metrics
+from .. import metrics, reuse
 from ..sensitivity import DONE, PENDING, Evaluator, run_sensitivity, skip_past_floor, stop_rule
 from ..store import RunFile, RunFileError, put_sensitivity_cells, write_sensitivity_cells
 from .context import Context, Record, train_batches
@@ -28,9 +30,44 @@ STATUS_CODES = "0 pending, 1 done, 2 skipped (early stop)"
 def run(ctx: Context, cfg: Any, rf: RunFile) -> Record | None:
     ratios = [float(r) for r in cfg.sensitivity.ratios]
     state = _load_state(rf, len(ctx.graph.groups), ratios) if ctx.main else None
-    pending = ctx.world.bcast(state["status"] == PENDING if state is not None else None)
+    key, source, claim = None, None, None
+    if ctx.main:
+        key = reuse.sensitivity_key(cfg, reuse.weights_digest(ctx.model.state_dict()), [g.name for g in ctx.graph.groups])
+        if (state["status"] == PENDING).all():  # nothing computed yet: a finished grid under the key, or compute it
+            source, claim = _source(ctx, cfg, key)
+    pending = None
+    if ctx.main:  # a reused grid leaves nothing to compute
+        pending = np.zeros(state["status"].shape, dtype=bool) if source is not None else state["status"] == PENDING
+    pending = ctx.world.bcast(pending)
+    if source is not None:
+        log.info("sensitivity: the grid under key %s is reused from %s", key[:12], source)
+        return lambda f: reuse.copy_sensitivity(source, f, key)
     if not pending.any():
         return None
+    try:
+        return _compute(ctx, cfg, rf, state, ratios, pending, key, claim)
+    except BaseException:
+        if claim is not None:
+            claim.release()
+        raise
+
+
+def _source(ctx: Context, cfg: Any, key: str) -> tuple[str | None, Any]:
+    """(a finished grid's file, None) or (None, the held claim to compute it here)."""
+    source = reuse.find_sensitivity(cfg, ctx.run_dir, key)
+    if source is not None:
+        return source, None
+    claim = reuse.Claim(cfg, ctx.run_dir, "sensitivity", key).acquire()
+    source = reuse.find_sensitivity(cfg, ctx.run_dir, key)  # another run may have finished it while this one waited
+    if source is not None:
+        claim.release()
+        return source, None
+    return None, claim
+
+
+def _compute(ctx: Context, cfg: Any, rf: RunFile, state: Any, ratios: list[float], pending: np.ndarray,
+             key: str | None, claim: Any) -> Record | None:
+    """Evaluate the pending cells on every rank; rank 0 returns the stage's record."""
     floor = cfg.sensitivity.early_stop_floor
     stop = stop_rule(ctx.metric, floor, bool(metrics.METRIC_HIGHER_IS_BETTER[ctx.metric]))
     evaluator = _evaluator(ctx, cfg, ratios)
@@ -43,6 +80,7 @@ def run(ctx: Context, cfg: Any, rf: RunFile) -> Record | None:
             "metric_name": ctx.metric, "dense_metric": ctx.base["metric"], "dense_loss": ctx.base["loss"],
             "dense_calib_metric": dense_calib.metric(ctx.metric), "dense_calib_loss": dense_calib.mean_loss(),
             "calib_samples": len(ctx.data.calib), "world_size": ctx.world.size, "status_codes": STATUS_CODES,
+            "key": key, "source": "",
         })
     bar = None
     if ctx.main:
@@ -61,6 +99,9 @@ def run(ctx: Context, cfg: Any, rf: RunFile) -> Record | None:
         return None
     wall = time.perf_counter() - t0
     log.info("sensitivity: %d cells on %d ranks in %.1f s", len(results), ctx.world.size, wall)
+    ctx.after_commit.append(lambda: reuse.publish_sensitivity(cfg, rf.path, key))
+    if claim is not None:
+        ctx.after_commit.append(claim.release)
     return cells.record(wall)
 
 

@@ -1,0 +1,60 @@
+"""Sensitivity grids and dense models computed once and reused (hpcprune.reuse): through a cache
+directory (in process) and between the runs of a Hydra multirun (the real CLI)."""
+import os
+
+import h5py
+import numpy as np
+import pytest
+from conftest import run_sweep, sweep_in_process
+
+from hpcprune.reuse import weights_digest
+from hpcprune.store import RunFile, read_weights
+
+TINY = ["threads=1", "launcher=debug", "baseline.epochs=1", "finetune.epochs=0", "sensitivity.ratios=[0.3,0.6]",
+        "baseline.latency_repeats=1", "sensitivity.bn_recalib_batches=0", "prune.bn_recalib_batches=1"]
+
+
+def _grid(path):
+    with h5py.File(path, "r") as f:
+        s, b = f["sensitivity"], f["baseline"]
+        return ({k: s[k][()] for k in ("metric", "loss", "status")}, dict(s.attrs), dict(b.attrs))
+
+
+def test_cache_dir_gives_a_later_run_the_same_grid_and_dense_model(tmp_path):
+    cache = tmp_path / "cache"
+    assert sweep_in_process(tmp_path / "a", *TINY, f"cache_dir={cache}", "prune.target.macs=0.5") == 0
+    assert sweep_in_process(tmp_path / "b", *TINY, f"cache_dir={cache}", "prune.target.macs=0.7") == 0
+    ga, sa, ba = _grid(tmp_path / "a" / "run.h5")
+    gb, sb, bb = _grid(tmp_path / "b" / "run.h5")
+    assert sa["source"] == "" and ba["source"] == "" and ba["trained_here"]
+    assert sb["source"] == str(cache / f"sensitivity-{sa['key']}.h5") and sb["key"] == sa["key"]
+    assert bb["source"] == str(cache / f"dense-{ba['dense_key']}.safetensors") and not bb["trained_here"]
+    dense = [weights_digest(read_weights(RunFile(str(tmp_path / r / "run.h5")), "baseline")) for r in "ab"]
+    assert dense[0] == dense[1] and bb["metric"] == ba["metric"]
+    for k in ga:
+        np.testing.assert_array_equal(ga[k], gb[k])
+    # another ratio grid is another key: computed, not reused
+    assert sweep_in_process(tmp_path / "c", *TINY, f"cache_dir={cache}", "sensitivity.ratios=[0.3,0.5]") == 0
+    gc, sc, bc = _grid(tmp_path / "c" / "run.h5")
+    assert sc["source"] == "" and sc["key"] != sa["key"] and bc["source"] == bb["source"]
+    assert sorted(os.listdir(cache)) == sorted(
+        [f"sensitivity-{sa['key']}.h5", f"sensitivity-{sc['key']}.h5", f"dense-{ba['dense_key']}.safetensors",
+         f".hpcprune-sensitivity-{sa['key']}.lock", f".hpcprune-sensitivity-{sc['key']}.lock",
+         f".hpcprune-dense-{ba['dense_key']}.lock"])
+
+
+@pytest.mark.slow
+def test_multirun_computes_the_grid_once(tmp_path):
+    """``python -m hpcprune.sweep -m prune.target.macs=0.5,0.7``: the second run reads the first
+    one's grid and dense model from its run file, and prunes to its own budget."""
+    sweep = tmp_path / "multi"
+    p = run_sweep(tmp_path / "unused", "-m", *TINY, "prune.target.macs=0.5,0.7", f"hydra.sweep.dir={sweep}")
+    assert p.returncode == 0
+    g0, s0, b0 = _grid(sweep / "0" / "run.h5")
+    g1, s1, b1 = _grid(sweep / "1" / "run.h5")
+    assert s0["source"] == "" and b0["trained_here"]
+    assert s1["source"] == str(sweep / "0" / "run.h5") and b1["source"] == str(sweep / "0" / "run.h5")
+    for k in g0:
+        np.testing.assert_array_equal(g0[k], g1[k])
+    with h5py.File(sweep / "1" / "run.h5", "r") as f:
+        assert abs(float(f["pruned"].attrs["macs_kept"]) - 0.7) < 0.05
