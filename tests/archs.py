@@ -1291,6 +1291,45 @@ def reused_block(c: int = 32, num_classes: int = 10) -> nn.Module:
 # registry
 # ---------------------------------------------------------------------------------------------------
 
+# ---------------------------------------------------------------------------------------------------
+# user habits that broke whole runs after the groups stage (tests/test_user_models.py; not in CASES)
+# ---------------------------------------------------------------------------------------------------
+
+
+class ViewFlatten(nn.Module):
+    """LeNet-style: ``x.view(x.size(0), -1)`` before the classifier (fails on channels-last tensors)."""
+
+    def __init__(self, num_classes: int = 10) -> None:
+        super().__init__()
+        self.conv1, self.conv2 = nn.Conv2d(1, 16, 3, padding=1), nn.Conv2d(16, 32, 3, padding=1)
+        self.fc1, self.fc2 = nn.Linear(32 * 2 * 2, 48), nn.Linear(48, num_classes)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = F.max_pool2d(F.relu(self.conv2(F.max_pool2d(F.relu(self.conv1(x)), 2))), 2)
+        return self.fc2(F.relu(self.fc1(x.view(x.size(0), -1))))
+
+
+def view_flatten(num_classes: int = 10) -> nn.Module:
+    return ViewFlatten(num_classes)
+
+
+class DictOutput(nn.Module):
+    """Returns ``{"logits": ..., "features": ...}`` like many research codebases."""
+
+    def __init__(self, num_classes: int = 10) -> None:
+        super().__init__()
+        self.body = nn.Sequential(cbr(1, 16), cbr(16, 32, stride=2), nn.AdaptiveAvgPool2d(1), nn.Flatten())
+        self.fc = nn.Linear(32, num_classes)
+
+    def forward(self, x: torch.Tensor) -> dict[str, torch.Tensor]:
+        f = self.body(x)
+        return {"features": f, "logits": self.fc(f)}
+
+
+def dict_output(num_classes: int = 10) -> nn.Module:
+    return DictOutput(num_classes)
+
+
 CASES: dict[str, tuple] = {
     "mlp": (mlp, data_images),
     "lenet_flatten": (lenet_flatten, data_images),

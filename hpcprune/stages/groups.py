@@ -49,18 +49,38 @@ def run(ctx: Context, cfg: Any, rf: RunFile) -> Record:
     _report_excluded(graph, model, cfg)
     exact = _derive_cost(graph, model, ctx.example, cfg)
     cost = allocate.CostModel.from_exact(graph.groups, exact)
-    budgets = {k: v for k, v in targets(cfg).items() if k != "latency"}
-    if budgets:
-        try:
-            allocate._check_reachable(cost, budgets, float(cfg.prune.max_ratio), int(cfg.prune.round_to),
-                                     blocks=str(cfg.prune.method) == "sensitivity")
-        except allocate.BudgetError as e:
-            raise ConfigError(f"{e} (found on the architecture, before any training)") from None
+    _check_budgets(cost, cfg)
     gs = graph.groups
     log.info("%d groups: %s", len(gs), ", ".join(
         f"{g.name}({g.size})" if not g.channels or g.channels == g.size else f"{g.name}({g.size} units of {g.channels // g.size} channels)"
         for g in gs))
     return lambda f: _write(f, graph, ignore, exact, cost)
+
+
+def _check_budgets(cost: allocate.CostModel, cfg: Any) -> None:
+    """Every MACs/params budget reachable with the ratios the allocation may choose: up to
+    ``prune.max_ratio``, and for ``prune.method=sensitivity`` up to the largest measured ratio
+    (its curves end there). ConfigError naming the keys to change, before any training."""
+    budgets = {k: v for k, v in targets(cfg).items() if k != "latency"}
+    if not budgets:
+        return
+    max_ratio, round_to = float(cfg.prune.max_ratio), int(cfg.prune.round_to)
+    sens = str(cfg.prune.method) == "sensitivity"
+    top = max(float(r) for r in cfg.sensitivity.ratios)
+    if sens and top < max_ratio:
+        full = np.full(len(cost.groups), top)
+        for k, t in budgets.items():
+            best = cost.fraction(k, full, round_to)
+            if best > t + 1e-12:
+                raise ConfigError(
+                    f"prune.target.{k}={t} cannot be met by prune.method=sensitivity: its curves end at the largest "
+                    f"of sensitivity.ratios={[float(r) for r in cfg.sensitivity.ratios]}, where every group keeps "
+                    f"{best:.4f} of the {k}; add a larger ratio (up to prune.max_ratio={max_ratio}) or relax the "
+                    "target (found on the architecture, before any training)")
+    try:
+        allocate._check_reachable(cost, budgets, max_ratio, round_to, blocks=sens)
+    except allocate.BudgetError as e:
+        raise ConfigError(f"{e} (found on the architecture, before any training)") from None
 
 
 def _report_excluded(graph: Graph, model: nn.Module, cfg: Any) -> None:
