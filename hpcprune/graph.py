@@ -290,6 +290,10 @@ class Graph:
             self.excluded.append(Excluded(name, types, "its layers split the channels into blocks (grouped convolution, "
                                           "GroupNorm, attention heads) that no cut of whole units keeps equal"))
             return None
+        unsupported = _unsupported_member(self.by_name, members)
+        if unsupported:
+            self.excluded.append(Excluded(name, types, unsupported))
+            return None
         tied = self._tied_across(group)
         if tied:
             self.excluded.append(Excluded(name, types, f"it would cut parameter {tied} (tied weights would come apart)"))
@@ -471,6 +475,22 @@ class Graph:
 
 def _depthwise(mod: nn.Module) -> bool:
     return isinstance(mod, nn.modules.conv._ConvNd) and mod.groups > 1 and mod.groups == mod.in_channels == mod.out_channels
+
+
+def _unsupported_member(by_name: dict[str, nn.Module], members: Sequence[Member]) -> str | None:
+    """Why a group with these members cannot be cut correctly, or None: a LayerNorm over several
+    dimensions (``LayerNorm([C, H, W])``: Torch-Pruning cuts its last dimension, not C), a layer
+    whose weight is reparametrised (weight norm, spectral norm: the cut would leave ``weight_g`` /
+    the parametrization's tensors at the old width)."""
+    for m in members:
+        mod = by_name.get(m.module)
+        if isinstance(mod, nn.LayerNorm) and len(mod.normalized_shape) > 1:
+            return (f"{m.module} is a LayerNorm over {tuple(mod.normalized_shape)}: Torch-Pruning cuts its last dimension, "
+                    "not the channels; normalise over channels only (LayerNorm(C) on channels-last, or GroupNorm(1, C))")
+        if mod is not None and (torch.nn.utils.parametrize.is_parametrized(mod) or hasattr(mod, "weight_g")):
+            return (f"{m.module} has a reparametrised weight (weight or spectral norm); remove it before pruning: "
+                    "torch.nn.utils.parametrize.remove_parametrizations(layer, 'weight') or nn.utils.remove_weight_norm(layer)")
+    return None
 
 
 def _block_width(mod: nn.Module, out: bool) -> int:

@@ -345,3 +345,19 @@ def test_a_mapping_wrong_by_little_at_init_is_excluded():
     ex = {e.name: e.reason for e in verify_groups(graph, x, 0.9)}
     assert "1.b3.0" in ex and "float64" in ex["1.b3.0"], ex
     assert {n: p.dtype for n, p in model.state_dict().items()} == before and torch.get_default_dtype() == torch.float32
+
+
+def test_groups_torch_pruning_would_cut_wrongly_are_excluded_with_the_remedy():
+    """A LayerNorm over (C, H, W) (Torch-Pruning cuts its last dimension) and a weight-normed conv
+    (its weight_g / parametrization would keep the old width): excluded, the line says what to do."""
+    torch.manual_seed(0)
+    wn = torch.nn.utils.parametrizations.weight_norm
+    model = torch.nn.Sequential(torch.nn.Conv2d(1, 8, 3, padding=1), torch.nn.LayerNorm([8, 6, 6]), torch.nn.ReLU(),
+                                wn(torch.nn.Conv2d(8, 12, 3, padding=1)), torch.nn.ReLU(), torch.nn.Conv2d(12, 16, 3, padding=1),
+                                torch.nn.AdaptiveAvgPool2d(1), torch.nn.Flatten(), torch.nn.Linear(16, 10)).eval()
+    x = torch.randn(2, 1, 6, 6)
+    graph = Graph(model, x)
+    ex = {e.name: e.reason for e in graph.excluded}
+    assert "LayerNorm over (8, 6, 6)" in ex["0"] and "GroupNorm(1, C)" in ex["0"]
+    assert any("3 has a reparametrised weight" in r and "remove_parametrizations" in r for r in ex.values()), ex
+    assert [g.name for g in graph.groups if g.name != "8"] == ["5"]  # 8: the classifier (verification keeps it)
