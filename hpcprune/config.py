@@ -21,7 +21,7 @@ from .errors import HpcpruneError
 # keys that may change between a run and its resumption without changing any result (beyond
 # rounding, ~1e-7, as with another world size: layouts, BatchNorm folding, teams)
 RESUME_IGNORED = ("launcher", "threads", "device", "resume", "sensitivity.flush_s", "groups.timeout_s", "sensitivity.team_size",
-                  "baseline.copy_checkpoint", "finetune.tensorboard", "cache_dir", "sensitivity.channels_last", "sensitivity.fold_bn", "hydra")
+                  "baseline.copy_checkpoint", "finetune.tensorboard", "cache_dir", "finetune.min_metric", "finetune.max_drop", "sensitivity.channels_last", "sensitivity.fold_bn", "hydra")
 
 
 class ConfigError(HpcpruneError, ValueError):
@@ -156,6 +156,9 @@ def _check_launcher(cfg: Any) -> None:
 
 
 def _check_finetune(cfg: Any) -> None:
+    drop = cfg.finetune.get("max_drop")
+    if drop is not None and drop < 0:
+        _bad("finetune.max_drop", drop, "must be >= 0 (how much worse than the dense model's metric a run may end)")
     w = cfg.finetune.distill.weight
     if not 0 <= w <= 1:
         _bad("finetune.distill.weight", w, "must be in [0, 1]")

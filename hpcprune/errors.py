@@ -18,6 +18,7 @@ callers that catch those still do::
     GraphError (graph.py)        ValueError     a model Torch-Pruning cannot trace, a graph past groups.timeout_s
     ExportError (export.py)      ValueError     bad export arguments, a missing deploy package, an export that disagrees
     StructureError (structure.py) ValueError    a model whose attention layers do not fit its config
+    AccuracyGateError (pipeline.py) RuntimeError the fine-tuned model misses finetune.min_metric / max_drop
 """
 from __future__ import annotations
 

@@ -39,6 +39,10 @@ def run(cfg: Any, world: World, run_dir: str, on_accept: Any = None) -> int:
     return Sweep(cfg, world, run_dir, on_accept).run()
 
 
+class AccuracyGateError(HpcpruneError, RuntimeError):
+    """The fine-tuned model misses the accuracy gate (``finetune.min_metric`` / ``finetune.max_drop``)."""
+
+
 class Sweep:
     def __init__(self, cfg: Any, world: World, run_dir: str, on_accept: Any = None) -> None:
         self.cfg = cfg
@@ -70,6 +74,7 @@ class Sweep:
             arch_model, self.arch_model = self.arch_model, None  # handed to the context (the groups stage lets it go)
             self._stages(Context(self.world, self.run_dir, device, data, arch_model=arch_model))
             if self.main:
+                self._accuracy_gate()
                 total = float(self.rf.attrs().get("wall_s_total", 0.0) or 0.0) + time.perf_counter() - t_start
                 self.rf.set_status("complete", wall_s=time.perf_counter() - t_start, wall_s_total=total)
                 self._print_summary()
@@ -125,6 +130,26 @@ class Sweep:
                 f[stage.key].attrs["seconds"] = seconds + float(f[stage.key].attrs.get("seconds", 0.0))
         while ctx.after_commit:
             ctx.after_commit.pop(0)()
+
+    def _accuracy_gate(self) -> None:
+        """``finetune.min_metric`` / ``finetune.max_drop``: a fine-tuned model that misses them ends the
+        run as ``failed`` with one line (its results stay recorded), so a sweep separates usable points."""
+        ft = self.cfg.finetune
+        lo, drop = ft.get("min_metric"), ft.get("max_drop")
+        if lo is None and drop is None:
+            return
+        from . import metrics
+
+        base, final = self.rf.attrs("baseline"), self.rf.attrs("final")
+        name, got, dense = str(base["metric_name"]), float(final["metric"]), float(base["metric"])
+        sign = 1.0 if metrics.METRIC_HIGHER_IS_BETTER[name] else -1.0  # worse = sign * (limit - got) > 0
+        if lo is not None and sign * (float(lo) - got) > 0:
+            raise AccuracyGateError(f"the fine-tuned {name} {got:.4f} misses finetune.min_metric={lo} (dense {dense:.4f}); "
+                                    "its results are recorded; lower the gate or give the fine-tune more epochs")
+        if drop is not None and sign * (dense - got) > float(drop) + 1e-12:
+            raise AccuracyGateError(f"the fine-tuned {name} {got:.4f} is {abs(dense - got):.4f} worse than the dense "
+                                    f"{dense:.4f}, more than finetune.max_drop={drop}; its results are recorded; "
+                                    "relax the gate, the budget, or give the fine-tune more epochs")
 
     def _done(self, stage: str) -> bool:
         return stage in self.rf.done_stages()

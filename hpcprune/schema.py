@@ -115,6 +115,8 @@ class FinetuneConfig:
     weight_decay: float = MISSING
     distill: DistillConfig = field(default_factory=DistillConfig)
     tensorboard: bool = MISSING  # rank 0 writes TensorBoard events under <run dir>/tensorboard (hpcprune.tb)
+    min_metric: Optional[float] = MISSING  # accuracy gate: the fine-tuned metric at least (at most, lower-is-better)
+    max_drop: Optional[float] = MISSING  # accuracy gate: the metric at most this much worse than the dense model's
 
 
 @dataclass

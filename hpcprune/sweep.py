@@ -20,6 +20,7 @@ from .world import MPIMismatch, World, run_guarded
 log = logging.getLogger("hpcprune")
 _WORLD: World | None = None
 _WRITE_HYDRA_DIR = False  # rank 0 writes .hydra/ itself, once the run is accepted (_own_output_subdir)
+_FAILED: list[str] = []  # run directories of a multirun whose run failed (the sweep goes on; exit status 3 at the end)
 _CONF_DIR = os.path.join(os.path.dirname(__file__), "conf")
 _OWN_GROUPS = ("model", "data")  # groups whose ``_target_`` alone means the user's own function
 _CUSTOM = "custom"  # conf/model/custom.yaml, conf/data/custom.yaml: ``_target_: ???`` and nothing else
@@ -412,7 +413,20 @@ def _task(cfg: Any) -> None:
     # any error ends every rank with one line "hpcprune: error: ..." and a non-zero exit: 2 when rank 0
     # refuses the run before it starts, 1 from a stage; a user's error (HpcpruneError) is that line,
     # anything else is a bug and keeps its traceback in sweep.log (run_guarded)
-    rc = run_guarded(world, lambda: pipeline.run(cfg, world, run_dir, on_accept=accept))
+    from hydra.types import RunMode
+
+    multirun = HydraConfig.get().mode == RunMode.MULTIRUN and world.size == 1
+    try:
+        rc = run_guarded(world, lambda: pipeline.run(cfg, world, run_dir, on_accept=accept))
+    except SystemExit as e:  # run_guarded ends a failed run's process (every rank: MPI_Abort)
+        rc = int(e.code or 1)
+        if not multirun:
+            raise
+    if rc and multirun:
+        # one point of a sweep failed (its line is printed, its run file says why): Hydra goes on with
+        # the others when the job raises an Exception (a SystemExit would end the whole sweep)
+        _FAILED.append(run_dir)
+        raise RuntimeError(f"hpcprune: run {run_dir} failed (exit status {rc}); the sweep goes on")
     if rc:
         sys.exit(rc)
 
@@ -437,7 +451,16 @@ def main() -> None:
 
     import hydra
 
-    hydra.main(config_path="conf", config_name="config", version_base=None)(_task)()
+    try:
+        hydra.main(config_path="conf", config_name="config", version_base=None)(_task)()
+    except SystemExit:
+        if not _FAILED:
+            raise
+        # Hydra's sweeper raises the first failed job's error once every job of the sweep has run
+    if _FAILED:  # a multirun whose points did not all complete: say which, exit non-zero
+        print(f"hpcprune: {len(_FAILED)} run(s) of the sweep failed: {', '.join(_FAILED)} "
+              "(python -m hpcprune.report on the sweep directory shows why)", file=sys.stderr)
+        sys.exit(3)
 
 
 if __name__ == "__main__":

@@ -44,17 +44,26 @@ def test_cache_dir_gives_a_later_run_the_same_grid_and_dense_model(tmp_path):
 
 
 @pytest.mark.slow
-def test_multirun_computes_the_grid_once(tmp_path):
-    """``python -m hpcprune.sweep -m prune.target.macs=0.5,0.7``: the second run reads the first
-    one's grid and dense model from its run file, and prunes to its own budget."""
+def test_multirun_computes_the_grid_once_and_goes_on_past_failed_points(tmp_path):
+    """``python -m hpcprune.sweep -m prune.target.macs=0.5,0.02 finetune.min_metric=null,0.999``: the
+    first run computes the grid and trains the dense model, the second reads both from the first's
+    run file; the accuracy gate marks the second failed, the unreachable budget is refused on the
+    architecture (runs 3 and 4), the sweep goes on through all four and exits with status 3."""
     sweep = tmp_path / "multi"
-    p = run_sweep(tmp_path / "unused", "-m", *TINY, "prune.target.macs=0.5,0.7", f"hydra.sweep.dir={sweep}")
-    assert p.returncode == 0
+    p = run_sweep(tmp_path / "unused", "-m", *TINY, "finetune.epochs=1", "prune.target.macs=0.5,0.02",
+                  "finetune.min_metric=null,0.999", f"hydra.sweep.dir={sweep}", check=False)
+    assert p.returncode == 3, p.stderr[-3000:]
+    assert "4 run(s)" not in p.stderr and "3 run(s) of the sweep failed" in p.stderr
     g0, s0, b0 = _grid(sweep / "0" / "run.h5")
     g1, s1, b1 = _grid(sweep / "1" / "run.h5")
     assert s0["source"] == "" and b0["trained_here"]
     assert s1["source"] == str(sweep / "0" / "run.h5") and b1["source"] == str(sweep / "0" / "run.h5")
     for k in g0:
         np.testing.assert_array_equal(g0[k], g1[k])
-    with h5py.File(sweep / "1" / "run.h5", "r") as f:
-        assert abs(float(f["pruned"].attrs["macs_kept"]) - 0.7) < 0.05
+    status = {}
+    for i in range(4):
+        with h5py.File(sweep / str(i) / "run.h5", "r") as f:
+            status[i] = (f.attrs["status"], str(f.attrs.get("status_reason", "")))
+    assert status[0][0] == "complete"
+    assert status[1][0] == "failed" and "finetune.min_metric=0.999" in status[1][1]
+    assert all(status[i][0] == "failed" and "prune.target.macs=0.02" in status[i][1] for i in (2, 3)), status
