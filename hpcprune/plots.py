@@ -161,23 +161,10 @@ PARETO_AXES = (("macs_kept", "MACs kept (fraction of dense)", False), ("params_k
 
 
 def _front(points: list[tuple[float, float, str]], higher_x: bool, higher_y: bool) -> list[str]:
-    """Labels of the non-dominated points (x: cost or speed-up, y: metric)."""
-    out = []
-    for x, y, lab in points:
-        dominated = False
-        for x2, y2, lab2 in points:
-            if lab2 == lab:
-                continue
-            bx = x2 >= x if higher_x else x2 <= x
-            by = y2 >= y if higher_y else y2 <= y
-            sx = x2 > x if higher_x else x2 < x
-            sy = y2 > y if higher_y else y2 < y
-            if bx and by and (sx or sy):
-                dominated = True
-                break
-        if not dominated:
-            out.append(lab)
-    return out
+    """Labels of the non-dominated points (``hpcprune.report.pareto_front``)."""
+    from .report import pareto_front
+
+    return pareto_front(points, higher_x, higher_y)
 
 
 def pareto(runs: Sequence["Run"], fig_id: str = "pareto") -> Figure | None:
@@ -198,8 +185,11 @@ def pareto(runs: Sequence["Run"], fig_id: str = "pareto") -> Figure | None:
             if x is None or y is None:
                 continue
             c = colours(i % 10)
-            ax.scatter([x], [y], s=46, color=c, zorder=3, label=r.label)
-            ax.annotate(r.label, (x, y), textcoords="offset points", xytext=(5, 4), fontsize=7.5)
+            dominated = r.row.get("front") == "dominated"  # on the MACs front (report.mark_sweep): drawn faint
+            ax.scatter([x], [y], s=46, color=c, zorder=3, label=r.label, alpha=0.35 if dominated else 1.0,
+                       marker="X" if dominated else "o")
+            ax.annotate(r.label + (" (dominated)" if dominated else ""), (x, y), textcoords="offset points",
+                        xytext=(5, 4), fontsize=7.5, alpha=0.6 if dominated else 1.0)
             px, py = r.pruned.get(key), r.pruned.get("metric")
             if src is r.final and px is not None and py is not None:
                 ax.scatter([px], [py], s=30, facecolors="none", edgecolors=[c], zorder=3)

@@ -37,7 +37,7 @@ COLUMNS = [
     ("run", "run"), ("status", "status"), ("method", "method"), ("target", "target"),
     ("dense", "dense"), ("pruned", "pruned"), ("final", "final"), ("macs_kept", "MACs kept"),
     ("params_kept", "params kept"), ("speedup", "speed-up"), ("groups", "groups"), ("excluded", "excluded"),
-    ("world", "ranks"), ("ft_tasks", "DDP"),
+    ("world", "ranks"), ("ft_tasks", "DDP"), ("front", "front"), ("grid", "sens grid"),
     ("t_sens", "sens s"), ("t_ft", "ft s"), ("wall", "wall s"),
 ]
 STAGES = TIMED_STAGES  # the stages timed per run, in README's order
@@ -197,6 +197,7 @@ def _row(run: Run, path: str, root: dict[str, Any], base: dict[str, Any], alloc:
     row["groups"] = len(run.groups) if run.groups else None
     # excluded by verification (a group that feeds the output is kept on purpose, not counted)
     row["excluded"] = sum(1 for e in run.excluded if "feeds the model's output" not in str(e[2])) if run.groups else None
+    row["grid_source"] = _get(sens, "source")  # "" computed here; a run or cache file it was copied from
     row["t_sens"] = _get(sens, "wall_s")
     hist = run.history
     sec = run.history_columns.index("seconds") if "seconds" in run.history_columns else None
@@ -216,6 +217,42 @@ def _timings_from_log(log_path: str) -> dict[str, float]:
     except OSError:
         pass
     return out
+
+
+def pareto_front(points: list[tuple[float, float, str]], higher_x: bool, higher_y: bool) -> list[str]:
+    """Labels of the non-dominated points of ``(x, y, label)``: no other point is at least as good on
+    both axes and better on one (x: a cost or a speed-up, ``higher_x`` says which way is better)."""
+    out = []
+    for x, y, lab in points:
+        dominated = False
+        for x2, y2, lab2 in points:
+            if lab2 == lab:
+                continue
+            bx, by = (x2 >= x if higher_x else x2 <= x), (y2 >= y if higher_y else y2 <= y)
+            sx, sy = (x2 > x if higher_x else x2 < x), (y2 > y if higher_y else y2 < y)
+            if bx and by and (sx or sy):
+                dominated = True
+                break
+        if not dominated:
+            out.append(lab)
+    return out
+
+
+def mark_sweep(runs: Sequence[Run]) -> None:
+    """Per row: ``front`` (``yes`` / ``dominated`` on final metric against MACs kept, among the runs
+    shown that have both; ``-`` otherwise) and ``grid`` (``own`` when the run computed its sensitivity
+    grid, else the label of the run it was copied from, or ``cache``)."""
+    pts = [(float(r.row["macs_kept"]), float(r.row["final"] if r.row.get("final") is not None else r.row["pruned"]), r.label)
+           for r in runs if r.row.get("macs_kept") is not None and (r.row.get("final") is not None or r.row.get("pruned") is not None)]
+    higher = runs[0].higher_is_better if runs else True
+    front = set(pareto_front(pts, False, higher))
+    by_path = {os.path.abspath(r.path): r.label for r in runs}
+    for r in runs:
+        if r.label in {p[2] for p in pts}:
+            r.row["front"] = "yes" if r.label in front else "dominated"
+        src = r.row.get("grid_source")
+        if src is not None:
+            r.row["grid"] = "own" if src == "" else by_path.get(os.path.abspath(src), "cache" if "sensitivity-" in os.path.basename(src) else src)
 
 
 def summarize(path: str) -> dict[str, Any]:
@@ -436,6 +473,7 @@ def main(argv: list[str] | None = None) -> int:
     if not runs:
         _error(f"no run matches {' '.join('--filter ' + f for f in args.filter)}")
         return 1
+    mark_sweep(runs)
     print(format_table([r.row for r in runs]))
     for r in runs:  # why a run stopped: the one line the sweep printed, kept in the run file
         if r.row.get("status") == "failed" and r.status_reason:

@@ -67,3 +67,11 @@ def test_multirun_computes_the_grid_once_and_goes_on_past_failed_points(tmp_path
     assert status[0][0] == "complete"
     assert status[1][0] == "failed" and "finetune.min_metric=0.999" in status[1][1]
     assert all(status[i][0] == "failed" and "prune.target.macs=0.02" in status[i][1] for i in (2, 3)), status
+    # the sweep's report: which runs share a grid, which are on the front
+    from hpcprune.report import load_run, label_runs, mark_sweep
+
+    runs = [load_run(str(sweep / str(i) / "run.h5")) for i in range(4)]
+    label_runs(runs)
+    mark_sweep(runs)
+    assert [r.row.get("grid") for r in runs] == ["own", "0", None, None]
+    assert [r.row.get("front") for r in runs] == ["yes", "yes", None, None]
