@@ -75,3 +75,27 @@ def test_multirun_computes_the_grid_once_and_goes_on_past_failed_points(tmp_path
     mark_sweep(runs)
     assert [r.row.get("grid") for r in runs] == ["own", "0", None, None]
     assert [r.row.get("front") for r in runs] == ["yes", "yes", None, None]
+
+
+def _stamp(line):
+    import datetime
+
+    return datetime.datetime.strptime(line[:8], "%H:%M:%S")
+
+
+@pytest.mark.slow
+def test_multirun_on_submitit_local_runs_points_concurrently_and_computes_shared_stages_once(tmp_path):
+    """``hydra/launcher=submitit_local``: both points run at once as their own jobs (their sweep.log
+    spans overlap: each takes many seconds, both start together), one computes the dense model and
+    the grid, the other copies them (after waiting on the key's lock when it got there first)."""
+    sweep = tmp_path / "fan"
+    p = run_sweep(tmp_path / "unused", "-m", "hydra/launcher=submitit_local", *TINY, "finetune.epochs=2",
+                  "prune.target.macs=0.5,0.7", f"hydra.sweep.dir={sweep}", timeout=600)
+    assert p.returncode == 0
+    spans = []
+    for i in (0, 1):
+        lines = (sweep / str(i) / "sweep.log").read_text().splitlines()
+        spans.append((_stamp(lines[0]), _stamp(lines[-1])))
+    assert spans[0][0] <= spans[1][1] and spans[1][0] <= spans[0][1], spans  # the two runs overlap in time
+    sources = [_grid(sweep / str(i) / "run.h5")[1]["source"] for i in (0, 1)]
+    assert sorted(sources) == ["", str(sweep / ("0" if sources[0] == "" else "1") / "run.h5")]
