@@ -383,3 +383,37 @@ def test_finetune_task_failing_at_rendezvous_ends_the_job(slurm_run, tmp_path):
     assert f"fine-tune job {ft} failed" in errors[0], errors[0]
     with h5py.File(os.path.join(run_dir, "run.h5")) as f:
         assert f.attrs["status"] == "failed" and f"fine-tune job {ft} failed" in f.attrs["status_reason"]
+
+
+@needs_slurm
+def test_multirun_points_as_a_slurm_job_array_share_the_dense_model_and_grid(tmp_path):
+    """``-m hydra/launcher=submitit_slurm``: Hydra's submitit plugin submits the two points as one job
+    array; both tasks run at once (accounting shows their times overlap), one trains the dense model
+    and computes the grid, the other copies them from its run file."""
+    sweep = tmp_path / "sweep"
+    p = run([sys.executable, "-m", "hpcprune.sweep", "-m", "hydra/launcher=submitit_slurm", "hydra.launcher.timeout_min=20",
+             "hydra.launcher.cpus_per_task=1", "hydra.launcher.tasks_per_node=1", "threads=1", "launcher=debug",
+             "baseline.epochs=1", "finetune.epochs=1", "sensitivity.ratios=[0.3,0.6]", "baseline.latency_repeats=1",
+             "sensitivity.bn_recalib_batches=0", "prune.target.macs=0.5,0.7", f"hydra.sweep.dir={sweep}"],
+            cwd=ROOT, timeout=900)
+    assert p.returncode == 0, p.stderr[-3000:]
+    sources = []
+    for i in (0, 1):
+        with h5py.File(sweep / str(i) / "run.h5") as f:
+            assert f.attrs["status"] == "complete", f.attrs["status_reason"]
+            sources.append((str(f["sensitivity"].attrs["source"]), str(f["baseline"].attrs["source"])))
+    computed = [i for i, s in enumerate(sources) if s == ("", "")]
+    assert len(computed) == 1, sources
+    other = str(sweep / str(computed[0]) / "run.h5")
+    assert sources[1 - computed[0]] == (other, other)
+    array = next(d for d in os.listdir(sweep / ".submitit") if re.fullmatch(r"\d+", d))
+    deadline = time.time() + 120  # Hydra has the tasks' results before Slurm's accounting says they ended
+    while True:
+        q = run(["sacct", "-X", "-n", "-P", "-o", "JobID,Start,End,State", "-j", array], timeout=30)
+        rows = [ln.split("|") for ln in q.stdout.split() if "_" in ln.split("|")[0]]
+        if (len(rows) == 2 and all(r[3] == "COMPLETED" for r in rows)) or time.time() > deadline:
+            break
+        time.sleep(2)
+    assert len(rows) == 2 and all(r[3] == "COMPLETED" for r in rows), q.stdout
+    (s0, e0), (s1, e1) = [(r[1], r[2]) for r in rows]  # ISO times: compare as text
+    assert s0 <= e1 and s1 <= e0, rows
