@@ -166,17 +166,12 @@ class FinetuneJob:
         torch.manual_seed(cfg.seed)
         data = build_data(cfg.data)
         model = pruned_model(run, cfg, weights="pruned").to(device)
-        teacher = None
-        if ft.distill.weight > 0:
-            teacher = dense_model(run, cfg).to(device).eval()
-            for p in teacher.parameters():
-                p.requires_grad_(False)
+        teacher = _teacher(dense_model, run, cfg, device) if ft.distill.weight > 0 else None
         ddp = model
         if world > 1:
             ddp = nn.parallel.DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
         opt = torch.optim.AdamW(model.parameters(), lr=ft.lr, weight_decay=ft.weight_decay)
-        steps_per_epoch = 1
-        sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=max(1, ft.epochs * steps_per_epoch))
+        sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=max(1, ft.epochs))  # stepped once per epoch
         sampler = torch.utils.data.distributed.DistributedSampler(
             data.train, num_replicas=world, rank=rank, shuffle=True, seed=cfg.seed, drop_last=True
         )
@@ -222,6 +217,14 @@ class FinetuneJob:
             os.replace(final + ".tmp", final)
             out.update(history=history, weights=final)
         return out
+
+
+def _teacher(dense_model: Any, run: Any, cfg: Any, device: torch.device) -> nn.Module:
+    """The dense model as a frozen distillation teacher."""
+    teacher = dense_model(run, cfg).to(device).eval()
+    for p in teacher.parameters():
+        p.requires_grad_(False)
+    return teacher
 
 
 def _resume(ckpt_path: str, key: str, model: nn.Module, opt: Any, sched: Any, device: torch.device, rank: int,

@@ -141,6 +141,20 @@ def _summed_gradients(model: torch.nn.Module, batches: Sequence, reduce: Callabl
         i += n
 
 
+def _forward_all(model: torch.nn.Module, batches: Sequence, hooks: list) -> None:
+    """Run every batch through ``model`` in eval mode without gradients, then remove ``hooks``."""
+    try:
+        with torch.no_grad():
+            was = model.training
+            model.eval()
+            for x, _ in batches:
+                model(x)
+            model.train(was)
+    finally:
+        for h in hooks:
+            h.remove()
+
+
 def _activation_scores(graph: Graph, batches: Sequence, reduce: Callable) -> dict[str, torch.Tensor]:
     """mean |activation| of each channel at the group's first producing layer x that layer's
     output-weight norm (Wanda-style: small weights on large activations still matter). For a head
@@ -176,16 +190,7 @@ def _activation_scores(graph: Graph, batches: Sequence, reduce: Callable) -> dic
             hooks.append(modules[o_of[g.name].module].register_forward_pre_hook(pre_hook_for(g.name)))
         else:
             hooks.append(modules[g.name].register_forward_hook(hook_for(g.name)))
-    try:
-        with torch.no_grad():
-            was = graph.model.training
-            graph.model.eval()
-            for x, _ in batches:
-                graph.model(x)
-            graph.model.train(was)
-    finally:
-        for h in hooks:
-            h.remove()
+    _forward_all(graph.model, batches, hooks)
     names = [g.name for g in groups]
     flat = reduce(np.concatenate([sums[n].numpy() for n in names] + [np.array([counts[n] for n in names])]))
     out: dict[str, torch.Tensor] = {}

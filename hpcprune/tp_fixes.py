@@ -21,7 +21,7 @@ Upstream behaviour hpcprune works around elsewhere, without patching Torch-Pruni
   input columns of the first group's kept positions (``keep_idxs[:len(keep_idxs) // groups]``):
   right only when every group keeps the same positions. ``MultiheadAttentionPruner`` checks only
   that the new ``embed_dim`` divides by ``num_heads``, not that every head keeps the same width.
-  ``graph._block_width`` / ``graph._unit_count`` make a group's unit one channel position in every
+  ``units.block_width`` / ``units.unit_count`` make a group's unit one channel position in every
   block (every group of a grouped convolution, of a GroupNorm, every attention head), so any cut
   keeps every block the same width at the same positions; a group that no such unit keeps even is
   excluded. Grouped (not depthwise) convolutions are never masked or sliced by hpcprune itself
