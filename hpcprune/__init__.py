@@ -11,15 +11,17 @@ def load_pruned(path: str, weights: str = "final"):  # noqa: ANN201
     return _load(path, weights=weights)
 
 
-def save_hf_dir(path: str, out_dir: str, weights: str = "final") -> str:
-    """Write the pruned Hugging Face model of run file ``path`` to a directory (see hpcprune.hf_dir)."""
+def save_hf_dir(path: str, out_dir: str, weights: str = "final"):  # noqa: ANN201
+    """Write the pruned Hugging Face model of run file ``path`` to a directory: one plain
+    ``from_pretrained`` loads when one config can describe it, else hpcprune's (see hpcprune.hf_dir).
+    Returns an ``HFDir`` (``os.fspath`` gives the path; ``.loader``, ``.reason``, ``.line`` say which)."""
     from .hf_dir import save_hf_dir as _save
 
     return _save(path, out_dir, weights=weights)
 
 
 def load_hf_dir(path: str):  # noqa: ANN201
-    """Load a directory written by :func:`save_hf_dir` (layers of different widths, removed blocks)."""
+    """Load a directory written by :func:`save_hf_dir` (either kind) as hpcprune's wrapper."""
     from .hf_dir import load_hf_dir as _load
 
     return _load(path)

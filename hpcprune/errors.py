@@ -17,6 +17,7 @@ callers that catch those still do::
     ReportError (report.py)      ValueError     bad report arguments
     GraphError (graph.py)        ValueError     a model Torch-Pruning cannot trace, a graph past groups.timeout_s
     ExportError (export.py)      ValueError     bad export arguments, a missing deploy package, an export that disagrees
+    HFDirError (hf_dir.py)       ValueError     a run or directory save_hf_dir / load_hf_dir cannot use (HFDirExists: a model already there)
     StructureError (structure.py) ValueError    a model whose attention layers do not fit its config
     AccuracyGateError (pipeline.py) RuntimeError the fine-tuned model misses finetune.min_metric / max_drop
 """

@@ -34,7 +34,8 @@ def _digest(model: nn.Module) -> str:
     h = hashlib.sha256()
     for k, v in sorted(model.state_dict().items()):
         h.update(k.encode())
-        h.update(v.detach().cpu().contiguous().numpy().tobytes())
+        t = v.detach().cpu().contiguous()  # as bytes: numpy has no bfloat16
+        h.update(t.view(-1).view(torch.uint8).numpy().tobytes() if t.numel() else b"")
     return h.hexdigest()[:16]
 
 
@@ -270,9 +271,9 @@ def _train_epoch(ddp: nn.Module, teacher: nn.Module | None, loader: Any, opt: An
         if teacher is not None:
             with torch.no_grad():
                 t_logits = logits_of(teacher(x))
-            kd = F.kl_div(
-                F.log_softmax(logits / T, -1).flatten(0, -2),
-                F.log_softmax(t_logits / T, -1).flatten(0, -2),
+            kd = F.kl_div(  # in float32 (16-bit logits upcast, as in task_loss)
+                F.log_softmax(logits.float() / T, -1).flatten(0, -2),
+                F.log_softmax(t_logits.float() / T, -1).flatten(0, -2),
                 reduction="batchmean",
                 log_target=True,
             ) * (T * T)

@@ -37,8 +37,9 @@ def test_llama_sweep_two_ranks_equal_one_reload_and_export(tmp_path):
         assert a["pruned"].attrs["macs_kept"] <= 0.6
     model = hpcprune.load_pruned(a_path)
     out_dir = tmp_path / "export"
-    hpcprune.save_hf_dir(a_path, str(out_dir))
-    assert {p.name for p in out_dir.iterdir()} == {"config.json", "model.safetensors", "hpcprune_plan.json", "README.md"}
+    out = hpcprune.save_hf_dir(a_path, str(out_dir))  # plain transformers, or hpcprune's plan when widths differ
+    own = {"hpcprune_plan.json"} if out.loader == "hpcprune" else {"generation_config.json"}
+    assert {p.name for p in out_dir.iterdir()} == {"config.json", "model.safetensors", "README.md"} | own
     again = hpcprune.load_hf_dir(str(out_dir))
     x = _x()
     with torch.no_grad():
@@ -63,10 +64,16 @@ def test_gqa_kv_groups_go_whole(tmp_path):
         plan = {n: f["pruned/plan"][n][()].tolist() for n in f["pruned/plan"]}
         stored = float(f["pruned"].attrs["metric"])
     assert all(len(v) == 1 for n, v in plan.items() if n.endswith(":heads"))
-    hpcprune.save_hf_dir(path, str(tmp_path / "export"))
+    out = hpcprune.save_hf_dir(path, str(tmp_path / "export"))
+    assert out.loader == "transformers"  # every layer keeps one KV group: one config says so
     x = _x()
+    from transformers import AutoModelForCausalLM
+
+    plain = AutoModelForCausalLM.from_pretrained(str(tmp_path / "export"))
+    assert (plain.config.num_attention_heads, plain.config.num_key_value_heads) == (2, 1)
     with torch.no_grad():
         torch.testing.assert_close(hpcprune.load_hf_dir(str(tmp_path / "export"))(x), model(x), atol=0, rtol=0)
+        torch.testing.assert_close(plain(input_ids=x, use_cache=False).logits, model(x), atol=0, rtol=0)
     assert np.isfinite(stored)
 
 
@@ -94,17 +101,18 @@ def test_tied_embeddings_export(tmp_path):
 
 
 def test_bert_depth_only_reload(tmp_path):
-    """BERT, whole encoder layers only: the removed layer is a skip in the reloaded model, whose
-    perplexity is the one the run recorded."""
+    """BERT, whole encoder layers only: the removed layer is a skip in the model rebuilt from the run
+    file, and gone from the exported directory (one layer, renumbered), which computes the same."""
     run_sweep(tmp_path / "run", "model=bert_tiny", *SMALL, "groups.kinds=[block]", "prune.target.macs=null",
               "prune.target.params=0.9", "threads=1", timeout=300)
     path = str(tmp_path / "run" / "run.h5")
     model = hpcprune.load_pruned(path)
     skipped = [isinstance(layer, Skip) for layer in model.hf.bert.encoder.layer]
     assert sum(skipped) == 1
-    hpcprune.save_hf_dir(path, str(tmp_path / "export"))
+    out = hpcprune.save_hf_dir(path, str(tmp_path / "export"))
+    assert out.loader == "transformers"
     again = hpcprune.load_hf_dir(str(tmp_path / "export"))
-    assert [isinstance(layer, Skip) for layer in again.hf.bert.encoder.layer] == skipped
+    assert len(again.hf.bert.encoder.layer) == again.hf.config.num_hidden_layers == len(skipped) - 1
     x = _x()
     with torch.no_grad():
         torch.testing.assert_close(again(x), model(x), atol=0, rtol=0)

@@ -106,6 +106,15 @@ class HFSeq2SeqLM(_HFWrapper):
 
 
 # ---- constructors (Hydra _target_s) ---------------------------------------------------------------
+def torch_dtype(name: str) -> torch.dtype:
+    """``model.dtype``: ``float32``, ``bfloat16`` or ``float16`` as a torch dtype. Raises ValueError
+    (one line naming ``model.dtype``) for any other name."""
+    dt = getattr(torch, str(name), None)
+    if not isinstance(dt, torch.dtype) or not dt.is_floating_point or dt.itemsize > 4:
+        raise ValueError(f"model.dtype={name!r}: choose float32, bfloat16 or float16")
+    return dt
+
+
 def _seeded(build: Any, seed: int) -> nn.Module:
     """``build()`` with the global RNG at ``seed`` (and the caller's RNG state put back): the same
     weights for the same seed in every process."""
@@ -114,10 +123,20 @@ def _seeded(build: Any, seed: int) -> nn.Module:
         return build()
 
 
+def _build(cls: Any, cfg: Any, dtype: torch.dtype) -> nn.Module:
+    """``cls(cfg)`` in float32, or initialised in ``dtype`` as ``from_pretrained(dtype=...)`` builds
+    a model (buffers such as rotary ``inv_freq`` stay float32; ``.to(dtype)`` would round them)."""
+    if dtype == torch.float32:
+        return cls(cfg).float()
+    return cls._from_config(cfg, dtype=dtype)
+
+
 def llama_tiny(vocab: int = 256, context: int = 64, hidden: int = 64, layers: int = 2, heads: int = 4, kv_heads: int = 2,
-               intermediate: int = 128, seed: int = 0, tie_embeddings: bool = False) -> HFCausalLM:
-    """A randomly initialised Llama (RMSNorm, RoPE, grouped-query attention, SwiGLU MLP), float32,
-    SDPA attention; the output head is untied unless ``tie_embeddings`` (as in SmolLM2)."""
+               intermediate: int = 128, seed: int = 0, tie_embeddings: bool = False, dtype: str = "float32") -> HFCausalLM:
+    """A randomly initialised Llama (RMSNorm, RoPE, grouped-query attention, SwiGLU MLP), SDPA
+    attention; the output head is untied unless ``tie_embeddings`` (as in SmolLM2). ``dtype``: the
+    parameters' dtype (:func:`torch_dtype`), initialised in it as ``from_pretrained(dtype=...)``
+    loads one: the rotary ``inv_freq`` buffer stays float32."""
     tf = _transformers()
     if hidden % heads or heads % kv_heads:
         raise ValueError(f"model: hidden={hidden} must be a multiple of heads={heads}, and heads of kv_heads={kv_heads}")
@@ -125,13 +144,14 @@ def llama_tiny(vocab: int = 256, context: int = 64, hidden: int = 64, layers: in
                          num_attention_heads=heads, num_key_value_heads=kv_heads, head_dim=hidden // heads,
                          max_position_embeddings=context, tie_word_embeddings=bool(tie_embeddings), bos_token_id=None,
                          eos_token_id=None, pad_token_id=None, attn_implementation="sdpa")
-    hf = _seeded(lambda: tf.LlamaForCausalLM(cfg), seed)
-    return HFCausalLM(hf.float())
+    hf = _seeded(lambda: _build(tf.LlamaForCausalLM, cfg, torch_dtype(dtype)), seed)
+    return HFCausalLM(hf)
 
 
 def bert_tiny(vocab: int = 256, context: int = 64, hidden: int = 64, layers: int = 2, heads: int = 4, intermediate: int = 128,
-              seed: int = 0, causal: bool = False) -> HFEncoderLM:
-    """A randomly initialised BERT with its masked-LM head, float32, SDPA attention, no dropout.
+              seed: int = 0, causal: bool = False, dtype: str = "float32") -> HFEncoderLM:
+    """A randomly initialised BERT with its masked-LM head, SDPA attention, no dropout; ``dtype``:
+    the parameters' dtype (:func:`torch_dtype`).
 
     ``causal=True`` builds it with ``is_decoder=True`` (causal self-attention): for next-token
     targets, where a bidirectional encoder would see the token it must predict.
@@ -139,6 +159,7 @@ def bert_tiny(vocab: int = 256, context: int = 64, hidden: int = 64, layers: int
     tf = _transformers()
     if hidden % heads:
         raise ValueError(f"model: hidden={hidden} must be a multiple of heads={heads}")
+    torch_dt = torch_dtype(dtype)
     cfg = tf.BertConfig(vocab_size=vocab, hidden_size=hidden, num_hidden_layers=layers, num_attention_heads=heads,
                         intermediate_size=intermediate, max_position_embeddings=context, hidden_dropout_prob=0.0,
                         attention_probs_dropout_prob=0.0, pad_token_id=0, is_decoder=bool(causal), use_cache=False,
@@ -147,10 +168,10 @@ def bert_tiny(vocab: int = 256, context: int = 64, hidden: int = 64, layers: int
     level = bert_log.level
     bert_log.setLevel(40)  # BertForMaskedLM warns about is_decoder=True, which is meant here
     try:
-        hf = _seeded(lambda: tf.BertForMaskedLM(cfg), seed)
+        hf = _seeded(lambda: _build(tf.BertForMaskedLM, cfg, torch_dt), seed)
     finally:
         bert_log.setLevel(level)
-    return HFEncoderLM(hf.float())
+    return HFEncoderLM(hf)
 
 
 def smollm2_folder() -> str:
@@ -176,10 +197,7 @@ def smollm2(dtype: str = "float32") -> HFCausalLM:
     tf = _transformers()
     _need("gguf")
     folder, gguf = smollm2_gguf()
-    torch_dtype = getattr(torch, str(dtype), None)
-    if not isinstance(torch_dtype, torch.dtype) or not torch_dtype.is_floating_point:
-        raise ValueError(f"model.dtype={dtype!r}: a torch floating-point dtype name (float32, bfloat16, float16)")
-    hf = tf.AutoModelForCausalLM.from_pretrained(folder, gguf_file=gguf, dtype=torch_dtype, attn_implementation="sdpa")
+    hf = tf.AutoModelForCausalLM.from_pretrained(folder, gguf_file=gguf, dtype=torch_dtype(dtype), attn_implementation="sdpa")
     return HFCausalLM(hf)
 
 
