@@ -45,36 +45,57 @@ def test_cache_dir_gives_a_later_run_the_same_grid_and_dense_model(tmp_path):
 
 @pytest.mark.slow
 def test_multirun_computes_the_grid_once_and_goes_on_past_failed_points(tmp_path):
-    """``python -m hpcprune.sweep -m prune.target.macs=0.5,0.02 finetune.min_metric=null,0.999``: the
-    first run computes the grid and trains the dense model, the second reads both from the first's
-    run file; the accuracy gate marks the second failed, the unreachable budget is refused on the
-    architecture (runs 3 and 4), the sweep goes on through all four and exits with status 3."""
+    """``-m prune.target.macs=0.5,0.7,0.001 prune.method=uniform,global,sensitivity`` on the embedded
+    default: the first run trains the dense model and computes the grid, the eight others read both
+    from its run file; a point equals the same point run alone; the unreachable budget's three runs
+    are refused on the architecture and the sweep goes on through all nine, exiting with status 3."""
     sweep = tmp_path / "multi"
-    p = run_sweep(tmp_path / "unused", "-m", *TINY, "finetune.epochs=1", "prune.target.macs=0.5,0.02",
-                  "finetune.min_metric=null,0.999", f"hydra.sweep.dir={sweep}", check=False)
-    assert p.returncode == 3, p.stderr[-3000:]
-    assert "4 run(s)" not in p.stderr and "3 run(s) of the sweep failed" in p.stderr
-    g0, s0, b0 = _grid(sweep / "0" / "run.h5")
-    g1, s1, b1 = _grid(sweep / "1" / "run.h5")
+    p = run_sweep(tmp_path / "unused", "-m", *TINY, "prune.target.macs=0.5,0.7,0.001",
+                  "prune.method=uniform,global,sensitivity", f"hydra.sweep.dir={sweep}", check=False, timeout=600)
+    assert p.returncode == 3 and "3 run(s) of the sweep failed" in p.stderr, p.stderr[-3000:]
+    first = str(sweep / "0" / "run.h5")
+    g0, s0, b0 = _grid(first)
     assert s0["source"] == "" and b0["trained_here"]
-    assert s1["source"] == str(sweep / "0" / "run.h5") and b1["source"] == str(sweep / "0" / "run.h5")
-    for k in g0:
-        np.testing.assert_array_equal(g0[k], g1[k])
     status = {}
-    for i in range(4):
+    for i in range(9):
         with h5py.File(sweep / str(i) / "run.h5", "r") as f:
             status[i] = (f.attrs["status"], str(f.attrs.get("status_reason", "")))
-    assert status[0][0] == "complete"
-    assert status[1][0] == "failed" and "finetune.min_metric=0.999" in status[1][1]
-    assert all(status[i][0] == "failed" and "prune.target.macs=0.02" in status[i][1] for i in (2, 3)), status
+        if i < 6:  # budgets 0.5 and 0.7: complete, grid and dense model from run 0
+            assert status[i][0] == "complete", status[i]
+            if i:
+                gi, si, bi = _grid(sweep / str(i) / "run.h5")
+                assert si["source"] == first and bi["source"] == first and si["key"] == s0["key"]
+                for k in g0:
+                    np.testing.assert_array_equal(g0[k], gi[k])
+        else:
+            assert status[i][0] == "failed" and "prune.target.macs=0.001" in status[i][1], status[i]
+    # point 5 (macs 0.7, sensitivity) run alone gives the same numbers
+    assert sweep_in_process(tmp_path / "solo", *TINY, "prune.target.macs=0.7", "prune.method=sensitivity") == 0
+    with h5py.File(tmp_path / "solo" / "run.h5", "r") as a, h5py.File(sweep / "5" / "run.h5", "r") as b:
+        for k in ("metric", "macs_kept", "params_kept"):
+            assert a["final"].attrs[k] == b["final"].attrs[k], k
     # the sweep's report: which runs share a grid, which are on the front
-    from hpcprune.report import load_run, label_runs, mark_sweep
+    from hpcprune.report import label_runs, load_run, mark_sweep
 
-    runs = [load_run(str(sweep / str(i) / "run.h5")) for i in range(4)]
+    runs = [load_run(str(sweep / str(i) / "run.h5")) for i in range(9)]
     label_runs(runs)
     mark_sweep(runs)
-    assert [r.row.get("grid") for r in runs] == ["own", "0", None, None]
-    assert [r.row.get("front") for r in runs] == ["yes", "yes", None, None]
+    assert [r.row.get("grid") for r in runs] == ["own"] + ["0"] * 5 + [None] * 3
+    assert all(r.row.get("front") in ("yes", "dominated") for r in runs[:6]) and "yes" in [r.row["front"] for r in runs[:6]]
+
+
+def test_accuracy_gate_marks_the_run_failed_and_keeps_its_results(tmp_path):
+    from hpcprune.pipeline import AccuracyGateError
+
+    with pytest.raises(AccuracyGateError, match="finetune.min_metric=0.999"):
+        sweep_in_process(tmp_path, *TINY, "finetune.min_metric=0.999")
+    with h5py.File(tmp_path / "run.h5", "r") as f:
+        assert f.attrs["status"] == "failed" and "AccuracyGateError" in f.attrs["status_reason"]
+        assert f["final"].attrs["complete"] and f["final"].attrs["metric"] < 0.999
+    # a relaxed gate on resume: the same results, now complete (the gate is result-neutral)
+    assert sweep_in_process(tmp_path, *TINY, "finetune.min_metric=0.1") == 0
+    with h5py.File(tmp_path / "run.h5", "r") as f:
+        assert f.attrs["status"] == "complete"
 
 
 def _stamp(line):
