@@ -246,40 +246,8 @@ def fmt(v: object, pct: bool = False) -> str:
     return str(v)
 
 
-def main(argv: list[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(description="hpcprune sweep over torchvision's classification models")
-    ap.add_argument("--models", help="comma-separated subset (default: all classification models)")
-    ap.add_argument("--timeout", type=int, default=180,
-                    help="CPU seconds per model's sweep (default 180; wall time is capped at 4x)")
-    ap.add_argument("--jobs", type=int, default=2, help="sweeps at once (default 2)")
-    ap.add_argument("--root", help="where the digits ImageFolders go (default: the temp dir)")
-    ap.add_argument("--out", default=os.path.join(tempfile.gettempdir(), "hpcprune_zoo_runs"), help="run directories")
-    ap.add_argument("--log", default=os.path.join(HERE, "results", "zoo_coverage.log"))
-    a = ap.parse_args(argv)
-    names = models_to_run(a.models)
-    log = Tee(a.log)
-    import torch
-    import torchvision
-
-    log(f"# hpcprune on torchvision's zoo: {len(names)} models, torch {torch.__version__}, torchvision "
-        f"{torchvision.__version__}, limit {a.timeout} CPU s per sweep, {a.jobs} at a time, {time.strftime('%Y-%m-%d %H:%M:%S')}")
-    log("# sweep: python -m hpcprune.sweep " + " ".join(SWEEP_ARGS) + " model.name=NAME data.root=DIGITS data.image_size=SIZE"
-        f" groups.timeout_s={a.timeout}")
-    cache: dict = {}
-    lock = threading.Lock()
-    rows: dict[str, dict] = {}
-
-    def job(n: str) -> None:
-        try:
-            r = run_one(n, a, cache, lock)
-        except Exception as e:  # the harness itself: never lose the other models
-            r = {"model": n, "status": "crashed", "error": f"harness: {type(e).__name__}: {e}"}
-        rows[n] = r
-        log(f"- {n}: {r['status']} in {r.get('seconds', '-')} s ({r.get('cpu_s', '-')} CPU s)" + (f": {r['error']}" if r.get("error") else ""))
-
-    with ThreadPoolExecutor(max_workers=max(1, a.jobs)) as ex:
-        list(ex.map(job, names))
-
+def summarize_rows(rows: dict[str, dict], names: list[str], log: Any) -> None:
+    """The markdown table, the summary counts and (last line) the counts as one JSON object."""
     log("")
     log("| model | px | status | last stage done | groups | excluded | MACs err (pruned) | MACs err (dense) | reload identical | s | CPU s | error |")
     log("| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |")
@@ -314,6 +282,58 @@ def main(argv: list[str] | None = None) -> int:
     if reasons:
         log("exclusion reasons (models): " + "; ".join(f"{k} ({v})" for k, v in sorted(reasons.items(), key=lambda kv: -kv[1])))
     log(json.dumps(counts))
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description="hpcprune sweep over torchvision's classification models")
+    ap.add_argument("--models", help="comma-separated subset (default: all classification models)")
+    ap.add_argument("--timeout", type=int, default=180,
+                    help="CPU seconds per model's sweep (default 180; wall time is capped at 4x)")
+    ap.add_argument("--jobs", type=int, default=2, help="sweeps at once (default 2)")
+    ap.add_argument("--root", help="where the digits ImageFolders go (default: the temp dir)")
+    ap.add_argument("--out", default=os.path.join(tempfile.gettempdir(), "hpcprune_zoo_runs"), help="run directories")
+    ap.add_argument("--log", default=os.path.join(HERE, "results", "zoo_coverage.log"))
+    ap.add_argument("--rows", default=None, help="append each model's result here as a JSON line as soon as it is known "
+                    "(a stopped run keeps what it measured); default: the log's name with .jsonl")
+    ap.add_argument("--table-from", default=None, metavar="ROWS.jsonl",
+                    help="print the table and summary of saved rows (no sweeps)")
+    a = ap.parse_args(argv)
+    if a.table_from:
+        with open(a.table_from) as fh:
+            saved = [json.loads(ln) for ln in fh if ln.strip()]
+        log = Tee(a.log)
+        log(f"# rows read from {a.table_from}")
+        summarize_rows({r["model"]: r for r in saved}, [r["model"] for r in saved], log)
+        return 0
+    names = models_to_run(a.models)
+    log = Tee(a.log)
+    rows_path = a.rows or os.path.splitext(a.log)[0] + ".jsonl"
+    import torch
+    import torchvision
+
+    log(f"# hpcprune on torchvision's zoo: {len(names)} models, torch {torch.__version__}, torchvision "
+        f"{torchvision.__version__}, limit {a.timeout} CPU s per sweep, {a.jobs} at a time, {time.strftime('%Y-%m-%d %H:%M:%S')}")
+    log("# sweep: python -m hpcprune.sweep " + " ".join(SWEEP_ARGS) + " model.name=NAME data.root=DIGITS data.image_size=SIZE"
+        f" groups.timeout_s={a.timeout}")
+    cache: dict = {}
+    lock = threading.Lock()
+    rows: dict[str, dict] = {}
+
+    def job(n: str) -> None:
+        try:
+            r = run_one(n, a, cache, lock)
+        except Exception as e:  # the harness itself: never lose the other models
+            r = {"model": n, "status": "crashed", "error": f"harness: {type(e).__name__}: {e}"}
+        rows[n] = r
+        with lock:
+            with open(rows_path, "a") as fh:
+                fh.write(json.dumps(r, default=str) + "\n")
+        log(f"- {n}: {r['status']} in {r.get('seconds', '-')} s ({r.get('cpu_s', '-')} CPU s)" + (f": {r['error']}" if r.get("error") else ""))
+
+    with ThreadPoolExecutor(max_workers=max(1, a.jobs)) as ex:
+        list(ex.map(job, names))
+
+    summarize_rows(rows, names, log)
     return 0
 
 
