@@ -10,6 +10,18 @@ training batches), real MACs and params kept, CPU latency speed-up (1 thread, ba
 distillation from the dense model; the 0.33 l2 rows with 2 seeds. Plus one latency-target run
 (latency <= 0.5 of dense, round_to 8). Everything goes through hpcprune's own modules. The last
 line is one JSON object.
+
+    python benchmarks/allocation_bench.py --synthetic > benchmarks/results/allocation_bench.log
+
+The solvers alone (no data, no training): the exact ``allocate.sensitivity`` (hpcprune.mckp) beside
+the greedy ``allocate.sensitivity_greedy`` on synthetic cost models of 100 / 1,000 / 5,000 groups
+(``CostModel`` objects with the structures real models give: separable terms; a chain of
+convolutions between consecutive groups; one residual stream in a product with every group; four
+stage streams with their blocks' groups) and synthetic convex damage curves measured at 9 ratios,
+for prune.target.macs=0.5 and max_ratio 0.9. The exact solver runs with the 9 measured ratios (and
+0) as candidates (step 0.1) and with the interpolated 0.025 grid (37 candidates, the default); the
+greedy with the default, up to ``--greedy-max`` groups (its cost grows about as G**2.7). Seconds on
+one core, predicted damage (summed curves) and the MACs fraction kept (the real CostModel).
 """
 from __future__ import annotations
 
@@ -89,8 +101,81 @@ def cpu_latency(model, example, repeats=None):
     return metrics.latency_ms(m, example.cpu(), LAT["batch"], warmup=2, repeats=repeats or LAT["repeats"], threads=1)
 
 
+SYNTHETIC = ("separable", "chain", "stream", "stages")
+
+
+def synthetic_model(structure: str, G: int, seed: int = 0):
+    """A CostModel of ``G`` channel groups with ``structure``'s product terms (MACs and params),
+    and damage curves (G, 9) that grow as ``a r**p`` (a lognormal, p in [1, 3])."""
+    from hpcprune.graph import GroupInfo
+
+    rng = np.random.default_rng(seed)
+    sizes = rng.choice([16, 32, 64, 128, 256, 512], G)
+    streams = {"stream": 1, "stages": 4}.get(structure, 0)
+    sizes[:streams] = 512
+    groups = [GroupInfo(f"g{i}", "channels", int(s), [], True) for i, s in enumerate(sizes)]
+    pairs = []
+    if structure == "chain":
+        pairs = [(i, i + 1) for i in range(G - 1)]
+    elif streams:
+        stage = np.r_[np.arange(streams), rng.integers(0, streams, G - streams)]
+        pairs = [(int(stage[g]), g) for g in range(streams, G) for _ in range(2)] + [(s, s + 1) for s in range(streams - 1)]
+    terms = {}
+    for kind, spatial in (("macs", 49.0), ("params", 1.0)):
+        rows, coef = [], []
+        for a, b in pairs:  # a convolution between two groups
+            e = np.zeros(G, dtype=np.int8)
+            e[[a, b]] += 1
+            rows.append(e)
+            coef.append(9.0 * spatial * sizes[a] * sizes[b] * rng.uniform(0.25, 1))
+        for g in range(G):  # a layer with one side fixed, and a norm
+            e = np.zeros(G, dtype=np.int8)
+            e[g] = 1
+            rows.append(e)
+            coef.append(spatial * sizes[g] * (64 * rng.uniform(0.5, 4) + 4))
+        terms[kind] = (np.array(coef), np.array(rows))
+    cm = allocate.CostModel(groups, terms)
+    damage = rng.lognormal(-2, 1, (G, 1)) * np.array(RATIOS)[None, :] ** rng.uniform(1, 3, (G, 1))
+    damage[:streams] *= 10  # a residual stream matters more
+    return cm, damage
+
+
+def synthetic(greedy_max: int, sizes: tuple[int, ...]) -> None:
+    """The solver comparison of the module docstring; prints one row per case and a JSON line."""
+    import platform
+
+    import scipy
+
+    log(f"solvers alone, synthetic cost models; {platform.processor() or platform.machine()}, "
+        f"OMP_NUM_THREADS={os.environ.get('OMP_NUM_THREADS')}, numpy {np.__version__}, scipy {scipy.__version__}")
+    cm, damage = synthetic_model("chain", 20, seed=1)  # imports and first calls outside the timings
+    allocate.sensitivity(cm, RATIOS, damage, {"macs": 0.5}, 0.9)
+    log(f"{'structure':10} {'groups':>6} {'solver':14} {'seconds':>8} {'damage':>10} {'MACs kept':>9}")
+    rows = []
+    for structure in SYNTHETIC:
+        for G in sizes:
+            cm, damage = synthetic_model(structure, G)
+            runs = [("exact step 0.1", lambda: allocate.sensitivity(cm, RATIOS, damage, {"macs": 0.5}, 0.9, step=0.1)),
+                    ("exact", lambda: allocate.sensitivity(cm, RATIOS, damage, {"macs": 0.5}, 0.9))]
+            if G <= greedy_max:
+                runs.append(("greedy", lambda: allocate.sensitivity_greedy(cm, RATIOS, damage, {"macs": 0.5}, 0.9)))
+            for solver, fn in runs:
+                t0 = time.perf_counter()
+                a = fn()
+                row = {"structure": structure, "groups": G, "solver": solver, "seconds": round(time.perf_counter() - t0, 3),
+                       "damage": round(a.predicted_loss, 6), "macs_kept": round(a.predicted["macs"], 6)}
+                rows.append(row)
+                log(f"{structure:10} {G:>6} {solver:14} {row['seconds']:>8.2f} {row['damage']:>10.5f} {row['macs_kept']:>9.5f}")
+            if G > greedy_max:
+                log(f"{structure:10} {G:>6} {'greedy':14} not run (more than --greedy-max={greedy_max} groups)")
+    print(json.dumps({"target_macs": 0.5, "max_ratio": 0.9, "ratios": RATIOS, "results": rows}))
+
+
 def main():
     ap = argparse.ArgumentParser()
+    ap.add_argument("--synthetic", action="store_true", help="the solvers alone on synthetic cost models (no data)")
+    ap.add_argument("--greedy-max", type=int, default=100, help="--synthetic: run the greedy up to this many groups")
+    ap.add_argument("--sizes", default="100,1000,5000", help="--synthetic: group counts")
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     ap.add_argument("--root", default="/usr/share/datasets/fashion-mnist")
     ap.add_argument("--cache", default=os.path.expanduser("~/.cache/hpcprune"))
@@ -99,6 +184,8 @@ def main():
     ap.add_argument("--quick", action="store_true", help="a smoke run: few steps, one target")
     ap.add_argument("--only-latency", action="store_true", help="only the latency-target row (l2 sensitivity)")
     args = ap.parse_args()
+    if args.synthetic:
+        return synthetic(args.greedy_max, tuple(int(g) for g in args.sizes.split(",")))
     dev = args.device
     if args.quick:
         LAT.update(batch=32, repeats=3, table_repeats=2)

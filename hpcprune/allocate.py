@@ -10,7 +10,8 @@ a block group's kept fraction is 1 or 0 and multiplies everything inside the blo
 depth mix in one budget.
 
 ``uniform`` and ``global`` are width methods: they leave block groups alone (ratio 0). Only
-``sensitivity`` removes blocks, where their measured damage per cost saved is smallest.
+``sensitivity`` removes blocks, where that gives the least predicted damage (exact:
+:mod:`hpcprune.mckp`; the greedy :func:`sensitivity_greedy` is its fallback).
 """
 from __future__ import annotations
 
@@ -27,7 +28,10 @@ from .errors import HpcpruneError
 from .graph import BLOCK_RATIO, GroupInfo, n_keep
 
 METHODS = ("uniform", "global", "sensitivity")
-COSTS = ("macs", "params", "latency")
+COSTS = ("macs", "params", "latency", "energy")
+# budgets on measured costs: latency has a measured table (CostModel.set_latency_table); energy no model
+# at all here: allocated as a MACs cap (allocator_targets), checked on the pruned model, tightened on a miss
+MEASURED = ("latency", "energy")
 
 
 class BudgetError(HpcpruneError, ValueError):
@@ -218,16 +222,29 @@ def latency_table_around(measure: Callable[[np.ndarray], float], grid: Sequence[
     return table, zero
 
 
-def tighten_for_latency(targets: dict[str, float], macs_kept: float, latency_kept: float) -> dict[str, float]:
+def allocator_targets(targets: dict[str, float]) -> dict[str, float]:
+    """The targets the allocation methods take: an energy budget (``prune.target.energy``, a fraction
+    of the dense joules per sample) becomes a MACs cap of the same fraction (the compute it pays
+    for), then ``energy`` is dropped: no cost model here predicts energy. The prune stage measures
+    the pruned model's energy and, on a miss, lowers the cap by the factor of the miss
+    (:func:`tighten_for_latency` with ``kind="energy"``)."""
+    out = {k: v for k, v in targets.items() if k != "energy"}
+    if "energy" in targets:
+        out["macs"] = min(float(out.get("macs", 1.0)), float(targets["energy"]))
+    return out
+
+
+def tighten_for_latency(targets: dict[str, float], macs_kept: float, latency_kept: float, kind: str = "latency") -> dict[str, float]:
     """The targets for the next allocation after a measured latency miss: the same targets, plus a
     MACs cap lower than the missed model's MACs by the factor of the miss (target / measured).
+    ``kind="energy"``: the same after an energy miss (``latency_kept``: the measured energy kept).
 
     Why a MACs cap: the latency model is additive and measured with noise; when the noise is as
     large as a group's effect (a few percent on a busy CPU), the table alone may re-allocate to a
     model that is no faster. MACs are exact and additive, so the cap forces a real step towards the
     target, in proportion to the miss, while the table still decides which groups carry it."""
     out = dict(targets)
-    cap = macs_kept * targets["latency"] / latency_kept
+    cap = macs_kept * targets[kind] / latency_kept
     out["macs"] = min(float(targets.get("macs", 1.0)), cap)
     return out
 
@@ -341,19 +358,51 @@ def sensitivity(
     round_to: int = 1,
     step: float = 0.025,
     start: np.ndarray | None = None,
+    time_limit_s: float = 60.0,
 ) -> Allocation:
-    """Spend the budget where the measured damage per unit of cost saved is smallest.
+    """The least summed predicted damage that meets every target: the multiple-choice knapsack
+    over the damage curves, solved exactly (:mod:`hpcprune.mckp`).
 
-    ``damage[g, r]`` is the measured loss increase when group ``g`` alone is pruned at ``grid[r]``
-    (NaN: not measured or skipped, treated as unusable). Curves are interpolated linearly between
-    grid points (damage 0 at ratio 0) onto a fine grid. A greedy multiple-choice knapsack: at each
+    ``damage[g, r]`` (G, R) is the measured loss increase when group ``g`` alone is pruned at
+    ``grid[r]`` (NaN: not measured or skipped, unusable from there on). Curves are interpolated
+    linearly between grid points (damage 0 at ratio 0; a step for blocks) onto the candidate
+    ratios ``0, step, 2 step, ... <= max_ratio`` plus the grid's; each group takes one. The costs
+    are the cost model's (MACs and parameters: exact polynomials in the kept fractions, with
+    products of groups; latency: the additive table), with ``round_to`` applied. Once optimal,
+    moves back that keep the targets and lose no damage use the rest of the budget. Assumes
+    damages add up across groups; see cluster_docs/sensitivity_and_allocation.md.
+
+    ``start``: continue from these ratios (G,) instead of from the dense model (only ever pruning
+    more). Raises :class:`BudgetError` (one line) when no allocation meets the targets. When the
+    exact search runs past ``time_limit_s`` seconds (or HiGHS fails), a warning says so and
+    :func:`sensitivity_greedy` is used (or the search's best allocation, when it has less damage).
+    """
+    from . import mckp  # mckp builds on this module's cost model
+
+    return mckp.sensitivity_many(cm, list(grid), damage, [targets], max_ratio, round_to, step, start, time_limit_s)[0]
+
+
+def sensitivity_greedy(
+    cm: CostModel,
+    grid: Sequence[float],
+    damage: np.ndarray,
+    targets: dict[str, float],
+    max_ratio: float,
+    round_to: int = 1,
+    step: float = 0.025,
+    start: np.ndarray | None = None,
+) -> Allocation:
+    """The greedy allocation, the fallback of :func:`sensitivity` (same arguments): spend the
+    budget where the measured damage per unit of cost saved is smallest.
+
+    A greedy multiple-choice knapsack on the same curves and candidates: at each
     step every group may jump to any larger candidate ratio; the jump with the least damage per
     cost saved wins (this looks past plateaus instead of only at the next step). Costs saved are exact
     for the current state of all other groups (``CostModel.poly_in``: the cost is a polynomial,
     at most quadratic for matmuls and convolutions, in one group's kept fraction).
     Once the targets are met, steps back that keep them met give damage back (:func:`_give_back`:
     a jump can overshoot the target). Assumes damages add up across groups; see
-    cluster_docs/allocation.md.
+    cluster_docs/sensitivity_and_allocation.md.
 
     ``start``: continue from these ratios instead of from the dense model (only ever pruning more),
     e.g. from an allocation whose measured latency missed, with a latency table measured around it.
