@@ -4,13 +4,16 @@
 #  2. the sweep under mpiexec -n 2 with both ranks on the GPU;
 #  3. sensitivity cells/s, CUDA vs CPU, on the Fashion-MNIST-sized ResNet (synthetic inputs);
 #  4. the tiny GPT (heads, blocks, MLP neurons, residual width) swept on CUDA, NCCL fine-tune;
-#  5. benchmarks/allocation_bench.py on CUDA (Fashion-MNIST files in $FMNIST).
-# Usage: bash benchmarks/gpu_check.sh OUTDIR [SECTION ...]   (sections 1-5, default 1 2 3; wheels
+#  5. benchmarks/allocation_bench.py on CUDA (Fashion-MNIST files in $FMNIST);
+#  6. energy per sample from NVML's counter (nvidia-ml-py: pip install hpcprune[gpu], or a wheel in .whl/):
+#     the default sweep on CUDA, dense vs pruned J/sample, then an energy budget (prune.target.energy=0.7)
+#     met on the measured energy; written to OUTDIR/energy_nvml.log and benchmarks/results/energy_nvml.log.
+# Usage: bash benchmarks/gpu_check.sh OUTDIR [SECTION ...]   (sections 1-6, default 1 2 3 6; wheels
 # for missing packages may sit in .whl/)
 set -uo pipefail
 OUT=${1:-/tmp/gpu_check}
 shift || true
-SECTIONS=${*:-1 2 3}
+SECTIONS=${*:-1 2 3 6}
 has() { [[ " $SECTIONS " == *" $1 "* ]]; }
 mkdir -p "$OUT"
 if [ -d .whl ]; then
@@ -37,6 +40,34 @@ print("status", f.attrs["status"], "| cells", int((s["status"][()] == 1).sum()),
       "| cells/s", round(float((s["status"][()] == 1).sum() / s.attrs["wall_s"]), 1))
 print("kept per group:", dict(zip(names, f["allocation/keep"][()].tolist())))
 print("final", {k: round(float(f["final"].attrs[k]), 4) for k in ("metric", "macs_kept", "params_kept")}, "dense", round(float(f["baseline"].attrs["metric"]), 4))
+PY
+fi
+if has 6; then
+  echo "== 6. energy per sample (NVML): dense vs pruned, then an energy budget"
+  python3 -c "import pynvml" || echo "nvidia-ml-py missing: pip install hpcprune[gpu] (or put its wheel in .whl/)"
+  time python3 -m hpcprune.sweep hydra.run.dir=/tmp/g6 device=cuda launcher=debug finetune.epochs=0 2>&1 | tail -4
+  # a large batch keeps the GPU busy: at batch 64 this tiny model is launch-bound and no pruning saves energy
+  time python3 -m hpcprune.sweep hydra.run.dir=/tmp/g6e device=cuda launcher=debug finetune.epochs=0 \
+    baseline.latency_batch=8192 prune.target.macs=null prune.target.energy=0.7 2>&1 | tail -4
+  python3 - <<'PY' 2>&1 | tee "$OUT/energy_nvml.log" | tee benchmarks/results/energy_nvml.log
+import h5py, json
+for run in ("/tmp/g6", "/tmp/g6e"):
+    try:
+        f = h5py.File(f"{run}/run.h5")
+    except OSError as e:
+        print(json.dumps({"run": run, "error": str(e)}))
+        continue
+    out = {"run": run, "status": f.attrs["status"], "targets": f["allocation"].attrs.get("targets") if "allocation" in f else None}
+    for g in ("baseline", "pruned"):
+        if g in f:
+            a = f[g].attrs
+            out[g] = {"j_per_sample": float(a.get("energy_j_per_sample", float("nan"))), "source": str(a.get("energy_source")),
+                      "latency_ms": float(a["latency_ms"]), "batch": int(f["baseline"].attrs["latency_batch"])}
+    if "pruned" in f:
+        out["energy_kept"] = float(f["pruned"].attrs.get("energy_kept", float("nan")))
+        out["macs_kept"] = float(f["pruned"].attrs["macs_kept"])
+        out["adjustments"] = json.loads(f["pruned"].attrs.get("latency_adjustments", "[]"))
+    print(json.dumps(out))
 PY
 fi
 has 1 || exit 0

@@ -24,8 +24,8 @@ import time
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 REPO = os.path.dirname(HERE)
-SETTINGS = ["model=resnet_fmnist", "data=fashion_mnist", "data.train_samples=6000", "data.calib_samples=1000",
-            "threads=1", "launcher=debug", "baseline.epochs=2", "finetune.epochs=1", "sensitivity.ratios=[0.25,0.5,0.75]",
+SETTINGS = ["model=resnet_fmnist", "data=fashion_mnist", "data.train_samples=2000", "data.calib_samples=500",
+            "threads=1", "launcher=debug", "baseline.epochs=2", "finetune.epochs=1", "sensitivity.ratios=[0.3,0.6]",
             "baseline.latency_repeats=3"]
 
 

@@ -101,7 +101,7 @@ def _check_targets(cfg: Any) -> None:
         if not _is_number(given[k]) or not 0 < given[k] < 1:
             _bad(f"prune.target.{k}", given[k], "a target is the fraction of the dense cost to keep, in (0, 1)")
     if not given:
-        _bad("prune.target", dict(t), "give at least one target (macs, params or latency)")
+        _bad("prune.target", dict(t), f"give at least one target ({', '.join(COSTS)})")
 
 
 def _check_ratios(cfg: Any) -> None:
@@ -133,6 +133,41 @@ def _check_prune(cfg: Any) -> None:
         if missing:
             _bad("prune.latency_runtime", "onnxruntime", f"{', '.join(missing)} not installed; pip install hpcprune[deploy], "
                  "or prune.latency_runtime=torch")
+
+
+def _check_measured(cfg: Any) -> None:
+    """A thread-clock latency where it times the forward, and an energy budget only where energy is
+    measured: refused here, before any training, naming the reason (``hpcprune.energy``)."""
+    from .metrics import latency_clock
+
+    b, t = cfg.baseline, cfg.prune.target
+    energy = t.get("energy") is not None
+    if str(b.latency_clock) != "thread" and not energy:
+        return
+    device = _rank0_device(str(cfg.device))
+    try:
+        latency_clock(str(b.latency_clock), device, int(b.latency_threads), str(cfg.prune.latency_runtime))
+    except ValueError as e:
+        _bad("baseline.latency_clock", "thread", str(e).partition(": ")[2] + "; or baseline.latency_clock=auto")
+    if not energy:
+        return
+    if not b.energy:
+        _bad("prune.target.energy", t.energy, "an energy budget needs baseline.energy=true (the dense model's joules per sample)")
+    from .energy import unavailable_reason
+
+    reason = unavailable_reason(device)
+    if reason:
+        _bad("prune.target.energy", t.energy, f"energy cannot be measured on this machine ({reason}); drop the energy "
+             "budget or run where NVML/RAPL are readable")
+
+
+def _rank0_device(spec: str) -> str:
+    """The device rank 0 will use for ``device=spec`` (``hpcprune.world.World.device``)."""
+    if spec in ("auto", "cuda"):
+        import torch
+
+        return "cuda:0" if torch.cuda.is_available() else ("cpu" if spec == "auto" else "cuda")
+    return spec
 
 
 def _check_groups(cfg: Any) -> None:
@@ -189,7 +224,7 @@ def _check_paths(cfg: Any) -> None:
 
 _CHECKS: tuple[Callable[[Any], None], ...] = (
     _check_targets, _check_ratios, _check_sensitivity, _check_prune, _check_groups, _check_launcher,
-    _check_finetune, _check_counts, _check_paths,
+    _check_finetune, _check_counts, _check_paths, _check_measured,
 )
 
 

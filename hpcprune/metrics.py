@@ -9,7 +9,7 @@ import math
 import statistics
 import time
 from dataclasses import dataclass
-from typing import Any, Iterable, Sequence
+from typing import Any, Callable, Iterable, Sequence
 
 import torch
 from torch import nn
@@ -19,6 +19,8 @@ from torch.nn import functional as F
 METRIC_HIGHER_IS_BETTER = {"accuracy": True, "perplexity": False}
 # what runs the model in :func:`latency_ms` (``prune.latency_runtime``; hpcprune.schema.LatencyRuntime)
 LATENCY_RUNTIMES = ("torch", "onnxruntime")
+# which clock times a forward (``baseline.latency_clock``; hpcprune.schema.LatencyClock): :func:`latency_clock`
+LATENCY_CLOCKS = ("auto", "wall", "thread")
 
 
 @dataclass
@@ -70,8 +72,12 @@ def logits_of(out: Any) -> torch.Tensor:
 
 def task_loss(logits: Any, target: torch.Tensor, reduction: str = "mean") -> torch.Tensor:
     """Cross-entropy of a model output (``logits_of``): (batch, classes) against (batch,) labels, or
-    a language model's (batch, tokens, vocab) against (batch, tokens) next tokens."""
+    a language model's (batch, tokens, vocab) against (batch, tokens) next tokens. 16-bit logits
+    (bfloat16, float16) are upcast to float32 first (log-softmax over a vocabulary in bfloat16 loses
+    ~2 significant digits); the gradient flows back through the cast."""
     logits = logits_of(logits)
+    if logits.is_floating_point() and logits.dtype.itemsize < 4:
+        logits = logits.float()
     if logits.dim() == 3:  # language model: (batch, tokens, vocab)
         return F.cross_entropy(logits.flatten(0, 1), target.flatten(), reduction=reduction)
     return F.cross_entropy(logits, target, reduction=reduction)
@@ -156,46 +162,91 @@ def macs(model: nn.Module, example_input: torch.Tensor) -> int:
     return int(count_macs(model, example_input))
 
 
+def latency_clock(clock: str, device: str, threads: int, runtime: str = "torch") -> str:
+    """The clock :func:`latency_ms` uses for ``baseline.latency_clock``: ``wall`` or ``thread``.
+
+    ``thread`` is the calling thread's CPU time (``time.thread_time``, Linux
+    ``CLOCK_THREAD_CPUTIME_ID``): with torch on the CPU at one intra-op thread the whole forward runs
+    on that thread, so its CPU time is the latency the forward has on a core of its own, without
+    the time it waits descheduled on a shared, oversubscribed node. What still disturbs it only
+    adds time (caches refilled after another process ran on the core, interrupts), so the
+    **minimum** over the repeats estimates the undisturbed forward, as ``timeit`` advises for
+    repeated timings. Measured on this project's 2-core machine at load 5-8 (benchmarks/results/
+    default_speedup.log): the dense/pruned ratio of independent wall-clock medians spread over
+    0.8-2.0, of thread-time minima over 1.65-1.80. ``auto``: ``thread`` there, ``wall`` elsewhere
+    (a GPU, several threads, ONNX Runtime). ValueError when ``thread`` is asked for where it does
+    not time the forward."""
+    if clock not in LATENCY_CLOCKS:
+        raise ValueError(f"latency clock {clock!r}: choose from {', '.join(LATENCY_CLOCKS)}")
+    single = not str(device).startswith("cuda") and threads == 1 and runtime == "torch"
+    if clock == "thread" and not single:
+        raise ValueError(f"baseline.latency_clock=thread times the calling thread: it needs torch on the CPU at "
+                         f"baseline.latency_threads=1 (here device {device}, {threads} thread(s), runtime {runtime})")
+    return "thread" if clock == "thread" or (clock == "auto" and single) else "wall"
+
+
 def latency_ms(model: nn.Module, example: torch.Tensor, batch_size: int, warmup: int = 3, repeats: int = 10, threads: int = 1,
-               runtime: str = "torch") -> float:
-    """Median wall time of one forward at ``batch_size`` on the example's device, in milliseconds.
+               runtime: str = "torch", clock: str = "wall") -> float:
+    """Time of one forward at ``batch_size`` on the example's device, in milliseconds, over
+    ``repeats`` passes after ``warmup``: the median wall-clock time (``clock="wall"``;
+    ``time.perf_counter``, between CUDA synchronizations on a GPU), or the minimum CPU time of the
+    calling thread (``clock="thread"``; :func:`latency_clock` says where it applies and why the
+    minimum).
 
     On the CPU it runs at ``threads`` torch threads (0: as set), so that numbers compare across runs
     and machines load (spinning OpenMP threads on busy cores inflate times a hundredfold).
     ``runtime="onnxruntime"``: the model exported to ONNX and run by an ONNX Runtime session
-    instead (:func:`hpcprune.export.onnxruntime_latency_ms`, ``threads`` intra-op threads)."""
+    instead (:func:`hpcprune.export.onnxruntime_latency_ms`, ``threads`` intra-op threads, wall clock)."""
     if runtime == "onnxruntime":
         from .export import onnxruntime_latency_ms
 
         return onnxruntime_latency_ms(model, example, batch_size, warmup, repeats, threads)
+    return latencies_ms([model], example, batch_size, warmup, repeats, threads, runtime, clock)[0]
+
+
+def latencies_ms(models: Sequence[nn.Module], example: torch.Tensor, batch_size: int, warmup: int = 3, repeats: int = 10,
+                 threads: int = 1, runtime: str = "torch", clock: str = "wall") -> list[float]:
+    """:func:`latency_ms` of each of ``models`` (milliseconds, in order), timed in alternation: one
+    pass of each in turn, ``warmup + repeats`` rounds, so that every model is timed under the same
+    machine conditions (a speed-up against the dense model on a node whose load changes from one
+    second to the next). ONNX Runtime: one model after the other (each its own session)."""
+    if runtime == "onnxruntime":
+        return [latency_ms(m, example, batch_size, warmup, repeats, threads, runtime, clock) for m in models]
     if runtime != "torch":
         raise ValueError(f"latency runtime {runtime!r}: choose from {', '.join(LATENCY_RUNTIMES)}")
     saved = torch.get_num_threads()
     if threads > 0 and not example.is_cuda:
         torch.set_num_threads(threads)
     try:
-        return _latency_ms(model, example, batch_size, warmup, repeats)
+        if clock == "thread":
+            return [min(t) for t in _pass_times(models, example, batch_size, warmup, repeats, time.thread_time)]
+        return [statistics.median(t) for t in _pass_times(models, example, batch_size, warmup, repeats, time.perf_counter)]
     finally:
         torch.set_num_threads(saved)
 
 
 @torch.inference_mode()
-def _latency_ms(model: nn.Module, example: torch.Tensor, batch_size: int, warmup: int, repeats: int) -> float:
-    model.eval()
+def _pass_times(models: Sequence[nn.Module], example: torch.Tensor, batch_size: int, warmup: int, repeats: int,
+                now: Callable[[], float] = time.perf_counter) -> list[list[float]]:
+    """Per model, milliseconds of each of its ``repeats`` timed forwards by the clock ``now`` (the
+    models take turns, one pass each)."""
+    for m in models:
+        m.eval()
     reps = math.ceil(batch_size / example.shape[0])
     x = example.repeat(reps, *([1] * (example.dim() - 1)))[:batch_size]
     cuda = x.is_cuda
-    times: list[float] = []
+    times: list[list[float]] = [[] for _ in models]
     for i in range(warmup + repeats):
-        if cuda:
-            torch.cuda.synchronize(x.device)
-        t0 = time.perf_counter()
-        model(x)
-        if cuda:
-            torch.cuda.synchronize(x.device)
-        if i >= warmup:
-            times.append((time.perf_counter() - t0) * 1000.0)
-    return statistics.median(times)
+        for m, t in zip(models, times):
+            if cuda:
+                torch.cuda.synchronize(x.device)
+            t0 = now()
+            m(x)
+            if cuda:
+                torch.cuda.synchronize(x.device)
+            if i >= warmup:
+                t.append((now() - t0) * 1000.0)
+    return times
 
 
 def recalibrate_bn(model: nn.Module, batches: Sequence[tuple[torch.Tensor, torch.Tensor]]) -> None:

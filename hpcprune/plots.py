@@ -158,6 +158,8 @@ def allocation_chart(runs: Sequence["Run"], fig_id: str, title: str) -> Figure |
 # ---- Pareto front -----------------------------------------------------------------------------------
 PARETO_AXES = (("macs_kept", "MACs kept (fraction of dense)", False), ("params_kept", "params kept (fraction of dense)", False),
                ("latency_speedup", "latency speed-up vs dense (×)", True))
+# a fourth panel where some run measured its energy (hpcprune.energy; NaN otherwise)
+ENERGY_AXIS = ("energy_kept", "energy per sample kept (fraction of dense)", False)
 
 
 def _front(points: list[tuple[float, float, str]], higher_x: bool, higher_y: bool) -> list[str]:
@@ -173,10 +175,11 @@ def pareto(runs: Sequence["Run"], fig_id: str = "pareto") -> Figure | None:
         return None
     metric_name = runs[0].metric_name
     higher = runs[0].higher_is_better
-    fig, axes = plt.subplots(1, 3, figsize=(14, 4.4), dpi=DPI, layout="constrained")
+    panels = PARETO_AXES + ((ENERGY_AXIS,) if any((r.final or r.pruned).get("energy_kept") is not None for r in runs) else ())
+    fig, axes = plt.subplots(1, len(panels), figsize=(14 * len(panels) / 3, 4.4), dpi=DPI, layout="constrained")
     data: dict[str, Any] = {"metric": metric_name, "axes": {}}
     colours = plt.get_cmap("tab10")
-    for ax, (key, xlabel, higher_x) in zip(axes, PARETO_AXES):
+    for ax, (key, xlabel, higher_x) in zip(axes, panels):
         pts: list[tuple[float, float, str]] = []
         drawn = []
         for i, r in enumerate(runs):
@@ -214,7 +217,8 @@ def pareto(runs: Sequence["Run"], fig_id: str = "pareto") -> Figure | None:
     fig.suptitle(f"Pareto front: final {metric_name} ({'higher' if higher else 'lower'} is better) vs cost; "
                  "hollow = before fine-tuning, ★ = dense", fontsize=10)
     return Figure(fig_id, f"Pareto front ({metric_name})",
-                  f"Pareto front of {len(runs)} runs: final {metric_name} against MACs kept, params kept and latency speed-up, dense model marked",
+                  f"Pareto front of {len(runs)} runs: final {metric_name} against MACs kept, params kept, latency speed-up"
+                  f"{' and energy kept' if len(panels) > 3 else ''}, dense model marked",
                   fig, data)
 
 

@@ -36,7 +36,7 @@ from .store import TIMED_STAGES, RunFile, RunFileError
 COLUMNS = [
     ("run", "run"), ("status", "status"), ("method", "method"), ("target", "target"),
     ("dense", "dense"), ("pruned", "pruned"), ("final", "final"), ("macs_kept", "MACs kept"),
-    ("params_kept", "params kept"), ("speedup", "speed-up"), ("groups", "groups"), ("excluded", "excluded"),
+    ("params_kept", "params kept"), ("speedup", "speed-up"), ("energy", "J/sample"), ("groups", "groups"), ("excluded", "excluded"),
     ("world", "ranks"), ("ft_tasks", "DDP"), ("front", "front"), ("grid", "sens grid"),
     ("t_sens", "sens s"), ("t_ft", "ft s"), ("wall", "wall s"),
 ]
@@ -193,6 +193,7 @@ def _row(run: Run, path: str, root: dict[str, Any], base: dict[str, Any], alloc:
     row["macs_kept"] = _get(src, "macs_kept")
     row["params_kept"] = _get(src, "params_kept")
     row["speedup"] = _get(src, "latency_speedup")
+    row["energy"] = _get(src, "energy_j_per_sample")  # NaN (not measured: energy_source says why) -> missing
     row["ft_tasks"] = _get(ft, "world_size")
     row["groups"] = len(run.groups) if run.groups else None
     # excluded by verification (a group that feeds the output is kept on purpose, not counted)
@@ -287,6 +288,8 @@ def _fmt(v: Any, key: str = "") -> str:
     if isinstance(v, float):
         if key in SECONDS:
             return f"{v:.1f}"
+        if key == "energy":  # joules per sample: 3 significant digits at any scale
+            return f"{v:.3g}"
         return f"{v:.4f}" if abs(v) < 10 else f"{v:.1f}"
     return str(v)
 

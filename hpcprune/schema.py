@@ -6,7 +6,7 @@ imports it) and is the first entry of config.yaml's defaults list, so Hydra chec
 override against it while it composes: ``threads=abc``, ``prune.method=magic`` or
 ``baseline.epoch=3`` stop there, naming the key (``hpcprune.sweep`` turns the message into one
 line before the run starts). What the types cannot say (ranges, files, a launcher's name, a key
-Hydra's ``+KEY=VALUE`` adds even to a typed section, such as ``+prune.target.energy=0.5``) is
+Hydra's ``+KEY=VALUE`` adds even to a typed section, such as ``+prune.target.flops=0.5``) is
 checked by :func:`hpcprune.config.validate`.
 
 One default per key: every field here is ``MISSING``; the values, and the comments that explain
@@ -48,6 +48,8 @@ Importance = _choice("Importance", ("l1", "l2", "bn_scale", "taylor", "activatio
 GroupKind = _choice("GroupKind", ("channels", "neurons", "heads", "block"))
 # what runs the model when a latency is measured (hpcprune.metrics.LATENCY_RUNTIMES)
 LatencyRuntime = _choice("LatencyRuntime", ("torch", "onnxruntime"))
+# which clock times a forward in a latency measurement (hpcprune.metrics.LATENCY_CLOCKS)
+LatencyClock = _choice("LatencyClock", ("auto", "wall", "thread"))
 
 
 @dataclass
@@ -59,6 +61,8 @@ class BaselineConfig:
     latency_batch: int = MISSING
     latency_repeats: int = MISSING
     latency_threads: int = MISSING
+    latency_clock: LatencyClock = MISSING  # type: ignore[valid-type]
+    energy: bool = MISSING  # measure joules per sample (hpcprune.energy) on /baseline, /pruned, /final
     copy_checkpoint: bool = MISSING
 
 
@@ -88,6 +92,7 @@ class TargetConfig:  # hpcprune.allocate.COSTS: one field per cost
     macs: Optional[float] = MISSING
     params: Optional[float] = MISSING
     latency: Optional[float] = MISSING
+    energy: Optional[float] = MISSING
 
 
 @dataclass

@@ -103,10 +103,7 @@ def dense_ckpt(tmp_path_factory):
     """resnet_tiny's dense weights (seeded init) as a state-dict file: runs skip dense training."""
     import torch
 
-    from hpcprune.zoo.models import resnet
-
-    torch.manual_seed(0)
-    model = resnet(in_channels=1, num_classes=10, widths=[16, 32, 64], blocks=[1, 1, 1], stem_stride=1)
+    model = default_model()
     path = tmp_path_factory.mktemp("ckpt") / "dense.pt"
     torch.save(model.state_dict(), path)
     return str(path)
@@ -122,6 +119,16 @@ def compose(overrides=()):
 
     with initialize_config_module("hpcprune.conf", version_base=None):
         return hcompose("config", overrides=own_target_argv(list(overrides)))
+
+
+def default_model():
+    """The default model (resnet_tiny) as the packaged config builds it, from seed 0."""
+    import torch
+
+    from hpcprune.runs import build_model
+
+    torch.manual_seed(0)
+    return build_model(compose().model)
 
 
 def sweep_in_process(run_dir, *overrides):

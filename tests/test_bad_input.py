@@ -38,7 +38,7 @@ VALUE_CASES = [
     (["prune.target.macs=1.5"], "prune.target.macs=1.5:", "in (0, 1)"),
     (["prune.target.macs=0"], "prune.target.macs=0.0:", "in (0, 1)"),  # typed float: the config holds 0.0
     (["prune.target.macs=null"], "prune.target=", "give at least one target"),
-    (["+prune.target.energy=0.5"], "prune.target.energy=0.5:", "unknown target"),
+    (["+prune.target.flops=0.5"], "prune.target.flops=0.5:", "unknown target"),
     (["sensitivity.ratios=[0.5,1.2]"], "sensitivity.ratios=[0.5, 1.2]:", "ratio 1.2 is outside (0, 1)"),
     (["sensitivity.ratios=[0.5,0.2]"], "sensitivity.ratios=[0.5, 0.2]:", "strictly increasing"),
     (["sensitivity.ratios=[]"], "sensitivity.ratios=[]:", "the ratio grid is empty"),

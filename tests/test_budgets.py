@@ -11,7 +11,7 @@ from hpcprune.costs import ExactCost, probes_from_graph
 from hpcprune.finetune import FinetuneJob
 from hpcprune.store import RunFile
 
-from conftest import FAST, run_sweep, sweep_in_process
+from conftest import FAST, default_model, run_sweep, sweep_in_process
 
 QUICK = [*FAST, "finetune.epochs=0", "launcher=debug"]
 
@@ -33,17 +33,16 @@ def latency_of_macs(monkeypatch):
     import torch
 
     from hpcprune import metrics
-    from hpcprune.zoo.models import resnet
 
-    torch.manual_seed(0)
-    dense = metrics.macs(resnet(in_channels=1, num_classes=10, widths=[16, 32, 64], blocks=[1, 1, 1], stem_stride=1),
-                         torch.zeros(1, 1, 8, 8))
+    dense = metrics.macs(default_model(), torch.zeros(1, 1, 8, 8))
 
     def use(curve):
         def latency_ms(model, example, batch_size, warmup=3, repeats=10, threads=1, **runtime):
             return 100.0 * curve(metrics.macs(model, example[:1]) / dense)
 
         monkeypatch.setattr(metrics, "latency_ms", latency_ms)
+        monkeypatch.setattr(metrics, "latencies_ms", lambda models, example, batch_size, *a, **kw:
+                            [latency_ms(m, example, batch_size) for m in models])
 
     return use
 

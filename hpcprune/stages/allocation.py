@@ -34,7 +34,9 @@ def run(ctx: Context, cfg: Any, rf: RunFile) -> Record:
 
 def allocate_ratios(ctx: Context, cfg: Any, rf: RunFile, targets: dict[str, float],
                     start: np.ndarray | None = None) -> allocate.Allocation:
-    """The allocation of ``prune.method`` for ``targets`` (``start``: continue from those ratios)."""
+    """The allocation of ``prune.method`` for ``targets`` (``start``: continue from those ratios); an
+    energy budget is allocated as a MACs cap (``allocate.allocator_targets``)."""
+    targets = allocate.allocator_targets(targets)
     method = str(cfg.prune.method)
     max_ratio, round_to = float(cfg.prune.max_ratio), int(cfg.prune.round_to)
     if method == "uniform":

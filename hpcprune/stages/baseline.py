@@ -56,14 +56,17 @@ def run(ctx: Context, cfg: Any, rf: RunFile) -> Record:
     sums = metrics.evaluate(model, val)
     macs = metrics.macs(model, example[:1])
     runtime = str(cfg.prune.latency_runtime)
-    lat = metrics.latency_ms(model.to(ctx.device), example.to(ctx.device), cfg.baseline.latency_batch,
-                             repeats=cfg.baseline.latency_repeats, threads=int(cfg.baseline.latency_threads), runtime=runtime)
+    from .context import energy, latency, latency_clock  # the run's clock and energy meter, as for /pruned and /final
+
+    lat = latency(ctx, cfg, model)
+    joules = energy(ctx, cfg, model)
     model.cpu()
     rec = dict(
         metric=sums.metric(ctx.metric), loss=sums.mean_loss(), metric_name=ctx.metric,
         higher_is_better=metrics.METRIC_HIGHER_IS_BETTER[ctx.metric], params=metrics.params(model),
         macs=macs, latency_ms=lat, latency_batch=cfg.baseline.latency_batch,
-        latency_device=str(ctx.device), latency_runtime=runtime, trained_here=trained,
+        latency_device=str(ctx.device), latency_runtime=runtime, latency_clock=latency_clock(ctx, cfg),
+        energy_j_per_sample=joules.j_per_sample, energy_source=joules.source, trained_here=trained,
         dense_key=key, source=source,
     )
     log.info("dense: %s %.4f, %d params, %d MACs, %.2f ms", ctx.metric, rec["metric"], rec["params"], rec["macs"], lat)

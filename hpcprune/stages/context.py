@@ -22,6 +22,8 @@ from torch import nn
 
 from .. import allocate, importance, metrics
 from ..config import ConfigError
+from ..energy import EnergyResult
+from ..energy import measure_model as measure_energy
 from ..graph import Excluded, Graph, n_keep
 from ..runs import dense_model, ignore_names
 from ..store import RunFile, RunFileError
@@ -149,28 +151,67 @@ def train_batches(ctx: Context, cfg: Any, n: int) -> Batches:
 
 def latency(ctx: Context, cfg: Any, model: nn.Module) -> float:
     """Milliseconds per batch of ``baseline.latency_batch`` on the run's device, run by torch or by
-    ONNX Runtime (``prune.latency_runtime``)."""
+    ONNX Runtime (``prune.latency_runtime``), timed by :func:`latency_clock`."""
     b = cfg.baseline
     return metrics.latency_ms(model.to(ctx.device), ctx.example.to(ctx.device), int(b.latency_batch),
                               repeats=int(b.latency_repeats), threads=int(b.latency_threads),
-                              runtime=str(cfg.prune.latency_runtime))
+                              runtime=str(cfg.prune.latency_runtime), clock=latency_clock(ctx, cfg))
+
+
+def latencies(ctx: Context, cfg: Any, models: list[nn.Module]) -> list[float]:
+    """:func:`latency` of each of ``models``, timed in alternation (:func:`hpcprune.metrics.latencies_ms`)."""
+    b = cfg.baseline
+    return metrics.latencies_ms([m.to(ctx.device) for m in models], ctx.example.to(ctx.device), int(b.latency_batch),
+                                repeats=int(b.latency_repeats), threads=int(b.latency_threads),
+                                runtime=str(cfg.prune.latency_runtime), clock=latency_clock(ctx, cfg))
+
+
+def latency_clock(ctx: Context, cfg: Any) -> str:
+    """``wall`` or ``thread``: ``baseline.latency_clock`` on the run's device
+    (:func:`hpcprune.metrics.latency_clock`); ``wall`` for a run file whose dense latency was
+    measured before that key existed, so that its latencies stay comparable."""
+    b = cfg.baseline
+    if ctx.base and "latency_clock" not in ctx.base:
+        return "wall"
+    return metrics.latency_clock(str(b.latency_clock), ctx.device, int(b.latency_threads), str(cfg.prune.latency_runtime))
+
+
+def energy(ctx: Context, cfg: Any, model: nn.Module) -> EnergyResult:
+    """Joules per sample at ``baseline.latency_batch`` on the run's device (:mod:`hpcprune.energy`;
+    unavailable with the reason, or with ``baseline.energy=false``). The model is left on the device."""
+    b = cfg.baseline
+    if not b.energy:
+        return EnergyResult.unavailable("baseline.energy=false")
+    return measure_energy(model, ctx.example, int(b.latency_batch), ctx.device, threads=int(b.latency_threads))
 
 
 def measure(ctx: Context, cfg: Any, model: nn.Module) -> dict[str, Any]:
-    """A pruned model's record: metric and loss on the validation set, params, MACs, latency, and
-    each as a fraction of the dense model's."""
+    """A pruned model's record: metric and loss on the validation set, params, MACs, latency, energy
+    per sample, and each as a fraction of the dense model's. The speed-up is the ratio of the dense
+    model's and this one's latencies timed again in alternation (``latency_pair_ms``): both under the
+    same machine conditions, where the baseline's dense latency may be minutes old on a node whose
+    load drifts. ``latency_ms`` (and ``latency_kept``) is timed alone, as the dense model and the
+    latency tables are: alternating passes find colder caches."""
     model = model.eval()
     sums = metrics.evaluate(model, metrics.make_batches(ctx.data.val, 256))
     m = metrics.macs(model, ctx.example[:1])
     p = metrics.params(model)
     lat = latency(ctx, cfg, model)
+    pair = [float(ctx.base["latency_ms"]), lat]  # a context without the dense model: the baseline's
+    if ctx.model is not None:
+        pair = latencies(ctx, cfg, [ctx.model, model])
+        ctx.model.cpu()
+    e = energy(ctx, cfg, model)
     model.cpu()
     base = ctx.base
+    dense_j = float(base.get("energy_j_per_sample", np.nan))
     return dict(metric=sums.metric(ctx.metric), loss=sums.mean_loss(), params=p, macs=m, latency_ms=lat,
-                latency_runtime=str(cfg.prune.latency_runtime),
+                latency_runtime=str(cfg.prune.latency_runtime), latency_clock=latency_clock(ctx, cfg),
                 macs_kept=m / float(base["macs"]), params_kept=p / float(base["params"]),
-                latency_speedup=float(base["latency_ms"]) / lat,
-                latency_kept=lat / float(ctx.cost.dense.get("latency", base["latency_ms"])))
+                latency_pair_ms=[float(v) for v in pair], latency_speedup=pair[0] / pair[1],
+                latency_kept=lat / float(ctx.cost.dense.get("latency", base["latency_ms"])),
+                energy_j_per_sample=e.j_per_sample, energy_source=e.source,
+                energy_kept=e.j_per_sample / dense_j if dense_j > 0 else np.nan)
 
 
 def plan(ctx: Context, cfg: Any, ratios: np.ndarray) -> dict[str, list[int]]:

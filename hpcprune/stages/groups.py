@@ -61,7 +61,7 @@ def _check_budgets(cost: allocate.CostModel, cfg: Any) -> None:
     """Every MACs/params budget reachable with the ratios the allocation may choose: up to
     ``prune.max_ratio``, and for ``prune.method=sensitivity`` up to the largest measured ratio
     (its curves end there). ConfigError naming the keys to change, before any training."""
-    budgets = {k: v for k, v in targets(cfg).items() if k != "latency"}
+    budgets = {k: v for k, v in targets(cfg).items() if k not in allocate.MEASURED}  # measured on the pruned model only
     if not budgets:
         return
     max_ratio, round_to = float(cfg.prune.max_ratio), int(cfg.prune.round_to)

@@ -17,7 +17,7 @@ from .. import allocate
 from ..graph import Graph, n_keep
 from ..runs import dense_model
 from ..store import RunFile, put_attrs, replace_group
-from .context import Context, latency, plan
+from .context import Context, latency, latency_clock, plan
 
 log = logging.getLogger("hpcprune.stages")
 
@@ -54,7 +54,7 @@ def latency_table(ctx: Context, cfg: Any, rf: RunFile) -> None:
         h.create_dataset("ratios", data=np.array(grid))
         put_attrs(h, {"dense_ms": dense_ms, "batch": int(cfg.baseline.latency_batch), "threads": int(cfg.baseline.latency_threads),
                       "device": str(ctx.device),
-                      "runtime": str(cfg.prune.latency_runtime), "complete": True})
+                      "runtime": str(cfg.prune.latency_runtime), "clock": latency_clock(ctx, cfg), "complete": True})
 
 
 def relinearize(ctx: Context, cfg: Any, rf: RunFile, ratios: np.ndarray, base_ms: float, attempt: int) -> None:

@@ -1,9 +1,11 @@
 """The prune stage (rank 0): the dense model cut by the allocation's plan, BatchNorm statistics
 re-estimated, measured; every budget checked on the real model. A missed latency target measures
 the latency model again around that allocation and re-allocates from it
-(``prune.latency_attempts`` times at most).
+(``prune.latency_attempts`` times at most); a missed energy target (``prune.target.energy``,
+allocated as a MACs cap: ``allocate.allocator_targets``) lowers that cap by the factor of the miss
+and re-allocates likewise.
 
-Writes ``/pruned``: the plan (kept channels per group), metric, MACs, params, latency, the pruned
+Writes ``/pruned``: the plan (kept channels per group), metric, MACs, params, latency, energy, the pruned
 weights (``pruned.safetensors``).
 """
 from __future__ import annotations
@@ -37,15 +39,14 @@ def run(ctx: Context, cfg: Any, rf: RunFile) -> Record:
     adjustments: list[dict[str, Any]] = []
     for attempt in range(int(cfg.prune.latency_attempts)):
         model, kept, rec = _prune_to(ctx, cfg, rf, ratios)
-        if "latency" not in targets:
+        miss = _missed(targets, rec)
+        if miss is None:
             break
-        measured = rec["latency_ms"] / float(ctx.cost.dense["latency"])
-        if measured <= targets["latency"]:
-            break
-        ratios = _reallocate(ctx, cfg, rf, ratios, rec, measured, attempt, adjustments)
+        ratios = _reallocate(ctx, cfg, rf, ratios, rec, miss, attempt, adjustments)
     else:
-        raise RuntimeError(f"prune.target.latency={targets['latency']}: still {measured:.3f} of the dense latency after "
-                           f"{len(adjustments)} re-allocations (prune.latency_attempts); latency on this device may be noisy")
+        kind, measured = miss
+        raise RuntimeError(f"prune.target.{kind}={targets[kind]}: still {measured:.3f} of the dense {kind} after "
+                           f"{len(adjustments)} re-allocations (prune.latency_attempts); {kind} on this device may be noisy")
     for k, t in targets.items():
         if rec[f"{k}_kept"] > t + 1e-9:
             raise RuntimeError(f"pruned model keeps {rec[f'{k}_kept']:.4f} of the dense {k}, above prune.target.{k}={t}")
@@ -79,25 +80,43 @@ def _prune_to(ctx: Context, cfg: Any, rf: RunFile, ratios: np.ndarray) -> tuple[
     return model, kept, measure(ctx, cfg, model)
 
 
-def _reallocate(ctx: Context, cfg: Any, rf: RunFile, ratios: np.ndarray, rec: dict[str, Any], measured: float,
+def _missed(targets: dict[str, float], rec: dict[str, Any]) -> tuple[str, float] | None:
+    """The first measured budget (latency, then energy) the pruned model misses: (kind, kept
+    fraction), or None. An energy budget whose energy could not be measured is an error."""
+    for kind in allocate.MEASURED:
+        if kind not in targets:
+            continue
+        measured = float(rec[f"{kind}_kept"])
+        if not np.isfinite(measured):
+            raise RuntimeError(f"prune.target.{kind}={targets[kind]}: the pruned model's {kind} could not be measured "
+                               f"({rec.get('energy_source', '')})")
+        if measured > targets[kind]:
+            return kind, measured
+    return None
+
+
+def _reallocate(ctx: Context, cfg: Any, rf: RunFile, ratios: np.ndarray, rec: dict[str, Any], miss: tuple[str, float],
                 attempt: int, adjustments: list[dict[str, Any]]) -> np.ndarray:
-    """The latency target was missed: the additive latency model (measured around the dense model)
-    is measured again around the allocation just pruned, so that it is exact there, and the
-    allocation continues from that point for the same target (sensitivity: only pruning more).
-    Records the new allocation (and the miss in ``adjustments``); returns its ratios."""
+    """A measured target was missed (``miss``: kind, kept fraction). Latency: the additive latency
+    model (measured around the dense model) is measured again around the allocation just pruned, so
+    that it is exact there. Both: the allocation continues from that point for the same targets with
+    the MACs capped by the factor of the miss (sensitivity: only pruning more). Records the new
+    allocation (and the miss in ``adjustments``); returns its ratios."""
+    kind, measured = miss
     targets = config_targets(cfg)
-    relinearize(ctx, cfg, rf, ratios, rec["latency_ms"], attempt)
-    used = allocate.tighten_for_latency(targets, rec["macs_kept"], measured)
-    adjustments.append({"attempt": attempt, "measured": measured, "macs_kept": rec["macs_kept"], "targets": used,
-                        "relinearized": True})
-    log.info("latency kept %.3f > target %.3f: latency table measured around this allocation; re-allocating from "
-             "it with MACs capped at %.3f", measured, targets["latency"], used["macs"])
+    if kind == "latency":
+        relinearize(ctx, cfg, rf, ratios, rec["latency_ms"], attempt)
+    used = allocate.tighten_for_latency(targets, rec["macs_kept"], measured, kind=kind)
+    adjustments.append({"attempt": attempt, "kind": kind, "measured": measured, "macs_kept": rec["macs_kept"], "targets": used,
+                        "relinearized": kind == "latency"})
+    log.info("%s kept %.3f > target %.3f: re-allocating from this allocation with MACs capped at %.3f%s", kind, measured,
+             targets[kind], used["macs"], " (latency table measured around it)" if kind == "latency" else "")
     try:
         alloc = allocation.allocate_ratios(ctx, cfg, rf, used, start=ratios)
     except allocate.BudgetError as e:
-        raise RuntimeError(f"prune.target.latency={targets['latency']}: still {measured:.3f} of the dense latency after "
-                           f"{attempt} re-allocation(s), and the next step (the table measured around this allocation, "
-                           f"MACs capped at {used['macs']:.3f}) is out of reach ({e})") from e
+        raise RuntimeError(f"prune.target.{kind}={targets[kind]}: still {measured:.3f} of the dense {kind} after "
+                           f"{attempt} re-allocation(s), and the next step (MACs capped at {used['macs']:.3f}) is out "
+                           f"of reach ({e})") from e
     write = allocation.record(ctx, cfg, alloc, used, adjustments)
     with rf.write() as f:
         write(f)

@@ -20,7 +20,7 @@ _parent = importlib.util.module_from_spec(_spec)
 _spec.loader.exec_module(_parent)
 ROOT, PY, MPIEXEC, FAST = _parent.ROOT, _parent.PY, _parent.MPIEXEC, _parent.FAST
 sweep_cmd, run_sweep, have_mpiexec = _parent.sweep_cmd, _parent.run_sweep, _parent.have_mpiexec
-compose, sweep_in_process, copy_run = _parent.compose, _parent.sweep_in_process, _parent.copy_run
+compose, sweep_in_process, copy_run, default_model = _parent.compose, _parent.sweep_in_process, _parent.copy_run, _parent.default_model
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 
@@ -40,7 +40,8 @@ LEAN = [
 ]
 
 # stage attributes that are measured times, not results: they differ between identical runs
-VOLATILE = {"latency_ms", "latency_speedup", "latency_kept", "seconds", "wall_s", "updated", "world_size", "job_id",
+VOLATILE = {"latency_ms", "latency_speedup", "latency_kept", "latency_pair_ms", "energy_j_per_sample", "energy_kept", "seconds",
+            "wall_s", "updated", "world_size", "job_id",
             "rank_digests", "launcher", "weights_mtime_ns", "weights_sha256"}  # weights: compared by value (snapshot)
 
 
