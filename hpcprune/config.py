@@ -21,7 +21,8 @@ from .errors import HpcpruneError
 # keys that may change between a run and its resumption without changing any result (beyond
 # rounding, ~1e-7, as with another world size: layouts, BatchNorm folding, teams)
 RESUME_IGNORED = ("launcher", "threads", "device", "resume", "sensitivity.flush_s", "groups.timeout_s", "sensitivity.team_size",
-                  "baseline.copy_checkpoint", "finetune.tensorboard", "cache_dir", "finetune.min_metric", "finetune.max_drop", "sensitivity.channels_last", "sensitivity.fold_bn", "hydra")
+                  "baseline.copy_checkpoint", "finetune.tensorboard", "cache_dir", "finetune.min_metric", "finetune.max_drop", "sensitivity.channels_last", "sensitivity.fold_bn", "hydra",
+                  "local_parallelism")
 
 
 class ConfigError(HpcpruneError, ValueError):
@@ -210,6 +211,8 @@ def _check_counts(cfg: Any) -> None:
         v = OmegaConf.select(cfg, key)
         if v < 1:
             _bad(key, v, "must be a positive integer")
+    if int(cfg.get("local_parallelism", 0)) < 0:
+        _bad("local_parallelism", cfg.local_parallelism, "must be 0 (this machine's CPUs / threads) or a positive number of points")
 
 
 def _check_paths(cfg: Any) -> None:

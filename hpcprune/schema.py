@@ -141,6 +141,7 @@ class SweepConfig:
     threads: int = MISSING
     checkpoint: Optional[str] = MISSING
     cache_dir: Optional[str] = MISSING  # sensitivity grids and dense models kept for later runs (hpcprune.reuse)
+    local_parallelism: int = MISSING  # points of a local submitit multirun run at once (0: CPUs / threads)
     baseline: BaselineConfig = field(default_factory=BaselineConfig)
     groups: GroupsConfig = field(default_factory=GroupsConfig)
     importance: Importance = MISSING  # type: ignore[valid-type]

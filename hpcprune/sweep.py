@@ -404,7 +404,7 @@ def _setup_logging(world: World, run_dir: str) -> None:
 def _task(cfg: Any) -> None:
     from hydra.core.hydra_config import HydraConfig
 
-    from . import pipeline
+    from . import pipeline, reuse
 
     world = _WORLD or World.from_env()
     run_dir = HydraConfig.get().runtime.output_dir
@@ -416,12 +416,18 @@ def _task(cfg: Any) -> None:
     from hydra.types import RunMode
 
     multirun = HydraConfig.get().mode == RunMode.MULTIRUN and world.size == 1
+    slot = reuse.local_slot(cfg, run_dir, world.cores()) if multirun else None
+    if slot is not None:
+        slot.acquire()  # at most local_parallelism points of a local multirun at once
     try:
         rc = run_guarded(world, lambda: pipeline.run(cfg, world, run_dir, on_accept=accept))
     except SystemExit as e:  # run_guarded ends a failed run's process (every rank: MPI_Abort)
         rc = int(e.code or 1)
         if not multirun:
             raise
+    finally:
+        if slot is not None:
+            slot.release()
     if rc and multirun:
         # one point of a sweep failed (its line is printed, its run file says why): Hydra goes on with
         # the others when the job raises an Exception (a SystemExit would end the whole sweep)

@@ -120,3 +120,33 @@ def test_multirun_on_submitit_local_runs_points_concurrently_and_computes_shared
     assert spans[0][0] <= spans[1][1] and spans[1][0] <= spans[0][1], spans  # the two runs overlap in time
     sources = [_grid(sweep / str(i) / "run.h5")[1]["source"] for i in (0, 1)]
     assert sorted(sources) == ["", str(sweep / ("0" if sources[0] == "" else "1") / "run.h5")]
+
+
+def test_local_slots_hold_a_local_multirun_to_its_cpus(tmp_path, monkeypatch):
+    """``hpcprune.reuse.LocalSlot``: with n slots the (n+1)-th point waits until one ends; a point of a
+    local submitit multirun takes one, a solo run or a Slurm point none; n from the config."""
+    import threading
+
+    from omegaconf import OmegaConf
+
+    from hpcprune.reuse import LocalSlot, local_slot, local_slots
+
+    cfg = OmegaConf.create({"local_parallelism": 0, "threads": 1, "cache_dir": None})
+    assert local_slots(cfg, "", 2) == 2 and local_slots(OmegaConf.merge(cfg, {"threads": 0}), "", 2) == 1
+    assert local_slots(OmegaConf.merge(cfg, {"local_parallelism": 3}), "", 2) == 3
+    (tmp_path / "multirun.yaml").write_text("{}")
+    monkeypatch.setenv("SUBMITIT_EXECUTOR", "local")
+    assert isinstance(local_slot(cfg, str(tmp_path / "0"), 2), LocalSlot)
+    assert local_slot(cfg, str(tmp_path.parent / "solo" / "0"), 2) is None  # not in a multirun
+    monkeypatch.setenv("SUBMITIT_EXECUTOR", "slurm")
+    assert local_slot(cfg, str(tmp_path / "0"), 2) is None
+
+    first, second = LocalSlot(str(tmp_path), 1).acquire(), LocalSlot(str(tmp_path), 1)
+    got = threading.Event()
+    waiter = threading.Thread(target=lambda: (second.acquire(poll_s=0.05), got.set()), daemon=True)
+    waiter.start()
+    assert not got.wait(1.0)  # the one slot is held: the second point waits
+    first.release()
+    assert got.wait(30)
+    second.release()
+    waiter.join(5)
