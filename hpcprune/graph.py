@@ -26,7 +26,8 @@ from . import tp_fixes  # first: Torch-Pruning patched before any graph is built
 from .cuts import _NORMS, Mask, Slice, TPCut, _dim_size, expand, mask_group, skip_block, slice_group  # noqa: F401
 from .errors import HpcpruneError
 from .structure import Skip, Structure, structure_of  # noqa: F401
-from .units import block_width as _block_width, unit_count as _unit_count, unsupported_member as _unsupported_member
+from .units import block_width as _block_width, layout_ops as _layout_ops, member_overflow as _member_overflow
+from .units import unit_count as _unit_count, unsupported_member as _unsupported_member
 from .tp_layers import customized_pruners, is_conv1d
 
 log = logging.getLogger(__name__)
@@ -107,7 +108,8 @@ def n_keep(g: GroupInfo, ratio: float, round_to: int = 1) -> int:
     return keep_count(g.size, ratio, max(1, round_to // math.gcd(round_to, per)))
 
 
-_ROOTS = (nn.modules.conv._ConvNd, nn.Linear)
+# an embedding roots its width too (read by a mean-pooled Linear, not only by a residual stream)
+_ROOTS = (nn.modules.conv._ConvNd, nn.Linear, nn.Embedding)
 _KNOWN_BUFFERS = (nn.modules.batchnorm._BatchNorm, nn.modules.instancenorm._InstanceNorm)
 
 
@@ -260,6 +262,7 @@ class Graph:
         identity = True
         root_channels = int(self.dg.get_out_channels(root))
         blocks: list[tuple[str, list[int], list[int], int]] = []  # (member, mapped idxs, root idxs, block width)
+        overflow = ""  # a member Torch-Pruning maps the root's channels past the end of
         params: list[tuple[Any, str]] = []
         for item in group:
             dep, idxs = item
@@ -276,6 +279,7 @@ class Graph:
             out = self.dg.is_out_channel_pruning_fn(dep.handler)
             members.append(Member(self.names[mod], out))
             types.append(type(mod).__name__)
+            overflow = overflow or _member_overflow(self.dg, self.names[mod], mod, out, idxs)
             width = _block_width(mod, out)
             if width:
                 blocks.append((self.names[mod], [int(i) for i in idxs], [int(r) for r in item.root_idxs], width))
@@ -294,6 +298,11 @@ class Graph:
         unsupported = _unsupported_member(self.by_name, members)
         if unsupported:
             self.excluded.append(Excluded(name, types, unsupported))
+            return None
+        if overflow:  # the cut could only fail (or, for a tensor op, index out of bounds)
+            ops = _layout_ops(group)
+            self.excluded.append(Excluded(name, types, f"Torch-Pruning maps its {root_channels} channels onto {overflow}"
+                                          + (f": it passes them 1:1 through {'; '.join(ops)}" if ops else "")))
             return None
         tied = self._tied_across(group)
         if tied:

@@ -1,6 +1,6 @@
 """Torch-Pruning's upstream bugs that hpcprune patches at import, and those it works around elsewhere.
 
-Importing this module replaces four functions of Torch-Pruning (1.6) for the whole process;
+Importing this module replaces six functions of Torch-Pruning (1.6) for the whole process;
 :mod:`hpcprune.graph` imports it first, so the patches are in place before any ``DependencyGraph``
 is built. Each section below is one upstream bug, described as it would be reported upstream:
 
@@ -11,6 +11,8 @@ is built. Each section below is one upstream bug, described as it would be repor
    (:func:`_flatten_call`: refused at once instead of running for minutes).
 4. ``update_reshape_index_mapping`` divides by a width it inferred as 0
    (:func:`_update_reshape_index_mapping`: ShuffleNetV2 could not be traced at all).
+5. ``ConvPruner`` cuts a grouped ``ConvTranspose`` along the wrong dimension extents
+   (:func:`_conv_prune_out`, :func:`_conv_prune_in`: crashed or cut half the inputs).
 
 Upstream behaviour hpcprune works around elsewhere, without patching Torch-Pruning:
 
@@ -27,6 +29,15 @@ Upstream behaviour hpcprune works around elsewhere, without patching Torch-Pruni
   excluded. Grouped (not depthwise) convolutions are never masked or sliced by hpcprune itself
   (``Graph._maskable``: they index their inputs per group), and ``verify.verify_groups`` compares
   every cut with a reference that does not use Torch-Pruning where one exists.
+- ``MultiheadAttentionPruner`` assumes ``kdim == vdim == embed_dim``: with a narrower key/value
+  input it cuts ``k_proj_weight`` / ``v_proj_weight`` rows with the query's indices, leaves
+  ``q_proj_weight``'s columns, sets ``kdim = vdim = embed_dim``, and the dependency graph ties the
+  key/value producer to the query width (the cut model fails in ``F.multi_head_attention_forward``):
+  ``units.unsupported_member`` refuses such a group by name.
+- The dependency graph passes channels 1:1 through ops it does not know (``PixelShuffle``,
+  ``F.unfold``, ``MaxUnpool`` with another tensor's pooling indices), and keeps literal channel
+  slices ``x[:, :8]``: ``units.member_overflow`` refuses a group mapped past a member's width before
+  any cut, ``units.layout_ops`` names the op in the reason of a group whose trial cut fails.
 - ``GroupMagnitudeImportance`` (and the other group criteria) index some layers wrongly, e.g. a
   depthwise convolution with a channel multiplier, and fail: ``importance.group_scores`` falls back
   to the norms of the root layer's output weights for that group, with a warning.
@@ -128,3 +139,64 @@ def _update_reshape_index_mapping(graph: Any, reshape_node: Any) -> None:
         pass
 
 tp.dependency.index_mapping.update_reshape_index_mapping = _update_reshape_index_mapping
+
+
+# ---- 5. ConvPruner: grouped ConvTranspose cut with the plain convolution's weight layout ----------
+_tp_conv_out = tp.pruner.function.ConvPruner.prune_out_channels
+_tp_conv_in = tp.pruner.function.ConvPruner.prune_in_channels
+
+
+def _kept_positions(n: int, groups: int, idxs: Sequence[int], what: str) -> tuple[list[int], list[int]]:
+    """Kept channels of ``n`` (in ``groups`` equal blocks) without ``idxs``, and the kept positions
+    inside a block; ValueError when the blocks do not keep the same positions."""
+    drop = set(int(i) for i in idxs)
+    keep = [i for i in range(n) if i not in drop]
+    per = n // groups
+    pos = [{k - b * per for k in keep if b * per <= k < (b + 1) * per} for b in range(groups)]
+    if any(p != pos[0] for p in pos):
+        raise ValueError(f"a grouped ConvTranspose's {what} channels must be cut at the same positions in all "
+                         f"{groups} groups")
+    return keep, sorted(pos[0])
+
+
+def _conv_prune_out(self: Any, layer: nn.Module, idxs: Sequence[int]) -> nn.Module:
+    """Torch-Pruning 1.6's ``ConvPruner.prune_out_channels`` selects the kept output channels on
+    dimension 1 of a transposed convolution's weight ``(in, out / groups, k, k)``: with ``groups > 1``
+    that dimension holds the positions inside one group, so any kept index past ``out / groups``
+    fails (``INDICES element is out of DATA bounds``). Here: the kept positions inside a group
+    (every group keeps the same ones; ``units.unit_count`` makes a unit one position in each group).
+    Other convolutions: upstream's function (upstream bug, ``torch_pruning/pruner/function.py``)."""
+    if not (layer.transposed and layer.groups > 1):
+        return _tp_conv_out(self, layer, idxs)
+    keep, pos = _kept_positions(layer.out_channels, layer.groups, idxs, "output")
+    layer.out_channels = len(keep)
+    layer.weight = self._prune_parameter_and_grad(layer.weight, pos, 1)
+    if layer.bias is not None:
+        layer.bias = self._prune_parameter_and_grad(layer.bias, keep, 0)
+    return layer
+
+
+def _conv_prune_in(self: Any, layer: nn.Module, idxs: Sequence[int]) -> nn.Module:
+    """Torch-Pruning 1.6's ``ConvPruner.prune_in_channels`` keeps, for any grouped convolution, the
+    first ``1 / groups`` of the kept inputs (right for a plain convolution's weight
+    ``(out, in / groups, k, k)``) and then selects them on dimension 0 of a transposed
+    convolution's weight ``(in, out / groups, k, k)``, which holds every input channel: all groups
+    but the first lose their inputs. Here: every kept input row of a transposed convolution (upstream
+    bug, same file)."""
+    if not (layer.transposed and layer.groups > 1):
+        return _tp_conv_in(self, layer, idxs)
+    keep, _ = _kept_positions(layer.in_channels, layer.groups, idxs, "input")
+    layer.in_channels = len(keep)
+    layer.weight = self._prune_parameter_and_grad(layer.weight, keep, 0)
+    return layer
+
+
+tp.pruner.function.ConvPruner.prune_out_channels = _conv_prune_out
+tp.pruner.function.ConvPruner.prune_in_channels = _conv_prune_in
+# Torch-Pruning's importance criteria recognise a conv's cut by comparing the group's handler with the
+# module-level aliases ``function.prune_conv_out/in_channels`` (bound at its import): bind them anew,
+# or every convolution would silently drop out of the group scores
+_conv = tp.pruner.function.PrunerBox[tp.ops.OPTYPE.CONV]
+for _owner in (tp.pruner.function, tp):
+    if hasattr(_owner, "prune_conv_out_channels"):
+        _owner.prune_conv_out_channels, _owner.prune_conv_in_channels = _conv.prune_out_channels, _conv.prune_in_channels

@@ -19,16 +19,32 @@ def unsupported_member(by_name: dict[str, nn.Module], members: Sequence[Any]) ->
     """Why a group with these members cannot be cut correctly, or None: a LayerNorm over several
     dimensions (``LayerNorm([C, H, W])``: Torch-Pruning cuts its last dimension, not C), a layer
     whose weight is reparametrised (weight norm, spectral norm: the cut would leave ``weight_g`` /
-    the parametrization's tensors at the old width)."""
+    the parametrization's tensors at the old width), an ``nn.MultiheadAttention`` whose key/value
+    width differs from ``embed_dim`` (Torch-Pruning 1.6 ties all three inputs to ``embed_dim``)."""
     for m in members:
         mod = by_name.get(m.module)
         if isinstance(mod, nn.LayerNorm) and len(mod.normalized_shape) > 1:
             return (f"{m.module} is a LayerNorm over {tuple(mod.normalized_shape)}: Torch-Pruning cuts its last dimension, "
                     "not the channels; normalise over channels only (LayerNorm(C) on channels-last, or GroupNorm(1, C))")
+        if isinstance(mod, nn.MultiheadAttention) and not mod._qkv_same_embed_dim:
+            return (f"{m.module} is an nn.MultiheadAttention with kdim={mod.kdim}, vdim={mod.vdim} != embed_dim={mod.embed_dim}: "
+                    "Torch-Pruning cuts its key and value inputs as if they were embed_dim wide; this group is not "
+                    "pruned (give key and value the query's width to prune it)")
         if mod is not None and (torch.nn.utils.parametrize.is_parametrized(mod) or hasattr(mod, "weight_g")):
             return (f"{m.module} has a reparametrised weight (weight or spectral norm); remove it before pruning: "
                     "torch.nn.utils.parametrize.remove_parametrizations(layer, 'weight') or nn.utils.remove_weight_norm(layer)")
     return None
+
+
+def member_overflow(dg: Any, name: str, mod: nn.Module, out: bool, idxs: Sequence[int]) -> str:
+    """'<name>'s N input/output channels (index i)' when Torch-Pruning maps a group onto channel
+    indices past the end of member ``mod``, else ''."""
+    pruner = dg.get_pruner_of_module(mod)
+    width = None if pruner is None else (pruner.get_out_channels(mod) if out else pruner.get_in_channels(mod))
+    top = max((int(i) for i in idxs), default=-1)
+    if width is None or top < int(width):
+        return ""
+    return f"{name}'s {int(width)} {'output' if out else 'input'} channels (index {top})"
 
 
 def block_width(mod: nn.Module, out: bool) -> int:
@@ -70,3 +86,33 @@ def _even(stride: int, mapped: list[int], roots: list[int], width: int) -> bool:
         d = per_unit.setdefault(r % stride, {})
         d[b] = d.get(b, 0) + 1
     return all(set(d) == touched and len(set(d.values())) == 1 for d in per_unit.values())
+
+
+# ops Torch-Pruning passes channels through one to one although they move them (or whose literal
+# bounds in forward() stay at the dense width): named in the reason of a group whose cut fails
+_LAYOUT_OPS = {
+    "PixelShuffle": "PixelShuffle (input channel c*r*r+k becomes output channel c)",
+    "PixelUnshuffle": "PixelUnshuffle (channel c becomes channels c*r*r .. c*r*r+r*r-1)",
+    "Im2Col": "F.unfold / nn.Unfold (channel c becomes columns c*k*k .. c*k*k+k*k-1)",
+    "Col2Im": "F.fold / nn.Fold (k*k columns become one channel)",
+    "ChannelShuffle": "nn.ChannelShuffle",
+    "MaxPool2DWithIndices": "a max-pool with return_indices=True (its indices unpool other channels)",
+    "MaxPool3DWithIndices": "a max-pool with return_indices=True (its indices unpool other channels)",
+    "MaxUnpool": "MaxUnpool (its indices come from other channels' max-pool)",
+}
+
+
+def layout_ops(group: Any) -> list[str]:
+    """What, in a Torch-Pruning group (``(dep, idxs)`` pairs), moves channels in a way Torch-Pruning
+    does not follow (see ``_LAYOUT_OPS``; a channel slice or split: its literal bounds), as short
+    phrases for an exclusion reason; empty when nothing is suspect."""
+    import torch_pruning as tp
+
+    found: list[str] = []
+    for dep, _ in group:
+        node = dep.target.module
+        if isinstance(node, (tp.ops._SliceOp, tp.ops._SplitOp)):
+            found.append("a channel slice or split whose bounds forward() fixes (x[:, :8], torch.split(x, [8, 24], 1))")
+        grad_fn = str(getattr(node, "_grad_fn", ""))  # the autograd node's name, e.g. "PixelShuffleBackward0"
+        found += [text for key, text in _LAYOUT_OPS.items() if grad_fn.startswith(key)]
+    return list(dict.fromkeys(found))

@@ -32,6 +32,7 @@ from .cuts import expand
 from .metrics import logits_of
 from .graph import Excluded, Graph, GroupInfo, n_keep, slice_group
 from .tp_layers import is_conv1d, weight_dims
+from .units import layout_ops
 
 log = logging.getLogger(__name__)
 
@@ -39,10 +40,12 @@ OUTPUT = "it feeds the model's output (its cut changes the output's shape); kept
 
 
 def _mixes(types: Sequence[str]) -> bool:
-    """Members whose output depends on several channels at once (normalisations over channels), or
-    tensors Torch-Pruning cuts by a guessed dimension: no known reference without Torch-Pruning."""
-    return any(t in ("Parameter", "buffer") or (t.endswith("Norm") and not t.startswith(("BatchNorm", "InstanceNorm")))
-               for t in types)
+    """Members whose output depends on several channels at once (normalisations over channels; an
+    ``nn.MultiheadAttention``, whose residual channel c is also row c of q, k and v: cutting it changes
+    the attention scores, not only what consumers read), or tensors Torch-Pruning cuts by a guessed
+    dimension: no known reference without Torch-Pruning."""
+    return any(t in ("Parameter", "buffer", "MultiheadAttention")
+               or (t.endswith("Norm") and not t.startswith(("BatchNorm", "InstanceNorm"))) for t in types)
 
 
 def first_tensor(out: Any) -> torch.Tensor:
@@ -82,6 +85,13 @@ def verify_groups(graph: Graph, example: torch.Tensor, max_ratio: float, round_t
     return out
 
 
+def _hint(graph: Graph, g: GroupInfo) -> str:
+    """'; it passes the channels 1:1 through <op>' for the ops of the group Torch-Pruning does not
+    follow (``units.layout_ops``), or ''."""
+    ops = layout_ops(graph.tp_group(g.name)) if g.kind in ("channels", "neurons") else []
+    return f"; Torch-Pruning passes its channels 1:1 through {'; '.join(ops)}" if ops else ""
+
+
 def _drop(g: GroupInfo, max_ratio: float, round_to: int, seed: int) -> list[int]:
     n = g.size - n_keep(g, max_ratio, round_to)
     if g.kind == "block":
@@ -102,7 +112,7 @@ def _check(graph: Graph, g: GroupInfo, x: torch.Tensor, dense: torch.Tensor, sca
         return f"Torch-Pruning cannot cut it ({type(e).__name__}: {_line(e)})"
     got = _run_cut(model, x, cut)
     if isinstance(got, str):
-        return f"the model fails once it is cut ({got})"
+        return f"the model fails once it is cut ({got}){_hint(graph, g)}"
     if got.shape != dense.shape:
         return OUTPUT
     if not torch.isfinite(got).all():
@@ -115,11 +125,14 @@ def _check(graph: Graph, g: GroupInfo, x: torch.Tensor, dense: torch.Tensor, sca
             return (f"the cells' in-place slice and the pruned model disagree (max difference "
                     f"{float((other - got).abs().max()):.3g})")
     if g.kind in ("channels", "neurons") and not _mixes(g.layer_types):
-        ref = _oracle(graph, g, drop, x)
+        try:
+            ref = _oracle(graph, g, drop, x)
+        except IndexError as e:  # a consumer indexed past its inputs: the mapping is wrong
+            return f"Torch-Pruning maps the channels past a consumer's inputs ({_line(e)}){_hint(graph, g)}"
         diff = None if ref is None else _disagree(graph, g, drop, x, ref, got, scale, _oracle)
         if diff is not None:
             return (f"the cut model is not the dense model without these channels (max difference "
-                    f"{diff}): Torch-Pruning maps the channels wrongly through {', '.join(g.layer_types)}")
+                    f"{diff}): Torch-Pruning maps the channels wrongly through {', '.join(g.layer_types)}{_hint(graph, g)}")
     if g.kind == "heads":
         ref = _heads_oracle(graph, g, drop, x)
         diff = None if ref is None else _disagree(graph, g, drop, x, ref, got, scale, _heads_oracle)
