@@ -246,7 +246,8 @@ class Sweep:
         ]
         if diff and not self.cfg.resume.force:
             raise ConfigError(
-                f"{self.rf.path} was made with a different config ({'; '.join(diff[:5])}); "
+                f"{self.rf.path} was made with a different config ({'; '.join(diff[:8])}"
+                f"{f'; and {len(diff) - 8} more' if len(diff) > 8 else ''}); "
                 "use another hydra.run.dir, or resume.force=true to continue anyway"
             )
 

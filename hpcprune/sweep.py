@@ -15,12 +15,12 @@ import time
 from typing import Any
 
 from . import schema as _schema  # noqa: F401 - registers hpcprune_schema (config.yaml's first default) before Hydra composes
+from .compose_errors import _one_line, _override_key
 from .world import MPIMismatch, World, run_guarded
 
 log = logging.getLogger("hpcprune")
 _WORLD: World | None = None
 _WRITE_HYDRA_DIR = False  # rank 0 writes .hydra/ itself, once the run is accepted (_own_output_subdir)
-_FAILED: list[str] = []  # run directories of a multirun whose run failed (the sweep goes on; exit status 3 at the end)
 _CONF_DIR = os.path.join(os.path.dirname(__file__), "conf")
 _OWN_GROUPS = ("model", "data")  # groups whose ``_target_`` alone means the user's own function
 _CUSTOM = "custom"  # conf/model/custom.yaml, conf/data/custom.yaml: ``_target_: ???`` and nothing else
@@ -102,83 +102,6 @@ class _DryHydra:
 
 class _Refused(Exception):
     """A composition error as one line."""
-
-
-def _override_key(arg: str) -> str:
-    """``+model@x=y`` -> ``model``; ``~model.width`` -> ``model.width``."""
-    return arg.partition("=")[0].lstrip("+~").partition("@")[0]
-
-
-def _one_line(e: BaseException, dry: _DryHydra, overrides: list[str]) -> str:
-    """Hydra's composition error (several lines, a search path) as one line naming the bad value."""
-    import re
-
-    from hydra.errors import MissingConfigException, OverrideParseException
-
-    text = str(e).strip()
-    if isinstance(e, MissingConfigException):
-        m = re.search(r"Could not (?:find|load) '([^']+)/([^'/]+)'", text)
-        if m:
-            group, name = m.groups()
-            options = list(e.options or []) or dry.options(group, overrides)
-            given = [a for a in overrides if _override_key(a) == group and a.partition("=")[2] == name]
-            head = given[-1] if given else f"{group}={name} (a defaults list, primary config {dry.config_name!r})"
-            choose = f" (choose from: {', '.join(options)})" if options else ""
-            return f"{head}: unknown {group} {name!r}, no such config{choose}"
-        m = re.search(r"Cannot find primary config '([^']+)'", text)
-        if m:
-            options = [o for o in dry.options("", overrides) if not o.startswith("_")]  # Hydra's _dummy_empty_config_
-            choose = f" (choose from: {', '.join(options)})" if options else ""
-            if dry.args.config_name is not None:
-                return f"--config-name {m.group(1)}: no such primary config{choose}"
-            return f"no primary config {m.group(1)!r} in --config-path {dry.args.config_path}{choose}"
-    if isinstance(e, OverrideParseException):
-        from hydra.core.override_parser.overrides_parser import OverridesParser
-
-        parser = OverridesParser.create()
-        for arg in overrides:
-            try:
-                parser.parse_override(arg)
-            except Exception as pe:
-                return f"{arg}: not a valid override ({str(pe).strip().splitlines()[0]})"
-    typed = _schema_error(e, text, overrides)
-    if typed:
-        return typed
-    lines = []
-    for ln in text.splitlines():
-        if ln.strip().startswith(("Config search path", "Search path", "See https://")):
-            break
-        if ln.strip():
-            lines.append(ln.strip())
-    msg = " ".join(lines) or type(e).__name__
-    if type(e).__module__.split(".")[0] != "hydra":  # e.g. a YAML error in a config file: say which kind
-        msg = f"{type(e).__name__}: {msg}"
-    return msg
-
-
-def _schema_error(e: BaseException, text: str, overrides: list[str]) -> str | None:
-    """A value the schema (hpcprune/schema.py) refuses while Hydra composes (or, in a config file, a
-    key it does not have), as one line naming the override or the config file, the key, and why
-    (the choices, for an unknown choice):
-    ``prune.method=magic: Invalid value 'magic', expected one of [uniform, global, sensitivity]``,
-    ``In 'experiment/mine': threads: Value 'abc' of type 'str' could not be converted to Integer``.
-    None for any other error."""
-    import re
-
-    from omegaconf.errors import ValidationError
-
-    cause = e.__cause__ if isinstance(e.__cause__, ValidationError) else None
-    if cause is not None:  # an override: Hydra says "Error merging override ARG", the cause says why
-        m = re.match(r"Error merging override (.+)$", text)
-        key, why = str(cause.full_key or ""), str(cause.msg).strip().splitlines()[0]
-        given = m.group(1) if m and m.group(1) in overrides else None
-        if given is None:
-            return f"{key}: {why}" if key else None
-        return f"{given}: {why}" + (f" (at {key})" if key and key != _override_key(given) else "")
-    m = re.match(r"(In '[^']+'): \w+ raised while composing config:\n(.+?)\n\s*full_key: (\S+)", text)
-    if m:  # a value in a config file
-        return f"{m.group(1)}: {m.group(3)}: {m.group(2).strip()}"
-    return None
 
 
 def _dry(argv: list[str]) -> tuple[Any, list[str], bool] | None:
@@ -429,12 +352,26 @@ def _task(cfg: Any) -> None:
         if slot is not None:
             slot.release()
     if rc and multirun:
-        # one point of a sweep failed (its line is printed, its run file says why): Hydra goes on with
-        # the others when the job raises an Exception (a SystemExit would end the whole sweep)
-        _FAILED.append(run_dir)
-        raise RuntimeError(f"hpcprune: run {run_dir} failed (exit status {rc}); the sweep goes on")
+        # one point of a sweep failed (its line is printed, its run file says why): the job returns, so
+        # that Hydra goes on with the others without a traceback; main() lists the failed points at
+        # the end, read from the sweep directory (the point may be a submitit job in another process)
+        log.error("run %s failed (exit status %d); the sweep goes on", run_dir, rc)
+        return
     if rc:
         sys.exit(rc)
+
+
+def _multirun_dir(argv: list[str]) -> tuple[list[str], str | None]:
+    """For ``--multirun``: the arguments with ``hydra.sweep.dir`` made explicit (Hydra's own default,
+    ``multirun/DATE/TIME``) and that directory; else (argv, None)."""
+    args = _hydra_args(argv)
+    if args is None or not args.multirun:
+        return argv, None
+    given = [a.split("=", 1)[1] for a in argv if a.split("=", 1)[0] == "hydra.sweep.dir"]
+    if given:
+        return argv, os.path.abspath(given[-1])
+    where = time.strftime("multirun/%Y-%m-%d/%H-%M-%S")
+    return _with_overrides(argv, [f"hydra.sweep.dir={where}"]), os.path.abspath(where)
 
 
 def main() -> None:
@@ -453,20 +390,23 @@ def main() -> None:
             print(f"hpcprune: error: {bad}", file=sys.stderr)
         sys.exit(2)
     argv, _WRITE_HYDRA_DIR = _own_output_subdir(argv)
-    sys.argv = [sys.argv[0]] + _inject_run_dir(world, argv)
+    argv, sweep_dir = _multirun_dir(_inject_run_dir(world, argv))
+    sys.argv = [sys.argv[0]] + argv
+    t_start = time.time() - 1.0
 
     import hydra
 
-    try:
-        hydra.main(config_path="conf", config_name="config", version_base=None)(_task)()
-    except SystemExit:
-        if not _FAILED:
-            raise
-        # Hydra's sweeper raises the first failed job's error once every job of the sweep has run
-    if _FAILED:  # a multirun whose points did not all complete: say which, exit non-zero
-        print(f"hpcprune: {len(_FAILED)} run(s) of the sweep failed: {', '.join(_FAILED)} "
-              "(python -m hpcprune.report on the sweep directory shows why)", file=sys.stderr)
-        sys.exit(3)
+    from .runs import sweep_outcome
+
+    hydra.main(config_path="conf", config_name="config", version_base=None)(_task)()
+    if sweep_dir is not None and world.is_main:  # a multirun: which points completed, which did not
+        done, failed = sweep_outcome(sweep_dir, t_start)
+        report = f"python -m hpcprune.report {os.path.relpath(sweep_dir)}"
+        if failed:
+            print(f"hpcprune: {len(failed)} run(s) of the sweep failed (of {len(done) + len(failed)}): {', '.join(failed)} "
+                  f"({report} shows why)", file=sys.stderr)
+            sys.exit(3)
+        print(f"hpcprune: {len(done)} run(s) complete in {sweep_dir}; compare them with: {report}")
 
 
 if __name__ == "__main__":
