@@ -179,7 +179,8 @@ def run_guarded(world: World, fn: Callable[[], int], err_stream: Any = None) -> 
     except BaseException as e:  # noqa: B902 - any failure on any rank must end all ranks
         where = f"rank {world.rank}/{world.size}: " if world.size > 1 else ""
         stream = err_stream or sys.stderr
-        print(f"hpcprune: error: {where}{type(e).__name__}: {e}", file=stream, flush=True)
+        kind = "" if isinstance(e, HpcpruneError) else f"{type(e).__name__}: "  # a user's error: its line alone
+        print(f"hpcprune: error: {where}{kind}{e}", file=stream, flush=True)
         if isinstance(e, HpcpruneError):
             log.debug("stopped on rank %d: %s: %s", world.rank, type(e).__name__, e)
         else:
