@@ -27,7 +27,7 @@ from .cuts import _NORMS, Mask, Slice, TPCut, _dim_size, expand, mask_group, ski
 from .errors import HpcpruneError
 from .structure import Skip, Structure, structure_of  # noqa: F401
 from .units import block_width as _block_width, layout_ops as _layout_ops, member_overflow as _member_overflow
-from .units import unit_count as _unit_count, unsupported_member as _unsupported_member
+from .units import runs_on as _runs_on, unit_count as _unit_count, unsupported_member as _unsupported_member
 from .tp_layers import customized_pruners, is_conv1d
 
 log = logging.getLogger(__name__)
@@ -204,6 +204,7 @@ class Graph:
                 except GraphError:
                     raise
                 except Exception as e:
+                    _runs_on(model, example_input, GraphError)
                     raise GraphError(f"groups: Torch-Pruning cannot trace {type(model).__name__} ({type(e).__name__}: "
                                      f"{_first_line(e)}); the model's forward must run on the data's example input "
                                      "with autograd (no torch.no_grad() inside), or set groups.kinds=[heads, block] "

@@ -116,3 +116,17 @@ def layout_ops(group: Any) -> list[str]:
         grad_fn = str(getattr(node, "_grad_fn", ""))  # the autograd node's name, e.g. "PixelShuffleBackward0"
         found += [text for key, text in _LAYOUT_OPS.items() if grad_fn.startswith(key)]
     return list(dict.fromkeys(found))
+
+
+def runs_on(model: nn.Module, example_input: Any, error: type[Exception]) -> None:
+    """``error`` (one line) when ``model`` does not run on ``example_input`` at all (a shape that does
+    not fit, a bug in its forward): that, not Torch-Pruning's trace, is then what to fix."""
+    try:
+        with torch.no_grad():
+            model(*example_input) if isinstance(example_input, (tuple, list)) else model(example_input)
+    except Exception as e:
+        shape = tuple(example_input.shape) if isinstance(example_input, torch.Tensor) else type(example_input).__name__
+        why = str(e).strip().splitlines()[0] if str(e).strip() else ""
+        raise error(f"groups: {type(model).__name__} does not run on the data's example input {shape} "
+                    f"({type(e).__name__}: {why}); check that the model and the data fit (input size, channels, "
+                    "classes)") from e
