@@ -170,11 +170,14 @@ class LocalSlot:
 def local_slots(cfg: Any, run_dir: str, cores: int) -> int:
     """How many points of a multirun on the local submitit launcher run at once: ``local_parallelism``,
     else (0) this machine's ``cores`` divided by the threads a point uses (``threads``; 0 = every
-    core, so one point at a time). At least 1."""
+    core, so one point at a time, unless ``OMP_NUM_THREADS`` caps it). At least 1."""
     n = int(cfg.get("local_parallelism", 0) or 0)
     if n > 0:
         return n
     threads = int(cfg.threads)
+    omp = os.environ.get("OMP_NUM_THREADS", "")
+    if threads <= 0 and omp.isdigit() and int(omp) > 0:  # threads=0 is capped by OMP_NUM_THREADS (World.set_threads)
+        threads = int(omp)
     return max(1, cores // threads) if threads > 0 else 1
 
 

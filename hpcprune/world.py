@@ -136,11 +136,15 @@ class World:
         """Torch intra-op threads: ``threads`` or, when 0, this rank's share of its CPUs: all of them
         when the launcher bound each rank to its own CPUs (``srun --cpu-bind``, ``mpiexec -bind-to``),
         divided by the ranks sharing them otherwise; with ``alone`` (the other ranks sleep meanwhile)
-        every CPU this process may use."""
+        every CPU this process may use. ``OMP_NUM_THREADS``, when set, caps what 0 chooses (a shared
+        node's user or a job script that asked for fewer)."""
         import torch
 
         if threads <= 0:
             threads = self.cores() if alone else max(1, self.cores() // self.sharing)
+            omp = os.environ.get("OMP_NUM_THREADS", "")
+            if omp.isdigit() and int(omp) > 0:
+                threads = min(threads, int(omp))
         torch.set_num_threads(threads)
         return threads
 

@@ -135,7 +135,10 @@ def test_local_slots_hold_a_local_multirun_to_its_cpus(tmp_path, monkeypatch):
     from hpcprune.reuse import LocalSlot, local_slot, local_slots
 
     cfg = OmegaConf.create({"local_parallelism": 0, "threads": 1, "cache_dir": None})
+    monkeypatch.delenv("OMP_NUM_THREADS", raising=False)
     assert local_slots(cfg, "", 2) == 2 and local_slots(OmegaConf.merge(cfg, {"threads": 0}), "", 2) == 1
+    monkeypatch.setenv("OMP_NUM_THREADS", "1")  # threads=0 capped at 1 thread per point
+    assert local_slots(OmegaConf.merge(cfg, {"threads": 0}), "", 2) == 2
     assert local_slots(OmegaConf.merge(cfg, {"local_parallelism": 3}), "", 2) == 3
     (tmp_path / "multirun.yaml").write_text("{}")
     monkeypatch.setenv("SUBMITIT_EXECUTOR", "local")
