@@ -30,6 +30,7 @@ from typing import Any
 import torch
 
 from .config import RESUME_IGNORED, flat
+from .slots import shared_dirs
 
 log = logging.getLogger("hpcprune.stages")
 
@@ -81,14 +82,6 @@ def dense_key(cfg: Any) -> str:
     return _key("dense", {"model": cfg.model, "data": cfg.data, "baseline": train, "seed": cfg.seed})
 
 
-def shared_dirs(cfg: Any, run_dir: str) -> tuple[str | None, str | None]:
-    """(the cache directory, or None; the multirun directory this run belongs to, or None)."""
-    cache = str(cfg.cache_dir) if cfg.get("cache_dir") else None
-    parent = os.path.dirname(os.path.abspath(run_dir))
-    multirun = parent if os.path.isfile(os.path.join(parent, "multirun.yaml")) else None
-    return cache, multirun
-
-
 class Claim:
     """The lock of ``kind``/``key`` in the shared directory (the cache, else the multirun's directory;
     nothing to lock without either), held while this run computes it: :meth:`acquire` waits,
@@ -125,70 +118,6 @@ class Claim:
             fcntl.flock(self.fh, fcntl.LOCK_UN)
             self.fh.close()
             self.fh = None
-
-
-class LocalSlot:
-    """One of ``n`` run slots of a multirun whose points are processes on one machine (Hydra's
-    ``submitit_local`` launcher starts every point at once): :meth:`acquire` waits, sleeping, until
-    fewer than ``n`` points of the sweep run, so that ``n`` points share the CPUs instead of all of
-    them time-slicing every core. Twelve one-thread points on 2 cores each took 3-5x the CPU
-    seconds of the same point alone (caches refilled at every switch), and the sweep as a whole
-    ran slower than the points one after the other. ``n`` files ``.hpcprune-slot-<i>.lock`` in the
-    multirun directory, held with ``flock`` (the operating system drops a dead point's slot)."""
-
-    def __init__(self, multirun: str, n: int) -> None:
-        self.paths = [os.path.join(multirun, f".hpcprune-slot-{i}.lock") for i in range(max(1, n))]
-        self.fh: Any = None
-
-    def acquire(self, poll_s: float = 0.5) -> "LocalSlot":
-        t0, said = time.monotonic(), None
-        while True:
-            for path in self.paths:
-                fh = open(path, "a+")
-                try:
-                    fcntl.flock(fh, fcntl.LOCK_EX | fcntl.LOCK_NB)
-                    self.fh = fh
-                    if said is not None:
-                        log.info("multirun: a slot is free after %.0f s (%s)", time.monotonic() - t0, path)
-                    return self
-                except BlockingIOError:
-                    fh.close()
-            now = time.monotonic()
-            if said is None or now - said >= 60:
-                log.info("multirun: %d point(s) of this sweep already run on this machine (local_parallelism): "
-                         "waiting for one to end (%.0f s)", len(self.paths), now - t0)
-                said = now
-            time.sleep(poll_s)
-
-    def release(self) -> None:
-        if self.fh is not None:
-            fcntl.flock(self.fh, fcntl.LOCK_UN)
-            self.fh.close()
-            self.fh = None
-
-
-def local_slots(cfg: Any, run_dir: str, cores: int) -> int:
-    """How many points of a multirun on the local submitit launcher run at once: ``local_parallelism``,
-    else (0) this machine's ``cores`` divided by the threads a point uses (``threads``; 0 = every
-    core, so one point at a time, unless ``OMP_NUM_THREADS`` caps it). At least 1."""
-    n = int(cfg.get("local_parallelism", 0) or 0)
-    if n > 0:
-        return n
-    threads = int(cfg.threads)
-    omp = os.environ.get("OMP_NUM_THREADS", "")
-    if threads <= 0 and omp.isdigit() and int(omp) > 0:  # threads=0 is capped by OMP_NUM_THREADS (World.set_threads)
-        threads = int(omp)
-    return max(1, cores // threads) if threads > 0 else 1
-
-
-def local_slot(cfg: Any, run_dir: str, cores: int) -> LocalSlot | None:
-    """The slot this run must hold (:class:`LocalSlot`), when it is a point of a multirun run as a
-    local submitit job (``SUBMITIT_EXECUTOR=local``); None otherwise (Hydra's basic launcher runs the
-    points one after the other; on Slurm the scheduler shares the nodes)."""
-    _, multirun = shared_dirs(cfg, run_dir)
-    if multirun is None or os.environ.get("SUBMITIT_EXECUTOR") != "local":
-        return None
-    return LocalSlot(multirun, local_slots(cfg, run_dir, cores))
 
 
 def _siblings(multirun: str | None, run_dir: str) -> list[str]:

@@ -326,22 +326,23 @@ def _setup_logging(world: World, run_dir: str) -> None:
 
 def _task(cfg: Any) -> None:
     from hydra.core.hydra_config import HydraConfig
+    from hydra.types import RunMode
 
-    from . import pipeline, reuse
+    from . import slots
 
     world = _WORLD or World.from_env()
     run_dir = HydraConfig.get().runtime.output_dir
     _setup_logging(world, run_dir)
+    multirun = HydraConfig.get().mode == RunMode.MULTIRUN and world.size == 1
+    slot = slots.local_slot(cfg, run_dir, world.cores()) if multirun else None
+    if slot is not None:
+        slot.acquire()  # at most local_parallelism points of a local multirun at once; before torch is imported
+    from . import pipeline
+
     accept = (lambda: _write_hydra_dir(cfg, run_dir)) if (_WRITE_HYDRA_DIR and world.is_main) else None
     # any error ends every rank with one line "hpcprune: error: ..." and a non-zero exit: 2 when rank 0
     # refuses the run before it starts, 1 from a stage; a user's error (HpcpruneError) is that line,
     # anything else is a bug and keeps its traceback in sweep.log (run_guarded)
-    from hydra.types import RunMode
-
-    multirun = HydraConfig.get().mode == RunMode.MULTIRUN and world.size == 1
-    slot = reuse.local_slot(cfg, run_dir, world.cores()) if multirun else None
-    if slot is not None:
-        slot.acquire()  # at most local_parallelism points of a local multirun at once
     try:
         rc = run_guarded(world, lambda: pipeline.run(cfg, world, run_dir, on_accept=accept))
     except SystemExit as e:  # run_guarded ends a failed run's process (every rank: MPI_Abort)

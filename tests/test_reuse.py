@@ -132,7 +132,7 @@ def test_local_slots_hold_a_local_multirun_to_its_cpus(tmp_path, monkeypatch):
 
     from omegaconf import OmegaConf
 
-    from hpcprune.reuse import LocalSlot, local_slot, local_slots
+    from hpcprune.slots import LocalSlot, local_slot, local_slots
 
     cfg = OmegaConf.create({"local_parallelism": 0, "threads": 1, "cache_dir": None})
     monkeypatch.delenv("OMP_NUM_THREADS", raising=False)
