@@ -66,7 +66,8 @@ def test_searchpath_in_primary_config(tmp_path):
 @pytest.mark.parametrize("argv,needle", [
     (["--config-name", "nope"], "--config-name nope: no such primary config"),
     (["seed=[1,"], "seed=[1,: not a valid override"),
-    (["nokey=3"], "Could not override 'nokey'"),
+    (["nokey=3"], "nokey=3: no such key 'nokey' in the config"),
+    (["prune.taget.macs=0.4"], "no such key 'prune.taget.macs' in the config; did you mean prune.target.macs"),
     (["--config-dir", "/nonexistent/conf", "model=x"], "--config-dir /nonexistent/conf: no such directory"),
     (["model=custom"], "model._target_ is not set"),
     (["+experiment=nope"], "unknown experiment 'nope'"),
