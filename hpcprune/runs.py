@@ -7,7 +7,6 @@ beside the run file, or the referenced dense checkpoint; schema 1: datasets insi
 """
 from __future__ import annotations
 
-import os
 from typing import Any
 
 import torch
@@ -95,24 +94,3 @@ def ignore_names(model: nn.Module, ignore: list[str]) -> list[str]:
     extra += structure_of(model).ignore
     return list(dict.fromkeys([*ignore, *extra]))
 
-
-def sweep_outcome(sweep_dir: str, since: float) -> tuple[list[str], list[str]]:
-    """(completed, failed) run directories of the multirun in ``sweep_dir`` whose points started at
-    or after ``since`` (their sweep.log): failed = no run file, or one whose status is not complete."""
-    import h5py
-
-    done: list[str] = []
-    failed: list[str] = []
-    for d in sorted(os.listdir(sweep_dir) if os.path.isdir(sweep_dir) else [], key=lambda n: (len(n), n)):
-        path = os.path.join(sweep_dir, d)
-        logfile = os.path.join(path, "sweep.log")
-        if not os.path.isfile(logfile) or os.path.getmtime(logfile) < since:
-            continue
-        status = ""
-        try:
-            with h5py.File(os.path.join(path, "run.h5"), "r") as f:
-                status = str(f.attrs.get("status", ""))
-        except OSError:  # no run file: refused before it was made
-            pass
-        (done if status == "complete" else failed).append(path)
-    return done, failed

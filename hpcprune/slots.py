@@ -1,5 +1,5 @@
-"""Where the runs of one sweep meet (the cache directory, the multirun's directory), and the slots
-that hold a local multirun to its machine's CPUs. No torch import: a point takes its slot before it
+"""Where the runs of one sweep meet (the cache directory, the multirun's directory), the slots
+that hold a local multirun to its machine's CPUs, and what its points came to. No torch import: a point takes its slot before it
 loads anything heavy (twelve points importing torch at once slowed the running ones)."""
 from __future__ import annotations
 
@@ -82,3 +82,25 @@ def local_slot(cfg: Any, run_dir: str, cores: int) -> LocalSlot | None:
     if multirun is None or os.environ.get("SUBMITIT_EXECUTOR") != "local":
         return None
     return LocalSlot(multirun, local_slots(cfg, run_dir, cores))
+
+
+def sweep_outcome(sweep_dir: str, since: float) -> tuple[list[str], list[str]]:
+    """(completed, failed) run directories of the multirun in ``sweep_dir`` whose points started at
+    or after ``since`` (their sweep.log): failed = no run file, or one whose status is not complete."""
+    import h5py
+
+    done: list[str] = []
+    failed: list[str] = []
+    for d in sorted(os.listdir(sweep_dir) if os.path.isdir(sweep_dir) else [], key=lambda n: (len(n), n)):
+        path = os.path.join(sweep_dir, d)
+        logfile = os.path.join(path, "sweep.log")
+        if not os.path.isfile(logfile) or os.path.getmtime(logfile) < since:
+            continue
+        status = ""
+        try:
+            with h5py.File(os.path.join(path, "run.h5"), "r") as f:
+                status = str(f.attrs.get("status", ""))
+        except OSError:  # no run file: refused before it was made
+            pass
+        (done if status == "complete" else failed).append(path)
+    return done, failed

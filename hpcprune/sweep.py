@@ -397,7 +397,7 @@ def main() -> None:
 
     import hydra
 
-    from .runs import sweep_outcome
+    from .slots import sweep_outcome  # no torch: the driver of a submitit multirun does not import it
 
     hydra.main(config_path="conf", config_name="config", version_base=None)(_task)()
     if sweep_dir is not None and world.is_main:  # a multirun: which points completed, which did not
