@@ -156,13 +156,23 @@ def _forward_all(model: torch.nn.Module, batches: Sequence, hooks: list) -> None
 
 
 def _activation_scores(graph: Graph, batches: Sequence, reduce: Callable) -> dict[str, torch.Tensor]:
-    """mean |activation| of each channel at the group's first producing layer x that layer's
-    output-weight norm (Wanda-style: small weights on large activations still matter). For a head
-    group, the attention output entering the output projection, per channel x the norm of the
-    projection's column, summed over each unit's channels."""
+    """Activation-aware scores (Wanda, Sun et al. 2023, "A Simple and Effective Pruning Approach for
+    Large Language Models"; structured as Wanda-sp in FLAP, An et al. 2024): small weights on large
+    activations still matter.
+
+    - A head group, and a neuron group read by exactly one linear layer (an MLP's down projection):
+      where the units *enter* that consumer, ``||x_j||_2 / sqrt(n) * ||W[:, j]||_2`` per input channel
+      ``j`` (the RMS of the channel over the calibration tokens times the norm of the consumer's
+      column), summed over a unit's channels. In a gated MLP this is the product ``act(gate) * up``
+      the down projection really reads, not one factor of it (scoring the gate's output instead left
+      SmolLM2-135M at perplexity 107.5 for 20 % removed, against 83.7 with this score).
+    - Every other group: mean |activation| of each channel at the group's root layer's output times
+      that layer's output-weight norm.
+    """
     modules = dict(graph.model.named_modules())
     groups = [g for g in graph.groups if g.kind != "block"]
     o_of = {g.name: next(m for m in g.members if not m.out) for g in groups if g.kind == "heads"}  # the output projection
+    o_of.update({g.name: m for g in groups if g.kind == "neurons" and (m := _sole_linear_consumer(g, modules))})
     width = {g.name: (g.channels or g.size) if g.kind != "heads" else g.size * o_of[g.name].unit for g in groups}
     sums = {g.name: torch.zeros(width[g.name], dtype=torch.float64) for g in groups}
     counts = {g.name: 0.0 for g in groups}
@@ -170,7 +180,8 @@ def _activation_scores(graph: Graph, batches: Sequence, reduce: Callable) -> dic
 
     def add(name: str, t: torch.Tensor, ch_dim: int) -> None:
         dims = [d for d in range(t.dim()) if d != ch_dim]
-        sums[name] += t.detach().abs().double().sum(dim=dims).cpu()
+        v = t.detach().double()
+        sums[name] += (v.square() if name in o_of else v.abs()).sum(dim=dims).cpu()
         counts[name] += t.numel() / t.shape[ch_dim]
 
     def hook_for(name: str):
@@ -186,7 +197,7 @@ def _activation_scores(graph: Graph, batches: Sequence, reduce: Callable) -> dic
         return hook
 
     for g in groups:
-        if g.kind == "heads":  # the o projection's input
+        if g.name in o_of:  # the consumer's input: the o projection's, the down projection's
             hooks.append(modules[o_of[g.name].module].register_forward_pre_hook(pre_hook_for(g.name)))
         else:
             hooks.append(modules[g.name].register_forward_hook(hook_for(g.name)))
@@ -199,16 +210,30 @@ def _activation_scores(graph: Graph, batches: Sequence, reduce: Callable) -> dic
     for j, g in enumerate(groups):
         act = torch.from_numpy(flat[i : i + width[g.name]].copy()) / max(total[j], 1.0)
         i += width[g.name]
-        if g.kind == "heads":
+        if g.name in o_of:  # RMS of the consumer's input channel x the norm of its column
             om = modules[o_of[g.name].module]
             o = om.weight.detach().double().cpu()
-            out[g.name] = (act * o.norm(dim=weight_dims(om)[0])).reshape(g.size, -1).sum(dim=1)
+            out[g.name] = (act.sqrt() * o.norm(dim=weight_dims(om)[0])).reshape(g.size, -1).sum(dim=1)
         else:
             out[g.name] = graph.unit_scores(g, act * _out_weight_norm(modules[g.name]))
     for g in graph.groups:
         if g.kind == "block":
             out[g.name] = torch.ones(1, dtype=torch.float64)
     return out
+
+
+def _sole_linear_consumer(g: GroupInfo, modules: dict) -> Any:
+    """The one member that reads the neuron group's channels, when it is a ``nn.Linear`` or HF
+    ``Conv1D`` whose input features are the group's channels 1:1 (an MLP's down projection); else
+    None (several readers, a concat or flatten in between, a convolution)."""
+    readers = [m for m in g.members if not m.out]
+    if len(readers) != 1 or readers[0].chunks != 1 or readers[0].parts or readers[0].unit != 1:
+        return None
+    mod = modules[readers[0].module]
+    if not (isinstance(mod, torch.nn.Linear) or is_conv1d(mod)):
+        return None
+    width = g.channels or g.size
+    return readers[0] if mod.weight.shape[weight_dims(mod)[1]] == width and width == g.size else None
 
 
 def _out_weight_norm(mod: torch.nn.Module) -> torch.Tensor:
