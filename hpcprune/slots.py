@@ -62,8 +62,10 @@ class LocalSlot:
 
 def local_slots(cfg: Any, run_dir: str, cores: int) -> int:
     """How many points of a multirun on the local submitit launcher run at once: ``local_parallelism``,
-    else (0) this machine's ``cores`` divided by the threads a point uses (``threads``; 0 = every
-    core, so one point at a time, unless ``OMP_NUM_THREADS`` caps it). At least 1."""
+    else (0) this machine's ``cores`` divided by the CPUs a point uses: ``threads`` (0 = every core, so
+    one point at a time, unless ``OMP_NUM_THREADS`` caps it), times ``launcher.tasks`` when its
+    fine-tune is a local DDP job (those processes run on this machine too, and DDP ranks that share a
+    core wait on each other's all-reduce at every step). At least 1."""
     n = int(cfg.get("local_parallelism", 0) or 0)
     if n > 0:
         return n
@@ -71,7 +73,9 @@ def local_slots(cfg: Any, run_dir: str, cores: int) -> int:
     omp = os.environ.get("OMP_NUM_THREADS", "")
     if threads <= 0 and omp.isdigit() and int(omp) > 0:  # threads=0 is capped by OMP_NUM_THREADS (World.set_threads)
         threads = int(omp)
-    return max(1, cores // threads) if threads > 0 else 1
+    launcher = cfg.get("launcher") or {}
+    tasks = int(launcher.get("tasks", 1) or 1) if launcher.get("name") == "local" else 1
+    return max(1, cores // (threads * max(1, tasks))) if threads > 0 else 1
 
 
 def local_slot(cfg: Any, run_dir: str, cores: int) -> LocalSlot | None:

@@ -140,6 +140,10 @@ def test_local_slots_hold_a_local_multirun_to_its_cpus(tmp_path, monkeypatch):
     monkeypatch.setenv("OMP_NUM_THREADS", "1")  # threads=0 capped at 1 thread per point
     assert local_slots(OmegaConf.merge(cfg, {"threads": 0}), "", 2) == 2
     assert local_slots(OmegaConf.merge(cfg, {"local_parallelism": 3}), "", 2) == 3
+    # a local DDP fine-tune's tasks run on this machine too: 2 tasks x 1 thread = 2 CPUs a point
+    local = {"launcher": {"name": "local", "tasks": 2}}
+    assert local_slots(OmegaConf.merge(cfg, local), "", 2) == 1 and local_slots(OmegaConf.merge(cfg, local), "", 8) == 4
+    assert local_slots(OmegaConf.merge(cfg, {"launcher": {"name": "slurm", "tasks_per_node": 4}}), "", 2) == 2
     (tmp_path / "multirun.yaml").write_text("{}")
     monkeypatch.setenv("SUBMITIT_EXECUTOR", "local")
     assert isinstance(local_slot(cfg, str(tmp_path / "0"), 2), LocalSlot)
