@@ -269,6 +269,9 @@ def _check_reachable(cm: CostModel, targets: dict[str, float], max_ratio: float,
             raise BudgetError(
                 f"prune.target.{k}={t} cannot be met: with prune.max_ratio={max_ratio} on {what} "
                 f"the model keeps {best:.4f} of its {k} (best reachable value)"
+                + (f"; prune.round_to={round_to} keeps groups narrower than {round_to} whole and the others at "
+                   f"multiples of {round_to}: a smaller round_to (1: any width) reaches "
+                   f"{cm.fraction(k, full, 1):.4f}" if round_to > 1 and cm.fraction(k, full, 1) < best - 1e-12 else "")
             )
 
 

@@ -110,6 +110,8 @@ def _hint(graph: Graph, g: GroupInfo) -> str:
 
 def _drop(g: GroupInfo, max_ratio: float, round_to: int, seed: int) -> list[int]:
     n = g.size - n_keep(g, max_ratio, round_to)
+    if n == 0:  # round_to keeps the group whole, yet the cost model's probes and the cells cut it: check a cut anyway
+        n = g.size - n_keep(g, max_ratio, 1)
     if g.kind == "block":
         n = 1
     perm = torch.randperm(g.size, generator=torch.Generator().manual_seed(seed + 7919 * g.size))

@@ -31,6 +31,7 @@ SETTINGS = [
     "threads=1", "launcher=debug", "baseline.epochs=1", "finetune.epochs=0", "sensitivity.ratios=[0.3,0.7]",
     "sensitivity.bn_recalib_batches=0", "baseline.latency_repeats=1", "baseline.latency_batch=8",
     "prune.bn_recalib_batches=2", f"prune.target.macs={TARGET}", "data.calib_samples=64", "sensitivity.batch_size=32",
+    "prune.round_to=1",  # tiny widths (4-16): the structure, not the rounding, is under test
 ]
 # cases the groups stage refuses in one line, before any training: Torch-Pruning cannot trace them
 # (lstm2_bidir, tied_autoencoder), their only groups feed a recurrent layer (gru_seq, lstm_seq), are bare

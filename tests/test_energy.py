@@ -119,7 +119,7 @@ def test_energy_budget_missed_then_met_by_reallocation(tmp_path, dense_ckpt, mon
     d = tmp_path / "e"
     run = ["threads=1", "launcher=debug", "finetune.epochs=0", "sensitivity.ratios=[0.25,0.5,0.75]", "baseline.latency_repeats=1",
            "data.calib_samples=128", "prune.bn_recalib_batches=2", "prune.method=uniform", "prune.target.macs=null",
-           "prune.target.energy=0.6", f"checkpoint={dense_ckpt}"]
+           "prune.target.energy=0.6", "prune.round_to=1", f"checkpoint={dense_ckpt}"]
     assert sweep_in_process(d, *run) == 0
     with h5py.File(d / "run.h5") as f:
         assert f.attrs["status"] == "complete"

@@ -59,7 +59,7 @@ DATA = os.path.join(os.path.dirname(os.path.abspath(__file__)), "data")
 # the overrides the fixtures in tests/data were made with (see tests/data/README.md)
 V1_CONFIG = ["threads=1", "baseline.epochs=2", "finetune.epochs=1", "launcher=debug", "sensitivity.ratios=[0.3,0.6]",
              "baseline.latency_repeats=1", "baseline.latency_batch=8",
-             "model.widths=[16,32,64]"]  # the v1 files were made with the embedded default of their day
+             "model.widths=[16,32,64]", "prune.round_to=1"]  # the v1 files were made with the embedded default of their day
 
 
 def _new_run(tmp_path):

@@ -55,10 +55,13 @@ def allocate_ratios(ctx: Context, cfg: Any, rf: RunFile, targets: dict[str, floa
 def _check_damage(ctx: Context, cfg: Any, damage: np.ndarray, status: np.ndarray) -> np.ndarray:
     """NaN cells (the pruned model's output was NaN) are unusable: a group's curve ends before its
     first one (as after an early stop), so the allocator never picks or interpolates across it.
-    With no usable cell at all there is nothing to allocate from."""
+    With no usable cell at all there is nothing to allocate from (cells that cut nothing, a group
+    narrower than ``prune.round_to`` or a ratio it rounds away, measure the dense model: not usable)."""
     names = [g.name for g in ctx.graph.groups]
     nan = (status == DONE) & np.isnan(damage)
-    if nan.any() and not np.isfinite(damage).any():
+    ratios, round_to = [float(r) for r in cfg.sensitivity.ratios], int(cfg.prune.round_to)
+    cuts = np.array([[n_keep(g, r, round_to) < g.size for r in ratios] for g in ctx.graph.groups], bool).reshape(damage.shape)
+    if nan.any() and not np.isfinite(damage[cuts]).any():
         raise RuntimeError(f"prune.method=sensitivity: every sensitivity cell's calibration loss is NaN (the model outputs "
                            f"NaN once a group is pruned), nothing to allocate from; check the model or use prune.method=uniform")
     if nan.any():
