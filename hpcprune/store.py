@@ -20,6 +20,7 @@ import hashlib
 import io
 import json
 import os
+import re
 import time
 from collections import OrderedDict
 from typing import Any, Iterator
@@ -304,7 +305,13 @@ def save_safetensors(path: str, state: dict[str, Any]) -> tuple[int, str]:
     info = {"keys": list(state), "aliases": aliases, "metadata": dict(meta) if meta is not None else None}
     tmp = path + ".tmp"
     try:
-        save_file(tensors, tmp, metadata={"format": "pt", _META_KEY: json.dumps(info, default=str)})
+        try:
+            save_file(tensors, tmp, metadata={"format": "pt", _META_KEY: json.dumps(info, default=str)})
+        except Exception as e:  # safetensors' own SafetensorError: "I/O error: No space left on device (os error 28)"
+            code = re.search(r"os error (\d+)", str(e))
+            if code is None:
+                raise
+            raise OSError(int(code.group(1)), os.strerror(int(code.group(1)))) from e
         h = hashlib.sha256()
         with open(tmp, "rb") as fh:
             for chunk in iter(lambda: fh.read(1 << 24), b""):
