@@ -415,6 +415,7 @@ def parse():
     ap.add_argument("--sens-npz", default=None, help="keep the sensitivity matrix here; reuse it if it exists")
     ap.add_argument("--order", choices=("activation", "wanda"), default="activation",
                     help="hpcprune's order (and its sensitivity grid): its activation criterion, or Wanda-sp's (only hpcprune rows)")
+    ap.add_argument("--skip-peers", action="store_true", help="only hpcprune's rows (e.g. to try another --ratios grid)")
     ap.add_argument("--diagnose", action="store_true", help="instead of the peers: hpcprune's allocation with "
                     "Wanda-sp's order, hpcprune's activation order at a uniform allocation, hpcprune + FLAP's bias")
     ap.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
@@ -472,7 +473,7 @@ def main():
         for label, kinds in (("hpcprune default", ("neurons", "heads", "block")), ("hpcprune width", ("neurons", "heads"))):
             plan = hpcprune_plan(graph, model, example, sens, act, kinds, target, args.ratios)
             results.append(run_row(ctx, label + ("" if args.order == "activation" else f" ({args.order} order)"), remove, plan))
-        if args.order != "activation":
+        if args.order != "activation" or args.skip_peers:
             continue
         flap = b.global_rank(*scores["flap"])
         results.append(run_row(ctx, "FLAP", remove, to_plan(graph, flap), flap_bias(model, flap, means), peer_s["stats_s"]))
@@ -503,6 +504,10 @@ def diagnose(ctx, graph, sens, act, scores, means):
         b = Budget(model, ctx["nonemb"], remove)
         target = 1.0 - remove * ctx["nonemb"] / ctx["total"]
         rows.append(run_row(ctx, "uniform, hpcprune activation", remove, to_plan(graph, b.uniform(*hp_scores, range(L)))))
+        z = [torch.stack(s) for s in hp_scores]  # FLAP's allocation (per-layer standardized, one global ranking) on hpcprune's scores
+        z = [(s - s.mean(1, keepdim=True)) / s.std(1, keepdim=True) for s in z]
+        rows.append(run_row(ctx, "FLAP alloc, hpcprune activation", remove,
+                            to_plan(graph, b.global_rank([z[0][i] for i in range(L)], [z[1][i] for i in range(L)]))))
         plan = hpcprune_plan(graph, model, ctx["example"], sens, {**act, **wanda}, ("neurons", "heads", "block"), target, args.ratios)
         rows.append(run_row(ctx, "hpcprune alloc, Wanda-sp order", remove, plan))
         plan = hpcprune_plan(graph, model, ctx["example"], sens, act, ("neurons", "heads", "block"), target, args.ratios)
