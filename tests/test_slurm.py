@@ -271,7 +271,7 @@ def test_requeued_finetune_resumes(slurm_run, tmp_path):
     `scontrol requeue` (killed and restarted with no warning). It resumes from its checkpoint each
     time and ends with the same history and weights as an uninterrupted fine-tune run beside it."""
     assert slurm_run["rc"] == 0, "the whole-pipeline sweep failed"
-    epochs = 12
+    epochs = 8  # two interruptions, each after a checkpoint of its own run, and epochs left after both
     over = [*OVERRIDES, f"finetune.epochs={epochs}", "resume.force=true"]
     ref_dir = without_finetune(slurm_run["run_dir"], tmp_path / "reference")
     req_dir = without_finetune(slurm_run["run_dir"], tmp_path / "requeued")
