@@ -8,3 +8,20 @@ def test_threads_share_only_the_cpus_a_rank_shares():
     assert sharing([0, 1, 2, 3], [[0, 1, 2, 3], [4, 5, 6, 7]]) == 1  # srun --cpu-bind: 4 threads each
     assert sharing([0, 1], [[0, 1], [1, 2], [5]]) == 2
     assert sharing([0], []) == 1
+
+
+def test_finetune_threads_follow_the_config(monkeypatch):
+    """The fine-tune job's torch threads: the config's ``threads`` when > 0 (it was ignored: a
+    ``threads=1`` run fine-tuned on every core), else the CPUs / local tasks, capped by OMP_NUM_THREADS."""
+    import os
+
+    from hpcprune.finetune import _threads
+
+    monkeypatch.delenv("SUBMITIT_EXECUTOR", raising=False)
+    monkeypatch.delenv("OMP_NUM_THREADS", raising=False)
+    cores = len(os.sched_getaffinity(0))
+    assert _threads({"config": {"threads": 1}, "local_tasks": 1}, 1) == 1
+    assert _threads({"config": {"threads": 3}, "local_tasks": 2}, 2) == 3
+    assert _threads({"config": {"threads": 0}, "local_tasks": 1}, 1) == cores
+    monkeypatch.setenv("OMP_NUM_THREADS", "1")
+    assert _threads({"config": {"threads": 0}, "local_tasks": 1}, 1) == 1
