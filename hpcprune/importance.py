@@ -165,7 +165,8 @@ def _activation_scores(graph: Graph, batches: Sequence, reduce: Callable) -> dic
       ``j`` (the RMS of the channel over the calibration tokens times the norm of the consumer's
       column), summed over a unit's channels. In a gated MLP this is the product ``act(gate) * up``
       the down projection really reads, not one factor of it (scoring the gate's output instead left
-      SmolLM2-135M at perplexity 107.5 for 20 % removed, against 83.7 with this score).
+      SmolLM2-135M at perplexity 107.5 for 20 % removed, against 82.7 with this score;
+      benchmarks/results/llm_peers_cpu.log).
     - Every other group: mean |activation| of each channel at the group's root layer's output times
       that layer's output-weight norm.
     """

@@ -110,7 +110,7 @@ def _hint(graph: Graph, g: GroupInfo) -> str:
 
 def _drop(g: GroupInfo, max_ratio: float, round_to: int, seed: int) -> list[int]:
     n = g.size - n_keep(g, max_ratio, round_to)
-    if n == 0:  # round_to keeps the group whole, yet the cost model's probes and the cells cut it: check a cut anyway
+    if n == 0:  # round_to keeps the group whole, yet the cost model's probes cut it (to half and N-1 units): check a cut anyway
         n = g.size - n_keep(g, max_ratio, 1)
     if g.kind == "block":
         n = 1
