@@ -255,6 +255,19 @@ class Graph:
                 infos.append(info)
         return infos
 
+    def _refusal(self, group: Any, members: list[Member], root_channels: int, overflow: str) -> str:
+        """Why hpcprune cannot cut this group correctly ('' when it can): a member it cannot cut in
+        place, channels mapped past a member's end, a parameter tied across the group's boundary."""
+        unsupported = _unsupported_member(self.by_name, members)
+        if unsupported:
+            return unsupported
+        if overflow:  # the cut could only fail (or, for a tensor op, index out of bounds)
+            ops = _layout_ops(group)
+            return (f"Torch-Pruning maps its {root_channels} channels onto {overflow}"
+                    + (f": it passes them 1:1 through {'; '.join(ops)}" if ops else ""))
+        tied = self._tied_across(group)
+        return f"it would cut parameter {tied} (tied weights would come apart)" if tied else ""
+
     def _info(self, name: str, root: nn.Module, group: Any) -> GroupInfo | None:
         """A Torch-Pruning group as plain data, or None (and an ``excluded`` entry) when hpcprune
         cannot cut it correctly."""
@@ -296,18 +309,9 @@ class Graph:
             self.excluded.append(Excluded(name, types, "its layers split the channels into blocks (grouped convolution, "
                                           "GroupNorm, attention heads) that no cut of whole units keeps equal"))
             return None
-        unsupported = _unsupported_member(self.by_name, members)
-        if unsupported:
-            self.excluded.append(Excluded(name, types, unsupported))
-            return None
-        if overflow:  # the cut could only fail (or, for a tensor op, index out of bounds)
-            ops = _layout_ops(group)
-            self.excluded.append(Excluded(name, types, f"Torch-Pruning maps its {root_channels} channels onto {overflow}"
-                                          + (f": it passes them 1:1 through {'; '.join(ops)}" if ops else "")))
-            return None
-        tied = self._tied_across(group)
-        if tied:
-            self.excluded.append(Excluded(name, types, f"it would cut parameter {tied} (tied weights would come apart)"))
+        reason = self._refusal(group, members, root_channels, overflow)
+        if reason:
+            self.excluded.append(Excluded(name, types, reason))
             return None
         # named after its first output member in model order (stable across processes and runs)
         name = next((m.module for m in members if m.out and m.module in self.by_name), name)

@@ -205,9 +205,17 @@ def _activation_scores(graph: Graph, batches: Sequence, reduce: Callable) -> dic
     _forward_all(graph.model, batches, hooks)
     names = [g.name for g in groups]
     flat = reduce(np.concatenate([sums[n].numpy() for n in names] + [np.array([counts[n] for n in names])]))
+    return _activation_finish(graph, groups, o_of, width, flat, modules)
+
+
+def _activation_finish(graph: Graph, groups: list, o_of: dict, width: dict, flat: np.ndarray,
+                       modules: dict) -> dict[str, torch.Tensor]:
+    """Per-unit scores from the all-reduced sums (``flat``: every group's channel sums, then one count
+    per group): RMS x consumer column norm where ``o_of`` names a consumer, else mean |x| x the
+    root's output-weight norm; a block group scores 1."""
     out: dict[str, torch.Tensor] = {}
     i = 0
-    total = flat[-len(names):]
+    total = flat[-len(groups):]
     for j, g in enumerate(groups):
         act = torch.from_numpy(flat[i : i + width[g.name]].copy()) / max(total[j], 1.0)
         i += width[g.name]
