@@ -21,8 +21,9 @@ from conftest import LEAN, Job, fault_env, ok, ov, rank_pid, read_done, run, swe
 pytestmark = [pytest.mark.faults, pytest.mark.mpi, pytest.mark.slow]
 
 CALIB_BATCHES = 128  # data.calib_samples / sensitivity.batch_size: forward calls per cell
-# rank 1 raises inside its third cell: the dense calibration pass and two cells come first
-FAIL_AFTER = CALIB_BATCHES * 3 + CALIB_BATCHES // 2
+# rank 1 raises inside its fourth cell: the dense calibration pass and three cells come first (a whole group
+# of 3 ratios can be one chunk, reported when done: raising in the third left no cell gathered in 1 of 4 runs)
+FAIL_AFTER = CALIB_BATCHES * 4 + CALIB_BATCHES // 2
 
 
 # a team of 2 (ranks 1 and 2; rank 0 dispatches): each member evaluates half of each cell's batches,
