@@ -56,17 +56,16 @@ def _threads(spec: dict[str, Any], world: int) -> int:
     (The config's ``threads`` used to be looked up under a key the spec never had: a ``threads=1``
     run fine-tuned on every core, and two such runs on 2 cores -- a local multirun's points, pytest's
     workers -- ran their OpenMP threads against each other, each epoch 5-9x slower.)"""
-    threads = int(spec.get("threads", 0) or (spec.get("config") or {}).get("threads", 0) or 0)
+    from .world import omp_cap
+
+    threads = int(spec["config"].get("threads", 0) or 0)
     if threads > 0:
         return threads
     cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
     per_task = os.environ.get("SLURM_CPUS_PER_TASK", "")
     if os.environ.get("SUBMITIT_EXECUTOR") == "slurm" and per_task.isdigit() and int(per_task) > 0:
-        threads = min(cores, int(per_task))
-    else:
-        threads = max(1, cores // max(1, int(spec.get("local_tasks", world))))
-    omp = os.environ.get("OMP_NUM_THREADS", "")
-    return min(threads, int(omp)) if omp.isdigit() and int(omp) > 0 else threads
+        return omp_cap(min(cores, int(per_task)))
+    return omp_cap(max(1, cores // max(1, int(spec.get("local_tasks", world)))))
 
 
 # DDP rendezvous ports: below Linux's default ephemeral range (32768-60999), where any outgoing

@@ -69,13 +69,12 @@ def local_slots(cfg: Any, run_dir: str, cores: int) -> int:
     n = int(cfg.get("local_parallelism", 0) or 0)
     if n > 0:
         return n
-    threads = int(cfg.threads)
-    omp = os.environ.get("OMP_NUM_THREADS", "")
-    if threads <= 0 and omp.isdigit() and int(omp) > 0:  # threads=0 is capped by OMP_NUM_THREADS (World.set_threads)
-        threads = int(omp)
+    from .world import omp_cap  # no torch
+
+    threads = int(cfg.threads) if int(cfg.threads) > 0 else omp_cap(cores)  # 0: every core, unless capped
     launcher = cfg.get("launcher") or {}
     tasks = int(launcher.get("tasks", 1) or 1) if launcher.get("name") == "local" else 1
-    return max(1, cores // (threads * max(1, tasks))) if threads > 0 else 1
+    return max(1, cores // (threads * max(1, tasks)))
 
 
 def local_slot(cfg: Any, run_dir: str, cores: int) -> LocalSlot | None:

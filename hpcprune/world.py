@@ -42,6 +42,14 @@ class MPIMismatch(HpcpruneError, RuntimeError):
     """The MPI launcher and mpi4py's MPI library disagree on the world size."""
 
 
+
+def omp_cap(threads: int) -> int:
+    """``threads`` capped by ``OMP_NUM_THREADS`` when it is set (a shared node's user or a job script
+    that asked for fewer): what ``threads=0`` resolves to everywhere (ranks, fine-tune tasks, local
+    multirun slots)."""
+    omp = os.environ.get("OMP_NUM_THREADS", "")
+    return min(threads, int(omp)) if omp.isdigit() and int(omp) > 0 else threads
+
 class World:
     """Rank and size of this process; a single-process world when not under an MPI launcher."""
 
@@ -141,10 +149,7 @@ class World:
         import torch
 
         if threads <= 0:
-            threads = self.cores() if alone else max(1, self.cores() // self.sharing)
-            omp = os.environ.get("OMP_NUM_THREADS", "")
-            if omp.isdigit() and int(omp) > 0:
-                threads = min(threads, int(omp))
+            threads = omp_cap(self.cores() if alone else max(1, self.cores() // self.sharing))
         torch.set_num_threads(threads)
         return threads
 
