@@ -203,6 +203,26 @@ def find_dense(cfg: Any, run_dir: str, key: str) -> tuple[str, Any] | None:
     return None
 
 
+def dense_evaluation(source: str, device: str, metric: str) -> dict[str, Any] | None:
+    """The dense evaluation (``metric``, ``loss``, ``macs``) a sibling run file ``source`` recorded for
+    the dense model this run read from it: the same weights (its ``@dense_key``), data (in the key)
+    and example input give the same numbers when evaluated on the same kind of ``device`` with the
+    same ``metric``; None otherwise (a cache file holds weights only). Latency and energy are never
+    reused: they are measured in each run's own conditions."""
+    import h5py
+
+    if not source.endswith(".h5") or not os.path.isfile(source):
+        return None
+    try:
+        with h5py.File(source, "r") as f:
+            a = dict(f["baseline"].attrs)
+    except (OSError, KeyError):
+        return None
+    if str(a.get("latency_device", "")) != device or str(a.get("metric_name", "")) != metric:
+        return None
+    return {"metric": float(a["metric"]), "loss": float(a["loss"]), "macs": int(a["macs"])}
+
+
 def publish_dense(cfg: Any, state: dict[str, Any], key: str) -> None:
     """Put a dense model trained here into the cache directory, if set."""
     from .store import save_safetensors

@@ -66,6 +66,8 @@ def test_multirun_computes_the_grid_once_and_goes_on_past_failed_points(tmp_path
             if i:
                 gi, si, bi = _grid(sweep / str(i) / "run.h5")
                 assert si["source"] == first and bi["source"] == first and si["key"] == s0["key"]
+                assert [bi[k] for k in ("metric", "loss", "macs")] == [b0[k] for k in ("metric", "loss", "macs")]
+                assert bi["eval_source"] == first and b0["eval_source"] == ""
                 for k in g0:
                     np.testing.assert_array_equal(g0[k], gi[k])
         else:
@@ -75,6 +77,8 @@ def test_multirun_computes_the_grid_once_and_goes_on_past_failed_points(tmp_path
     with h5py.File(tmp_path / "solo" / "run.h5", "r") as a, h5py.File(sweep / "5" / "run.h5", "r") as b:
         for k in ("metric", "macs_kept", "params_kept"):
             assert a["final"].attrs[k] == b["final"].attrs[k], k
+        for k in ("metric", "loss", "macs"):  # evaluated alone; read from run 0 in the sweep
+            assert a["baseline"].attrs[k] == b["baseline"].attrs[k], k
     # the sweep's report: which runs share a grid, which are on the front
     from hpcprune.report import label_runs, load_run, mark_sweep
 
