@@ -155,10 +155,14 @@ class Sweep:
         return stage in self.rf.done_stages()
 
     def _print_summary(self) -> None:
-        from .report import format_table, summarize
+        from .report import format_table, load_run, mark_sweep
 
-        row = summarize(self.rf.path)
-        print(format_table([row]), flush=True)
+        run = load_run(self.rf.path)
+        run.label = "-"
+        mark_sweep([run])  # front and sens grid as `hpcprune.report` shows them for this one run
+        if run.row.get("grid") not in (None, "own", "cache"):
+            run.row["grid"] = "reused"  # from another run of the sweep (/sensitivity@source says which)
+        print(format_table([run.row]), flush=True)
         print(f"run file: {self.rf.path}", flush=True)
 
     # ---- before the stages: rank 0 accepts or refuses the run ---------------------------------------
@@ -230,6 +234,23 @@ class Sweep:
             raise ConfigError(f"hydra.run.dir={self.run_dir}: {free / 2**20:.1f} MiB free on its file system, the run needs "
                               f"about {need / 2**20:.1f} MiB (run file, its temporary copy, fine-tune checkpoint)")
         self.arch_model = model  # the groups stage verifies this instance (no second build of a large model)
+        self._check_batches()
+
+    def _check_batches(self) -> None:
+        """Rank 0: every training epoch has at least one whole batch (both loaders drop the last
+        partial one), else a stage would train on nothing, after all the compute before it."""
+        from .launch import num_tasks
+
+        n = len(self.data.train)
+        tasks = num_tasks(self.cfg.launcher)
+        checks = [("finetune", int(self.cfg.finetune.epochs), int(self.cfg.finetune.batch_size) * tasks, f" on {tasks} DDP task(s)")]
+        if not self.cfg.checkpoint:
+            checks.append(("baseline", int(self.cfg.baseline.epochs), int(self.cfg.baseline.batch_size), ""))
+        for stage, epochs, need, where in checks:
+            if epochs > 0 and n < need:
+                raise ConfigError(f"{stage}.batch_size={self.cfg[stage].batch_size}: the training set's {n} samples make no "
+                                  f"whole batch{where} (the last partial batch is dropped); lower {stage}.batch_size "
+                                  f"or give the data more samples")
 
     def _check_resume(self, resolved: str) -> None:
         stored = flat(OmegaConf.to_container(OmegaConf.create(self.rf.attrs()["config"])))

@@ -290,7 +290,7 @@ def _fmt(v: Any, key: str = "") -> str:
             return f"{v:.1f}"
         if key == "energy":  # joules per sample: 3 significant digits at any scale
             return f"{v:.3g}"
-        return f"{v:.4f}" if abs(v) < 10 else f"{v:.1f}"
+        return f"{v:.4f}" if abs(v) < 10 else f"{v:.2f}"  # perplexities keep two decimals
     return str(v)
 
 

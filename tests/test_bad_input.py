@@ -107,6 +107,15 @@ def test_target_out_of_reach_on_the_architecture(tmp_path, dense_ckpt):
         "found on the architecture, before any training" in msg, msg
 
 
+def test_no_whole_fine_tune_batch_refused_before_the_run(tmp_path, dense_ckpt, capsys):
+    """A fine-tune batch larger than the training set (on its DDP tasks) would train on nothing after
+    all the compute: refused at the start, naming the key, before the run file exists."""
+    assert sweep_in_process(tmp_path / "run", *FAST, f"checkpoint={dense_ckpt}", "finetune.batch_size=100000") != 0
+    lines = [l for l in capsys.readouterr().err.splitlines() if l.startswith("hpcprune: error:")]
+    assert len(lines) == 1 and "finetune.batch_size=100000: the training set's" in lines[0] and "lower" in lines[0], lines
+    assert not (tmp_path / "run" / "run.h5").exists()
+
+
 E2E = [
     (["model=nosuchmodel"], COMPOSE_CASES[0][1]),  # the dry composition, before Hydra
     (["prune.target.macs=1.5"], "prune.target.macs=1.5: a target is the fraction"),  # validate, on rank 0

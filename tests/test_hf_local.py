@@ -251,6 +251,7 @@ def test_sweep_of_a_saved_llama_and_its_exported_directory(tmp_path):
     run = tmp_path / "run"
     assert sweep_in_process(run, "threads=1", "launcher=debug", "model=hf", f"model.path={folder}", "data=text_files",
                             f"data.paths=[{tmp_path}/a.txt]", "data.window=32", "baseline.epochs=0", "finetune.epochs=1",
+                            "finetune.batch_size=4",
                             "sensitivity.ratios=[0.5]", "baseline.latency_repeats=1", "baseline.latency_batch=4",
                             "prune.method=uniform", "prune.target.macs=0.8") == 0
     rf = RunFile(str(run / "run.h5"))

@@ -81,8 +81,9 @@ def record(ctx: Context, cfg: Any, alloc: allocate.Allocation, targets: dict[str
     for, tightened after a missed latency target; ``adjusted``: those misses)."""
     method, max_ratio, round_to = str(cfg.prune.method), float(cfg.prune.max_ratio), int(cfg.prune.round_to)
     groups = ctx.graph.groups
-    log.info("allocation (%s): ratios %s, predicted kept %s", method,
-             {g.name: round(float(r), 3) for g, r in zip(groups, alloc.ratios)},
+    log.info("allocation (%s): ratios %s, predicted kept %s", method,  # a block is kept or removed, not cut
+             {g.name: ("removed" if n_keep(g, float(r), round_to) == 0 else "kept") if g.kind == "block" else round(float(r), 3)
+              for g, r in zip(groups, alloc.ratios)},
              {k: round(v, 4) for k, v in alloc.predicted.items()})
     given = config_targets(cfg)
 

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import logging
 from dataclasses import dataclass, field
 from typing import Any, Callable
 
@@ -28,6 +29,8 @@ from ..graph import Excluded, Graph, n_keep
 from ..runs import dense_model, ignore_names
 from ..store import RunFile, RunFileError
 from ..world import World
+
+log = logging.getLogger("hpcprune.stages")
 
 Batches = list[tuple[torch.Tensor, torch.Tensor]]
 # what a stage returns on rank 0 when it completes: a function that writes the stage's result (its
@@ -212,6 +215,19 @@ def measure(ctx: Context, cfg: Any, model: nn.Module) -> dict[str, Any]:
                 latency_kept=lat / float(ctx.cost.dense.get("latency", base["latency_ms"])),
                 energy_j_per_sample=e.j_per_sample, energy_source=e.source,
                 energy_kept=e.j_per_sample / dense_j if dense_j > 0 else np.nan)
+
+
+def speed_note(rec: dict[str, Any], what: str) -> str:
+    """The log's words for :func:`measure`'s speed-up, and a warning when ``what`` (the pruned or
+    fine-tuned model) is slower than the dense one: the speed-up is timed in alternation, not the
+    ratio of the two stages' own latencies, which are timed alone minutes apart."""
+    dense, own = rec["latency_pair_ms"]
+    speedup = float(rec["latency_speedup"])
+    if speedup < 1.0:
+        log.warning("%s: slower than the dense model on this device (speed-up %.2fx, %.2f vs %.2f ms): fewer MACs "
+                    "are not less time here; a loaded machine times noisily, and widths this device runs poorly "
+                    "are slow: prune for time with prune.target.latency, or raise prune.round_to", what, speedup, own, dense)
+    return f"speed-up {speedup:.2f}x (dense {dense:.2f} ms, this {own:.2f} ms, timed in alternation)"
 
 
 def plan(ctx: Context, cfg: Any, ratios: np.ndarray) -> dict[str, list[int]]:

@@ -21,7 +21,7 @@ from omegaconf import OmegaConf
 from .. import launch
 from ..runs import pruned_model
 from ..store import RunFile, put_attrs, replace_group, write_weights
-from .context import Context, Record, measure
+from .context import Context, Record, measure, speed_note
 
 log = logging.getLogger("hpcprune.stages")
 
@@ -45,7 +45,8 @@ def run(ctx: Context, cfg: Any, rf: RunFile) -> Record:
     else:
         model = pruned_model(rf, cfg, weights="pruned")
     rec = measure(ctx, cfg, model)
-    log.info("fine-tuned: %s %.4f (dense %.4f)", ctx.metric, rec["metric"], float(ctx.base["metric"]))
+    log.info("fine-tuned: %s %.4f (dense %.4f); %s", ctx.metric, rec["metric"], float(ctx.base["metric"]),
+             speed_note(rec, "fine-tuned"))
 
     def write(f: h5py.File) -> None:
         ft = replace_group(f, "finetune")

@@ -24,7 +24,7 @@ from ..graph import Graph
 from ..runs import dense_model
 from ..store import RunFile, put_attrs, replace_group, write_weights
 from . import allocation
-from .context import Context, Record, measure, plan, train_batches
+from .context import Context, Record, measure, plan, speed_note, train_batches
 from .latency import latency_table, relinearize
 
 log = logging.getLogger("hpcprune.stages")
@@ -50,8 +50,8 @@ def run(ctx: Context, cfg: Any, rf: RunFile) -> Record:
     for k, t in targets.items():
         if rec[f"{k}_kept"] > t + 1e-9:
             raise RuntimeError(f"pruned model keeps {rec[f'{k}_kept']:.4f} of the dense {k}, above prune.target.{k}={t}")
-    log.info("pruned: %s %.4f, %.3f MACs kept, %.3f params kept, %.2f ms", ctx.metric, rec["metric"],
-             rec["macs_kept"], rec["params_kept"], rec["latency_ms"])
+    log.info("pruned: %s %.4f, %.3f MACs kept, %.3f params kept, %.2f ms; %s", ctx.metric, rec["metric"],
+             rec["macs_kept"], rec["params_kept"], rec["latency_ms"], speed_note(rec, "pruned"))
 
     def write(f: h5py.File) -> None:
         p = replace_group(f, "pruned")
