@@ -203,24 +203,31 @@ def find_dense(cfg: Any, run_dir: str, key: str) -> tuple[str, Any] | None:
     return None
 
 
-def dense_evaluation(source: str, device: str, metric: str) -> dict[str, Any] | None:
-    """The dense evaluation (``metric``, ``loss``, ``macs``) a sibling run file ``source`` recorded for
-    the dense model this run read from it: the same weights (its ``@dense_key``), data (in the key)
-    and example input give the same numbers when evaluated on the same kind of ``device`` with the
-    same ``metric``; None otherwise (a cache file holds weights only). Latency and energy are never
-    reused: they are measured in each run's own conditions."""
+def eval_key(cfg: Any, dense_digest: str, device: str, metric: str) -> str:
+    """The content key of a dense model's evaluation (metric, loss, MACs): its weights
+    (:func:`weights_digest`), the model and data configs (the validation set, the example input),
+    the kind of device it is evaluated on and the metric. Latency and energy have none: each run
+    measures them in its own conditions."""
+    return _key("dense-eval", {"dense_digest": dense_digest, "model": cfg.model, "data": cfg.data,
+                               "device": device, "metric": metric})
+
+
+def find_evaluation(cfg: Any, run_dir: str, key: str) -> tuple[str, dict[str, Any]] | None:
+    """(the run file, its ``metric``, ``loss``, ``macs``) of another run of the multirun whose finished
+    ``/baseline`` has evaluation key ``key``; None."""
     import h5py
 
-    if not source.endswith(".h5") or not os.path.isfile(source):
-        return None
-    try:
-        with h5py.File(source, "r") as f:
-            a = dict(f["baseline"].attrs)
-    except (OSError, KeyError):
-        return None
-    if str(a.get("latency_device", "")) != device or str(a.get("metric_name", "")) != metric:
-        return None
-    return {"metric": float(a["metric"]), "loss": float(a["loss"]), "macs": int(a["macs"])}
+    _, multirun = shared_dirs(cfg, run_dir)
+    for path in _siblings(multirun, run_dir):
+        try:
+            with h5py.File(path, "r") as f:
+                b = f.get("baseline")
+                if b is None or not bool(b.attrs.get("complete", False)) or b.attrs.get("eval_key", "") != key:
+                    continue
+                return path, {"metric": float(b.attrs["metric"]), "loss": float(b.attrs["loss"]), "macs": int(b.attrs["macs"])}
+        except (OSError, KeyError):  # a run file being replaced, an older schema: not a source
+            continue
+    return None
 
 
 def publish_dense(cfg: Any, state: dict[str, Any], key: str) -> None:

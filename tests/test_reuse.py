@@ -164,3 +164,24 @@ def test_local_slots_hold_a_local_multirun_to_its_cpus(tmp_path, monkeypatch):
     assert got.wait(30)
     second.release()
     waiter.join(5)
+
+
+def test_points_of_a_multirun_with_a_checkpoint_share_the_dense_evaluation(tmp_path, dense_ckpt):
+    """Two runs of one multirun directory on the same ``checkpoint=``: the second takes the first's
+    dense metric, loss and MACs (``/baseline@eval_source``, the same ``@eval_key``) and still times
+    the dense model itself; another data config gives another key, evaluated anew."""
+    multi = tmp_path / "multi"
+    multi.mkdir()
+    (multi / "multirun.yaml").write_text("{}\n")  # what Hydra writes in a sweep directory
+    common = [*TINY, f"checkpoint={dense_ckpt}", "prune.method=uniform", "prune.target.macs=0.7"]
+    assert sweep_in_process(multi / "0", *common) == 0
+    assert sweep_in_process(multi / "1", *common, "prune.target.macs=0.5") == 0
+    assert sweep_in_process(multi / "2", *common, "data.val_samples=300") == 0
+    b = []
+    for i in range(3):
+        with h5py.File(multi / str(i) / "run.h5", "r") as f:
+            b.append(dict(f["baseline"].attrs))
+    assert b[0]["eval_source"] == "" and b[1]["eval_source"] == str(multi / "0" / "run.h5")
+    assert b[1]["eval_key"] == b[0]["eval_key"] != b[2]["eval_key"] and b[2]["eval_source"] == ""
+    assert [b[1][k] for k in ("metric", "loss", "macs")] == [b[0][k] for k in ("metric", "loss", "macs")]
+    assert b[1]["latency_ms"] > 0

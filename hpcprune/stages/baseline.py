@@ -3,10 +3,10 @@
 Writes ``/baseline``: metric, loss, params, MACs, latency, the example input, and the dense weights
 (``dense.safetensors`` beside the run file, or a reference to the user's checkpoint). Without a
 checkpoint, a dense model trained before under the same content key (``hpcprune.reuse``: the cache
-directory, the other runs of a multirun) is loaded instead of trained again (``/baseline@source``);
-when it comes from another run file of the multirun, that run's evaluation of the same weights on
-the same data (metric, loss, MACs) is reused too (``/baseline@eval_source``); latency and energy are
-always measured here.
+directory, the other runs of a multirun) is loaded instead of trained again (``/baseline@source``).
+Another run of the multirun that evaluated the same weights on the same data and kind of device
+(``@eval_key``, whether they came from a checkpoint or were trained) gives its metric, loss and MACs
+(``/baseline@eval_source``); latency and energy are always measured here.
 """
 from __future__ import annotations
 
@@ -55,13 +55,14 @@ def run(ctx: Context, cfg: Any, rf: RunFile) -> Record:
     if claim is not None:
         ctx.after_commit.append(claim.release)
     example = ctx.example
-    evaluated = reuse.dense_evaluation(source, str(ctx.device), ctx.metric) if source else None
-    reused_eval = evaluated is not None
-    if evaluated is None:
+    ekey = reuse.eval_key(cfg, reuse.weights_digest(model.state_dict()), str(ctx.device), ctx.metric)
+    found_eval = reuse.find_evaluation(cfg, ctx.run_dir, ekey)
+    if found_eval is None:
         sums = metrics.evaluate(model, metrics.make_batches(ctx.data.val, 256))
-        evaluated = dict(metric=sums.metric(ctx.metric), loss=sums.mean_loss(), macs=metrics.macs(model, example[:1]))
+        eval_source, evaluated = "", dict(metric=sums.metric(ctx.metric), loss=sums.mean_loss(), macs=metrics.macs(model, example[:1]))
     else:
-        log.info("dense: evaluation of the same weights on the same data and device reused from %s", source)
+        eval_source, evaluated = found_eval
+        log.info("dense: the evaluation of the same weights on the same data (key %s) is reused from %s", ekey[:12], eval_source)
     runtime = str(cfg.prune.latency_runtime)
     from .context import energy, latency, latency_clock  # the run's clock and energy meter, as for /pruned and /final
 
@@ -74,7 +75,7 @@ def run(ctx: Context, cfg: Any, rf: RunFile) -> Record:
         macs=evaluated["macs"], latency_ms=lat, latency_batch=cfg.baseline.latency_batch,
         latency_device=str(ctx.device), latency_runtime=runtime, latency_clock=latency_clock(ctx, cfg),
         energy_j_per_sample=joules.j_per_sample, energy_source=joules.source, trained_here=trained,
-        dense_key=key, source=source, eval_source=source if reused_eval else "",
+        dense_key=key, source=source, eval_key=ekey, eval_source=eval_source,
     )
     log.info("dense: %s %.4f, %d params, %d MACs, %.2f ms", ctx.metric, rec["metric"], rec["params"], rec["macs"], lat)
     # a referenced checkpoint is recorded by path and digest, not copied (unless baseline.copy_checkpoint)
