@@ -250,7 +250,9 @@ class ExactCost:
         terms = {k: _as_arrays(exact[k], G) for k in KINDS}
         out = cls(sizes, blocks, terms, exact, dense, ops, dict(dense_rec.unformulated), time.perf_counter() - t0)
         if out.uncounted:
-            log.warning("costs: ops without a flop formula (not counted): %s", ", ".join(sorted(out.uncounted)))
+            log.warning("costs: ops without a flop formula (not counted): %s; the recorded MACs miss their "
+                        "multiply-accumulates, and a MACs target counts without them (a params or latency target "
+                        "does not depend on them)", ", ".join(sorted(out.uncounted)))
         return out
 
     @classmethod

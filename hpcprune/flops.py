@@ -18,6 +18,7 @@ order; :mod:`hpcprune.costs` derives the exact cost polynomials from such record
 from __future__ import annotations
 
 import contextlib
+import math
 import re
 import warnings
 from dataclasses import dataclass
@@ -56,6 +57,17 @@ def _addbmm_flop(self_shape, a_shape, b_shape, *args, out_shape=None, **kwargs) 
     return 2 * b * m * k * b_shape[2]
 
 
+def _grouped_mm_flop(a_shape, b_shape, *args, out_shape=None, **kwargs) -> int:
+    """``torch._grouped_mm`` (mixture-of-experts layers: every expert's tokens times its weight):
+    2D x 3D (tokens by expert offsets), 3D x 3D (a batch of groups) and 3D x 2D contract the last
+    dimension of ``a`` into every output element; 2D x 2D splits the contraction (K) by offsets
+    into groups, so each output element of group g sums over its part of K only. Rows past the last
+    offset count as computed (shapes only are known here: an upper bound by the padding)."""
+    if len(a_shape) == 2 and len(b_shape) == 2:
+        return 2 * a_shape[0] * a_shape[1] * b_shape[1]
+    return 2 * math.prod(out_shape) * a_shape[-1]
+
+
 EXTRA_FORMULAS: dict[Any, Callable[..., int]] = {
     aten._scaled_dot_product_flash_attention_for_cpu: _sdpa_cpu_flop,
     aten._scaled_dot_product_fused_attention_overrideable: _sdpa_cpu_flop,
@@ -65,6 +77,8 @@ EXTRA_FORMULAS: dict[Any, Callable[..., int]] = {
     aten.vdot: _dot_flop,
     aten.addbmm: _addbmm_flop,
 }
+if hasattr(aten, "_grouped_mm"):  # torch >= 2.8
+    EXTRA_FORMULAS[aten._grouped_mm] = _grouped_mm_flop
 
 # ops that multiply-accumulate but have no formula: reported (``ExactCost.uncounted``), not counted
 _HEAVY = re.compile(r"mm|conv|attention|rnn|lstm|gru|matmul|dot|einsum|linear|_mv|tensordot|baddbmm", re.I)

@@ -87,9 +87,23 @@ def local_slot(cfg: Any, run_dir: str, cores: int) -> LocalSlot | None:
     return LocalSlot(multirun, local_slots(cfg, run_dir, cores))
 
 
+EXIT_FILE = ".hpcprune-exit"  # a multirun point's exit status, written by the point's process when it ends
+
+
+def record_exit(run_dir: str, rc: int) -> None:
+    """Write a multirun point's exit status into its run directory (:func:`sweep_outcome` reads it)."""
+    try:
+        with open(os.path.join(run_dir, EXIT_FILE), "w") as f:
+            f.write(f"{int(rc)}\n")
+    except OSError:  # an unwritable directory: its point was refused, and has no run file of this invocation
+        pass
+
+
 def sweep_outcome(sweep_dir: str, since: float) -> tuple[list[str], list[str]]:
     """(completed, failed) run directories of the multirun in ``sweep_dir`` whose points started at
-    or after ``since`` (their sweep.log): failed = no run file, or one whose status is not complete."""
+    or after ``since`` (their sweep.log): failed = a non-zero exit status of this invocation (a point
+    refused on a run file of an earlier, different config, which says ``complete``), no run file, or
+    one whose status is not complete."""
     import h5py
 
     done: list[str] = []
@@ -100,6 +114,15 @@ def sweep_outcome(sweep_dir: str, since: float) -> tuple[list[str], list[str]]:
         if not os.path.isfile(logfile) or os.path.getmtime(logfile) < since:
             continue
         status = ""
+        exit_file = os.path.join(path, EXIT_FILE)
+        if os.path.isfile(exit_file) and os.path.getmtime(exit_file) >= since:
+            try:
+                with open(exit_file) as f:
+                    if int(f.read().strip() or 0):
+                        failed.append(path)
+                        continue
+            except (OSError, ValueError):
+                pass
         try:
             with h5py.File(os.path.join(path, "run.h5"), "r") as f:
                 status = str(f.attrs.get("status", ""))

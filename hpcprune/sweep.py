@@ -352,6 +352,8 @@ def _task(cfg: Any) -> None:
     finally:
         if slot is not None:
             slot.release()
+    if multirun and world.is_main:
+        slots.record_exit(run_dir, rc)  # this invocation's outcome: a refused point may hold an older complete run file
     if rc and multirun:
         # one point of a sweep failed (its line is printed, its run file says why): the job returns, so
         # that Hydra goes on with the others without a traceback; main() lists the failed points at

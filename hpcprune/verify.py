@@ -3,7 +3,7 @@
 For each group, on the model itself (cut in place, then restored):
 
 1. cut the group at its largest ratio (``prune.max_ratio``, ``prune.round_to``) and run the example
-   input: the cut must run, keep the output's shape (a group that changes it feeds the model's
+   input: the cut must run, keep the shape of every output (a tuple's or dict's second head too) (a group that changes it feeds the model's
    output: the classifier, a conv classifier, a vocabulary head; it is kept, whatever its layer
    type) and give finite values;
 2. where the sensitivity cells cut the group another way than the prune stage (``slice_group`` for
@@ -53,6 +53,21 @@ def first_tensor(out: Any) -> torch.Tensor:
     return logits_of(out)
 
 
+def output_shapes(out: Any) -> list[tuple[int, ...]]:
+    """The shapes of every tensor a model returns (nested tuples, lists, dicts, in order), or of a
+    Hugging Face output's ``logits`` only (its cache is sized by the heads by design): a cut that
+    changes any of them changes what the model hands its user, not only the main output."""
+    if isinstance(out, torch.Tensor):
+        return [tuple(out.shape)]
+    if isinstance(getattr(out, "logits", None), torch.Tensor):
+        return [tuple(out.logits.shape)]
+    if isinstance(out, dict):
+        out = list(out.values())
+    if isinstance(out, (list, tuple)):
+        return [s for o in out for s in output_shapes(o)]
+    return []
+
+
 def verify_groups(graph: Graph, example: torch.Tensor, max_ratio: float, round_to: int = 1,
                   seed: int = 0, progress: Any = None) -> list[Excluded]:
     """Check every group of ``graph`` (see the module docstring); returns the excluded ones (also
@@ -65,12 +80,14 @@ def verify_groups(graph: Graph, example: torch.Tensor, max_ratio: float, round_t
     t0 = time.perf_counter()
     with torch.no_grad():
         x = _short(model, example[:2])
-        dense = first_tensor(model(x)).clone()
+        out0 = model(x)
+        dense, shapes = first_tensor(out0).clone(), output_shapes(out0)
+        del out0
         scale = 1.0 + float(dense.abs().max())
         state = _state(model)
         for i, g in enumerate(list(graph.groups)):
             try:
-                reason = _check(graph, g, x, dense, scale, max_ratio, round_to, seed)
+                reason = _check(graph, g, x, (dense, shapes), scale, max_ratio, round_to, seed)
             finally:
                 if _state(model) != state:
                     raise RuntimeError(f"hpcprune bug: group {g.name} did not restore the model's tensors and sizes after a cut")
@@ -118,9 +135,10 @@ def _drop(g: GroupInfo, max_ratio: float, round_to: int, seed: int) -> list[int]
     return sorted(int(i) for i in perm[:n])
 
 
-def _check(graph: Graph, g: GroupInfo, x: torch.Tensor, dense: torch.Tensor, scale: float, max_ratio: float,
-           round_to: int, seed: int) -> str | None:
+def _check(graph: Graph, g: GroupInfo, x: torch.Tensor, dense_out: tuple[torch.Tensor, list], scale: float,
+           max_ratio: float, round_to: int, seed: int) -> str | None:
     model = graph.model
+    dense, dense_shapes = dense_out
     drop = _drop(g, max_ratio, round_to, seed)
     if not drop:
         return None
@@ -131,7 +149,8 @@ def _check(graph: Graph, g: GroupInfo, x: torch.Tensor, dense: torch.Tensor, sca
     got = _run_cut(model, x, cut)
     if isinstance(got, str):
         return f"the model fails once it is cut ({got}){_hint(graph, g)}"
-    if got.shape != dense.shape:
+    got, shapes = got
+    if shapes != dense_shapes:  # any output, not only the main one (a second head, a dict of outputs)
         return OUTPUT
     if not torch.isfinite(got).all():
         return "the cut model's output is not finite"
@@ -139,6 +158,7 @@ def _check(graph: Graph, g: GroupInfo, x: torch.Tensor, dense: torch.Tensor, sca
         other = _run_cut(model, x, slice_group(graph.by_name, g, [i for i in range(g.size) if i not in set(drop)]))
         if isinstance(other, str):
             return f"the cells' in-place slice fails ({other})"
+        other = other[0]
         if not torch.allclose(other, got, atol=1e-4 * scale, rtol=1e-4):
             return (f"the cells' in-place slice and the pruned model disagree (max difference "
                     f"{float((other - got).abs().max()):.3g})")
@@ -206,7 +226,7 @@ def _float64_difference(graph: Graph, g: GroupInfo, drop: Sequence[int], x: torc
         got = _run_cut(model, x64, graph.cut(g.name, drop))
         if ref is None or isinstance(got, str):
             return None
-        return float((ref - got).abs().max())
+        return float((ref - got[0]).abs().max())
     except Exception:  # noqa: BLE001 - a model written for float32 only
         return None
     finally:
@@ -231,10 +251,12 @@ def _heads_oracle(graph: Graph, g: GroupInfo, drop: Sequence[int], x: torch.Tens
         w.data = saved
 
 
-def _run_cut(model: nn.Module, x: torch.Tensor, cut: Any) -> torch.Tensor | str:
-    """The model's output with ``cut`` applied (then restored), or the error as one line."""
+def _run_cut(model: nn.Module, x: torch.Tensor, cut: Any) -> tuple[torch.Tensor, list] | str:
+    """The model's main output and the shapes of all its outputs with ``cut`` applied (then
+    restored), or the error as one line."""
     try:
-        return first_tensor(model(x)).clone()
+        out = model(x)
+        return first_tensor(out).clone(), output_shapes(out)
     except Exception as e:  # noqa: BLE001 - the reason is recorded, the group excluded
         return f"{type(e).__name__}: {_line(e)}"
     finally:

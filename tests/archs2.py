@@ -15,7 +15,7 @@ mha_seq_first_kdim       seq       MHA batch_first=False, kdim     cross-attenti
 rezero_gate              images    x + alpha * f(x), alpha (1,)    the scalar gate is no channel: never cut it; f's output channels are tied to the trunk by the add
 conv_bias_bn_noaffine    images    conv bias, BN affine=False      cut the conv's bias with its rows and the BN's running stats with them (the BN has no weight/bias)
 groupnorm_odd            images    GroupNorm(3, 24), round_to=4    3 groups of 8: a unit is one position in each group (3 channels); kept channels a multiple of 4 and of 3
-tuple_aux                images    forward returns (logits, aux)   the aux features' width may change; the logits (first element) never
+tuple_aux                images    forward returns (logits, aux)   every output keeps its shape: the aux features' width too (a user reads them)
 embedding_mean           tokens    Embedding -> mean -> Linear     an embedding column is one input column of the first Linear; token ids are never cut
 spectral_norm_fc         images    parametrize.spectral_norm       a parametrised weight cannot be sliced: refuse that group in one line naming the layer and the fix
 interpolate_fixed        images    F.interpolate(size=(12, 12))    resizing keeps channels 1:1; MACs of the convs after it are at 12x12
@@ -310,3 +310,20 @@ CASES: dict[str, tuple] = {
     "layerscale_4d": (layerscale_4d, data_images),
 }
 """case name -> (model function, data function); see the module docstring for what each exercises."""
+
+
+class FeaturesFirst(nn.Module):
+    """Returns ``(features, logits)``: the main output (the first tensor) is not the logits."""
+
+    def __init__(self, num_classes: int = 10) -> None:
+        super().__init__()
+        self.body = cbr(1, 32, stride=2)
+        self.fc = nn.Linear(32, num_classes)
+
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        f = self.body(x).mean(dim=(2, 3))
+        return f, self.fc(f)
+
+
+def features_first(num_classes: int = 10) -> nn.Module:
+    return FeaturesFirst(num_classes)

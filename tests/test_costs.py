@@ -406,3 +406,31 @@ def test_tiny_gpt_heads_blocks_and_stream_exact():
         g2.apply_plan({g.name: list(range(n_keep(g, r))) for g, r in zip(graph.groups, ratios)})
         assert cm.cost("macs", ratios) == pytest.approx(costs.count_macs(pruned, x), rel=1e-12)
         assert cm.cost("params", ratios) == pytest.approx(costs.count_params(pruned), rel=1e-12)
+
+
+def test_grouped_mm_of_mixture_of_experts_counted():
+    """``torch._grouped_mm`` (transformers' grouped experts): each expert's tokens times its weight,
+    counted as the same products done one expert at a time (FlopCounterMode has no formula for it)."""
+    import torch
+
+    from hpcprune import metrics
+
+    if not hasattr(torch, "_grouped_mm"):
+        pytest.skip("torch without _grouped_mm")
+
+    class Experts(torch.nn.Module):
+        def __init__(self, grouped: bool) -> None:
+            super().__init__()
+            self.w = torch.nn.Parameter(torch.randn(4, 16, 8))
+            self.grouped = grouped
+
+        def forward(self, x):  # 12 token rows, 3 per expert
+            if self.grouped:
+                return torch._grouped_mm(x, self.w, offs=torch.tensor([3, 6, 9, 12], dtype=torch.int32))
+            return torch.cat([x[3 * e:3 * e + 3] @ self.w[e] for e in range(4)])
+
+    x = torch.randn(12, 16)
+    grouped, eager = Experts(True), Experts(False)
+    eager.w = grouped.w
+    assert torch.allclose(grouped(x), eager(x), atol=1e-5)
+    assert metrics.macs(grouped, x) == metrics.macs(eager, x) == 12 * 16 * 8 // 12  # per sample (12 rows)

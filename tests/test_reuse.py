@@ -87,6 +87,14 @@ def test_multirun_computes_the_grid_once_and_goes_on_past_failed_points(tmp_path
     mark_sweep(runs)
     assert [r.row.get("grid") for r in runs] == ["own"] + ["0"] * 5 + [None] * 3
     assert all(r.row.get("front") in ("yes", "dominated") for r in runs[:6]) and "yes" in [r.row["front"] for r in runs[:6]]
+    # the same sweep directory again with another config: every point is refused on its older run file
+    # (which stays complete and untouched), and the sweep says so with status 3, not "complete"
+    p = run_sweep(tmp_path / "unused", "-m", *TINY, "finetune.epochs=1", "prune.target.macs=0.5",
+                  "prune.method=uniform,global", f"hydra.sweep.dir={sweep}", check=False, timeout=300)
+    assert p.returncode == 3 and "2 run(s) of the sweep failed (of 2)" in p.stderr, p.stderr[-2000:]
+    assert "different config" in p.stderr
+    with h5py.File(first, "r") as f:
+        assert f.attrs["status"] == "complete" and f["baseline"].attrs["eval_source"] == ""
 
 
 def test_accuracy_gate_marks_the_run_failed_and_keeps_its_results(tmp_path):

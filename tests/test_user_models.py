@@ -48,6 +48,15 @@ def test_a_dict_output_is_trained_measured_and_pruned(tmp_path):
         assert float(f["baseline"].attrs["metric"]) > 0.1  # trained through the dict's logits (chance is 0.1)
 
 
+def test_features_returned_before_the_logits_refused_before_training(tmp_path):
+    """``(features, logits)``: the first tensor would be scored, trained and pruned as 10-class logits
+    although it is 32 features wide; one line naming both widths, before any training."""
+    with pytest.raises(ConfigError, match=r"main output .* has shape \(2, 32\), 32 values per sample, but the data has 10 classes"):
+        sweep_in_process(tmp_path, *TINY, "model=custom", "model._target_=archs2.features_first")
+    with h5py.File(tmp_path / "run.h5", "r") as f:
+        assert "baseline" not in f
+
+
 def test_budget_beyond_the_sensitivity_curves_refused_before_training(tmp_path):
     with pytest.raises(ConfigError, match=r"sensitivity.ratios=\[0.3, 0.6\].*before any training"):
         sweep_in_process(tmp_path, *TINY, *_model("dict_output"), "prune.target.macs=0.05")
@@ -65,7 +74,7 @@ ARCHS2_EXPECTED = {
     "rezero_gate": (["0.0", "1.f.0", "2.f.0"], {}),
     "conv_bias_bn_noaffine": (["0", "3"], {}),
     "groupnorm_odd": (["0", "3"], {}),
-    "tuple_aux": (["a.0", "b.0"], {}),
+    "tuple_aux": (["b.0"], {}),  # a.0 feeds the aux output: kept like the classifier
     "embedding_mean": (["emb", "fc1"], {}),
     "spectral_norm_fc": (["3"], {"1": "remove_parametrizations"}),
     "interpolate_fixed": (["a.0", "b.0"], {}),

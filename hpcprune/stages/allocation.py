@@ -86,6 +86,12 @@ def record(ctx: Context, cfg: Any, alloc: allocate.Allocation, targets: dict[str
               for g, r in zip(groups, alloc.ratios)},
              {k: round(v, 4) for k, v in alloc.predicted.items()})
     given = config_targets(cfg)
+    for k, t in targets.items():
+        got = alloc.predicted.get(k)
+        if got is not None and k in ("macs", "params") and got < 0.8 * float(t):
+            log.warning("allocation (%s): keeps %.3f of the %s for prune.target.%s=%s, well below the target: it "
+                        "prunes more than asked (prune.round_to=%d moves every group's width in steps of that many "
+                        "channels; a lower round_to, or prune.method=sensitivity, lands closer)", method, got, k, k, t, round_to)
 
     def write(f: h5py.File) -> None:
         a = replace_group(f, "allocation")

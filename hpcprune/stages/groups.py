@@ -34,6 +34,7 @@ def run(ctx: Context, cfg: Any, rf: RunFile) -> Record:
     model = ctx.arch_model or build_model(cfg.model)
     ctx.arch_model = None  # handed over: no second copy of a large model from here on
     model = model.eval()
+    _check_logits(model, ctx)
     t0 = time.perf_counter()
     graph, ignore = build_graph(model, cfg, ctx.example)
     log.info("groups: dependency graph in %.1f s: %d groups found, %d excluded by the search", time.perf_counter() - t0,
@@ -55,6 +56,27 @@ def run(ctx: Context, cfg: Any, rf: RunFile) -> Record:
         f"{g.name}({g.size})" if not g.channels or g.channels == g.size else f"{g.name}({g.size} units of {g.channels // g.size} channels)"
         for g in gs))
     return lambda f: _write(f, graph, ignore, exact, cost)
+
+
+def _check_logits(model: nn.Module, ctx: Context) -> None:
+    """The model's main output (``metrics.logits_of``: the tensor, a tuple's first, a dict's
+    ``logits``) must be the logits of the data's task: one value per class for classification (so
+    ``(features, logits)`` is not scored, trained and pruned as logits), at least one per token of the
+    vocabulary for language models. ConfigError naming both widths, before any compute."""
+    import torch
+
+    from ..metrics import logits_of
+
+    with torch.no_grad():
+        out = logits_of(model(ctx.example[:2]))
+    width, classes = int(out.shape[-1]), int(ctx.data.num_classes)
+    token = ctx.metric == "perplexity"
+    if (token and width < classes) or (not token and width != classes):
+        raise ConfigError(
+            f"model: its main output (the output itself, a tuple's first tensor or a dict's 'logits') has shape "
+            f"{tuple(out.shape)}, {width} values per {'token' if token else 'sample'}, but the data has {classes} "
+            f"{'tokens in its vocabulary' if token else 'classes'}: return the logits first, or give the model "
+            f"{classes} outputs (found on the architecture, before any training)")
 
 
 def _check_budgets(cost: allocate.CostModel, cfg: Any) -> None:
