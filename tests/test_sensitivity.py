@@ -23,6 +23,13 @@ def _setup(kind):
                 m.running_mean.uniform_(-0.5, 0.5)
                 m.running_var.uniform_(0.5, 2.0)
                 m.bias.data.uniform_(-0.2, 0.2)
+    elif kind == "shared":  # one conv at two places of the chain (weights shared): no prefix cache
+        nn = torch.nn
+        twice = nn.Conv2d(8, 8, 3, padding=1)
+        model = nn.Sequential(nn.Conv2d(1, 8, 3, padding=1), nn.BatchNorm2d(8), nn.ReLU(), twice, nn.ReLU(),
+                              nn.Conv2d(8, 8, 3, padding=1), nn.ReLU(), twice, nn.ReLU(), nn.AdaptiveAvgPool2d(1),
+                              nn.Flatten(), nn.Linear(8, 10))
+        x, ignore = torch.randn(64, 1, 8, 8), ["11"]
     else:
         model, x, ignore = MLP(64, 10, (32, 16)), torch.randn(64, 1, 8, 8), ["5"]
     model.eval()
@@ -53,7 +60,7 @@ def _naive(model, x, ignore, graph, orders, batches):
     return m
 
 
-@pytest.mark.parametrize("kind", ["resnet", "mlp"])
+@pytest.mark.parametrize("kind", ["resnet", "mlp", "shared"])
 @pytest.mark.parametrize("cache,slice_,nhwc,fold", [(True, True, False, False), (True, True, True, True), (True, False, True, True),
                                                     (True, True, False, True), (False, False, False, False)])
 def test_engine_equals_naive_loop(kind, cache, slice_, nhwc, fold):
@@ -61,8 +68,9 @@ def test_engine_equals_naive_loop(kind, cache, slice_, nhwc, fold):
     before = {k: v.clone() for k, v in model.state_dict().items()}
     ev = Evaluator(model, graph.groups, orders, RATIOS, batches, x[:1], ignore, cache_prefix=cache, slice_channels=slice_,
                    channels_last=nhwc, fold_bn=fold)
-    assert bool(ev._fold_pairs) == (fold and kind == "resnet")
-    assert ev.channels_last == (nhwc and kind == "resnet")  # NHWC only where there are 2-D convolutions
+    assert bool(ev._fold_pairs) == (fold and kind == "resnet")  # the shared model folds nothing without its chain
+    assert ev.channels_last == (nhwc and kind != "mlp")  # NHWC only where there are 2-D convolutions
+    assert (ev.chain is None) == (not cache or kind == "shared")
     G = len(graph.groups)
     layouts = []
     if ev.channels_last:  # sliced conv weights keep the NHWC layout while a cell runs

@@ -31,21 +31,34 @@ from .split import Team, shard_batches, team_share
 
 def flatten_chain(model: nn.Module) -> list[tuple[str, nn.Module]] | None:
     """The model as a chain of (name, module), nested ``nn.Sequential``s expanded; None when the
-    model is not a chain (then every cell runs the full forward)."""
+    model is not a chain (then every cell runs the full forward), or when one module object runs at
+    two places of it (``named_children`` lists it once: a chain without its second use would
+    compute another model)."""
     if not isinstance(model, nn.Sequential) or type(model).forward is not nn.Sequential.forward:
         return None
     chain: list[tuple[str, nn.Module]] = []
+    seen: set[int] = set()
 
     def walk(prefix: str, seq: nn.Sequential) -> None:
-        for name, child in seq.named_children():
+        for name, child in seq._modules.items():  # every position, a module used twice included
+            if child is None or id(child) in seen:
+                raise _Reused
+            seen.add(id(child))
             full = f"{prefix}{name}"
             if isinstance(child, nn.Sequential):
                 walk(full + ".", child)
             else:
                 chain.append((full, child))
 
-    walk("", model)
+    try:
+        walk("", model)
+    except _Reused:
+        return None
     return chain
+
+
+class _Reused(Exception):
+    """A module at two places of a Sequential chain (or a None slot)."""
 
 
 def nhwc(x: torch.Tensor) -> torch.Tensor:
