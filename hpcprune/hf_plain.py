@@ -45,7 +45,7 @@ from torch import nn
 from .graph import Graph, GroupInfo
 from .tp_layers import is_conv1d
 
-MLP_KEYS = ("intermediate_size", "ffn_dim", "n_inner", "hidden_dim", "d_ff")  # the MLP width's config name
+MLP_KEYS = ("intermediate_size", "ffn_dim", "n_inner", "hidden_dim", "d_ff", "ffn_hidden_size")  # the MLP width's config name
 DECODER_LAYER_KEYS = ("num_decoder_layers", "decoder_layers")  # a decoder stack's own layer count
 # wrapper -> the Auto class that loads the directory (and the one its test names)
 AUTO_CLASS = {"HFCausalLM": "AutoModelForCausalLM", "HFEncoderLM": "AutoModelForMaskedLM",

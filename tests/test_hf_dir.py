@@ -52,7 +52,7 @@ def _out(model, x):
 
 
 # heads go only where the config names the head width (FAMILIES' last field); T5's heads are refused
-@pytest.mark.parametrize("name", ["llama", "gemma", "phi3", "gpt2", "t5"])
+@pytest.mark.parametrize("name", ["llama", "gemma", "phi3", "gpt2", "t5", "falcon"])
 def test_equal_widths_give_a_directory_transformers_loads(name, tmp_path):
     heads = FAMILIES[name][5]
     last = lambda g: g.kind == "block" and g.block.endswith(f".{L - 1}")  # noqa: E731

@@ -51,6 +51,12 @@ FAMILIES = {
     "opt": ("HFCausalLM", "OPTConfig", "OPTForCausalLM", dict(**LM, **STD, word_embed_proj_dim=D), "ffn_dim", False),
     "gpt2": ("HFCausalLM", "GPT2Config", "GPT2LMHeadModel", dict(**LM, **STD, n_positions=64), "n_inner", False),
     "gpt_neox": ("HFCausalLM", "GPTNeoXConfig", "GPTNeoXForCausalLM", dict(**LM, **STD), "intermediate_size", False),
+    # Falcon: its own KV keys; the new decoder architecture fuses [q q k v] per KV group, the old one
+    # without multi-query [q k v] per head (both interleaved; found by hpcprune from the config)
+    "falcon": ("HFCausalLM", "FalconConfig", "FalconForCausalLM",
+               dict(**LM, **STD, new_decoder_architecture=True, num_kv_heads=2, bias=False), "ffn_hidden_size", False),
+    "falcon_mha": ("HFCausalLM", "FalconConfig", "FalconForCausalLM",
+                   dict(**LM, **STD, new_decoder_architecture=False, multi_query=False, bias=True), "ffn_hidden_size", False),
     "bert": ("HFEncoderLM", "BertConfig", "BertForMaskedLM", dict(vocab_size=128, **STD, max_position_embeddings=64),
              "intermediate_size", False),
     "roberta": ("HFEncoderLM", "RobertaConfig", "RobertaForMaskedLM", dict(vocab_size=128, **STD, max_position_embeddings=64),

@@ -87,10 +87,28 @@ def _parent(name: str) -> str:
     return name.rsplit(".", 1)[0] if "." in name else ""
 
 
+def _kv_heads(config: Any, H: int) -> int:
+    """KV heads of a config: ``num_key_value_heads``; Falcon's own keys (``num_kv_heads`` with the
+    new decoder architecture, one KV head when ``multi_query``, else ``H``); ``H``."""
+    kv = getattr(config, "num_key_value_heads", None)
+    if kv is None and getattr(config, "model_type", "") == "falcon":
+        kv = config.num_kv_heads if config.new_decoder_architecture else (1 if config.multi_query else H)
+    return int(kv or H)
+
+
+def _interleaved(config: Any) -> bool:
+    """Whether a fused qkv projection holds one ``[q.. k v]`` run per KV head (GPT-NeoX; Falcon
+    unless it is multi-query on the old architecture, whose rows are ``[q; k; v]``)."""
+    kind = getattr(config, "model_type", "")
+    if kind == "falcon":
+        return bool(config.new_decoder_architecture or not config.multi_query)
+    return kind in INTERLEAVED_QKV
+
+
 def _config_dims(config: Any) -> tuple[int, int, int, int]:
     """(d, H, n_rep, hd) from a transformers config (see the module docstring)."""
     d, H = int(config.hidden_size), int(config.num_attention_heads)
-    KV = int(getattr(config, "num_key_value_heads", None) or H)
+    KV = _kv_heads(config, H)
     hd = int(getattr(config, "head_dim", None) or d // H)
     return d, H, max(1, H // KV), hd
 
@@ -100,7 +118,7 @@ def hf_structure(model: nn.Module, hf: nn.Module) -> Structure:
     submodule): KV-group heads per attention, layers as blocks, the layers to leave to
     Torch-Pruning. Raises :class:`StructureError` when no layer with an attention is found."""
     d, H, n_rep, hd = _config_dims(hf.config)
-    interleaved = getattr(hf.config, "model_type", "") in INTERLEAVED_QKV
+    interleaved = _interleaved(hf.config)
     mods = dict(model.named_modules())
     projs = [_Proj(n, _parent(n), *_dims(m)) for n, m in mods.items() if _dims(m) is not None]
     heads: list[HeadSpec] = []
@@ -263,13 +281,40 @@ def _count_attrs(h: HeadSpec, attn: nn.Module) -> list[tuple[str, str, int]]:
 
 # ---- removed layers ---------------------------------------------------------------------------------
 def _returns_tuple(block: nn.Module) -> bool:
-    """Whether a layer's forward is declared to return a tuple (transformers 4.x layers did; 5.x
-    decoder and encoder layers return the hidden states tensor)."""
+    """Whether a layer's forward returns a tuple: declared so (transformers 4.x layers did; 5.x
+    decoder and encoder layers return the hidden states tensor), or, without a return annotation,
+    written so (a ``return a, b`` in its body: Falcon's and Bloom's layers return
+    ``(hidden_states, attn_weights)``)."""
+    forward = type(block).forward
     try:
-        ann = inspect.signature(type(block).forward).return_annotation
+        ann = inspect.signature(forward).return_annotation
     except (TypeError, ValueError):
         return False
-    return ann is not inspect.Signature.empty and "tuple" in str(ann).lower()
+    if ann is not inspect.Signature.empty:
+        return "tuple" in str(ann).lower()
+    return _returns_tuple_literal(forward)
+
+
+def _returns_tuple_literal(fn: Callable) -> bool:
+    """Whether ``fn``'s own body (not a nested function's) has a ``return`` of a tuple display."""
+    import ast
+    import textwrap
+
+    try:
+        tree = ast.parse(textwrap.dedent(inspect.getsource(fn)))
+    except (OSError, TypeError, SyntaxError):
+        return False
+    body = tree.body[0] if tree.body and isinstance(tree.body[0], (ast.FunctionDef, ast.AsyncFunctionDef)) else None
+    if body is None:
+        return False
+    stack: list[ast.AST] = list(body.body)
+    while stack:
+        node = stack.pop()
+        if isinstance(node, ast.Return) and isinstance(node.value, ast.Tuple):
+            return True
+        if not isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef, ast.Lambda, ast.ClassDef)):
+            stack.extend(ast.iter_child_nodes(node))
+    return False
 
 
 def _passed_on(block: nn.Module) -> list[tuple[int, str]]:
