@@ -37,7 +37,7 @@ def _hydra_args(argv: list[str]) -> Any:
 
     try:
         with contextlib.redirect_stderr(io.StringIO()):
-            return get_args_parser().parse_args(argv)
+            return get_args_parser().parse_args(_ordered(argv))
     except SystemExit:
         return None
 
@@ -140,6 +140,63 @@ def precheck_argv(argv: list[str]) -> str | None:
         if isinstance(node, DictConfig) and OmegaConf.is_missing(node, "_target_"):
             return (f"{group}={cfg.hydra.runtime.choices.get(group)}: {group}._target_ is not set "
                     f"(give {group}._target_=your_package.your_function)")
+    return None
+
+
+MULTIRUN_PRECHECK_MAX = 512  # points of a --multirun composed and validated before its first one starts
+
+
+def precheck_multirun(argv: list[str]) -> str | None:
+    """For ``--multirun``: compose and validate every point of the sweep (the cartesian product of
+    its comma-separated and ``range()`` overrides, as Hydra's basic sweeper expands them) before the
+    first one starts, so that a bad value in the fifth point does not surface after four points'
+    work (hours on a cluster). The first bad point's one line, naming its sweep values; None when all
+    pass, for sweeps of more than :data:`MULTIRUN_PRECHECK_MAX` points, and for interval sweeps (a
+    sweeper plugin's search space: Hydra composes those per job)."""
+    import itertools
+
+    parsed = _dry(argv)
+    if parsed is None or not parsed[0].multirun or any(getattr(parsed[0], k, None) for k in _NOT_RUNS):
+        return None
+    args, overrides, _ = parsed
+    from hydra.core.override_parser.overrides_parser import OverridesParser
+    from hydra.core.override_parser.types import OverrideType
+
+    try:
+        ovs = OverridesParser.create().parse_overrides(overrides)
+    except Exception:  # noqa: BLE001 - Hydra's own parse error comes with the run, as before
+        return None
+    choices: list[list[str]] = []
+    for o in ovs:
+        if not o.is_sweep_override():
+            choices.append([o.input_line])
+            continue
+        if not o.is_discrete_sweep():
+            return None
+        prefix = {OverrideType.ADD: "+", OverrideType.FORCE_ADD: "++"}.get(o.type, "")
+        choices.append([f"{prefix}{o.get_key_element()}={v}" for v in o.sweep_string_iterator()])
+    n = 1
+    for c in choices:
+        n *= len(c)
+    if n > MULTIRUN_PRECHECK_MAX:
+        return None
+    from .config import ConfigError, validate
+
+    swept = [i for i, c in enumerate(choices) if len(c) > 1]
+    try:
+        with _DryHydra(args) as dry:
+            for point in itertools.product(*choices):
+                where = ", ".join(point[i] for i in swept)
+                try:
+                    cfg = dry.compose(list(point))
+                except Exception as e:  # noqa: BLE001 - every composition error becomes one line
+                    return f"{_one_line(e, dry, list(point))} (the sweep's point {where}; no point was started)"
+                try:
+                    validate(cfg)
+                except ConfigError as e:
+                    return f"{e} (the sweep's point {where}; no point was started)"
+    except _Refused as e:
+        return str(e)
     return None
 
 
@@ -263,6 +320,12 @@ def _with_overrides(argv: list[str], extra: list[str]) -> list[str]:
     after ``--cfg job`` would be refused."""
     if not extra:
         return argv
+    return _ordered(argv) + extra
+
+
+def _ordered(argv: list[str]) -> list[str]:
+    """``argv`` with Hydra's options first and the overrides after them, in their order (argparse
+    refuses overrides on both sides of ``-m``: ``a=1 -m b=2,3``)."""
     options: list[str] = []
     overrides: list[str] = []
     i = 0
@@ -277,7 +340,7 @@ def _with_overrides(argv: list[str], extra: list[str]) -> list[str]:
         else:
             overrides.append(a)
         i += 1
-    return options + overrides + extra
+    return options + overrides
 
 
 def _own_output_subdir(argv: list[str]) -> tuple[list[str], bool]:
@@ -387,14 +450,14 @@ def main() -> None:
         sys.exit(2)
     _WORLD = world
     argv = own_target_argv(sys.argv[1:])
-    bad = precheck_argv(argv) or precheck_run_dir(argv)
+    bad = precheck_argv(argv) or precheck_run_dir(argv) or precheck_multirun(argv)
     if bad:
         if world.is_main:
             print(f"hpcprune: error: {bad}", file=sys.stderr)
         sys.exit(2)
     argv, _WRITE_HYDRA_DIR = _own_output_subdir(argv)
     argv, sweep_dir = _multirun_dir(_inject_run_dir(world, argv))
-    sys.argv = [sys.argv[0]] + argv
+    sys.argv = [sys.argv[0]] + _ordered(argv)
     t_start = time.time() - 1.0
 
     import hydra

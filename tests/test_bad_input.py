@@ -131,6 +131,20 @@ def test_bad_override_process(tmp_path, overrides, needle):
     assert not os.path.exists(tmp_path / "run" / "run.h5")
 
 
+@pytest.mark.parametrize("sweep,needle", [
+    (["prune.target.macs=0.4,1.5", "prune.method=uniform,global"],
+     "prune.target.macs=1.5: a target is the fraction of the dense cost to keep, in (0, 1) (the sweep's point "
+     "prune.target.macs=1.5, prune.method=uniform; no point was started)"),
+    (["model=resnet_tiny,nosuchmodel"], "(the sweep's point model=nosuchmodel; no point was started)"),
+], ids=["value", "compose"])
+def test_bad_point_of_a_multirun_refused_before_any_point_starts(tmp_path, sweep, needle):
+    """Every point of a --multirun is composed and validated first: the bad one is named in one line,
+    exit code 2, and the good points did not run (no sweep directory)."""
+    p = run_sweep(tmp_path / "unused", "-m", *FAST, *sweep, f"hydra.sweep.dir={tmp_path / 'multi'}", check=False, timeout=120)
+    _one_error_line(p, needle)
+    assert p.returncode == 2 and not os.path.exists(tmp_path / "multi")
+
+
 @pytest.mark.mpi
 @pytest.mark.slow
 @pytest.mark.parametrize("overrides,needle", [COMPOSE_CASES[0][:2], VALUE_CASES[4][::2]], ids=["model", "ratios"])
