@@ -180,31 +180,33 @@ def pareto(runs: Sequence["Run"], fig_id: str = "pareto") -> Figure | None:
     data: dict[str, Any] = {"metric": metric_name, "axes": {}}
     colours = plt.get_cmap("tab10")
     for ax, (key, xlabel, higher_x) in zip(axes, panels):
-        pts: list[tuple[float, float, str]] = []
-        drawn = []
+        # this panel's own front: a run dominated on MACs may be on the front of params or latency
+        items = []
         for i, r in enumerate(runs):
             src = r.final if r.final.get("metric") is not None else r.pruned
             x, y = src.get(key), src.get("metric")
-            if x is None or y is None:
-                continue
+            if x is not None and y is not None:
+                items.append((i, r, src, float(x), float(y)))
+        dense = sorted({(1.0, float(r.dense["metric"])) for r in runs if r.dense.get("metric") is not None})
+        pts = [(x, y, r.label) for _, r, _, x, y in items] + [(dx, dy, f"dense#{j}") for j, (dx, dy) in enumerate(dense)]
+        front = _front(pts, higher_x, higher)
+        drawn = []
+        for i, r, src, x, y in items:
             c = colours(i % 10)
-            dominated = r.row.get("front") == "dominated"  # on the MACs front (report.mark_sweep): drawn faint
-            ax.scatter([x], [y], s=46, color=c, zorder=3, label=r.label, alpha=0.35 if dominated else 1.0,
-                       marker="X" if dominated else "o")
+            dominated = r.label not in front
+            what = ", ".join(str(v) for v in (r.row.get("method"), r.row.get("target")) if v)
+            ax.scatter([x], [y], s=46, color=c, zorder=3, label=f"{r.label} ({what})" if what else r.label,
+                       alpha=0.35 if dominated else 1.0, marker="X" if dominated else "o")
             ax.annotate(r.label + (" (dominated)" if dominated else ""), (x, y), textcoords="offset points",
                         xytext=(5, 4), fontsize=7.5, alpha=0.6 if dominated else 1.0)
             px, py = r.pruned.get(key), r.pruned.get("metric")
             if src is r.final and px is not None and py is not None:
                 ax.scatter([px], [py], s=30, facecolors="none", edgecolors=[c], zorder=3)
                 ax.annotate("", (x, y), (px, py), arrowprops=dict(arrowstyle="->", color=c, alpha=0.5, linewidth=0.8))
-            pts.append((float(x), float(y), r.label))
-            drawn.append({"run": r.path, "label": r.label, "x": float(x), "y": float(y),
+            drawn.append({"run": r.path, "label": r.label, "x": x, "y": y,
                           "pruned_x": px, "pruned_y": py, "fine_tuned": src is r.final})
-        dense = sorted({(1.0, float(r.dense["metric"])) for r in runs if r.dense.get("metric") is not None})
         for j, (dx, dy) in enumerate(dense):
             ax.scatter([dx], [dy], marker="*", s=160, color="black", zorder=4, label="dense" if j == 0 else None)
-            pts.append((dx, dy, f"dense#{j}"))
-        front = _front(pts, higher_x, higher)
         fpts = sorted((p for p in pts if p[2] in front), key=lambda p: p[0])
         if len(fpts) > 1:
             ax.plot([p[0] for p in fpts], [p[1] for p in fpts], color="#999999", linewidth=1, linestyle="-", zorder=1,
