@@ -249,6 +249,9 @@ def measure_model(model: object, example: object, batch: int, device: str, threa
         meter = meter_for(device, rapl_root)
     except EnergyUnavailable as e:
         return EnergyResult.unavailable(str(e))
+    from .metrics import steady_allocator
+
+    steady_allocator()  # as the latencies: no page faults of a cold allocator in the joules
     model = model.to(device).eval()  # type: ignore[attr-defined]
     x = example.to(device)  # type: ignore[attr-defined]
     x = x.repeat(math.ceil(batch / x.shape[0]), *([1] * (x.dim() - 1)))[:batch]
