@@ -5,7 +5,8 @@ __version__ = "0.1.0"
 
 
 def load_pruned(path: str, weights: str = "final"):  # noqa: ANN201
-    """Rebuild the pruned (and, once fine-tuned, the fine-tuned) model stored in run file ``path``."""
+    """Rebuild the pruned (and, once fine-tuned, the fine-tuned) model stored in run file ``path``;
+    ``weights``: ``final`` (default), ``pruned``, ``plan`` or ``dense`` (hpcprune.runs.load_pruned)."""
     from .runs import load_pruned as _load
 
     return _load(path, weights=weights)

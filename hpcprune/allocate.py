@@ -272,6 +272,8 @@ def _check_reachable(cm: CostModel, targets: dict[str, float], max_ratio: float,
                 + (f"; prune.round_to={round_to} keeps groups narrower than {round_to} whole and the others at "
                    f"multiples of {round_to}: a smaller round_to (1: any width) reaches "
                    f"{cm.fraction(k, full, 1):.4f}" if round_to > 1 and cm.fraction(k, full, 1) < best - 1e-12 else "")
+                + (f"; raise prune.max_ratio (at most 1.0: groups cut to their last unit) or relax the target"
+                   if max_ratio < 1.0 else "; relax the target")
             )
 
 

@@ -60,12 +60,14 @@ def pruned_model(run: RunFile, cfg: DictConfig | None = None, weights: str = "fi
 
     ``plan``: dense weights cut by the plan, nothing else; ``pruned``: the weights right after
     pruning (BatchNorm statistics re-estimated); ``final``: the fine-tuned weights when the run has
-    them, else the pruned ones.
+    them, else the pruned ones; ``dense``: the dense model itself, uncut.
     """
-    if weights not in ("plan", "pruned", "final"):
-        raise ValueError(f"weights={weights!r}: choose plan, pruned or final")
+    if weights not in ("plan", "pruned", "final", "dense"):
+        raise ValueError(f"weights={weights!r}: choose final, pruned, plan or dense")
     cfg = cfg or load_config(run)
     model = dense_model(run, cfg)
+    if weights == "dense":
+        return model.eval()
     ignore = list(cfg.groups.ignore) if cfg.groups.ignore else []
     graph = Graph(model, example_input(run), ignore_names(model, ignore))
     graph.apply_plan(read_plan(run))
@@ -78,8 +80,13 @@ def pruned_model(run: RunFile, cfg: DictConfig | None = None, weights: str = "fi
 
 
 def load_pruned(path: str, weights: str = "final") -> nn.Module:
-    """Rebuild the pruned (and, when done, fine-tuned) model of the run file at ``path``."""
-    return pruned_model(RunFile(path), weights=weights)
+    """Rebuild the pruned (and, when done, fine-tuned) model of the run file at ``path``;
+    ``weights``: ``final`` (default), ``pruned`` (before fine-tuning), ``plan`` (dense weights cut by
+    the plan) or ``dense`` (the uncut dense model, to compare against). Raises
+    :class:`hpcprune.store.RunFileError` for a file that is not a run file (or does not exist)."""
+    run = RunFile(path)
+    run.check()
+    return pruned_model(run, weights=weights)
 
 
 def ignore_names(model: nn.Module, ignore: list[str]) -> list[str]:

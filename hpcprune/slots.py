@@ -48,8 +48,8 @@ class LocalSlot:
                     fh.close()
             now = time.monotonic()
             if said is None or now - said >= 60:
-                log.info("multirun: %d point(s) of this sweep already run on this machine (local_parallelism): "
-                         "waiting for one to end (%.0f s)", len(self.paths), now - t0)
+                log.info("multirun: %d point(s) of this sweep are running on this machine, as many as local_parallelism "
+                         "allows: waiting for one to end (%.0f s)", len(self.paths), now - t0)
                 said = now
             time.sleep(poll_s)
 

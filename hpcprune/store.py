@@ -82,6 +82,8 @@ class RunFile:
     # ---- opening ------------------------------------------------------------------------------
     def check(self) -> None:
         """Raise RunFileError unless this is a readable hpcprune run file of a known schema (1 or 2)."""
+        if not os.path.exists(self.path):
+            raise RunFileError(f"{self.path}: no such file")
         try:
             with h5py.File(self.path, "r") as f:
                 fmt = f.attrs.get("format")

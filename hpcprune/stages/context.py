@@ -217,7 +217,7 @@ def measure(ctx: Context, cfg: Any, model: nn.Module) -> dict[str, Any]:
                 energy_kept=e.j_per_sample / dense_j if dense_j > 0 else np.nan)
 
 
-def speed_note(rec: dict[str, Any], what: str) -> str:
+def speed_note(rec: dict[str, Any], what: str, cfg: Any) -> str:
     """The log's words for :func:`measure`'s speed-up, and a warning when ``what`` (the pruned or
     fine-tuned model) is slower than the dense one: the speed-up is timed in alternation, not the
     ratio of the two stages' own latencies, which are timed alone minutes apart."""
@@ -227,7 +227,11 @@ def speed_note(rec: dict[str, Any], what: str) -> str:
         log.warning("%s: slower than the dense model on this device (speed-up %.2fx, %.2f vs %.2f ms): fewer MACs "
                     "are not less time here; a loaded machine times noisily, and widths this device runs poorly "
                     "are slow: prune for time with prune.target.latency, or raise prune.round_to", what, speedup, own, dense)
-    return f"speed-up {speedup:.2f}x (dense {dense:.2f} ms, this {own:.2f} ms, timed in alternation)"
+    b = cfg.baseline
+    threads = int(b.latency_threads)
+    how = (f"batch {int(b.latency_batch)}, {f'{threads} thread(s)' if threads > 0 else 'the run threads'}, "
+           f"{rec.get('latency_clock', 'wall')} clock, {rec.get('latency_runtime', 'torch')}")
+    return f"speed-up {speedup:.2f}x (dense {dense:.2f} ms, this {own:.2f} ms, timed in alternation: {how})"
 
 
 def plan(ctx: Context, cfg: Any, ratios: np.ndarray) -> dict[str, list[int]]:

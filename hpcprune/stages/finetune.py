@@ -46,7 +46,7 @@ def run(ctx: Context, cfg: Any, rf: RunFile) -> Record:
         model = pruned_model(rf, cfg, weights="pruned")
     rec = measure(ctx, cfg, model)
     log.info("fine-tuned: %s %.4f (dense %.4f); %s", ctx.metric, rec["metric"], float(ctx.base["metric"]),
-             speed_note(rec, "fine-tuned"))
+             speed_note(rec, "fine-tuned", cfg))
 
     def write(f: h5py.File) -> None:
         ft = replace_group(f, "finetune")
