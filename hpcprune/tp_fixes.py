@@ -1,6 +1,6 @@
 """Torch-Pruning's upstream bugs that hpcprune patches at import, and those it works around elsewhere.
 
-Importing this module replaces six functions of Torch-Pruning (1.6) for the whole process;
+Importing this module replaces nine functions of Torch-Pruning (1.6) for the whole process;
 :mod:`hpcprune.graph` imports it first, so the patches are in place before any ``DependencyGraph``
 is built. Each section below is one upstream bug, described as it would be reported upstream:
 
@@ -13,6 +13,9 @@ is built. Each section below is one upstream bug, described as it would be repor
    (:func:`_update_reshape_index_mapping`: ShuffleNetV2 could not be traced at all).
 5. ``ConvPruner`` cuts a grouped ``ConvTranspose`` along the wrong dimension extents
    (:func:`_conv_prune_out`, :func:`_conv_prune_in`: crashed or cut half the inputs).
+6. ``GroupNormPruner`` keeps ``num_groups`` when it cuts channels: right for a cut that removes
+   one position of every group, wrong for a per-channel ``GroupNorm(C, C)``, whose cut removes
+   whole groups (:func:`_groupnorm_prune`: the cut model failed, ``C' % num_groups != 0``).
 
 Upstream behaviour hpcprune works around elsewhere, without patching Torch-Pruning:
 
@@ -191,6 +194,24 @@ def _conv_prune_in(self: Any, layer: nn.Module, idxs: Sequence[int]) -> nn.Modul
     return layer
 
 
+# ---- 6. GroupNormPruner: num_groups of a per-channel GroupNorm -----------------------------------------
+_tp_groupnorm = tp.pruner.function.GroupNormPruner.prune_out_channels
+
+
+def _groupnorm_prune(self: Any, layer: nn.Module, idxs: Sequence[int]) -> nn.Module:
+    """Torch-Pruning's ``GroupNormPruner.prune_out_channels`` slices the affine parameters and sets
+    ``num_channels`` but leaves ``num_groups``; a ``GroupNorm(C, C)`` (one channel per group, as
+    some models normalise per channel) cut to C' channels then has C groups over C' channels and
+    fails. With one channel per group, the groups follow the channels (upstream bug, same file)."""
+    per_channel = layer.num_groups == layer.num_channels
+    _tp_groupnorm(self, layer, idxs)
+    if per_channel:
+        layer.num_groups = layer.num_channels
+    return layer
+
+
+tp.pruner.function.GroupNormPruner.prune_out_channels = _groupnorm_prune
+tp.pruner.function.GroupNormPruner.prune_in_channels = _groupnorm_prune
 tp.pruner.function.ConvPruner.prune_out_channels = _conv_prune_out
 tp.pruner.function.ConvPruner.prune_in_channels = _conv_prune_in
 # Torch-Pruning's importance criteria recognise a conv's cut by comparing the group's handler with the

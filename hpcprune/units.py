@@ -52,7 +52,7 @@ def block_width(mod: nn.Module, out: bool) -> int:
     a grouped (not depthwise) convolution, GroupNorm, nn.MultiheadAttention (per head); 0 otherwise."""
     if isinstance(mod, nn.modules.conv._ConvNd) and mod.groups > 1 and not (mod.groups == mod.in_channels == mod.out_channels):
         return (mod.out_channels if out else mod.in_channels) // mod.groups
-    if isinstance(mod, nn.GroupNorm) and mod.num_groups > 1:
+    if isinstance(mod, nn.GroupNorm) and 1 < mod.num_groups < mod.num_channels:  # GroupNorm(C, C): per channel
         return mod.num_channels // mod.num_groups
     if isinstance(mod, nn.MultiheadAttention) and mod.num_heads > 1:
         return mod.embed_dim // mod.num_heads

@@ -15,6 +15,7 @@ mha_seq_first_kdim       seq       MHA batch_first=False, kdim     cross-attenti
 rezero_gate              images    x + alpha * f(x), alpha (1,)    the scalar gate is no channel: never cut it; f's output channels are tied to the trunk by the add
 conv_bias_bn_noaffine    images    conv bias, BN affine=False      cut the conv's bias with its rows and the BN's running stats with them (the BN has no weight/bias)
 groupnorm_odd            images    GroupNorm(3, 24), round_to=4    3 groups of 8: a unit is one position in each group (3 channels); kept channels a multiple of 4 and of 3
+groupnorm_per_channel    images    GroupNorm(16, 16)               one channel per group: a cut removes whole groups (num_groups follows the channels)
 tuple_aux                images    forward returns (logits, aux)   every output keeps its shape: the aux features' width too (a user reads them)
 embedding_mean           tokens    Embedding -> mean -> Linear     an embedding column is one input column of the first Linear; token ids are never cut
 spectral_norm_fc         images    parametrize.spectral_norm       a parametrised weight cannot be sliced: refuse that group in one line naming the layer and the fix
@@ -148,6 +149,12 @@ def groupnorm_odd(num_classes: int = 10) -> nn.Module:
     return nn.Sequential(nn.Conv2d(1, 24, 3, padding=1), nn.GroupNorm(3, 24), nn.ReLU(),
                          nn.Conv2d(24, 24, 3, padding=1), nn.GroupNorm(3, 24), nn.ReLU(),
                          nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(24, num_classes))
+
+
+def groupnorm_per_channel(num_classes: int = 10) -> nn.Module:
+    return nn.Sequential(nn.Conv2d(1, 16, 3, padding=1), nn.GroupNorm(16, 16), nn.ReLU(),
+                         nn.Conv2d(16, 16, 3, padding=1), nn.GroupNorm(16, 16), nn.ReLU(),
+                         nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(16, num_classes))
 
 
 class TupleAux(nn.Module):
@@ -299,6 +306,7 @@ CASES: dict[str, tuple] = {
     "rezero_gate": (rezero_gate, data_images),
     "conv_bias_bn_noaffine": (conv_bias_bn_noaffine, data_images),
     "groupnorm_odd": (groupnorm_odd, data_images),
+    "groupnorm_per_channel": (groupnorm_per_channel, data_images),
     "tuple_aux": (tuple_aux, data_images),
     "embedding_mean": (embedding_mean, data_tokens),
     "spectral_norm_fc": (spectral_norm_fc, data_images),

@@ -74,6 +74,7 @@ ARCHS2_EXPECTED = {
     "rezero_gate": (["0.0", "1.f.0", "2.f.0"], {}),
     "conv_bias_bn_noaffine": (["0", "3"], {}),
     "groupnorm_odd": (["0", "3"], {}),
+    "groupnorm_per_channel": (["0", "3"], {}),
     "tuple_aux": (["b.0"], {}),  # a.0 feeds the aux output: kept like the classifier
     "embedding_mean": (["emb", "fc1"], {}),
     "spectral_norm_fc": (["3"], {"1": "remove_parametrizations"}),
@@ -265,3 +266,35 @@ def test_convolutions_still_count_in_importance_after_the_conv_patch():
     graph = Graph(model, torch.randn(1, 1, 8, 8))
     expected = (model[0].weight.pow(2).sum((1, 2, 3)) + model[3].weight.pow(2).sum((0, 2, 3))) / 2
     torch.testing.assert_close(importance.group_scores(graph, "l2")["0"], expected.double())
+
+
+def test_per_channel_groupnorm_cut_equals_the_smaller_model():
+    """GroupNorm(C, C) cut to C' channels is GroupNorm(C', C') over the kept channels (Torch-Pruning
+    kept num_groups = C: tp_fixes 6)."""
+    import copy
+
+    import archs2
+    import torch
+    from torch import nn
+
+    from hpcprune.graph import Graph
+
+    torch.manual_seed(0)
+    model = archs2.groupnorm_per_channel().eval()
+    for p in model.parameters():
+        p.data.normal_()
+    x = torch.randn(4, 1, 8, 8)
+    pruned = copy.deepcopy(model)
+    drop = [1, 5, 7, 15]
+    Graph(pruned, x[:1]).prune_group("0", drop)
+    keep = [i for i in range(16) if i not in drop]
+    ref = copy.deepcopy(model)
+    ref[0] = nn.Conv2d(1, 12, 3, padding=1)
+    ref[0].weight.data, ref[0].bias.data = model[0].weight.data[keep], model[0].bias.data[keep]
+    ref[1] = nn.GroupNorm(12, 12)
+    ref[1].weight.data, ref[1].bias.data = model[1].weight.data[keep], model[1].bias.data[keep]
+    ref[3] = nn.Conv2d(12, 16, 3, padding=1)
+    ref[3].weight.data, ref[3].bias.data = model[3].weight.data[:, keep], model[3].bias.data
+    assert pruned[1].num_groups == pruned[1].num_channels == 12
+    with torch.no_grad():
+        torch.testing.assert_close(pruned(x), ref(x), atol=1e-5, rtol=1e-5)
