@@ -1,6 +1,6 @@
 """Torch-Pruning's upstream bugs that hpcprune patches at import, and those it works around elsewhere.
 
-Importing this module replaces nine functions of Torch-Pruning (1.6) for the whole process;
+Importing this module replaces eleven functions of Torch-Pruning (1.6) for the whole process;
 :mod:`hpcprune.graph` imports it first, so the patches are in place before any ``DependencyGraph``
 is built. Each section below is one upstream bug, described as it would be reported upstream:
 
@@ -16,6 +16,8 @@ is built. Each section below is one upstream bug, described as it would be repor
 6. ``GroupNormPruner`` keeps ``num_groups`` when it cuts channels: right for a cut that removes
    one position of every group, wrong for a per-channel ``GroupNorm(C, C)``, whose cut removes
    whole groups (:func:`_groupnorm_prune`: the cut model failed, ``C' % num_groups != 0``).
+7. ``InstanceNormPruner`` leaves the running statistics of an ``InstanceNorm(track_running_stats=True)``
+   at the old width (:func:`_instancenorm_prune`: the cut model failed in eval mode).
 
 Upstream behaviour hpcprune works around elsewhere, without patching Torch-Pruning:
 
@@ -210,6 +212,27 @@ def _groupnorm_prune(self: Any, layer: nn.Module, idxs: Sequence[int]) -> nn.Mod
     return layer
 
 
+# ---- 7. InstanceNormPruner: running statistics left at the old width -----------------------------------
+_tp_instancenorm = tp.pruner.function.InstanceNormPruner.prune_out_channels
+
+
+def _instancenorm_prune(self: Any, layer: nn.Module, idxs: Sequence[int]) -> nn.Module:
+    """Torch-Pruning's ``InstanceNormPruner.prune_out_channels`` slices the affine parameters only;
+    an instance norm that tracks running statistics uses them in eval mode, at the old width
+    (upstream bug, same file): the kept channels' statistics are kept too."""
+    import torch
+
+    keep = sorted(set(range(layer.num_features)) - {int(i) for i in idxs})
+    _tp_instancenorm(self, layer, idxs)
+    for name in ("running_mean", "running_var"):
+        buf = getattr(layer, name, None)
+        if buf is not None and buf.shape[0] != layer.num_features:
+            setattr(layer, name, buf.index_select(0, torch.as_tensor(keep, dtype=torch.long, device=buf.device)).clone())
+    return layer
+
+
+tp.pruner.function.InstanceNormPruner.prune_out_channels = _instancenorm_prune
+tp.pruner.function.InstanceNormPruner.prune_in_channels = _instancenorm_prune
 tp.pruner.function.GroupNormPruner.prune_out_channels = _groupnorm_prune
 tp.pruner.function.GroupNormPruner.prune_in_channels = _groupnorm_prune
 tp.pruner.function.ConvPruner.prune_out_channels = _conv_prune_out

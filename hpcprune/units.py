@@ -30,9 +30,11 @@ def unsupported_member(by_name: dict[str, nn.Module], members: Sequence[Any]) ->
             return (f"{m.module} is an nn.MultiheadAttention with kdim={mod.kdim}, vdim={mod.vdim} != embed_dim={mod.embed_dim}: "
                     "Torch-Pruning cuts its key and value inputs as if they were embed_dim wide; this group is not "
                     "pruned (give key and value the query's width to prune it)")
-        if mod is not None and (torch.nn.utils.parametrize.is_parametrized(mod) or hasattr(mod, "weight_g")):
+        if mod is not None and (torch.nn.utils.parametrize.is_parametrized(mod) or hasattr(mod, "weight_g")
+                                or hasattr(mod, "weight_orig")):  # weight_orig: the hook-based spectral_norm
             return (f"{m.module} has a reparametrised weight (weight or spectral norm); remove it before pruning: "
-                    "torch.nn.utils.parametrize.remove_parametrizations(layer, 'weight') or nn.utils.remove_weight_norm(layer)")
+                    "torch.nn.utils.parametrize.remove_parametrizations(layer, 'weight'), nn.utils.remove_weight_norm(layer) "
+                    "or nn.utils.remove_spectral_norm(layer)")
     return None
 
 

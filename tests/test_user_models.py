@@ -298,3 +298,51 @@ def test_per_channel_groupnorm_cut_equals_the_smaller_model():
     assert pruned[1].num_groups == pruned[1].num_channels == 12
     with torch.no_grad():
         torch.testing.assert_close(pruned(x), ref(x), atol=1e-5, rtol=1e-5)
+
+
+def test_hook_based_spectral_norm_refused_with_the_fix():
+    """``torch.nn.utils.spectral_norm`` (the older hook API: ``weight_orig`` and a pre-hook) is refused
+    by name with the call that removes it, like weight norm and the parametrizations (it was a
+    TypeError from the cut)."""
+    import torch
+    from torch import nn
+
+    from hpcprune.graph import Graph
+
+    model = nn.Sequential(nn.Conv2d(3, 16, 3), nn.ReLU(), torch.nn.utils.spectral_norm(nn.Conv2d(16, 16, 3)), nn.ReLU(),
+                          nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(16, 4)).eval()
+    graph = Graph(model, torch.randn(1, 3, 12, 12), [])
+    reasons = {e.name: e.reason for e in graph.excluded}
+    assert set(reasons) == {"0", "2"} and all("nn.utils.remove_spectral_norm(layer)" in r for r in reasons.values())
+
+
+def test_instance_norm_with_running_stats_cut_with_its_statistics():
+    """InstanceNorm2d(track_running_stats=True) in eval mode normalises with its running statistics:
+    the cut keeps the kept channels' statistics (Torch-Pruning left them at the old width: tp_fixes 7)
+    and equals the dense model whose consumer ignores the removed channels."""
+    import copy
+
+    import torch
+    from torch import nn
+
+    from hpcprune.graph import Graph
+    from hpcprune.verify import verify_groups
+
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(3, 16, 3, padding=1), nn.InstanceNorm2d(16, affine=True, track_running_stats=True),
+                          nn.ReLU(), nn.Conv2d(16, 16, 3, padding=1), nn.ReLU(), nn.AdaptiveAvgPool2d(1), nn.Flatten(),
+                          nn.Linear(16, 4))
+    for _ in range(3):  # running statistics away from their initial 0 / 1
+        model(torch.randn(8, 3, 8, 8))
+    model.eval()
+    x = torch.randn(4, 3, 8, 8)
+    graph = Graph(model, x[:1], [])
+    verify_groups(graph, x, 0.9, 1)
+    assert [g.name for g in graph.groups] == ["0", "3"]
+    pruned, drop = copy.deepcopy(model), [0, 3, 9]
+    Graph(pruned, x[:1], []).prune_group("0", drop)
+    ref = copy.deepcopy(model)
+    with torch.no_grad():
+        ref[3].weight[:, drop] = 0
+        torch.testing.assert_close(pruned(x), ref(x), atol=1e-6, rtol=1e-6)
+    assert pruned[1].running_mean.shape == (13,)
