@@ -63,7 +63,7 @@ from torch.nn import functional as F
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import llm_bench as lb  # noqa: E402
-from hpcprune import allocate, importance, metrics  # noqa: E402
+from hpcprune import allocate, compensate, importance, metrics  # noqa: E402
 from hpcprune.graph import Graph, n_keep  # noqa: E402
 from hpcprune.sensitivity import DONE, Evaluator, run_sensitivity  # noqa: E402
 from hpcprune.world import World  # noqa: E402
@@ -91,14 +91,16 @@ def worker(args):
     graph = Graph(model, example, ignore)
     rss = {"loaded": rss_mb()}
     t0 = time.perf_counter()
-    scores = importance.group_scores(graph, "activation", calib[world.rank :: world.size],
-                                     reduce=world.allreduce_sum if world.size > 1 else None)
+    share, reduce = calib[world.rank :: world.size], (world.allreduce_sum if world.size > 1 else None)
+    flap = args.order == "fluctuation"  # hpcprune with importance=fluctuation prune.bias_compensation=true
+    scores = importance.group_scores(graph, "fluctuation" if flap else "activation", share, reduce=reduce)
     if args.order == "wanda":  # the proposal: neurons and heads scored where they enter down_proj / o_proj
         scores.update(wanda_group_scores(model, graph, calib))
     t_scores, rss["scored"] = time.perf_counter() - t0, rss_mb()
     groups = [g for g in graph.groups if args.worker_layers is None or layer_of(g.name) in args.worker_layers]
     orders = {n: importance.prune_order(s) for n, s in scores.items()}
-    ev = Evaluator(model, groups, orders, args.ratios, calib, example, ignore)
+    comp = compensate.prepare(graph, share, reduce) if flap else None
+    ev = Evaluator(model, groups, orders, args.ratios, calib, example, ignore, compensation=comp)
     pending = np.ones((len(groups), len(args.ratios)), bool)
     world.barrier()
     t0 = time.perf_counter()
@@ -351,6 +353,14 @@ def flap_bias(dense, removed, means):
     return fix
 
 
+def compensated(graph, dense, targets, plan):
+    """``fix(student)``: hpcprune's bias compensation (``hpcprune.compensate.apply``, as the prune stage
+    with ``prune.bias_compensation=true``) of every group ``plan`` cuts, from the dense model."""
+    removed = {g.name: sorted(set(range(g.size)) - set(Graph.plan_units(g, plan[g.name])))
+               for g in graph.groups if g.name in plan and g.kind != "block"}
+    return lambda student: compensate.apply(dense, student, targets, removed)
+
+
 def hpcprune_plan(graph, model, example, sens, orders, kinds, target, ratios):
     """hpcprune's sensitivity allocation (as llm_bench) over ``kinds`` at ``target`` (kept fraction of
     all params): a Graph plan, with activation orders."""
@@ -413,8 +423,10 @@ def parse():
     ap.add_argument("--mem-layers", type=lambda s: [int(x) for x in s.split(",") if x], default=[0],
                     help="layers whose groups the 1-rank memory run evaluates ('' to skip it)")
     ap.add_argument("--sens-npz", default=None, help="keep the sensitivity matrix here; reuse it if it exists")
-    ap.add_argument("--order", choices=("activation", "wanda"), default="activation",
-                    help="hpcprune's order (and its sensitivity grid): its activation criterion, or Wanda-sp's (only hpcprune rows)")
+    ap.add_argument("--order", choices=("activation", "wanda", "fluctuation"), default="activation",
+                    help="hpcprune's order (and its sensitivity grid): its activation criterion, Wanda-sp's (only hpcprune "
+                         "rows), or importance=fluctuation with prune.bias_compensation=true (FLAP's score and bias "
+                         "compensation, in the cells and on the pruned model)")
     ap.add_argument("--skip-peers", action="store_true", help="only hpcprune's rows (e.g. to try another --ratios grid)")
     ap.add_argument("--diagnose", action="store_true", help="instead of the peers: hpcprune's allocation with "
                     "Wanda-sp's order, hpcprune's activation order at a uniform allocation, hpcprune + FLAP's bias")
@@ -452,7 +464,7 @@ def main():
     assert [g.name for g in graph.groups] == [str(n) for n in sens["names"]]
     total = metrics.params(model)
     emb = model.hf.get_input_embeddings().weight.numel()  # tied with the output head: counted once
-    ctx = {"model": model, "args": args, "data": data, "val": val, "example": example, "ignore": ignore,
+    ctx = {"model": model, "args": args, "data": data, "val": val, "example": example, "ignore": ignore, "calib": calib,
            "lat_example": val[0][0][:1], "total": total, "emb": emb, "nonemb": total - emb}
     dense_ppl = lb.ppl(model, val)
     ctx["dense_lat"] = lb.latency(model, ctx["lat_example"], args.latency_repeats, args.threads)
@@ -465,15 +477,19 @@ def main():
     L = len(model.hf.model.layers)
     pruned_layers = list(range(LLM_PRUNER_SKIP[0], L - LLM_PRUNER_SKIP[1]))
     results = []
+    targets = compensate.prepare(graph, ctx["calib"]) if args.order == "fluctuation" else None
     if args.diagnose:
         results = diagnose(ctx, graph, sens, act, scores, means)
     for remove in [] if args.diagnose else args.budgets:
         b = Budget(model, total - emb, remove)
         target = 1.0 - remove * (total - emb) / total
+        if targets:  # the biases compensation creates are counted: reserved under the budget (as the allocation stage does)
+            target -= compensate.new_bias_params(model, targets) / total
         for label, kinds in (("hpcprune default", ("neurons", "heads", "block")), ("hpcprune width", ("neurons", "heads"))):
             plan = hpcprune_plan(graph, model, example, sens, act, kinds, target, args.ratios)
-            results.append(run_row(ctx, label + ("" if args.order == "activation" else f" ({args.order} order)"), remove, plan))
-        if args.order != "activation" or args.skip_peers:
+            results.append(run_row(ctx, label + ("" if args.order == "activation" else f" ({args.order} order)"), remove, plan,
+                                   compensated(graph, model, targets, plan) if targets else None))
+        if args.order not in ("activation", "fluctuation") or args.skip_peers:
             continue
         flap = b.global_rank(*scores["flap"])
         results.append(run_row(ctx, "FLAP", remove, to_plan(graph, flap), flap_bias(model, flap, means), peer_s["stats_s"]))

@@ -298,11 +298,16 @@ def _cut(model: nn.Module, groups: list[dict[str, Any]]) -> None:
 
 
 def _load_weights(hf: nn.Module, file: str, path: str) -> None:
+    from safetensors import safe_open
     from safetensors.torch import load_model
+
+    from .compensate import create_missing_biases
 
     # tie shared parameters (embedding = output head; no_init_weights skipped the tying in init_weights)
     # before loading, so that the one stored copy of a tied tensor (safetensors keeps one name) fills every name
     hf.tie_weights()
+    with safe_open(file, framework="pt") as fh:  # biases prune.bias_compensation added (hpcprune.compensate)
+        create_missing_biases(hf, {k: fh.get_slice(k).get_shape() for k in fh.keys() if k.endswith(".bias")})
     missing, unexpected = load_model(hf, file, strict=False)
     state = hf.state_dict(keep_vars=True)
     loaded = {state[k].data_ptr() for k in state if k not in set(missing)}

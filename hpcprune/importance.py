@@ -2,7 +2,9 @@
 
 ``group_scores(graph, criterion, batches)`` returns one score per group channel (higher = keep).
 Scores that need data (``taylor``: first-order |w * dL/dw|; ``activation``: mean |activation| of
-the channel times the norm of the weights that produce it, Wanda-style) are built from sums over
+the channel times the norm of the weights that produce it, Wanda-style; ``fluctuation``: FLAP's
+variance of the channel where a single linear layer reads it, for cuts whose mean is compensated,
+``hpcprune.compensate``) are built from sums over
 the calibration batches: with ``reduce`` (an all-reduce over MPI ranks) each rank takes a share of
 the batches and the sums are added, which equals the single-rank result.
 """
@@ -23,7 +25,7 @@ from .tp_layers import is_conv1d, weight_dims
 
 log = logging.getLogger(__name__)
 
-CRITERIA = ("l1", "l2", "bn_scale", "taylor", "activation", "random")
+CRITERIA = ("l1", "l2", "bn_scale", "taylor", "activation", "fluctuation", "random")
 
 
 def _magnitude(p: int) -> Callable:
@@ -52,8 +54,8 @@ def group_scores(
             gen = torch.Generator().manual_seed(seed * 1000003 + i)
             out[g.name] = torch.rand(g.size, generator=gen, dtype=torch.float64)
         return out
-    if criterion == "activation":
-        return _activation_scores(graph, batches, reduce)
+    if criterion in ("activation", "fluctuation"):
+        return _activation_scores(graph, batches, reduce, fluctuation=criterion == "fluctuation")
     if criterion == "taylor":
         _summed_gradients(graph.model, batches, reduce)
         imp: Callable = tp.importance.GroupTaylorImportance(group_reduction="mean", normalizer=None)
@@ -155,7 +157,7 @@ def _forward_all(model: torch.nn.Module, batches: Sequence, hooks: list) -> None
             h.remove()
 
 
-def _activation_scores(graph: Graph, batches: Sequence, reduce: Callable) -> dict[str, torch.Tensor]:
+def _activation_scores(graph: Graph, batches: Sequence, reduce: Callable, fluctuation: bool = False) -> dict[str, torch.Tensor]:
     """Activation-aware scores (Wanda, Sun et al. 2023, "A Simple and Effective Pruning Approach for
     Large Language Models"; structured as Wanda-sp in FLAP, An et al. 2024): small weights on large
     activations still matter.
@@ -169,6 +171,10 @@ def _activation_scores(graph: Graph, batches: Sequence, reduce: Callable) -> dic
       benchmarks/results/llm_peers_cpu.log).
     - Every other group: mean |activation| of each channel at the group's root layer's output times
       that layer's output-weight norm.
+
+    ``fluctuation`` (FLAP, An et al., AAAI 2024, WIFV): at that single consumer, the sample variance
+    of each input channel over the calibration tokens x its column's squared norm, summed per unit:
+    what a cut loses once its mean is compensated (``prune.bias_compensation``); else as ``activation``.
     """
     modules = dict(graph.model.named_modules())
     groups = [g for g in graph.groups if g.kind != "block"]
@@ -176,6 +182,7 @@ def _activation_scores(graph: Graph, batches: Sequence, reduce: Callable) -> dic
     o_of.update({g.name: m for g in groups if g.kind == "neurons" and (m := _sole_linear_consumer(g, modules))})
     width = {g.name: (g.channels or g.size) if g.kind != "heads" else g.size * o_of[g.name].unit for g in groups}
     sums = {g.name: torch.zeros(width[g.name], dtype=torch.float64) for g in groups}
+    firsts = {n: torch.zeros(width[n], dtype=torch.float64) for n in o_of} if fluctuation else {}  # sum of x
     counts = {g.name: 0.0 for g in groups}
     hooks = []
 
@@ -183,6 +190,8 @@ def _activation_scores(graph: Graph, batches: Sequence, reduce: Callable) -> dic
         dims = [d for d in range(t.dim()) if d != ch_dim]
         v = t.detach().double()
         sums[name] += (v.square() if name in o_of else v.abs()).sum(dim=dims).cpu()
+        if name in firsts:
+            firsts[name] += v.sum(dim=dims).cpu()
         counts[name] += t.numel() / t.shape[ch_dim]
 
     def hook_for(name: str):
@@ -204,22 +213,44 @@ def _activation_scores(graph: Graph, batches: Sequence, reduce: Callable) -> dic
             hooks.append(modules[g.name].register_forward_hook(hook_for(g.name)))
     _forward_all(graph.model, batches, hooks)
     names = [g.name for g in groups]
-    flat = reduce(np.concatenate([sums[n].numpy() for n in names] + [np.array([counts[n] for n in names])]))
-    return _activation_finish(graph, groups, o_of, width, flat, modules)
+    means = [firsts[n].numpy() for n in names if n in firsts]
+    flat = reduce(np.concatenate([sums[n].numpy() for n in names] + means + [np.array([counts[n] for n in names])]))
+    flat, first = _split_firsts(flat, names, width, firsts) if fluctuation else (flat, None)
+    return _activation_finish(graph, groups, o_of, width, flat, modules, first)
+
+
+def _split_firsts(flat: np.ndarray, names: list[str], width: dict, firsts: dict) -> tuple[np.ndarray, dict]:
+    """The all-reduced ``[second moments, first moments (consumer inputs only), counts]``: the array
+    without the first moments, and those per group."""
+    second = sum(width[n] for n in names)
+    first, i = {}, second
+    for n in names:
+        if n in firsts:
+            first[n] = torch.from_numpy(flat[i : i + width[n]].copy())
+            i += width[n]
+    return np.concatenate([flat[:second], flat[-len(names):]]), first
 
 
 def _activation_finish(graph: Graph, groups: list, o_of: dict, width: dict, flat: np.ndarray,
-                       modules: dict) -> dict[str, torch.Tensor]:
+                       modules: dict, first: dict | None = None) -> dict[str, torch.Tensor]:
     """Per-unit scores from the all-reduced sums (``flat``: every group's channel sums, then one count
     per group): RMS x consumer column norm where ``o_of`` names a consumer, else mean |x| x the
-    root's output-weight norm; a block group scores 1."""
+    root's output-weight norm; a block group scores 1. ``first``: the consumer inputs' channel sums
+    (``fluctuation``): variance x squared column norm there instead."""
     out: dict[str, torch.Tensor] = {}
     i = 0
     total = flat[-len(groups):]
     for j, g in enumerate(groups):
         act = torch.from_numpy(flat[i : i + width[g.name]].copy()) / max(total[j], 1.0)
         i += width[g.name]
-        if g.name in o_of:  # RMS of the consumer's input channel x the norm of its column
+        if g.name in o_of and first is not None and g.name in first:  # FLAP: variance x squared column norm
+            om = modules[o_of[g.name].module]
+            col = om.weight.detach().double().cpu().norm(dim=weight_dims(om)[0])
+            n = max(total[j], 1.0)
+            mean = first[g.name] / n
+            var = ((act - mean.square()) * (n / max(n - 1.0, 1.0))).clamp_min(0.0)  # sample variance
+            out[g.name] = (var * col.square()).reshape(g.size, -1).sum(dim=1)
+        elif g.name in o_of:  # RMS of the consumer's input channel x the norm of its column
             om = modules[o_of[g.name].module]
             o = om.weight.detach().double().cpu()
             out[g.name] = (act.sqrt() * o.norm(dim=weight_dims(om)[0])).reshape(g.size, -1).sum(dim=1)

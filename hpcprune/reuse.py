@@ -72,7 +72,8 @@ def sensitivity_key(cfg: Any, dense_digest: str, groups: list[str]) -> str:
     sensitivity, groups, ``prune.round_to`` and the seed (BatchNorm re-estimation batches)."""
     return _key("sensitivity", {"dense_digest": dense_digest, "groups_kept": groups, "model": cfg.model, "data": cfg.data,
                                 "importance": cfg.importance, "sensitivity": cfg.sensitivity, "groups": cfg.groups,
-                                "prune.round_to": cfg.prune.round_to, "seed": cfg.seed})
+                                "prune.round_to": cfg.prune.round_to, "seed": cfg.seed,
+                                **({"prune.bias_compensation": True} if cfg.prune.get("bias_compensation") else {})})
 
 
 def dense_key(cfg: Any) -> str:

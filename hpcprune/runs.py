@@ -13,6 +13,7 @@ import torch
 from omegaconf import DictConfig, OmegaConf
 from torch import nn
 
+from .compensate import create_missing_biases
 from .graph import Graph
 from .structure import structure_of
 from .store import RunFile, has_weights, read_weights
@@ -75,7 +76,9 @@ def pruned_model(run: RunFile, cfg: DictConfig | None = None, weights: str = "fi
         with run.read() as f:
             stored = [s for s in (("final", "pruned") if weights == "final" else ("pruned",)) if has_weights(f, s)]
         if stored:
-            model.load_state_dict(read_weights(run, stored[0]))
+            state = read_weights(run, stored[0])
+            create_missing_biases(model, {k: v.shape for k, v in state.items()})  # prune.bias_compensation's (compensate)
+            model.load_state_dict(state)
     return model.eval()
 
 

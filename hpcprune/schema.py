@@ -44,7 +44,7 @@ def _choice(name: str, values: tuple[str, ...]) -> Any:
 # the choices; hpcprune.allocate.METHODS, hpcprune.importance.CRITERIA, hpcprune.graph.KINDS name the
 # same (tests/test_schema.py holds them equal)
 Method = _choice("Method", ("uniform", "global", "sensitivity"))
-Importance = _choice("Importance", ("l1", "l2", "bn_scale", "taylor", "activation", "random"))
+Importance = _choice("Importance", ("l1", "l2", "bn_scale", "taylor", "activation", "fluctuation", "random"))
 GroupKind = _choice("GroupKind", ("channels", "neurons", "heads", "block"))
 # what runs the model when a latency is measured (hpcprune.metrics.LATENCY_RUNTIMES)
 LatencyRuntime = _choice("LatencyRuntime", ("torch", "onnxruntime"))
@@ -104,6 +104,7 @@ class PruneConfig:
     max_ratio: float = MISSING
     round_to: int = MISSING
     bn_recalib_batches: int = MISSING
+    bias_compensation: bool = MISSING
 
 
 @dataclass

@@ -26,7 +26,7 @@ COMPOSE_CASES = [
 # a value of the wrong type, or not one of the key's choices: refused by the composition (the schema)
 SCHEMA_CASES = [
     (["prune.method=magic"], "prune.method=magic:", "expected one of [uniform, global, sensitivity]"),
-    (["importance=vibes"], "importance=vibes:", "expected one of [l1, l2, bn_scale, taylor, activation, random]"),
+    (["importance=vibes"], "importance=vibes:", "expected one of [l1, l2, bn_scale, taylor, activation, fluctuation, random]"),
     (["sensitivity.channels_last=maybe"], "sensitivity.channels_last=maybe:", "not a valid bool"),
     (["groups.kinds=[channels,rows]"], "groups.kinds=[channels,rows]:", "Invalid value 'rows', expected one of"),
     (["threads=abc"], "threads=abc:", "could not be converted to Integer"),

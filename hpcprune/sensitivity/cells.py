@@ -17,7 +17,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from .. import blockcache
+from .. import blockcache, compensate
 from ..graph import Graph, GroupInfo, Slice, n_keep, skip_block, slice_group
 from ..metrics import EvalSums, batch_sums
 from ..structure import structure_of
@@ -127,6 +127,10 @@ class Evaluator:
     cell runs after a convolution it runs into that convolution (``bn.fold_pairs``; not inside a block
     the cell starts from cached values), and skip the BatchNorm: one pass over the activations less
     per pair; numbers agree to rounding (~1e-7).
+
+    ``compensation``: per group name, a :class:`hpcprune.compensate.Target`: each cell of that group
+    adds the compensation of its cut to the consumer's bias (computed from the dense weights before
+    the cut) and takes it away after (``prune.bias_compensation``).
     """
 
     def __init__(
@@ -145,6 +149,7 @@ class Evaluator:
         fold_bn: bool = False,
         graph: Graph | None = None,
         round_to: int = 1,
+        compensation: dict[str, Any] | None = None,
     ) -> None:
         self.channels_last = channels_last and any(isinstance(m, nn.Conv2d) for m in model.modules()) \
             and _runs_channels_last(model, batches[0][0] if batches else example_input)
@@ -168,6 +173,7 @@ class Evaluator:
         self.recal_batches = list(recal_batches)
         self.structure = structure_of(model)
         self.round_to = int(round_to)
+        self.compensation = dict(compensation or {})
         self._graph = graph  # Torch-Pruning's graph over this model, for groups that are not sliced (built on first use)
         self._memo: dict[tuple, EvalSums] = {}  # (group or None, units cut, shard, shards) -> sums
         self._plans: dict[int, blockcache.BlockPlan | None] = {}
@@ -346,7 +352,10 @@ class Evaluator:
         """Cut ``idxs`` out of the group, re-estimate the BatchNorms after the cut, fold, evaluate,
         put everything back: (the cell's sums, whole with a team; seconds of the re-estimation)."""
         g, k = run.group, run.k
+        target = self.compensation.get(g.name) if idxs else None
+        shift = compensate.vector(self.modules[target.consumer], target, idxs) if target is not None else None
         cut, keep_t = self._cut(run, idxs)
+        added = compensate.add(self.modules[target.consumer], shift) if target is not None else compensate.Added()
         recal = self.recal_batches and not (g.kind == "block" and not idxs) and self._suffix_bns(k)
         t_recal = time.perf_counter()
         bn_saved = self._recalibrate(run, keep_t) if recal else None
@@ -363,6 +372,7 @@ class Evaluator:
                 bn.unfold(folded)
             if bn_saved is not None:
                 bn.restore(bn_saved)
+            added.restore()
             cut.restore()
         if run.team is not None:
             sums = EvalSums(*(float(v) for v in run.team.sum(np.array(sums.as_tuple()))))

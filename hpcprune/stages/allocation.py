@@ -14,7 +14,7 @@ from typing import Any
 import h5py
 import numpy as np
 
-from .. import allocate
+from .. import allocate, compensate
 from ..config import targets as config_targets
 from ..graph import n_keep
 from ..sensitivity import DONE
@@ -37,6 +37,9 @@ def allocate_ratios(ctx: Context, cfg: Any, rf: RunFile, targets: dict[str, floa
     """The allocation of ``prune.method`` for ``targets`` (``start``: continue from those ratios); an
     energy budget is allocated as a MACs cap (``allocate.allocator_targets``)."""
     targets = allocate.allocator_targets(targets)
+    if ctx.compensation and "params" in targets:  # the biases compensation may add: reserved under the budget
+        extra = compensate.new_bias_params(ctx.model, ctx.compensation) / float(ctx.cost.dense["params"])
+        targets = {**targets, "params": targets["params"] - extra}
     method = str(cfg.prune.method)
     max_ratio, round_to = float(cfg.prune.max_ratio), int(cfg.prune.round_to)
     if method == "uniform":

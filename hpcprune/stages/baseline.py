@@ -55,14 +55,7 @@ def run(ctx: Context, cfg: Any, rf: RunFile) -> Record:
     if claim is not None:
         ctx.after_commit.append(claim.release)
     example = ctx.example
-    ekey = reuse.eval_key(cfg, reuse.weights_digest(model.state_dict()), str(ctx.device), ctx.metric)
-    found_eval = reuse.find_evaluation(cfg, ctx.run_dir, ekey)
-    if found_eval is None:
-        sums = metrics.evaluate(model, metrics.make_batches(ctx.data.val, 256))
-        eval_source, evaluated = "", dict(metric=sums.metric(ctx.metric), loss=sums.mean_loss(), macs=metrics.macs(model, example[:1]))
-    else:
-        eval_source, evaluated = found_eval
-        log.info("dense: the evaluation of the same weights on the same data (key %s) is reused from %s", ekey[:12], eval_source)
+    ekey, eval_source, evaluated = _evaluate(ctx, cfg, model)
     runtime = str(cfg.prune.latency_runtime)
     from .context import energy, latency, latency_clock  # the run's clock and energy meter, as for /pruned and /final
 
@@ -89,6 +82,19 @@ def run(ctx: Context, cfg: Any, rf: RunFile) -> Record:
         g.attrs["complete"] = True
 
     return write
+
+
+def _evaluate(ctx: Context, cfg: Any, model: torch.nn.Module) -> tuple[str, str, dict[str, Any]]:
+    """(evaluation key, the run file it was reused from or "", metric, loss and MACs of the dense
+    model): another run of the multirun's evaluation of the same weights on the same data, or
+    evaluated here (``reuse.eval_key``)."""
+    ekey = reuse.eval_key(cfg, reuse.weights_digest(model.state_dict()), str(ctx.device), ctx.metric)
+    found = reuse.find_evaluation(cfg, ctx.run_dir, ekey)
+    if found is not None:
+        log.info("dense: the evaluation of the same weights on the same data (key %s) is reused from %s", ekey[:12], found[0])
+        return ekey, found[0], found[1]
+    sums = metrics.evaluate(model, metrics.make_batches(ctx.data.val, 256))
+    return ekey, "", dict(metric=sums.metric(ctx.metric), loss=sums.mean_loss(), macs=metrics.macs(model, ctx.example[:1]))
 
 
 def _trained_before(ctx: Context, cfg: Any, key: str) -> tuple[Any, Any]:

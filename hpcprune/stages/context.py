@@ -21,7 +21,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from .. import allocate, importance, metrics
+from .. import allocate, compensate, importance, metrics
 from ..config import ConfigError
 from ..energy import EnergyResult
 from ..energy import measure_model as measure_energy
@@ -55,6 +55,7 @@ class Context:
     cost: allocate.CostModel | None = None  # MACs and params as polynomials in the kept fractions (+ latency tables)
     calib: Batches = field(default_factory=list)  # the calibration set, on ``device``
     module_macs: dict[str, int] = field(default_factory=dict)  # per layer, for the cells' cost records
+    compensation: dict[str, Any] = field(default_factory=dict)  # prune.bias_compensation: group -> compensate.Target
     # rank 0: what a stage asks to be done once its record is committed (publish a result, drop a lock)
     after_commit: list[Callable[[], None]] = field(default_factory=list)
 
@@ -109,11 +110,12 @@ def analyse(ctx: Context, cfg: Any, rf: RunFile) -> Context:
     orders = {n: importance.prune_order(s) for n, s in scores.items()}
     module_macs = metrics.module_macs(model, ctx.example[:1])
     cost = _cost_model(model, graph, ctx.example, cost_terms)
+    comp = compensate.prepare(graph, share, reduce) if bool(cfg.prune.get("bias_compensation", False)) else {}
     if ctx.main:
         _record_scores(rf, graph, scores, str(cfg.importance))
     # the architecture's model is not needed any more (a resumed run whose groups stage was done kept it)
     return dataclasses.replace(ctx, arch_model=None, model=model, base=base, graph=graph, ignore=ignore, scores=scores,
-                               orders=orders, cost=cost, calib=calib, module_macs=module_macs)
+                               orders=orders, cost=cost, calib=calib, module_macs=module_macs, compensation=comp)
 
 
 def _cost_model(model: nn.Module, graph: Graph, example: torch.Tensor, terms: dict[str, Any]) -> allocate.CostModel:

@@ -18,7 +18,7 @@ import h5py
 import numpy as np
 import torch
 
-from .. import allocate, metrics
+from .. import allocate, compensate, metrics
 from ..config import targets as config_targets
 from ..graph import Graph
 from ..runs import dense_model
@@ -74,6 +74,11 @@ def _prune_to(ctx: Context, cfg: Any, rf: RunFile, ratios: np.ndarray) -> tuple[
     model = dense_model(rf, cfg)
     graph = Graph(model, ctx.example[:1], ctx.ignore)
     graph.apply_plan(kept)
+    if ctx.compensation:  # prune.bias_compensation: the dense model's weights and calibration means
+        removed = {g.name: sorted(set(range(g.size)) - set(graph.plan_units(g, kept[g.name])))
+                   for g in ctx.graph.groups if g.name in kept and g.name in ctx.compensation}
+        done = compensate.apply(ctx.model, model, ctx.compensation, removed)
+        log.info("pruned: bias compensation in %d layer(s)", len(done))
     recal = int(cfg.prune.bn_recalib_batches)
     if recal:
         metrics.recalibrate_bn(model, train_batches(ctx, cfg, recal))

@@ -113,7 +113,7 @@ def _evaluator(ctx: Context, cfg: Any, ratios: list[float]) -> Evaluator:
         recal_batches=[(x.to(ctx.device), y) for x, y in train_batches(ctx, cfg, int(s.bn_recalib_batches))],
         channels_last=bool(s.get("channels_last", False)),
         fold_bn=bool(s.get("fold_bn", False)),
-        graph=ctx.graph, round_to=int(cfg.prune.round_to),
+        graph=ctx.graph, round_to=int(cfg.prune.round_to), compensation=ctx.compensation,
     )
 
 
