@@ -12,7 +12,9 @@ non-embedding parameters, counted on the pruned model; every cut goes through hp
 head unit is one KV head with its 3 query heads (GQA stays valid: 3 units per layer). Methods:
 
 - **hpcprune default** (``+experiment=smollm2_austen``): sensitivity allocation over MLP neurons, KV
-  heads and decoder layers, activation scores; the sensitivity grid is measured once over
+  heads and decoder layers, ``importance=fluctuation`` with ``prune.bias_compensation=true`` (FLAP's
+  score and bias, in the cells and on the pruned model; ``--order activation``: the activation
+  criterion without compensation, the default before); the sensitivity grid is measured once over
   ``--ranks`` MPI ranks and reused for every budget. Also its width-only row (neurons + heads).
 - **FLAP** (An et al., "Fluctuation-based Adaptive Structured Pruning for LLMs", AAAI 2024; the
   official code's ``prune_flap``, WIFV metric, AL-AM structure): per input channel ``j`` of
@@ -423,7 +425,7 @@ def parse():
     ap.add_argument("--mem-layers", type=lambda s: [int(x) for x in s.split(",") if x], default=[0],
                     help="layers whose groups the 1-rank memory run evaluates ('' to skip it)")
     ap.add_argument("--sens-npz", default=None, help="keep the sensitivity matrix here; reuse it if it exists")
-    ap.add_argument("--order", choices=("activation", "wanda", "fluctuation"), default="activation",
+    ap.add_argument("--order", choices=("activation", "wanda", "fluctuation"), default="fluctuation",
                     help="hpcprune's order (and its sensitivity grid): its activation criterion, Wanda-sp's (only hpcprune "
                          "rows), or importance=fluctuation with prune.bias_compensation=true (FLAP's score and bias "
                          "compensation, in the cells and on the pruned model)")
@@ -487,7 +489,7 @@ def main():
             target -= compensate.new_bias_params(model, targets) / total
         for label, kinds in (("hpcprune default", ("neurons", "heads", "block")), ("hpcprune width", ("neurons", "heads"))):
             plan = hpcprune_plan(graph, model, example, sens, act, kinds, target, args.ratios)
-            results.append(run_row(ctx, label + ("" if args.order == "activation" else f" ({args.order} order)"), remove, plan,
+            results.append(run_row(ctx, label + ("" if args.order == "fluctuation" else f" ({args.order} order)"), remove, plan,
                                    compensated(graph, model, targets, plan) if targets else None))
         if args.order not in ("activation", "fluctuation") or args.skip_peers:
             continue
@@ -519,10 +521,10 @@ def diagnose(ctx, graph, sens, act, scores, means):
     for remove in args.budgets:
         b = Budget(model, ctx["nonemb"], remove)
         target = 1.0 - remove * ctx["nonemb"] / ctx["total"]
-        rows.append(run_row(ctx, "uniform, hpcprune activation", remove, to_plan(graph, b.uniform(*hp_scores, range(L)))))
+        rows.append(run_row(ctx, "uniform, hpcprune scores", remove, to_plan(graph, b.uniform(*hp_scores, range(L)))))
         z = [torch.stack(s) for s in hp_scores]  # FLAP's allocation (per-layer standardized, one global ranking) on hpcprune's scores
         z = [(s - s.mean(1, keepdim=True)) / s.std(1, keepdim=True) for s in z]
-        rows.append(run_row(ctx, "FLAP alloc, hpcprune activation", remove,
+        rows.append(run_row(ctx, "FLAP alloc, hpcprune scores", remove,
                             to_plan(graph, b.global_rank([z[0][i] for i in range(L)], [z[1][i] for i in range(L)]))))
         plan = hpcprune_plan(graph, model, ctx["example"], sens, {**act, **wanda}, ("neurons", "heads", "block"), target, args.ratios)
         rows.append(run_row(ctx, "hpcprune alloc, Wanda-sp order", remove, plan))
