@@ -357,7 +357,9 @@ def flap_bias(dense, removed, means):
 
 def compensated(graph, dense, targets, plan):
     """``fix(student)``: hpcprune's bias compensation (``hpcprune.compensate.apply``, as the prune stage
-    with ``prune.bias_compensation=true``) of every group ``plan`` cuts, from the dense model."""
+    with ``prune.bias_compensation=true``) of every group ``plan`` cuts, from the dense model; added after
+    the cut, which gives the prune stage's biases here: SmolLM2's down_proj / o_proj outputs (the residual
+    width) are never cut."""
     removed = {g.name: sorted(set(range(g.size)) - set(Graph.plan_units(g, plan[g.name])))
                for g in graph.groups if g.name in plan and g.kind != "block"}
     return lambda student: compensate.apply(dense, student, targets, removed)

@@ -147,10 +147,11 @@ def add(module: nn.Module, b: torch.Tensor) -> Added:
 
 def apply(dense: nn.Module, pruned: nn.Module, targets: Mapping[str, Target],
           removed: Mapping[str, Sequence[int]]) -> list[str]:
-    """Compensate every cut of ``removed`` (group name -> removed units) on the ``pruned`` model,
-    with the ``dense`` model's weights and the targets' means (the prune stage; FLAP uses the dense
-    statistics for every layer). A consumer the pruned model no longer has (a removed block) is
-    skipped. Returns the consumers compensated."""
+    """Compensate every cut of ``removed`` (group name -> removed units) on ``pruned``, with the
+    ``dense`` model's weights and the targets' means (FLAP uses the dense statistics for every layer).
+    The prune stage calls it on a copy of the dense model *before* cutting it: the biases are then at
+    the dense widths and the cut takes the rows of a consumer whose own outputs are a cut group. A
+    consumer ``pruned`` does not have (a removed block) is skipped. Returns the consumers compensated."""
     dmods, pmods = dict(dense.named_modules()), dict(pruned.named_modules())
     done = []
     for name, units in removed.items():

@@ -150,10 +150,14 @@ def plain_config(config: Any, arch: str, layers: Sequence[Layer], dense: dict[st
                              "num_attention_heads", arch)
     if kv and set(kv.values()) != {dense.get("kv_heads")}:
         units = next(iter(kv.values()))
-        cfg.num_attention_heads = units * n_rep
-        if getattr(cfg, "num_key_value_heads", None) is not None or n_rep > 1:
-            cfg.num_key_value_heads = units
-        cfg.head_dim = head_dim  # families that read it keep the head width; the others fail the shape check
+        try:
+            cfg.num_attention_heads = units * n_rep
+            if getattr(cfg, "num_key_value_heads", None) is not None or n_rep > 1:
+                cfg.num_key_value_heads = units
+            cfg.head_dim = head_dim  # families that read it keep the head width; the others fail the shape check
+        except AttributeError:  # a derived property (Falcon's head_dim = hidden_size / num_attention_heads)
+            return None, (f"{type(cfg).__name__} derives the head width from hidden_size / num_attention_heads: "
+                          f"{arch} cannot be built with fewer heads of the same width")
     stacks = sorted({l.stack for l in layers})
     for stack in stacks:
         mine = [l for l in layers if l.stack == stack]

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import logging
 import os
+import re
 import sys
 import time
 from typing import Any
@@ -435,7 +436,15 @@ def _multirun_dir(argv: list[str]) -> tuple[list[str], str | None]:
         return argv, None
     given = [a.split("=", 1)[1] for a in argv if a.split("=", 1)[0] == "hydra.sweep.dir"]
     if given:
-        return argv, os.path.abspath(given[-1])
+        # ${now:FMT} resolved here, once, as Hydra would: the summary must read the directory the points use
+        where = re.sub(r"\$\{now:([^}]*)\}", lambda m: time.strftime(m.group(1)), given[-1])
+        if "${" in where:
+            print(f"hpcprune: note: hydra.sweep.dir={given[-1]} has interpolations resolved by Hydra only: the sweep's "
+                  "failed points are not counted at its end (python -m hpcprune.report on the directory shows them)",
+                  file=sys.stderr)
+            return argv, None
+        argv = [a for a in argv if a.split("=", 1)[0] != "hydra.sweep.dir"]
+        return _with_overrides(argv, [f"hydra.sweep.dir={where}"]), os.path.abspath(where)
     where = time.strftime("multirun/%Y-%m-%d/%H-%M-%S")
     return _with_overrides(argv, [f"hydra.sweep.dir={where}"]), os.path.abspath(where)
 

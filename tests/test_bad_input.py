@@ -163,3 +163,13 @@ def test_foreign_run_file_untouched(tmp_path):
     p = run_sweep(d, *FAST, check=False, timeout=60)
     assert p.returncode != 0 and "not a readable HDF5 file" in p.stderr
     assert (d / "run.h5").read_bytes() == b"not an hdf5 file at all"
+
+
+def test_multirun_dir_with_now_interpolation_still_counts_failed_points(tmp_path):
+    """hydra.sweep.dir=DIR/${now:%H-%M-%S} on the command line: the summary reads the directory the
+    points really use (it read the unresolved text, found nothing and exited 0)."""
+    p = run_sweep(tmp_path / "unused", "-m", *FAST, "model=mlp", "baseline.epochs=0", "finetune.epochs=0",
+                  "groups.ignore=[nope]", f"hydra.sweep.dir={tmp_path / 'multi'}/${{now:%H-%M-%S}}", check=False, timeout=120)
+    assert p.returncode == 3, p.stderr[-2000:]
+    (sub,) = os.listdir(tmp_path / "multi")
+    assert "${" not in sub and f"1 run(s) of the sweep failed (of 1): {tmp_path / 'multi' / sub / '0'}" in p.stderr

@@ -183,3 +183,25 @@ def test_compensated_head_cut_holds_the_heads_outputs_at_their_means():
             torch.testing.assert_close(pruned(x), model(x), atol=1e-5, rtol=1e-5)
     finally:
         handle.remove()
+
+
+def test_sweep_compensates_a_consumer_whose_outputs_are_cut_too(tmp_path):
+    """model=mlp (two hidden layers): the second Linear reads the first group and its own outputs are
+    the second group; both cut, its bias must lose the rows of its cut outputs (the prune stage adds
+    the compensation at the dense widths, then cuts). The run completes within its params budget and
+    reloads to its final metric."""
+    import hpcprune
+    from hpcprune.runs import RunFile, build_data, load_config
+
+    run = tmp_path / "run"
+    assert sweep_in_process(run, "threads=1", "launcher=debug", "model=mlp", "baseline.epochs=1", "finetune.epochs=1",
+                            "sensitivity.ratios=[0.3,0.6]", "baseline.latency_repeats=1", "prune.round_to=1",
+                            "importance=fluctuation", "prune.bias_compensation=true", "prune.method=uniform",
+                            "prune.target.macs=null", "prune.target.params=0.6") == 0
+    with h5py.File(run / "run.h5", "r") as f:
+        final = dict(f["final"].attrs)
+    assert final["params_kept"] <= 0.6 + 1e-9
+    model = hpcprune.load_pruned(str(run / "run.h5"))
+    cfg = load_config(RunFile(str(run / "run.h5")))
+    sums = metrics.evaluate(model, metrics.make_batches(build_data(cfg.data).val, 256))
+    assert sums.metric("accuracy") == final["metric"]

@@ -115,6 +115,17 @@ def test_different_widths_give_an_hpcprune_directory(name, tmp_path):
         getattr(tf, AUTO_CLASS[FAMILIES[name][0]]).from_pretrained(str(tmp_path))
 
 
+@pytest.mark.parametrize("name", ["falcon", "falcon_mha"])
+def test_falcon_with_heads_cut_gives_an_hpcprune_directory(name, tmp_path):
+    """Falcon derives its head width from hidden_size / num_attention_heads (a property without a
+    setter): fewer heads of the same width are hpcprune's directory, with the reason (it was an
+    AttributeError from save_hf_dir)."""
+    model, x, graph, plan, pruned = _prune(name, lambda g, i: 0.5 if g.kind == "heads" else 0.0)
+    out = hf_dir.write_hf_dir(pruned, graph.groups, plan, str(tmp_path), x, {"run": "r.h5"})
+    assert out.loader == "hpcprune" and out.max_abs_diff == 0.0 and "derives the head width" in out.reason, out.line
+    torch.testing.assert_close(_out(hf_dir.load_hf_dir(str(tmp_path)), x), _out(pruned, x), atol=0, rtol=0)
+
+
 def test_refusals_are_one_line(tmp_path):
     from hpcprune.zoo.gpt import tiny_gpt
 

@@ -72,13 +72,15 @@ def _prune_to(ctx: Context, cfg: Any, rf: RunFile, ratios: np.ndarray) -> tuple[
     """A fresh dense model cut to ``ratios``, its BatchNorm statistics re-estimated: (model, plan, record)."""
     kept = plan(ctx, cfg, ratios)
     model = dense_model(rf, cfg)
-    graph = Graph(model, ctx.example[:1], ctx.ignore)
-    graph.apply_plan(kept)
-    if ctx.compensation:  # prune.bias_compensation: the dense model's weights and calibration means
-        removed = {g.name: sorted(set(range(g.size)) - set(graph.plan_units(g, kept[g.name])))
+    if ctx.compensation:  # prune.bias_compensation: added at the dense widths, then cut with the plan (a consumer
+        # whose own outputs are a cut group loses those rows of its bias with them)
+        removed = {g.name: sorted(set(range(g.size)) - set(Graph.plan_units(g, kept[g.name])))
                    for g in ctx.graph.groups if g.name in kept and g.name in ctx.compensation}
         done = compensate.apply(ctx.model, model, ctx.compensation, removed)
-        log.info("pruned: bias compensation in %d layer(s)", len(done))
+        log.info("pruned: bias compensation in %d layer(s) (of %d that read a cut group)", len(done),
+                 sum(1 for units in removed.values() if units))
+    graph = Graph(model, ctx.example[:1], ctx.ignore)
+    graph.apply_plan(kept)
     recal = int(cfg.prune.bn_recalib_batches)
     if recal:
         metrics.recalibrate_bn(model, train_batches(ctx, cfg, recal))
