@@ -129,7 +129,7 @@ def load_run(path: str) -> Run:
             ds = f["finetune/history"]
             run.history = ds[()].astype(float)
             run.history_columns = _strs(ds.attrs.get("columns", ["epoch", "train_loss", "val_metric", "val_loss", "lr", "seconds"]))
-        run.wall = _get(root, "wall_s")
+        run.wall = _get(root, "wall_s_total") or _get(root, "wall_s")  # every invocation (a resume adds to it)
         run.worlds = {"sweep": _get(root, "world_size"), "sensitivity": sens.get("world_size"), "finetune": ft.get("world_size")}
         _read_timings(run, f, root, sens)
         run.status_reason = str(root.get("status_reason") or "")
@@ -199,7 +199,7 @@ def _row(run: Run, path: str, root: dict[str, Any], base: dict[str, Any], alloc:
     # excluded by verification (a group that feeds the output is kept on purpose, not counted)
     row["excluded"] = sum(1 for e in run.excluded if "feeds the model's output" not in str(e[2])) if run.groups else None
     row["grid_source"] = _get(sens, "source")  # "" computed here; a run or cache file it was copied from
-    row["t_sens"] = _get(sens, "wall_s")
+    row["t_sens"] = _get(sens, "wall_s") if not sens.get("source") else None  # a copied grid: its source's time, not this run's
     hist = run.history
     sec = run.history_columns.index("seconds") if "seconds" in run.history_columns else None
     row["t_ft"] = float(hist[:, sec].sum()) if hist is not None and len(hist) and sec is not None else None
