@@ -9,8 +9,8 @@ the layer has none), so that only the channels' fluctuation around their mean is
 ``fluctuation`` criterion (``importance``) ranks the channels by that fluctuation.
 
 With ``prune.bias_compensation=true`` the sensitivity cells measure each cut with its compensation,
-the prune stage applies it to the pruned model (the means are the dense model's, as in FLAP), and the
-pruned weights hold the biases: :func:`create_missing_biases` gives a rebuilt model (``load_pruned``,
+the prune stage adds it to a copy of the dense model before the plan's cut (the means are the dense
+model's, as in FLAP), and the pruned weights hold the biases: :func:`create_missing_biases` gives a rebuilt model (``load_pruned``,
 the fine-tune job, ``load_hf_dir``) the bias parameters the stored weights name. Groups read by
 something else (several layers, a convolution, a concat) are cut without compensation.
 """
