@@ -55,7 +55,8 @@ def run(ctx: Context, cfg: Any, rf: RunFile) -> Record:
     if claim is not None:
         ctx.after_commit.append(claim.release)
     example = ctx.example
-    ekey, eval_source, evaluated = _evaluate(ctx, cfg, model)
+    digest = reuse.weights_digest(model.state_dict())  # once: the sensitivity stage's key reads it from /baseline
+    ekey, eval_source, evaluated = _evaluate(ctx, cfg, model, digest)
     runtime = str(cfg.prune.latency_runtime)
     from .context import energy, latency, latency_clock  # the run's clock and energy meter, as for /pruned and /final
 
@@ -68,7 +69,7 @@ def run(ctx: Context, cfg: Any, rf: RunFile) -> Record:
         macs=evaluated["macs"], latency_ms=lat, latency_batch=cfg.baseline.latency_batch,
         latency_device=str(ctx.device), latency_runtime=runtime, latency_clock=latency_clock(ctx, cfg),
         energy_j_per_sample=joules.j_per_sample, energy_source=joules.source, trained_here=trained,
-        dense_key=key, source=source, eval_key=ekey, eval_source=eval_source,
+        dense_key=key, source=source, eval_key=ekey, eval_source=eval_source, dense_digest=digest,
     )
     log.info("dense: %s %.4f, %d params, %d MACs, %.2f ms", ctx.metric, rec["metric"], rec["params"], rec["macs"], lat)
     # a referenced checkpoint is recorded by path and digest, not copied (unless baseline.copy_checkpoint)
@@ -84,11 +85,11 @@ def run(ctx: Context, cfg: Any, rf: RunFile) -> Record:
     return write
 
 
-def _evaluate(ctx: Context, cfg: Any, model: torch.nn.Module) -> tuple[str, str, dict[str, Any]]:
+def _evaluate(ctx: Context, cfg: Any, model: torch.nn.Module, digest: str) -> tuple[str, str, dict[str, Any]]:
     """(evaluation key, the run file it was reused from or "", metric, loss and MACs of the dense
-    model): another run of the multirun's evaluation of the same weights on the same data, or
-    evaluated here (``reuse.eval_key``)."""
-    ekey = reuse.eval_key(cfg, reuse.weights_digest(model.state_dict()), str(ctx.device), ctx.metric)
+    model, whose weights have ``digest``): another run of the multirun's evaluation of the same
+    weights on the same data, or evaluated here (``reuse.eval_key``)."""
+    ekey = reuse.eval_key(cfg, digest, str(ctx.device), ctx.metric)
     found = reuse.find_evaluation(cfg, ctx.run_dir, ekey)
     if found is not None:
         log.info("dense: the evaluation of the same weights on the same data (key %s) is reused from %s", ekey[:12], found[0])

@@ -32,7 +32,9 @@ def run(ctx: Context, cfg: Any, rf: RunFile) -> Record | None:
     state = _load_state(rf, len(ctx.graph.groups), ratios) if ctx.main else None
     key, source, claim = None, None, None
     if ctx.main:
-        key = reuse.sensitivity_key(cfg, reuse.weights_digest(ctx.model.state_dict()), [g.name for g in ctx.graph.groups])
+        # the dense weights' digest the baseline stage recorded (a run file from before it: computed here)
+        digest = str(ctx.base.get("dense_digest", "") or "") or reuse.weights_digest(ctx.model.state_dict())
+        key = reuse.sensitivity_key(cfg, digest, [g.name for g in ctx.graph.groups])
         if (state["status"] == PENDING).all():  # nothing computed yet: a finished grid under the key, or compute it
             source, claim = _source(ctx, cfg, key)
     pending = None
