@@ -11,7 +11,10 @@ and a run looks for a finished one under its key before computing it:
 - in the run files of the other runs of its Hydra multirun (the run directory's parent holds
   ``multirun.yaml``: ``python -m hpcprune.sweep -m prune.target.macs=0.3,0.5``).
 
-What a run reused is recorded: ``/sensitivity@source`` and ``/baseline@source`` (the run file or cache
+The groups stage's findings (the groups verification excluded, the exact cost model) are found the
+same way in the run files of the multirun (``groups_key``: the architecture and the cuts verified).
+
+What a run reused is recorded: ``/sensitivity@source``, ``/baseline@source`` and ``/groups@source`` (the run file or cache
 file it was read from; empty when computed here), with ``@key``. Runs that start together (a
 multirun on a parallel launcher, Slurm array tasks) take a lock per key in the shared directory:
 the first computes, the others wait for it and then copy its result, so a grid is computed once.
@@ -74,6 +77,43 @@ def sensitivity_key(cfg: Any, dense_digest: str, groups: list[str]) -> str:
                                 "importance": cfg.importance, "sensitivity": cfg.sensitivity, "groups": cfg.groups,
                                 "prune.round_to": cfg.prune.round_to, "seed": cfg.seed,
                                 **({"prune.bias_compensation": True} if cfg.prune.get("bias_compensation") else {})})
+
+
+def groups_key(cfg: Any) -> str:
+    """The content key of a groups stage's findings (the groups verification excluded and why, the
+    exact cost model's terms): the architecture (model config, ``checkpoint``), the example input
+    (data config), ``groups``, ``prune.max_ratio`` and ``prune.round_to`` (the cuts verified), the seed,
+    and the versions of hpcprune, torch and Torch-Pruning (what the findings were computed with).
+    The budgets are not part of it: each run checks its own against the cost model."""
+    from importlib.metadata import version
+
+    from . import __version__
+
+    return _key("groups", {"model": cfg.model, "checkpoint": cfg.get("checkpoint"), "data": cfg.data, "groups": cfg.groups,
+                           "prune.max_ratio": cfg.prune.max_ratio, "prune.round_to": cfg.prune.round_to, "seed": cfg.seed,
+                           "versions": [__version__, torch.__version__, version("torch-pruning")]})
+
+
+def find_groups(cfg: Any, run_dir: str, key: str) -> tuple[str, list[list[Any]], dict[str, Any], list[str]] | None:
+    """Another run of the multirun whose finished ``/groups`` has ``@key`` == ``key``: (its run file,
+    the excluded groups ``[name, layer types, reason]``, the cost terms ``{kind: (coef, exps)}``, the
+    kept groups' names in order); None."""
+    import h5py
+
+    _, multirun = shared_dirs(cfg, run_dir)
+    for path in _siblings(multirun, run_dir):
+        try:
+            with h5py.File(path, "r") as f:
+                h = f.get("groups")
+                if h is None or not bool(h.attrs.get("complete", False)) or h.attrs.get("key", "") != key:
+                    continue
+                excluded = json.loads(h.attrs["excluded"])
+                terms = {k[:-5]: (h["cost"][k][()], h["cost"][k[:-5] + "_exps"][()]) for k in h["cost"] if k.endswith("_coef")}
+                names = [n.decode() if isinstance(n, bytes) else str(n) for n in h["name"][()]]
+                return path, excluded, terms, names
+        except (OSError, KeyError):  # a run file being replaced, an older schema: not a source
+            continue
+    return None
 
 
 def dense_key(cfg: Any) -> str:

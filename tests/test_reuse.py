@@ -68,6 +68,8 @@ def test_multirun_computes_the_grid_once_and_goes_on_past_failed_points(tmp_path
                 assert si["source"] == first and bi["source"] == first and si["key"] == s0["key"]
                 assert [bi[k] for k in ("metric", "loss", "macs")] == [b0[k] for k in ("metric", "loss", "macs")]
                 assert bi["eval_source"] == first and b0["eval_source"] == ""
+                with h5py.File(sweep / str(i) / "run.h5", "r") as f:
+                    assert f["groups"].attrs["source"] == first  # the groups stage's findings too
                 for k in g0:
                     np.testing.assert_array_equal(g0[k], gi[k])
         else:
@@ -193,3 +195,36 @@ def test_points_of_a_multirun_with_a_checkpoint_share_the_dense_evaluation(tmp_p
     assert b[1]["eval_key"] == b[0]["eval_key"] != b[2]["eval_key"] and b[2]["eval_source"] == ""
     assert [b[1][k] for k in ("metric", "loss", "macs")] == [b[0][k] for k in ("metric", "loss", "macs")]
     assert b[1]["latency_ms"] > 0
+
+
+def test_groups_stage_findings_reused_by_the_runs_of_a_multirun(tmp_path):
+    """The groups stage's verification and cost model (``/groups@key``) read from an earlier run of
+    the same multirun directory: the same record as computed; another ``prune.max_ratio`` (other
+    cuts verified) is another key, computed again; each run's own budget is still checked."""
+    multi = tmp_path / "multi"
+    multi.mkdir()
+    (multi / "multirun.yaml").write_text("{}\n")  # what makes a run directory's parent a multirun's
+    assert sweep_in_process(multi / "0", *TINY, "prune.target.macs=0.5") == 0
+    assert sweep_in_process(multi / "1", *TINY, "prune.target.macs=0.7") == 0
+    assert sweep_in_process(multi / "2", *TINY, "prune.target.macs=0.7", "prune.max_ratio=0.8") == 0
+
+    def groups(i):
+        with h5py.File(multi / str(i) / "run.h5", "r") as f:
+            h = f["groups"]
+            return dict(h.attrs), {k: h[k][()] for k in h if k != "cost"}, {k: h["cost"][k][()] for k in h["cost"]}
+
+    a0, d0, c0 = groups(0)
+    a1, d1, c1 = groups(1)
+    a2, _, _ = groups(2)
+    assert a0["source"] == "" and a1["source"] == str(multi / "0" / "run.h5") and a1["key"] == a0["key"]
+    assert a1["excluded"] == a0["excluded"] and d1.keys() == d0.keys() and c1.keys() == c0.keys()
+    for k in d0:
+        np.testing.assert_array_equal(d0[k], d1[k])
+    for k in c0:
+        np.testing.assert_array_equal(c0[k], c1[k])
+    assert a2["source"] == "" and a2["key"] != a0["key"]
+    from hpcprune.config import ConfigError
+
+    with pytest.raises(ConfigError, match="prune.target.macs=0.001"):  # refused on the reused cost model too
+        sweep_in_process(multi / "3", *TINY, "prune.target.macs=0.001")
+    assert groups(1)[0]["source"] == str(multi / "0" / "run.h5")

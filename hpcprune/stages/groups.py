@@ -15,7 +15,7 @@ import h5py
 import numpy as np
 from torch import nn
 
-from .. import allocate
+from .. import allocate, reuse
 from ..config import ConfigError, targets
 from ..graph import Excluded, Graph
 from ..runs import build_model
@@ -46,16 +46,32 @@ def run(ctx: Context, cfg: Any, rf: RunFile) -> Record:
             last[0] = time.perf_counter()
             log.info("groups: verified %d of %d groups (%.0f s)", i, n, seconds)
 
-    verify_groups(graph, ctx.example, float(cfg.prune.max_ratio), int(cfg.prune.round_to), int(cfg.seed), progress)
-    _report_excluded(graph, model, cfg)
-    exact = _derive_cost(graph, model, ctx.example, cfg)
-    cost = allocate.CostModel.from_exact(graph.groups, exact)
+    key = reuse.groups_key(cfg)
+    found = reuse.find_groups(cfg, ctx.run_dir, key)
+    if found is not None:
+        source, excluded, terms, names = found
+        graph.exclude([Excluded(str(n), list(t), str(r)) for n, t, r in excluded])
+        if [g.name for g in graph.groups] != names:  # the same key, another graph: an hpcprune bug, or a changed model file
+            log.warning("groups: %s recorded other groups under key %s: verified here", source, key[:12])
+            found = None
+            graph, ignore = build_graph(model, cfg, ctx.example)
+        else:
+            log.info("groups: the verification and cost model under key %s are reused from %s", key[:12], source)
+            _report_excluded(graph, model, cfg)
+    if found is None:
+        source = ""
+        verify_groups(graph, ctx.example, float(cfg.prune.max_ratio), int(cfg.prune.round_to), int(cfg.seed), progress)
+        _report_excluded(graph, model, cfg)
+        exact = _derive_cost(graph, model, ctx.example, cfg)
+        cost, terms = allocate.CostModel.from_exact(graph.groups, exact), exact.terms
+    else:
+        cost = allocate.CostModel(graph.groups, terms)
     _check_budgets(cost, cfg)
     gs = graph.groups
     log.info("%d groups: %s", len(gs), ", ".join(
         f"{g.name}({g.size})" if not g.channels or g.channels == g.size else f"{g.name}({g.size} units of {g.channels // g.size} channels)"
         for g in gs))
-    return lambda f: _write(f, graph, ignore, exact, cost)
+    return lambda f: _write(f, graph, ignore, terms, cost, key, source)
 
 
 def _check_logits(model: nn.Module, ctx: Context) -> None:
@@ -148,7 +164,8 @@ def _derive_cost(graph: Graph, model: nn.Module, example: Any, cfg: Any) -> Any:
     return exact
 
 
-def _write(f: h5py.File, graph: Graph, ignore: list[str], exact: Any, cost: allocate.CostModel) -> None:
+def _write(f: h5py.File, graph: Graph, ignore: list[str], terms: dict[str, Any], cost: allocate.CostModel, key: str,
+           source: str) -> None:
     gs = graph.groups
     per_unit = []
     for i, g in enumerate(gs):
@@ -169,8 +186,9 @@ def _write(f: h5py.File, graph: Graph, ignore: list[str], exact: Any, cost: allo
     )
     h.attrs["excluded"] = json.dumps([[e.name, e.layer_types, e.reason] for e in graph.excluded])
     h.attrs["ignored"] = json.dumps(ignore)
+    h.attrs["key"], h.attrs["source"] = key, source
     cg = h.create_group("cost")
-    for kind, (coef, exps) in exact.terms.items():
+    for kind, (coef, exps) in terms.items():
         cg.create_dataset(f"{kind}_coef", data=np.asarray(coef, dtype=np.float64))
         cg.create_dataset(f"{kind}_exps", data=np.asarray(exps, dtype=np.int8))
     cg.attrs["dense_macs"], cg.attrs["dense_params"] = float(cost.dense["macs"]), float(cost.dense["params"])

