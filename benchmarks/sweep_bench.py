@@ -7,7 +7,9 @@ The Fashion-MNIST ResNet (``model=resnet_fmnist data=fashion_mnist``; Debian pac
 dataset-fashion-mnist) at reduced settings (see ``SETTINGS``). It runs every (budget, method)
 point as its own ``python -m hpcprune.sweep`` (each trains its dense model and computes its
 sensitivity grid), then the same points as one ``python -m hpcprune.sweep -m ...`` (the dense model
-and the grid computed once: ``hpcprune.reuse``; ``--launcher submitit_local``, the default: the points as concurrent local jobs, ``local_parallelism`` of them at once), one after the other, and prints both wall times and CPU seconds,
+and the grid computed once: ``hpcprune.reuse``; ``--launcher joblib``, the default: the points on
+``local_parallelism`` worker processes, each running point after point; ``submitit_local``: each point
+its own process, ``local_parallelism`` of them at once), one after the other, and prints both wall times and CPU seconds,
 their ratio, per point the final accuracy and MACs kept of both (they must agree: the same
 numbers, computed once), and as its last line one JSON object. ``--png``: the multirun's Pareto
 figure (``python -m hpcprune.report DIR --png``).
@@ -65,8 +67,9 @@ def main() -> int:
     ap.add_argument("--out", default="/tmp/hpcprune_sweep_bench")
     ap.add_argument("--log", default=os.path.join(HERE, "results", "sweep_bench.log"))
     ap.add_argument("--png", default=None, help="write the multirun's Pareto figure here")
-    ap.add_argument("--launcher", default="submitit_local", choices=["submitit_local", "basic"],
-                    help="the multirun's Hydra launcher: points as concurrent local jobs, or one after the other in one process")
+    ap.add_argument("--launcher", default="joblib", choices=["joblib", "submitit_local", "basic"],
+                    help="the multirun's Hydra launcher: points on a pool of local worker processes, as concurrent local "
+                         "jobs (a process each), or one after the other in one process")
     a = ap.parse_args()
     budgets, methods = a.budgets.split(","), a.methods.split(",")
     shutil.rmtree(a.out, ignore_errors=True)

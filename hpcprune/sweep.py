@@ -192,6 +192,7 @@ def precheck_multirun(argv: list[str]) -> str | None:
                     cfg = dry.compose(list(point))
                 except Exception as e:  # noqa: BLE001 - every composition error becomes one line
                     return f"{_one_line(e, dry, list(point))} (the sweep's point {where}; no point was started)"
+                _FIRST_POINT[:] = _FIRST_POINT or [cfg]
                 try:
                     validate(cfg)
                 except ConfigError as e:
@@ -199,6 +200,24 @@ def precheck_multirun(argv: list[str]) -> str | None:
     except _Refused as e:
         return str(e)
     return None
+
+
+_FIRST_POINT: list[Any] = []  # the first point's composed config, kept by precheck_multirun
+
+
+def _joblib_jobs(argv: list[str], cores: int) -> list[str]:
+    """``hydra/launcher=joblib`` (hydra-joblib-launcher: the points of a multirun on a pool of worker
+    processes of this machine, each running point after point, so torch and the stages are imported
+    once per worker and not once per point) without ``hydra.launcher.n_jobs``: that many workers as
+    ``slots.local_slots`` gives for the first point (``local_parallelism``, else the cores over each
+    point's threads), not joblib's default of one per core, which a point of several threads
+    oversubscribes. ``argv`` unchanged otherwise."""
+    keys = {a.split("=", 1)[0]: a.split("=", 1)[1] for a in argv if "=" in a}
+    if keys.get("hydra/launcher") != "joblib" or "hydra.launcher.n_jobs" in keys or not _FIRST_POINT:
+        return argv
+    from .slots import local_slots
+
+    return _with_overrides(argv, [f"hydra.launcher.n_jobs={local_slots(_FIRST_POINT[0], '', cores)}"])
 
 
 def _default_choices() -> dict[str, str]:
@@ -464,6 +483,7 @@ def main() -> None:
         if world.is_main:
             print(f"hpcprune: error: {bad}", file=sys.stderr)
         sys.exit(2)
+    argv = _joblib_jobs(argv, world.cores())
     argv, _WRITE_HYDRA_DIR = _own_output_subdir(argv)
     argv, sweep_dir = _multirun_dir(_inject_run_dir(world, argv))
     sys.argv = [sys.argv[0]] + _ordered(argv)

@@ -139,6 +139,39 @@ def test_multirun_on_submitit_local_runs_points_concurrently_and_computes_shared
     assert sorted(sources) == ["", str(sweep / ("0" if sources[0] == "" else "1") / "run.h5")]
 
 
+@pytest.mark.slow
+def test_joblib_multirun_runs_points_on_reused_workers_with_the_numbers_of_solo_runs(tmp_path):
+    """``hydra/launcher=joblib``: hpcprune sets ``n_jobs`` (2 one-thread points on a 2-core machine,
+    ``slots.local_slots``), the four points run on worker processes that each take several points
+    (one process's imports serve them all), two at a time, the grid is computed once, and a point
+    run after another one in the same process equals the same point run alone."""
+    import re
+
+    sweep = tmp_path / "jl"
+    p = run_sweep(tmp_path / "unused", "-m", "hydra/launcher=joblib", *TINY, "finetune.epochs=1", "local_parallelism=2",
+                  "prune.target.macs=0.5,0.7", "prune.method=uniform,sensitivity", f"hydra.sweep.dir={sweep}", timeout=600)
+    assert "4 run(s) complete" in p.stdout + p.stderr, p.stderr[-3000:]
+    assert "hydra.launcher.n_jobs=2" in (sweep / "0" / ".hydra" / "overrides.yaml").read_text() or \
+        "n_jobs: 2" in (sweep / "0" / ".hydra" / "hydra.yaml").read_text()
+    pids, spans = [], []
+    for i in range(4):
+        (folder,) = os.listdir(sweep / str(i) / "finetune" / "submitit")  # <time>-<pid of the point's process>
+        pids.append(int(re.search(r"-(\d+)$", folder).group(1)))
+        lines = (sweep / str(i) / "sweep.log").read_text().splitlines()
+        spans.append((_stamp(lines[0]), _stamp(lines[-1])))
+    assert len(set(pids)) == 2, pids  # two workers, each ran two points
+    assert spans[0][0] <= spans[1][1] and spans[1][0] <= spans[0][1], spans  # the first two points overlap
+    sources = [_grid(sweep / str(i) / "run.h5")[1]["source"] for i in range(4)]
+    assert sources.count("") == 1, sources
+    late = max(range(4), key=lambda i: spans[i][0])  # started after another point of its worker
+    method, budget = [("uniform", "0.5"), ("sensitivity", "0.5"), ("uniform", "0.7"), ("sensitivity", "0.7")][late]
+    assert sweep_in_process(tmp_path / "solo", *TINY, "finetune.epochs=1", f"prune.target.macs={budget}",
+                            f"prune.method={method}") == 0
+    with h5py.File(tmp_path / "solo" / "run.h5", "r") as a, h5py.File(sweep / str(late) / "run.h5", "r") as b:
+        for k in ("metric", "loss", "macs_kept", "params_kept"):
+            assert a["final"].attrs[k] == b["final"].attrs[k], k
+
+
 def test_local_slots_hold_a_local_multirun_to_its_cpus(tmp_path, monkeypatch):
     """``hpcprune.reuse.LocalSlot``: with n slots the (n+1)-th point waits until one ends; a point of a
     local submitit multirun takes one, a solo run or a Slurm point none; n from the config."""
