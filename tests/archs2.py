@@ -25,6 +25,7 @@ unfold_patches           images    F.unfold patch embedding        unfold(2, str
 maxunpool_segnet         images    MaxPool(return_indices)+Unpool  the pooled indices are per channel: channels pass through pool and unpool 1:1
 grouped_convtranspose    images16  ConvTranspose2d(groups=2)       weight (in, out/groups, k, k): an output channel is a column of its group's block; keep both groups equal
 layerscale_4d            images    gamma (1, C, 1, 1) * f(x)       the layer-scale Parameter is cut on dim 1 with the channels, not on its last dim (size 1)
+channel_roll             images    x + torch.roll(f(x), 4, dims=1) a shift of channels Torch-Pruning takes as elementwise: exclude the trunk naming torch.roll; f's inner conv can be cut
 =======================  ========  ==============================  ==================================================================
 """
 from __future__ import annotations
@@ -298,6 +299,25 @@ def layerscale_4d(num_classes: int = 10) -> nn.Module:
                          nn.Linear(16, num_classes))
 
 
+class ChannelRoll(nn.Module):
+    """A residual whose branch is added shifted by 4 channels (``torch.roll``, a cheap channel mixing)."""
+
+    def __init__(self, num_classes: int = 10) -> None:
+        super().__init__()
+        self.stem = cbr(1, 16)
+        self.f = nn.Sequential(nn.Conv2d(16, 24, 3, padding=1), nn.ReLU(), nn.Conv2d(24, 16, 3, padding=1))
+        self.fc = nn.Linear(16, num_classes)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = self.stem(x)
+        h = h + torch.roll(self.f(h), shifts=4, dims=1)
+        return self.fc(h.mean(dim=(2, 3)))
+
+
+def channel_roll(num_classes: int = 10) -> nn.Module:
+    return ChannelRoll(num_classes)
+
+
 CASES: dict[str, tuple] = {
     "tcn_causal": (tcn_causal, data_signal),
     "pixel_shuffle_sr": (pixel_shuffle_sr, data_images),
@@ -316,6 +336,7 @@ CASES: dict[str, tuple] = {
     "maxunpool_segnet": (maxunpool_segnet, data_images),
     "grouped_convtranspose": (grouped_convtranspose, data_images16),
     "layerscale_4d": (layerscale_4d, data_images),
+    "channel_roll": (channel_roll, data_images),
 }
 """case name -> (model function, data function); see the module docstring for what each exercises."""
 
