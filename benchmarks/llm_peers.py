@@ -413,7 +413,7 @@ def parse():
     ap.add_argument("--context", type=int, default=128)
     ap.add_argument("--train-tokens", type=int, default=65536)
     ap.add_argument("--val-windows", type=int, default=16)
-    ap.add_argument("--calib", type=int, default=6, help="calibration windows (every method)")
+    ap.add_argument("--calib", type=int, default=16, help="calibration windows (every method; the default of +experiment=smollm2_austen)")
     ap.add_argument("--batch", type=int, default=4)
     ap.add_argument("--ratios", type=lambda s: [float(x) for x in s.split(",")], default=[0.15, 0.3, 0.45, 0.6])
     ap.add_argument("--budgets", type=lambda s: [float(x) for x in s.split(",")], default=[0.2, 0.35],
