@@ -221,7 +221,8 @@ class Sweep:
     def _check_inputs(self) -> None:
         """Rank 0: build the data and the model, load the dense checkpoint, check the free disk space."""
         self.data = instantiate("data", build_data, self.cfg.data)
-        model = instantiate("model", build_model, self.cfg.model)
+        torch.manual_seed(int(self.cfg.seed))  # the architecture's weights (the groups stage verifies on them) the same
+        model = instantiate("model", build_model, self.cfg.model)  # in every process, whatever ran in it before
         if self.cfg.checkpoint and not (self.rf.exists() and self._done("baseline")):
             load_dense_checkpoint(model, str(self.cfg.checkpoint))
         # the run directory holds up to three copies of the weights (dense, pruned, fine-tuned: *.safetensors
@@ -269,8 +270,14 @@ class Sweep:
             raise ConfigError(
                 f"{self.rf.path} was made with a different config ({'; '.join(diff[:8])}"
                 f"{f'; and {len(diff) - 8} more' if len(diff) > 8 else ''}); "
-                "use another hydra.run.dir, or resume.force=true to continue anyway"
+                f"use another {self._dir_key()}, or resume.force=true to continue anyway"
             )
+
+    def _dir_key(self) -> str:
+        """The setting that names this run's directory: ``hydra.sweep.dir`` for a point of a multirun
+        (its directory is the sweep's plus the point's number), else ``hydra.run.dir``."""
+        parent = os.path.dirname(os.path.abspath(self.run_dir))
+        return "hydra.sweep.dir" if os.path.isfile(os.path.join(parent, "multirun.yaml")) else "hydra.run.dir"
 
     def _meta(self) -> dict[str, Any]:
         import h5py

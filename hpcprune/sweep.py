@@ -203,6 +203,9 @@ def precheck_multirun(argv: list[str]) -> str | None:
 
 
 _FIRST_POINT: list[Any] = []  # the first point's composed config, kept by precheck_multirun
+# what a multirun's launcher raises when a point's process dies (a segfault, the OOM killer): joblib's
+# (loky) worker, a submitit job that left no result
+_POINT_DIED = ("TerminatedWorkerError", "UncompletedJobError", "BrokenProcessPool")
 
 
 def _joblib_jobs(argv: list[str], cores: int) -> list[str]:
@@ -213,7 +216,15 @@ def _joblib_jobs(argv: list[str], cores: int) -> list[str]:
     point's threads), not joblib's default of one per core, which a point of several threads
     oversubscribes. ``argv`` unchanged otherwise."""
     keys = {a.split("=", 1)[0]: a.split("=", 1)[1] for a in argv if "=" in a}
-    if keys.get("hydra/launcher") != "joblib" or "hydra.launcher.n_jobs" in keys or not _FIRST_POINT:
+    if keys.get("hydra/launcher") != "joblib":
+        return argv
+    if "hydra.launcher.n_jobs" in keys:
+        given = keys["hydra.launcher.n_jobs"]
+        if not re.fullmatch(r"-?\d+", given.strip()) or int(given) == 0:
+            raise _Refused(f"hydra.launcher.n_jobs={given}: the number of worker processes of the joblib launcher must be "
+                           "a positive integer (or -1 for one per CPU); leave it out and hpcprune sets local_parallelism's")
+        return argv
+    if not _FIRST_POINT:
         return argv
     from .slots import local_slots
 
@@ -483,7 +494,12 @@ def main() -> None:
         if world.is_main:
             print(f"hpcprune: error: {bad}", file=sys.stderr)
         sys.exit(2)
-    argv = _joblib_jobs(argv, world.cores())
+    try:
+        argv = _joblib_jobs(argv, world.cores())
+    except _Refused as e:
+        if world.is_main:
+            print(f"hpcprune: error: {e}", file=sys.stderr)
+        sys.exit(2)
     argv, _WRITE_HYDRA_DIR = _own_output_subdir(argv)
     argv, sweep_dir = _multirun_dir(_inject_run_dir(world, argv))
     sys.argv = [sys.argv[0]] + _ordered(argv)
@@ -493,10 +509,30 @@ def main() -> None:
 
     from .slots import sweep_outcome  # no torch: the driver of a submitit multirun does not import it
 
-    hydra.main(config_path="conf", config_name="config", version_base=None)(_task)()
+    died = None
+    if sweep_dir is not None:  # a launcher's error reaches the except below (Hydra would print it and exit 1); a
+        os.environ.setdefault("HYDRA_FULL_ERROR", "1")  # point's own failure never gets there: _task returns
+    try:
+        hydra.main(config_path="conf", config_name="config", version_base=None)(_task)()
+    except Exception as e:  # noqa: BLE001 - a multirun's point whose process died (joblib's worker, a submitit job)
+        if sweep_dir is None or type(e).__name__ not in _POINT_DIED:
+            raise
+        died = f"{type(e).__name__}: {str(e).strip().splitlines()[0] if str(e).strip() else ''}"
+        log.debug("a point's process died", exc_info=True)
     if sweep_dir is not None and world.is_main:  # a multirun: which points completed, which did not
         done, failed = sweep_outcome(sweep_dir, t_start)
         report = f"python -m hpcprune.report {os.path.relpath(sweep_dir)}"
+        if died is not None and died.startswith("UncompletedJobError"):  # submitit: the other points' jobs go on
+            print(f"hpcprune: error: a point's job ended without a result ({died[:300]}; a segfault or the OOM killer: "
+                  f"its submitit log says which); the sweep's other jobs go on by themselves, {report} shows them once "
+                  "they end", file=sys.stderr)
+            failed = failed or [sweep_dir]
+        elif died is not None:  # joblib: the launcher stopped every worker
+            print(f"hpcprune: error: a point's worker process died ({died[:300]}; a segfault or the OOM killer: the "
+                  "system log says which): joblib stopped the sweep, and the points left 'running' in their run files "
+                  "were cut short (a rerun of the same command resumes them); hydra/launcher=submitit_local loses only "
+                  "the point that died", file=sys.stderr)
+            failed = failed or [sweep_dir]
         if failed:
             print(f"hpcprune: {len(failed)} run(s) of the sweep failed (of {len(done) + len(failed)}): {', '.join(failed)} "
                   f"({report} shows why)", file=sys.stderr)

@@ -94,7 +94,7 @@ def test_multirun_computes_the_grid_once_and_goes_on_past_failed_points(tmp_path
     p = run_sweep(tmp_path / "unused", "-m", *TINY, "finetune.epochs=1", "prune.target.macs=0.5",
                   "prune.method=uniform,global", f"hydra.sweep.dir={sweep}", check=False, timeout=300)
     assert p.returncode == 3 and "2 run(s) of the sweep failed (of 2)" in p.stderr, p.stderr[-2000:]
-    assert "different config" in p.stderr
+    assert "different config" in p.stderr and "use another hydra.sweep.dir" in p.stderr
     with h5py.File(first, "r") as f:
         assert f.attrs["status"] == "complete" and f["baseline"].attrs["eval_source"] == ""
 
@@ -170,6 +170,36 @@ def test_joblib_multirun_runs_points_on_reused_workers_with_the_numbers_of_solo_
     with h5py.File(tmp_path / "solo" / "run.h5", "r") as a, h5py.File(sweep / str(late) / "run.h5", "r") as b:
         for k in ("metric", "loss", "macs_kept", "params_kept"):
             assert a["final"].attrs[k] == b["final"].attrs[k], k
+
+
+@pytest.mark.slow
+def test_a_dead_worker_ends_a_joblib_multirun_with_one_line_and_status_3(tmp_path):
+    """A point whose process dies (SIGKILL: what the OOM killer sends) on ``hydra/launcher=joblib``: joblib
+    stops the sweep; hpcprune says so in one line (no traceback), lists the points cut short and exits
+    3. ``hydra.launcher.n_jobs=0`` is refused before anything starts."""
+    import subprocess
+
+    from conftest import PY, ROOT
+
+    pkg = tmp_path / "mods" / "killpkg"
+    pkg.mkdir(parents=True)
+    (pkg / "__init__.py").write_text(
+        "import os, signal\nfrom torch import nn\n\n"
+        "def model(die: bool = False, num_classes: int = 10):\n"
+        "    if die:\n        os.kill(os.getpid(), signal.SIGKILL)\n"
+        "    return nn.Sequential(nn.Flatten(), nn.Linear(64, 32), nn.ReLU(), nn.Linear(32, num_classes))\n")
+    env = dict(os.environ, PYTHONPATH=str(tmp_path / "mods"), OMP_NUM_THREADS="1")
+    sweep = tmp_path / "kill"
+    cmd = [PY, "-m", "hpcprune.sweep", "model._target_=killpkg.model", *TINY, "-m", "hydra/launcher=joblib",
+           "hydra.launcher.n_jobs=2", "+model.die=false,true,false", f"hydra.sweep.dir={sweep}"]
+    p = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+    assert p.returncode == 3, (p.returncode, p.stderr[-3000:])
+    assert "a point's worker process died (TerminatedWorkerError" in p.stderr and "Traceback" not in p.stderr, p.stderr[-3000:]
+    assert "run(s) of the sweep failed" in p.stderr
+    bad = [*cmd[:-2], "hydra.launcher.n_jobs=0", f"hydra.sweep.dir={tmp_path / 'nj0'}"]
+    p = subprocess.run(bad, cwd=ROOT, env=env, capture_output=True, text=True, timeout=120)
+    assert p.returncode == 2 and "hydra.launcher.n_jobs=0: the number of worker processes" in p.stderr, p.stderr[-2000:]
+    assert not (tmp_path / "nj0").exists()
 
 
 def test_local_slots_hold_a_local_multirun_to_its_cpus(tmp_path, monkeypatch):
