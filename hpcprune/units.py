@@ -102,6 +102,8 @@ _LAYOUT_OPS = {
     "MaxPool3DWithIndices": "a max-pool with return_indices=True (its indices unpool other channels)",
     "MaxUnpool": "MaxUnpool (its indices come from other channels' max-pool)",
     "Roll": "torch.roll (channel c becomes channel c + shift)",
+    "Transpose": "a transpose of the channel dimension (a channel shuffle written as view, transpose, view?)",
+    "Permute": "a permute of the channel dimension (a channel shuffle written as view, permute, view?)",
     "Flip": "torch.flip (channel c becomes channel C - 1 - c)",
     "IndexSelect": "torch.index_select / an index tensor (channels reordered)",
     "Gather": "torch.gather (channels picked by an index tensor)",

@@ -118,10 +118,15 @@ def _short(model: nn.Module, x: torch.Tensor) -> torch.Tensor:
     return x[:, :_TOKENS].contiguous()
 
 
+def _layout(graph: Graph, g: GroupInfo) -> list[str]:
+    """The ops of the group Torch-Pruning does not follow (``units.layout_ops``)."""
+    return layout_ops(graph.tp_group(g.name)) if g.kind in ("channels", "neurons") else []
+
+
 def _hint(graph: Graph, g: GroupInfo) -> str:
     """'; it passes the channels 1:1 through <op>' for the ops of the group Torch-Pruning does not
     follow (``units.layout_ops``), or ''."""
-    ops = layout_ops(graph.tp_group(g.name)) if g.kind in ("channels", "neurons") else []
+    ops = _layout(graph, g)
     return f"; Torch-Pruning passes its channels 1:1 through {'; '.join(ops)}" if ops else ""
 
 
@@ -169,8 +174,13 @@ def _check(graph: Graph, g: GroupInfo, x: torch.Tensor, dense_out: tuple[torch.T
             return f"Torch-Pruning maps the channels past a consumer's inputs ({_line(e)}){_hint(graph, g)}"
         diff = None if ref is None else _disagree(graph, g, drop, x, ref, got, scale, _oracle)
         if diff is not None:
+            ops = _layout(graph, g)
+            if ops:  # the op that moves the channels, not the layers around it, is what to name
+                return (f"the cut model is not the dense model without these channels (max difference {diff}): "
+                        f"Torch-Pruning passes them 1:1 through {'; '.join(ops)}, which moves them (between "
+                        f"{', '.join(g.layer_types)}); the group stays whole")
             return (f"the cut model is not the dense model without these channels (max difference "
-                    f"{diff}): Torch-Pruning maps the channels wrongly through {', '.join(g.layer_types)}{_hint(graph, g)}")
+                    f"{diff}): Torch-Pruning maps the channels wrongly through {', '.join(g.layer_types)}")
     if g.kind == "heads":
         ref = _heads_oracle(graph, g, drop, x)
         diff = None if ref is None else _disagree(graph, g, drop, x, ref, got, scale, _heads_oracle)

@@ -26,6 +26,7 @@ maxunpool_segnet         images    MaxPool(return_indices)+Unpool  the pooled in
 grouped_convtranspose    images16  ConvTranspose2d(groups=2)       weight (in, out/groups, k, k): an output channel is a column of its group's block; keep both groups equal
 layerscale_4d            images    gamma (1, C, 1, 1) * f(x)       the layer-scale Parameter is cut on dim 1 with the channels, not on its last dim (size 1)
 channel_roll             images    x + torch.roll(f(x), 4, dims=1) a shift of channels Torch-Pruning takes as elementwise: exclude the trunk naming torch.roll; f's inner conv can be cut
+shuffle_by_hand          images    view, transpose(1, 2), reshape  a channel shuffle written out after a grouped conv: exclude its group naming the transpose; the stem can be cut
 =======================  ========  ==============================  ==================================================================
 """
 from __future__ import annotations
@@ -318,6 +319,27 @@ def channel_roll(num_classes: int = 10) -> nn.Module:
     return ChannelRoll(num_classes)
 
 
+class ShuffleByHand(nn.Module):
+    """ShuffleNet's channel shuffle written with view / transpose / reshape after a grouped conv."""
+
+    def __init__(self, num_classes: int = 10) -> None:
+        super().__init__()
+        self.stem = nn.Conv2d(1, 16, 3, padding=1)
+        self.g = nn.Conv2d(16, 16, 3, padding=1, groups=4)
+        self.post = nn.Conv2d(16, 24, 1)
+        self.fc = nn.Linear(24, num_classes)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = torch.relu(self.g(torch.relu(self.stem(x))))
+        n, c, hh, ww = h.shape
+        h = h.view(n, 4, c // 4, hh, ww).transpose(1, 2).reshape(n, c, hh, ww)
+        return self.fc(torch.relu(self.post(h)).mean(dim=(2, 3)))
+
+
+def shuffle_by_hand(num_classes: int = 10) -> nn.Module:
+    return ShuffleByHand(num_classes)
+
+
 CASES: dict[str, tuple] = {
     "tcn_causal": (tcn_causal, data_signal),
     "pixel_shuffle_sr": (pixel_shuffle_sr, data_images),
@@ -337,6 +359,7 @@ CASES: dict[str, tuple] = {
     "grouped_convtranspose": (grouped_convtranspose, data_images16),
     "layerscale_4d": (layerscale_4d, data_images),
     "channel_roll": (channel_roll, data_images),
+    "shuffle_by_hand": (shuffle_by_hand, data_images),
 }
 """case name -> (model function, data function); see the module docstring for what each exercises."""
 

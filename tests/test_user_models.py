@@ -84,7 +84,8 @@ ARCHS2_EXPECTED = {
     "maxunpool_segnet": (["dec.0"], {"enc.0": "return_indices=True", "mid.0": "MaxUnpool"}),
     "grouped_convtranspose": (["down.0", "up", "head.0"], {}),
     "layerscale_4d": (["0.0", "1.f.1", "2.f.1"], {}),
-    "channel_roll": (["f.0"], {"stem.0": "torch.roll (channel c becomes channel c + shift)"}),
+    "channel_roll": (["f.0"], {"stem.0": "passes them 1:1 through torch.roll (channel c becomes channel c + shift)"}),
+    "shuffle_by_hand": (["stem", "post"], {"g": "a transpose of the channel dimension (a channel shuffle"}),
 }
 
 
