@@ -535,7 +535,7 @@ def main() -> None:
             failed = failed or [sweep_dir]
         if failed:
             print(f"hpcprune: {len(failed)} run(s) of the sweep failed (of {len(done) + len(failed)}): {', '.join(failed)} "
-                  f"({report} shows why)", file=sys.stderr)
+                  f"({report} and each one's sweep.log say why)", file=sys.stderr)
             sys.exit(3)
         print(f"hpcprune: {len(done)} run(s) complete in {sweep_dir}; compare them with: {report}")
 
