@@ -278,6 +278,7 @@ class Graph:
         blocks: list[tuple[str, list[int], list[int], int]] = []  # (member, mapped idxs, root idxs, block width)
         overflow = ""  # a member Torch-Pruning maps the root's channels past the end of
         params: list[tuple[Any, str]] = []
+        wide: list[tuple[str, int]] = []  # output members wider than a one-channel root
         for item in group:
             dep, idxs = item
             mod = dep.target.module
@@ -291,6 +292,8 @@ class Graph:
             if mod not in self.names:  # an op node (add, relu, reshape): nothing to cut
                 continue
             out = self.dg.is_out_channel_pruning_fn(dep.handler)
+            if out and root_channels == 1 and _dim_size(mod, out) > 1:
+                wide.append((self.names[mod], _dim_size(mod, out)))
             members.append(Member(self.names[mod], out))
             types.append(type(mod).__name__)
             overflow = overflow or _member_overflow(self.dg, self.names[mod], mod, out, idxs)
@@ -310,6 +313,11 @@ class Graph:
                                           "GroupNorm, attention heads) that no cut of whole units keeps equal"))
             return None
         reason = self._refusal(group, members, root_channels, overflow)
+        if not reason and wide:  # e.g. ECA's Conv1d over the channel axis, CBAM's spatial attention conv
+            reason = (f"Torch-Pruning ties {wide[0][0]}'s {wide[0][1]} output channels to the single channel of "
+                      f"{self.names.get(root, '?')} (a layer that reads the channels as its length or spatial axis, "
+                      "as ECA's Conv1d or a spatial-attention conv does), a group of one unit that no cut changes; "
+                      "the group stays whole")
         if reason:
             self.excluded.append(Excluded(name, types, reason))
             return None

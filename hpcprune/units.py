@@ -102,6 +102,8 @@ _LAYOUT_OPS = {
     "MaxPool3DWithIndices": "a max-pool with return_indices=True (its indices unpool other channels)",
     "MaxUnpool": "MaxUnpool (its indices come from other channels' max-pool)",
     "Roll": "torch.roll (channel c becomes channel c + shift)",
+    "Cumsum": "torch.cumsum over the channels (each output channel sums every channel before it)",
+    "Cumprod": "torch.cumprod over the channels (each output channel multiplies every channel before it)",
     "Transpose": "a transpose of the channel dimension (a channel shuffle written as view, transpose, view?)",
     "Permute": "a permute of the channel dimension (a channel shuffle written as view, permute, view?)",
     "Flip": "torch.flip (channel c becomes channel C - 1 - c)",

@@ -27,6 +27,7 @@ grouped_convtranspose    images16  ConvTranspose2d(groups=2)       weight (in, o
 layerscale_4d            images    gamma (1, C, 1, 1) * f(x)       the layer-scale Parameter is cut on dim 1 with the channels, not on its last dim (size 1)
 channel_roll             images    x + torch.roll(f(x), 4, dims=1) a shift of channels Torch-Pruning takes as elementwise: exclude the trunk naming torch.roll; f's inner conv can be cut
 shuffle_by_hand          images    view, transpose(1, 2), reshape  a channel shuffle written out after a grouped conv: exclude its group naming the transpose; the stem can be cut
+eca_attention            images    Conv1d over the channel axis    ECA-Net: Torch-Pruning ties the 24 channels to the Conv1d's one channel: exclude that group saying so (it was kept as a 1-unit group, silently); the stem can be cut
 =======================  ========  ==============================  ==================================================================
 """
 from __future__ import annotations
@@ -340,6 +341,26 @@ def shuffle_by_hand(num_classes: int = 10) -> nn.Module:
     return ShuffleByHand(num_classes)
 
 
+class ECAttention(nn.Module):
+    """ECA-Net's channel attention: a Conv1d slides over the channels of the pooled features."""
+
+    def __init__(self, num_classes: int = 10) -> None:
+        super().__init__()
+        self.c1 = nn.Conv2d(1, 16, 3, padding=1)
+        self.c2 = nn.Conv2d(16, 24, 3, padding=1)
+        self.eca = nn.Conv1d(1, 1, 3, padding=1, bias=False)
+        self.fc = nn.Linear(24, num_classes)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = torch.relu(self.c2(torch.relu(self.c1(x))))
+        w = torch.sigmoid(self.eca(h.mean(dim=(2, 3)).unsqueeze(1)).squeeze(1))
+        return self.fc((h * w[:, :, None, None]).mean(dim=(2, 3)))
+
+
+def eca_attention(num_classes: int = 10) -> nn.Module:
+    return ECAttention(num_classes)
+
+
 CASES: dict[str, tuple] = {
     "tcn_causal": (tcn_causal, data_signal),
     "pixel_shuffle_sr": (pixel_shuffle_sr, data_images),
@@ -360,6 +381,7 @@ CASES: dict[str, tuple] = {
     "layerscale_4d": (layerscale_4d, data_images),
     "channel_roll": (channel_roll, data_images),
     "shuffle_by_hand": (shuffle_by_hand, data_images),
+    "eca_attention": (eca_attention, data_images),
 }
 """case name -> (model function, data function); see the module docstring for what each exercises."""
 

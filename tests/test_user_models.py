@@ -86,6 +86,7 @@ ARCHS2_EXPECTED = {
     "layerscale_4d": (["0.0", "1.f.1", "2.f.1"], {}),
     "channel_roll": (["f.0"], {"stem.0": "passes them 1:1 through torch.roll (channel c becomes channel c + shift)"}),
     "shuffle_by_hand": (["stem", "post"], {"g": "a transpose of the channel dimension (a channel shuffle"}),
+    "eca_attention": (["c1"], {"eca": "ties c2's 24 output channels to the single channel of eca"}),
 }
 
 
