@@ -94,26 +94,37 @@ def groups_key(cfg: Any) -> str:
                            "versions": [__version__, torch.__version__, version("torch-pruning")]})
 
 
-def find_groups(cfg: Any, run_dir: str, key: str) -> tuple[str, list[list[Any]], dict[str, Any], list[str]] | None:
-    """Another run of the multirun whose finished ``/groups`` has ``@key`` == ``key``: (its run file,
-    the excluded groups ``[name, layer types, reason]``, the cost terms ``{kind: (coef, exps)}``, the
-    kept groups' names in order); None."""
+def _from_siblings(cfg: Any, run_dir: str, group: str, key_attr: str, key: str, read: Any) -> tuple[str, Any] | None:
+    """(the run file, ``read(h5 group)``) of the first other run of the multirun whose finished
+    ``/<group>`` has ``@<key_attr>`` == ``key``; None. A run file being replaced, or of an older schema
+    (``read`` raising KeyError), is not a source."""
     import h5py
 
     _, multirun = shared_dirs(cfg, run_dir)
     for path in _siblings(multirun, run_dir):
         try:
             with h5py.File(path, "r") as f:
-                h = f.get("groups")
-                if h is None or not bool(h.attrs.get("complete", False)) or h.attrs.get("key", "") != key:
+                h = f.get(group)
+                if h is None or not bool(h.attrs.get("complete", False)) or h.attrs.get(key_attr, "") != key:
                     continue
-                excluded = json.loads(h.attrs["excluded"])
-                terms = {k[:-5]: (h["cost"][k][()], h["cost"][k[:-5] + "_exps"][()]) for k in h["cost"] if k.endswith("_coef")}
-                names = [n.decode() if isinstance(n, bytes) else str(n) for n in h["name"][()]]
-                return path, excluded, terms, names
-        except (OSError, KeyError):  # a run file being replaced, an older schema: not a source
+                return path, read(h)
+        except (OSError, KeyError):
             continue
     return None
+
+
+def find_groups(cfg: Any, run_dir: str, key: str) -> tuple[str, list[list[Any]], dict[str, Any], list[str]] | None:
+    """Another run of the multirun whose finished ``/groups`` has ``@key`` == ``key``: (its run file,
+    the excluded groups ``[name, layer types, reason]``, the cost terms ``{kind: (coef, exps)}``, the
+    kept groups' names in order); None."""
+
+    def read(h: Any) -> tuple[list[list[Any]], dict[str, Any], list[str]]:
+        terms = {k[:-5]: (h["cost"][k][()], h["cost"][k[:-5] + "_exps"][()]) for k in h["cost"] if k.endswith("_coef")}
+        return (json.loads(h.attrs["excluded"]), terms,
+                [n.decode() if isinstance(n, bytes) else str(n) for n in h["name"][()]])
+
+    found = _from_siblings(cfg, run_dir, "groups", "key", key, read)
+    return None if found is None else (found[0], *found[1])
 
 
 def dense_key(cfg: Any) -> str:
@@ -225,23 +236,13 @@ def find_dense(cfg: Any, run_dir: str, key: str) -> tuple[str, Any] | None:
     checked on reading)."""
     from .store import RunFile, load_safetensors, read_weights
 
-    cache, multirun = shared_dirs(cfg, run_dir)
+    cache, _ = shared_dirs(cfg, run_dir)
     if cache:
         path = os.path.join(cache, f"dense-{key}.safetensors")
         if os.path.isfile(path):
             return path, load_safetensors(path)
-    import h5py
-
-    for path in _siblings(multirun, run_dir):
-        try:
-            with h5py.File(path, "r") as f:
-                b = f.get("baseline")
-                ok = b is not None and bool(b.attrs.get("complete", False)) and b.attrs.get("dense_key", "") == key
-        except OSError:
-            continue
-        if ok:
-            return path, read_weights(RunFile(path), "baseline")
-    return None
+    found = _from_siblings(cfg, run_dir, "baseline", "dense_key", key, lambda h: None)
+    return None if found is None else (found[0], read_weights(RunFile(found[0]), "baseline"))
 
 
 def eval_key(cfg: Any, dense_digest: str, device: str, metric: str) -> str:
@@ -256,19 +257,8 @@ def eval_key(cfg: Any, dense_digest: str, device: str, metric: str) -> str:
 def find_evaluation(cfg: Any, run_dir: str, key: str) -> tuple[str, dict[str, Any]] | None:
     """(the run file, its ``metric``, ``loss``, ``macs``) of another run of the multirun whose finished
     ``/baseline`` has evaluation key ``key``; None."""
-    import h5py
-
-    _, multirun = shared_dirs(cfg, run_dir)
-    for path in _siblings(multirun, run_dir):
-        try:
-            with h5py.File(path, "r") as f:
-                b = f.get("baseline")
-                if b is None or not bool(b.attrs.get("complete", False)) or b.attrs.get("eval_key", "") != key:
-                    continue
-                return path, {"metric": float(b.attrs["metric"]), "loss": float(b.attrs["loss"]), "macs": int(b.attrs["macs"])}
-        except (OSError, KeyError):  # a run file being replaced, an older schema: not a source
-            continue
-    return None
+    return _from_siblings(cfg, run_dir, "baseline", "eval_key", key, lambda b: {
+        "metric": float(b.attrs["metric"]), "loss": float(b.attrs["loss"]), "macs": int(b.attrs["macs"])})
 
 
 def publish_dense(cfg: Any, state: dict[str, Any], key: str) -> None:
