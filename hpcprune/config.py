@@ -120,6 +120,9 @@ def _check_sensitivity(cfg: Any) -> None:
     team = cfg.sensitivity.team_size  # typed Any: auto or an integer
     if team != "auto" and (isinstance(team, bool) or not isinstance(team, int) or team < 1):
         _bad("sensitivity.team_size", team, "must be auto or a positive integer (ranks that evaluate one cell together)")
+    if cfg.sensitivity.kl_topk < 1:
+        _bad("sensitivity.kl_topk", cfg.sensitivity.kl_topk, "must be a positive integer (the dense model's most likely "
+             "classes or tokens the KL divergence keeps apart)")
 
 
 def _check_prune(cfg: Any) -> None:

@@ -25,17 +25,20 @@ LATENCY_CLOCKS = ("auto", "wall", "thread")
 
 @dataclass
 class EvalSums:
-    """Sums over samples: correct predictions, summed loss, sample (or token) count."""
+    """Sums over samples: correct predictions, summed loss, sample (or token) count, and summed
+    KL divergence from the dense model's predictions (:func:`kl_sums`; 0 where not measured)."""
 
     correct: float = 0.0
     loss: float = 0.0
     count: float = 0.0
+    kl: float = 0.0
 
     def __add__(self, other: "EvalSums") -> "EvalSums":
-        return EvalSums(self.correct + other.correct, self.loss + other.loss, self.count + other.count)
+        return EvalSums(self.correct + other.correct, self.loss + other.loss, self.count + other.count,
+                        self.kl + other.kl)
 
-    def as_tuple(self) -> tuple[float, float, float]:
-        return (self.correct, self.loss, self.count)
+    def as_tuple(self) -> tuple[float, float, float, float]:
+        return (self.correct, self.loss, self.count, self.kl)
 
     def metric(self, name: str) -> float:
         if self.count == 0:
@@ -48,6 +51,9 @@ class EvalSums:
 
     def mean_loss(self) -> float:
         return self.loss / self.count if self.count else math.nan
+
+    def mean_kl(self) -> float:
+        return self.kl / self.count if self.count else math.nan
 
 
 def logits_of(out: Any) -> torch.Tensor:
@@ -89,6 +95,58 @@ def batch_sums(logits: Any, target: torch.Tensor) -> EvalSums:
     if logits.dim() == 3:
         return EvalSums(float((logits.argmax(-1) == target).sum()), loss, float(target.numel()))
     return EvalSums(float((logits.argmax(-1) == target).sum()), loss, float(target.shape[0]))
+
+
+# KL divergence from the dense model (``sensitivity.damage=kl``): the dense model's top-k
+# next-token (or class) log-probabilities travel packed in the target tensor, so that every way the
+# calibration batches are cut (shards, a team's re-batched samples) carries them along.
+def reference_targets(logits: Any, target: torch.Tensor, topk: int) -> torch.Tensor:
+    """The dense model's predictions packed with the labels, for :func:`kl_sums`.
+
+    ``logits``: the dense model's output on a batch, (batch, classes) or (batch, tokens, vocab);
+    ``target``: its labels, (batch,) or (batch, tokens). Returns a float64 tensor of shape
+    ``target.shape + (2 + 2k,)``, k = min(``topk``, classes): the label, the log-probability of the
+    classes outside the top k (-inf when k covers them all), the top-k class indices, their
+    log-probabilities. Labels and indices are exact in float64 (up to 2**53)."""
+    lp = torch.log_softmax(logits_of(logits).float(), dim=-1)
+    k = min(int(topk), lp.shape[-1])
+    top_lp, top_i = lp.topk(k, dim=-1)
+    tail = _tail_logp(lp, top_i)
+    return torch.cat([target.unsqueeze(-1).double(), tail.unsqueeze(-1).double(), top_i.double(), top_lp.double()], -1)
+
+
+def _tail_logp(lp: torch.Tensor, top_i: torch.Tensor) -> torch.Tensor:
+    """log of the probability mass outside ``top_i`` (-inf when there is none)."""
+    if top_i.shape[-1] == lp.shape[-1]:
+        return torch.full(lp.shape[:-1], -math.inf, dtype=lp.dtype, device=lp.device)
+    return lp.scatter(-1, top_i, -math.inf).logsumexp(-1)
+
+
+def kl_sums(logits: Any, packed: torch.Tensor) -> EvalSums:
+    """:func:`batch_sums` against ``packed`` (:func:`reference_targets`), plus the summed KL
+    divergence KL(dense || this model) of the predictive distributions coarsened to the dense
+    model's top-k classes and the rest (a lower bound of the full KL that equals it when k covers
+    every class; nats, summed over samples or tokens).
+
+    KL from the dense model as a pruning damage: Muralidharan et al., "Compact Language Models via
+    Pruning and Knowledge Distillation" (Minitron, 2024). Unlike the loss increase it does not
+    depend on which next token the calibration text happens to hold, so a few calibration windows
+    rank small damages with less noise."""
+    logits = logits_of(logits)
+    k = (packed.shape[-1] - 2) // 2
+    target = packed[..., 0].long()
+    lq = torch.log_softmax(logits.float(), dim=-1)  # once: the loss is read off it too
+    sums = EvalSums(float((logits.argmax(-1) == target).sum()), -float(lq.gather(-1, target.unsqueeze(-1)).sum()),
+                    float(target.numel()))
+    top_i = packed[..., 2:2 + k].long()
+    p_lp = packed[..., 2 + k:].to(lq.dtype)
+    q_lp = lq.gather(-1, top_i)
+    p_tail = packed[..., 1].to(lq.dtype)
+    q_tail = _tail_logp(lq, top_i)
+    kl = (p_lp.exp() * (p_lp - q_lp)).sum(-1)
+    kl = kl + torch.where(p_tail > -math.inf, p_tail.exp() * (p_tail - q_tail), torch.zeros_like(p_tail))
+    sums.kl = float(kl.sum())
+    return sums
 
 
 @torch.inference_mode()

@@ -50,6 +50,8 @@ GroupKind = _choice("GroupKind", ("channels", "neurons", "heads", "block"))
 LatencyRuntime = _choice("LatencyRuntime", ("torch", "onnxruntime"))
 # which clock times a forward in a latency measurement (hpcprune.metrics.LATENCY_CLOCKS)
 LatencyClock = _choice("LatencyClock", ("auto", "wall", "thread"))
+# what a sensitivity cell's damage is measured by (hpcprune.sensitivity.DAMAGES)
+Damage = _choice("Damage", ("loss", "kl"))
 
 
 @dataclass
@@ -85,6 +87,8 @@ class SensitivityConfig:
     bn_recalib_batches: int = MISSING
     team_size: Any = MISSING  # auto, or a number of ranks (validate)
     flush_s: float = MISSING
+    damage: Damage = MISSING  # type: ignore[valid-type]
+    kl_topk: int = MISSING
 
 
 @dataclass

@@ -140,8 +140,9 @@ def test_kill_mid_sensitivity_resumes(tmp_path, one_rank, trained):
 
 
 def test_more_ranks_than_cells(tmp_path, one_rank):
-    """3 ranks for 2 cells: each cell's batches are split over ranks; same numbers as 1 rank."""
-    few = [*SENS, "model=mlp", "sensitivity.ratios=[0.5]"]
+    """3 ranks for 2 cells: each cell's batches are split over ranks; same numbers as 1 rank (the
+    KL divergence from the dense model too: its predictions travel with the shards' batches)."""
+    few = [*SENS, "model=mlp", "sensitivity.ratios=[0.5]", "sensitivity.damage=kl"]
     run_sweep(tmp_path / "one", *few, timeout=300)
     run_sweep(tmp_path / "few", *few, ranks=3, timeout=300)
     ref = _matrix(tmp_path / "one" / "run.h5")
@@ -149,6 +150,9 @@ def test_more_ranks_than_cells(tmp_path, one_rank):
     assert loss.shape == (2, 1) and (status == 1).all()
     np.testing.assert_allclose(loss, ref[0], atol=1e-5)
     np.testing.assert_allclose(metric, ref[1], atol=1e-5)
+    with h5py.File(tmp_path / "one" / "run.h5") as a, h5py.File(tmp_path / "few" / "run.h5") as b:
+        assert (a["sensitivity/kl"][()] > 0).all()
+        np.testing.assert_allclose(b["sensitivity/kl"][()], a["sensitivity/kl"][()], rtol=1e-5, atol=1e-7)
 
 
 @pytest.mark.parametrize("criterion", ["taylor", "activation"])

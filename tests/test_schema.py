@@ -52,8 +52,10 @@ def test_choices_are_the_codes():
     from hpcprune.allocate import COSTS, METHODS
     from hpcprune.graph import KINDS
     from hpcprune.importance import CRITERIA
+    from hpcprune.sensitivity import DAMAGES
 
     assert tuple(schema.Method) == METHODS
+    assert tuple(schema.Damage) == DAMAGES
     assert tuple(schema.Importance) == CRITERIA
     assert tuple(schema.GroupKind) == KINDS
     assert tuple(k.rpartition(".")[2] for k in schema.keys() if k.startswith("prune.target.")) == COSTS

@@ -30,7 +30,7 @@ The modules, by concern (each imports only those above it):
 - ``protocol``    ``run_sensitivity``: rank 0, workers, team members over MPI
 """
 from .bn import fold_pairs
-from .cells import Evaluator, flatten_chain, nhwc
+from .cells import DAMAGES, Evaluator, flatten_chain, nhwc
 from .early_stop import past_floor, skip_past_floor, skipped, stop_rule, stops
 from .protocol import run_sensitivity
 from .records import DONE, PENDING, SKIPPED, CellResult, Chunk
@@ -38,7 +38,7 @@ from .schedule import Dispatcher, make_chunks, team_ranks, team_size
 from .split import Gather, Team, make_teams, shard_batches, team_share
 
 __all__ = [
-    "DONE", "PENDING", "SKIPPED", "CellResult", "Chunk", "Dispatcher", "Evaluator", "Gather", "Team",
+    "DAMAGES", "DONE", "PENDING", "SKIPPED", "CellResult", "Chunk", "Dispatcher", "Evaluator", "Gather", "Team",
     "flatten_chain", "fold_pairs", "make_chunks", "make_teams", "nhwc", "past_floor", "run_sensitivity",
     "shard_batches", "skip_past_floor", "skipped", "stop_rule", "stops", "team_ranks", "team_share", "team_size",
 ]

@@ -17,7 +17,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from .. import blockcache, compensate
+from .. import blockcache, compensate, metrics
 from ..graph import Graph, GroupInfo, Slice, n_keep, skip_block, slice_group
 from ..metrics import EvalSums, batch_sums
 from ..structure import structure_of
@@ -25,8 +25,12 @@ from . import bn
 from .early_stop import StopRule, skipped, stops
 from .records import DONE, CellResult, Chunk
 
-log = logging.getLogger("hpcprune.stages")
 from .split import Team, shard_batches, team_share
+
+log = logging.getLogger("hpcprune.stages")
+# what a cell's damage is measured by (``sensitivity.damage``): the task loss against the labels, or the
+# KL divergence from the dense model's predictions (the loss is recorded either way)
+DAMAGES = ("loss", "kl")
 
 
 def flatten_chain(model: nn.Module) -> list[tuple[str, nn.Module]] | None:
@@ -128,6 +132,12 @@ class Evaluator:
     the cell starts from cached values), and skip the BatchNorm: one pass over the activations less
     per pair; numbers agree to rounding (~1e-7).
 
+    ``damage``: what a cell's damage is measured by (``sensitivity.damage``; :data:`DAMAGES`):
+    ``"loss"``, the task loss against the labels; ``"kl"``, also the KL divergence from the dense
+    model's predictions on the same batches (``EvalSums.kl``; :func:`hpcprune.metrics.kl_sums`,
+    coarsened to the dense model's ``kl_topk`` most likely classes or tokens and the rest; the
+    dense predictions are computed once here).
+
     ``compensation``: per group name, a :class:`hpcprune.compensate.Target`: each cell of that group
     adds the compensation of its cut to the consumer's bias (computed from the dense weights before
     the cut) and takes it away after (``prune.bias_compensation``).
@@ -150,7 +160,16 @@ class Evaluator:
         graph: Graph | None = None,
         round_to: int = 1,
         compensation: dict[str, Any] | None = None,
+        damage: str = "loss",
+        kl_topk: int = 64,
     ) -> None:
+        if damage not in DAMAGES:
+            raise ValueError(f"sensitivity.damage={damage!r}: choose from {list(DAMAGES)}")
+        self.damage = damage
+        if damage == "kl":  # the dense model's predictions ride along with the labels
+            model.eval()
+            with torch.inference_mode():
+                batches = [(x, metrics.reference_targets(model(x), y, kl_topk)) for x, y in batches]
         self.channels_last = channels_last and any(isinstance(m, nn.Conv2d) for m in model.modules()) \
             and _runs_channels_last(model, batches[0][0] if batches else example_input)
         if self.channels_last:
@@ -428,15 +447,22 @@ class Evaluator:
                      plan: blockcache.BlockPlan | None = None) -> EvalSums:
         total = EvalSums()
         for h, (_, y) in zip(inputs, batches):
-            total = total + batch_sums(self._from_cache(k, h, keep, plan), y)
+            total = total + self._sums(self._from_cache(k, h, keep, plan), y)
         return total
 
     @torch.inference_mode()
     def _full_sums(self, model: nn.Module, batches: Sequence) -> EvalSums:
         total = EvalSums()
         for x, y in batches:
-            total = total + batch_sums(model(x), y)
+            total = total + self._sums(model(x), y)
         return total
+
+    def _sums(self, out: Any, y: torch.Tensor) -> EvalSums:
+        return metrics.kl_sums(out, y) if self.damage == "kl" else batch_sums(out, y)
+
+    def dense_sums(self) -> EvalSums:
+        """The dense model's sums on all the calibration batches (its KL is 0 by definition)."""
+        return self._full_sums(self.model, self.batches)
 
     # ---- BatchNorm ------------------------------------------------------------------------------
     def _suffix_bns(self, k: int) -> list[nn.Module]:

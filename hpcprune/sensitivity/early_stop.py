@@ -44,7 +44,7 @@ def stops(stop_below: StopRule | None, cell: CellResult) -> bool:
 
 def skipped(group: int, ratios: Sequence[int], rank: int = 0, team: int = 1) -> list[CellResult]:
     """The records of cells the rule skips (no sums, no time)."""
-    return [CellResult(group, r, SKIPPED, (math.nan,) * 3, 0.0, rank, team=team) for r in ratios]
+    return [CellResult(group, r, SKIPPED, (math.nan,) * 4, 0.0, rank, team=team) for r in ratios]
 
 
 def skip_past_floor(state: dict[str, np.ndarray], floor: float | None, higher: bool) -> None:

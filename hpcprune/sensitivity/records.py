@@ -11,7 +11,7 @@ class CellResult:
     group: int
     ratio: int
     status: int
-    sums: tuple[float, float, float]
+    sums: tuple[float, float, float, float]  # EvalSums.as_tuple(): correct, loss, count, kl
     seconds: float
     rank: int
     shard: int = 0  # a cell split over ranks: this share of its calibration batches

@@ -56,7 +56,7 @@ class Gather:
             if len(parts) == c.shards:
                 del self.partial[(c.group, c.ratio)]
                 ordered = [parts[i] for i in range(c.shards)]
-                sums = tuple(float(sum(p.sums[j] for p in ordered)) for j in range(3))
+                sums = tuple(float(sum(p.sums[j] for p in ordered)) for j in range(len(c.sums)))
                 done.append(CellResult(c.group, c.ratio, DONE, sums,  # type: ignore[arg-type]
                                        sum(p.seconds for p in ordered), ordered[0].rank, 0, 1,
                                        sum(p.prefix_s for p in ordered), sum(p.recal_s for p in ordered),

@@ -47,10 +47,12 @@ def allocate_ratios(ctx: Context, cfg: Any, rf: RunFile, targets: dict[str, floa
     if method == "global":
         return allocate.global_ranking(ctx.cost, ctx.scores, targets, max_ratio, round_to)
     with rf.read() as f:
-        loss = f["sensitivity/loss"][()]
         status = f["sensitivity/status"][()]
-        ref = float(f["sensitivity"].attrs["dense_calib_loss"])
-    damage = np.where(status == DONE, loss - ref, np.nan)
+        if str(f["sensitivity"].attrs.get("damage", "loss")) == "kl":  # KL from the dense model: 0 for it
+            damage = np.where(status == DONE, f["sensitivity/kl"][()], np.nan)
+        else:
+            ref = float(f["sensitivity"].attrs["dense_calib_loss"])
+            damage = np.where(status == DONE, f["sensitivity/loss"][()] - ref, np.nan)
     damage = _check_damage(ctx, cfg, damage, status)
     return allocate.sensitivity(ctx.cost, list(cfg.sensitivity.ratios), damage, targets, max_ratio, round_to, start=start)
 

@@ -4,7 +4,8 @@ rank 0 (``hpcprune.sensitivity``), rank 0 flushing them to the run file as they 
 Every rank runs it, done or not: a partly done grid (a killed run) computes only its pending cells.
 A grid not begun is first looked for under its content key (``hpcprune.reuse``: the cache
 directory, the other runs of a multirun) and copied when found (``/sensitivity@source``).
-Writes ``/sensitivity``: metric, loss, seconds, rank, status per cell (flushed every
+Writes ``/sensitivity``: metric, loss, seconds, rank, status per cell (and kl with
+``sensitivity.damage=kl``: the mean KL divergence from the dense model's predictions; flushed every
 ``sensitivity.flush_s`` seconds; ``complete`` with the last flush).
 """
 from __future__ import annotations
@@ -29,7 +30,7 @@ STATUS_CODES = "0 pending, 1 done, 2 skipped (early stop)"
 
 def run(ctx: Context, cfg: Any, rf: RunFile) -> Record | None:
     ratios = [float(r) for r in cfg.sensitivity.ratios]
-    state = _load_state(rf, len(ctx.graph.groups), ratios) if ctx.main else None
+    state = _load_state(rf, len(ctx.graph.groups), ratios, str(cfg.sensitivity.damage)) if ctx.main else None
     key, source, claim = None, None, None
     if ctx.main:
         # the dense weights' digest the baseline stage recorded (a run file from before it: computed here)
@@ -74,7 +75,7 @@ def _compute(ctx: Context, cfg: Any, rf: RunFile, state: Any, ratios: list[float
     stop = stop_rule(ctx.metric, floor, bool(metrics.METRIC_HIGHER_IS_BETTER[ctx.metric]))
     evaluator = _evaluator(ctx, cfg, ratios)
     # damage is measured against the dense model on the same calibration batches, in the same layout
-    dense_calib = metrics.evaluate(evaluator.model, evaluator.batches)
+    dense_calib = evaluator.dense_sums()
     t0 = time.perf_counter()
     cells = None
     if ctx.main:
@@ -82,6 +83,7 @@ def _compute(ctx: Context, cfg: Any, rf: RunFile, state: Any, ratios: list[float
             "metric_name": ctx.metric, "dense_metric": ctx.base["metric"], "dense_loss": ctx.base["loss"],
             "dense_calib_metric": dense_calib.metric(ctx.metric), "dense_calib_loss": dense_calib.mean_loss(),
             "calib_samples": len(ctx.data.calib), "world_size": ctx.world.size, "status_codes": STATUS_CODES,
+            "damage": evaluator.damage, "kl_topk": int(cfg.sensitivity.kl_topk) if evaluator.damage == "kl" else 0,
             "key": key, "source": "",
         })
     bar = None
@@ -116,11 +118,13 @@ def _evaluator(ctx: Context, cfg: Any, ratios: list[float]) -> Evaluator:
         channels_last=bool(s.get("channels_last", False)),
         fold_bn=bool(s.get("fold_bn", False)),
         graph=ctx.graph, round_to=int(cfg.prune.round_to), compensation=ctx.compensation,
+        damage=str(s.damage), kl_topk=int(s.kl_topk),
     )
 
 
-def _load_state(rf: RunFile, G: int, ratios: list[float]) -> dict[str, np.ndarray]:
-    """The cell arrays: as a partly done run left them, or all pending."""
+def _load_state(rf: RunFile, G: int, ratios: list[float], damage: str = "loss") -> dict[str, np.ndarray]:
+    """The cell arrays: as a partly done run left them, or all pending (``kl``: with
+    ``sensitivity.damage=kl`` only)."""
     R = len(ratios)
     with rf.read() as f:
         if "sensitivity" in f:
@@ -131,6 +135,8 @@ def _load_state(rf: RunFile, G: int, ratios: list[float]) -> dict[str, np.ndarra
             for k, like in (("prefix_seconds", np.zeros(G)), ("recal_prefix_seconds", np.zeros(G)),
                             ("recal_seconds", np.full((G, R), np.nan)), ("team", np.ones((G, R), dtype=np.int32))):
                 state[k] = s[k][()] if k in s else like
+            if damage == "kl":
+                state["kl"] = s["kl"][()] if "kl" in s else np.full((G, R), np.nan)
             return state
     return {
         "metric": np.full((G, R), np.nan), "loss": np.full((G, R), np.nan), "seconds": np.full((G, R), np.nan),
@@ -139,6 +145,7 @@ def _load_state(rf: RunFile, G: int, ratios: list[float]) -> dict[str, np.ndarra
         "recal_prefix_seconds": np.zeros(G),  # of which for the BatchNorm re-estimation batches
         "recal_seconds": np.full((G, R), np.nan),  # of a cell's seconds: re-estimating BatchNorm statistics
         "team": np.ones((G, R), dtype=np.int32),  # ranks that evaluated the cell together (rank: the leader)
+        **({"kl": np.full((G, R), np.nan)} if damage == "kl" else {}),  # mean KL from the dense model (nats per sample or token)
     }
 
 
@@ -173,6 +180,8 @@ class _Cells:
                 # a model whose output is NaN has no metric either (argmax of NaN logits is class 0)
                 state["metric"][c.group, c.ratio] = sums.metric(self.metric) if not math.isnan(loss) else math.nan
                 state["loss"][c.group, c.ratio] = loss
+                if "kl" in state:
+                    state["kl"][c.group, c.ratio] = sums.mean_kl() if not math.isnan(loss) else math.nan
             state["status"][c.group, c.ratio] = c.status
             if c.prefix_s > 0:
                 state["prefix_seconds"][c.group] = c.prefix_s
