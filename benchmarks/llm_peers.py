@@ -14,8 +14,11 @@ head unit is one KV head with its 3 query heads (GQA stays valid: 3 units per la
 - **hpcprune default** (``+experiment=smollm2_austen``): sensitivity allocation over MLP neurons, KV
   heads and decoder layers, ``importance=fluctuation`` with ``prune.bias_compensation=true`` (FLAP's
   score and bias, in the cells and on the pruned model; ``--order activation``: the activation
-  criterion without compensation, the default before); the sensitivity grid is measured once over
-  ``--ranks`` MPI ranks and reused for every budget. Also its width-only row (neurons + heads).
+  criterion without compensation, the default before), ``sensitivity.damage=kl`` (a cell's damage:
+  the KL divergence of its next-token distributions from the dense model's; ``--damage loss``: the
+  loss increase, the default before; ``--other-damage`` adds those rows); the sensitivity grid is
+  measured once over ``--ranks`` MPI ranks and reused for every budget. Also its width-only row
+  (neurons + heads).
 - **FLAP** (An et al., "Fluctuation-based Adaptive Structured Pruning for LLMs", AAAI 2024; the
   official code's ``prune_flap``, WIFV metric, AL-AM structure): per input channel ``j`` of
   ``o_proj``/``down_proj``, sample variance of ``x_j`` over the calibration tokens times
@@ -102,7 +105,7 @@ def worker(args):
     groups = [g for g in graph.groups if args.worker_layers is None or layer_of(g.name) in args.worker_layers]
     orders = {n: importance.prune_order(s) for n, s in scores.items()}
     comp = compensate.prepare(graph, share, reduce) if flap else None
-    ev = Evaluator(model, groups, orders, args.ratios, calib, example, ignore, compensation=comp)
+    ev = Evaluator(model, groups, orders, args.ratios, calib, example, ignore, compensation=comp, damage="kl")
     pending = np.ones((len(groups), len(args.ratios)), bool)
     world.barrier()
     t0 = time.perf_counter()
@@ -110,12 +113,13 @@ def worker(args):
     secs, rss["cells"] = time.perf_counter() - t0, rss_mb()
     everyone = world.allgather(rss)
     if world.is_main:
-        loss = np.full(pending.shape, np.nan)
+        loss, kl = np.full(pending.shape, np.nan), np.full(pending.shape, np.nan)
         for c in res:
             if c.status == DONE:
                 loss[c.group, c.ratio] = c.sums[1] / c.sums[2]
+                kl[c.group, c.ratio] = c.sums[3] / c.sums[2]
         dense = metrics.evaluate(model, calib)
-        np.savez(args.out, loss=loss, dense_loss=dense.loss / dense.count, seconds=secs, score_seconds=t_scores,
+        np.savez(args.out, loss=loss, kl=kl, dense_loss=dense.loss / dense.count, seconds=secs, score_seconds=t_scores,
                  names=np.array([g.name for g in groups]), rss=json.dumps(everyone),
                  **{f"score:{n}": s.numpy() for n, s in scores.items()})
 
@@ -365,10 +369,10 @@ def compensated(graph, dense, targets, plan):
     return lambda student: compensate.apply(dense, student, targets, removed)
 
 
-def hpcprune_plan(graph, model, example, sens, orders, kinds, target, ratios):
+def hpcprune_plan(graph, model, example, sens, orders, kinds, target, ratios, damage_by="loss"):
     """hpcprune's sensitivity allocation (as llm_bench) over ``kinds`` at ``target`` (kept fraction of
     all params): a Graph plan, with activation orders."""
-    damage = sens["loss"] - float(sens["dense_loss"])
+    damage = sens["kl"] if damage_by == "kl" else sens["loss"] - float(sens["dense_loss"])
     idx = [i for i, g in enumerate(graph.groups) if g.kind in kinds]
     sub = [graph.groups[i] for i in idx]
     cm = allocate.CostModel(model, sub, metrics.module_macs(model, example))
@@ -431,6 +435,9 @@ def parse():
                     help="hpcprune's order (and its sensitivity grid): its activation criterion, Wanda-sp's (only hpcprune "
                          "rows), or importance=fluctuation with prune.bias_compensation=true (FLAP's score and bias "
                          "compensation, in the cells and on the pruned model)")
+    ap.add_argument("--damage", choices=("loss", "kl"), default="kl",
+                    help="hpcprune's cell damage (sensitivity.damage; kl: the +experiment=smollm2_austen default): loss increase, or KL divergence from the dense model")
+    ap.add_argument("--other-damage", action="store_true", help="also hpcprune's rows with the other --damage")
     ap.add_argument("--skip-peers", action="store_true", help="only hpcprune's rows (e.g. to try another --ratios grid)")
     ap.add_argument("--diagnose", action="store_true", help="instead of the peers: hpcprune's allocation with "
                     "Wanda-sp's order, hpcprune's activation order at a uniform allocation, hpcprune + FLAP's bias")
@@ -489,8 +496,12 @@ def main():
         target = 1.0 - remove * (total - emb) / total
         if targets:  # the biases compensation creates are counted: reserved under the budget (as the allocation stage does)
             target -= compensate.new_bias_params(model, targets) / total
-        for label, kinds in (("hpcprune default", ("neurons", "heads", "block")), ("hpcprune width", ("neurons", "heads"))):
-            plan = hpcprune_plan(graph, model, example, sens, act, kinds, target, args.ratios)
+        rows = [("hpcprune default", ("neurons", "heads", "block"), args.damage), ("hpcprune width", ("neurons", "heads"), args.damage)]
+        if args.other_damage:
+            other = "loss" if args.damage == "kl" else "kl"
+            rows += [(f"{label} ({other})", kinds, other) for label, kinds, _ in rows]
+        for label, kinds, damage_by in rows:
+            plan = hpcprune_plan(graph, model, example, sens, act, kinds, target, args.ratios, damage_by)
             results.append(run_row(ctx, label + ("" if args.order == "fluctuation" else f" ({args.order} order)"), remove, plan,
                                    compensated(graph, model, targets, plan) if targets else None))
         if args.order not in ("activation", "fluctuation") or args.skip_peers:

@@ -116,10 +116,11 @@ def reference_targets(logits: Any, target: torch.Tensor, topk: int) -> torch.Ten
 
 
 def _tail_logp(lp: torch.Tensor, top_i: torch.Tensor) -> torch.Tensor:
-    """log of the probability mass outside ``top_i`` (-inf when there is none)."""
+    """log of the probability mass outside ``top_i`` (-inf when there is none). Overwrites ``lp``'s
+    top-k entries (no copy of a vocabulary-wide tensor): the callers' own log-softmax, read before."""
     if top_i.shape[-1] == lp.shape[-1]:
         return torch.full(lp.shape[:-1], -math.inf, dtype=lp.dtype, device=lp.device)
-    return lp.scatter(-1, top_i, -math.inf).logsumexp(-1)
+    return lp.scatter_(-1, top_i, -math.inf).logsumexp(-1)
 
 
 def kl_sums(logits: Any, packed: torch.Tensor) -> EvalSums:
