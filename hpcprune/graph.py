@@ -319,7 +319,7 @@ class Graph:
                       "as ECA's Conv1d or a spatial-attention conv does), a group of one unit that no cut changes; "
                       "the group stays whole")
         if reason:
-            self.excluded.append(Excluded(name, types, reason))
+            self.excluded.append(Excluded(name, types, reason + (self.bare_parameters(group) if params else "")))
             return None
         # named after its first output member in model order (stable across processes and runs)
         name = next((m.module for m in members if m.out and m.module in self.by_name), name)
@@ -334,6 +334,30 @@ class Graph:
         sliceable = plain and identity and all(self._sliceable(self.by_name[m.module], m.out) for m in members)
         self._tp_groups[name] = root
         return GroupInfo(name, kind, size, members, maskable, sliceable, channels=channels, layer_types=types)
+
+    def bare_parameters(self, group: Any) -> str:
+        """'; <why>' for each weight in a Torch-Pruning ``group`` that no layer Torch-Pruning knows
+        holds (it cuts such a parameter along its last dimension only, whatever the forward does with
+        it): a weight of a layer it has no pruner for (``nn.Bilinear``), or an ``nn.Parameter`` a
+        forward passes to a functional call (``F.conv2d``); '' when there is none. For the reason of
+        a group excluded or failing once cut: that weight, not the layers around it, is the cause."""
+        out = []
+        for dep, _ in group:
+            p = dep.target.module
+            if not isinstance(p, nn.Parameter) or id(p) in self._buffers or p.dim() < 2:  # 1-D: a norm scale, cut right
+                continue
+            pname = self.dg._param_to_name.get(p, "?")
+            owner_name = pname.rpartition(".")[0]
+            owner = self.by_name.get(owner_name)
+            if owner_name and owner is not None and not any(True for _ in owner.children()):
+                out.append(f"{pname} belongs to {owner_name} ({type(owner).__name__}), a layer Torch-Pruning has no "
+                           f"pruner for: it cuts that {tuple(p.shape)} weight along its last dimension only; keep the group "
+                           f"whole (groups.ignore=[{owner_name}]) or build the layer from ones it knows (Linear, Conv)")
+            else:
+                out.append(f"{pname} is an nn.Parameter {tuple(p.shape)} outside any layer (a functional call such as "
+                           f"F.conv2d or F.linear uses it): Torch-Pruning cuts it along its last dimension only; hold it "
+                           f"in an nn.Conv2d / nn.Linear to have it cut with the channels")
+        return "".join(f"; {o}" for o in dict.fromkeys(out))
 
     def _closure_stride(self, root: nn.Module, channels: int) -> int | None:
         """The group's units when Torch-Pruning cuts root channel 0 together with channels S, 2S, ...

@@ -125,9 +125,32 @@ def _layout(graph: Graph, g: GroupInfo) -> list[str]:
 
 def _hint(graph: Graph, g: GroupInfo) -> str:
     """'; it passes the channels 1:1 through <op>' for the ops of the group Torch-Pruning does not
-    follow (``units.layout_ops``), or ''."""
+    follow (``units.layout_ops``), the weights it cuts as bare parameters (``Graph.bare_parameters``),
+    and 1-D buffers of the group's width that nothing cuts (:func:`_width_buffers`); or ''."""
     ops = _layout(graph, g)
-    return f"; Torch-Pruning passes its channels 1:1 through {'; '.join(ops)}" if ops else ""
+    hint = f"; Torch-Pruning passes its channels 1:1 through {'; '.join(ops)}" if ops else ""
+    if g.kind in ("channels", "neurons"):
+        hint += graph.bare_parameters(graph.tp_group(g.name)) + _width_buffers(graph, g)
+    return hint
+
+
+def _width_buffers(graph: Graph, g: GroupInfo) -> str:
+    """'; <buffer> ... is not cut' for 1-D floating-point buffers as wide as the group outside norm
+    layers (a per-channel scale used as ``buf[None, :, None, None]``): hpcprune traces buffers of two or
+    more dimensions as parameters (a position table), not 1-D ones (rotary frequencies, whose width is
+    not the channels'), so such a buffer keeps its width while the channels go."""
+    names = []
+    for mname, mod in graph.model.named_modules():
+        if isinstance(mod, (nn.modules.batchnorm._BatchNorm, nn.GroupNorm, nn.LayerNorm, nn.InstanceNorm1d,
+                            nn.InstanceNorm2d, nn.InstanceNorm3d)):
+            continue
+        for bname, buf in mod._buffers.items():
+            if buf is not None and buf.dim() == 1 and buf.is_floating_point() and buf.numel() == g.channels:
+                names.append(f"{mname}.{bname}" if mname else bname)
+    if not names:
+        return ""
+    return (f"; buffer {names[0]} ({g.channels} values, the group's width) is not cut with the channels: register it "
+            "as nn.Parameter(..., requires_grad=False) to have it cut, or keep the group whole")
 
 
 def _drop(g: GroupInfo, max_ratio: float, round_to: int, seed: int) -> list[int]:

@@ -4,6 +4,7 @@ import copy
 import numpy as np
 import pytest
 import torch
+from torch import nn
 
 from hpcprune import allocate, importance, metrics
 from hpcprune.costs import ExactCost, probes_from_graph
@@ -361,3 +362,68 @@ def test_groups_torch_pruning_would_cut_wrongly_are_excluded_with_the_remedy():
     assert "LayerNorm over (8, 6, 6)" in ex["0"] and "GroupNorm(1, C)" in ex["0"]
     assert any("3 has a reparametrised weight" in r and "remove_parametrizations" in r for r in ex.values()), ex
     assert [g.name for g in graph.groups if g.name != "8"] == ["5"]  # 8: the classifier (verification keeps it)
+
+
+class _BilinearNet(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.a, self.b = nn.Linear(64, 32), nn.Linear(64, 24)
+        self.bil = nn.Bilinear(32, 24, 16)
+        self.head = nn.Linear(16, 10)
+
+    def forward(self, x):
+        x = x.flatten(1)
+        return self.head(torch.relu(self.bil(torch.relu(self.a(x)), torch.relu(self.b(x)))))
+
+
+class _ScaledConv(nn.Module):
+    """A per-channel scale used as ``scale[None, :, None, None]``: a 1-D buffer, or (``frozen``) the
+    frozen parameter the refusal suggests; with ``functional``, the second convolution is F.conv2d
+    on an nn.Parameter."""
+
+    def __init__(self, frozen=False, functional=False):
+        super().__init__()
+        self.c1 = nn.Conv2d(1, 16, 3, padding=1)
+        scale = torch.linspace(0.5, 1.5, 16)
+        if frozen:
+            self.scale = nn.Parameter(scale, requires_grad=False)
+        else:
+            self.register_buffer("scale", scale)
+        self.functional = functional
+        self.w = nn.Parameter(torch.randn(16, 16, 3, 3) * 0.1) if functional else None
+        self.c2 = nn.Conv2d(16, 16, 3, padding=1)
+        self.head = nn.Linear(16, 10)
+
+    def forward(self, x):
+        h = torch.relu(self.c1(x)) * (1.0 if self.functional else self.scale[None, :, None, None])
+        h = torch.relu(nn.functional.conv2d(h, self.w, padding=1) if self.functional else self.c2(h))
+        return self.head(h.mean((2, 3)))
+
+
+def test_refusals_name_the_weight_or_buffer_torch_pruning_does_not_cut():
+    """nn.Bilinear (no Torch-Pruning pruner), a weight used by F.conv2d, a 1-D per-channel buffer:
+    the group is excluded and the reason names that layer, weight or buffer and what to change,
+    not only the layers around it; the remedy given for the buffer makes the group prunable and right."""
+    torch.manual_seed(0)
+    x = torch.randn(2, 1, 8, 8)
+    graph = Graph(_BilinearNet().eval(), x, ["head"])
+    reasons = " ".join(e.reason for e in graph.excluded)
+    assert "bil.weight belongs to bil (Bilinear), a layer Torch-Pruning has no pruner for" in reasons
+    assert "groups.ignore=[bil]" in reasons
+    for kw, want in (({}, "buffer scale (16 values, the group's width) is not cut"),
+                     ({"functional": True}, "w is an nn.Parameter (16, 16, 3, 3) outside any layer")):
+        graph = Graph(_ScaledConv(**kw).eval(), x, ["head"])
+        ex = {e.name: e.reason for e in verify_groups(graph, x, 0.5)}
+        assert "c1" in ex and want in ex["c1"], ex
+    model = _ScaledConv(frozen=True).eval()
+    graph = Graph(model, x, ["head"])
+    assert not verify_groups(graph, x, 0.5) and "c1" in [g.name for g in graph.groups]
+    dense = copy.deepcopy(model)
+    graph.prune_group("c1", [0, 5, 9])
+    assert model.scale.shape == (13,)
+    keep = [i for i in range(16) if i not in (0, 5, 9)]
+    with torch.no_grad():  # the pruned model is the dense one with those channels' outputs at zero
+        dense.c1.weight[[0, 5, 9]] = 0
+        dense.c1.bias[[0, 5, 9]] = 0
+        torch.testing.assert_close(model(x), dense(x))
+    assert torch.equal(model.scale, dense.scale[keep])
