@@ -14,9 +14,9 @@ head unit is one KV head with its 3 query heads (GQA stays valid: 3 units per la
 - **hpcprune default** (``+experiment=smollm2_austen``): sensitivity allocation over MLP neurons, KV
   heads and decoder layers, ``importance=fluctuation`` with ``prune.bias_compensation=true`` (FLAP's
   score and bias, in the cells and on the pruned model; ``--order activation``: the activation
-  criterion without compensation, the default before), ``sensitivity.damage=kl`` (a cell's damage:
-  the KL divergence of its next-token distributions from the dense model's; ``--damage loss``: the
-  loss increase, the default before; ``--other-damage`` adds those rows); the sensitivity grid is
+  criterion without compensation, the default before), ``sensitivity.damage=loss`` (a cell's damage:
+  the loss increase; ``--damage kl``: the KL divergence of its next-token distributions from the
+  dense model's; ``--other-damage`` adds the other's rows); the sensitivity grid is
   measured once over ``--ranks`` MPI ranks and reused for every budget. Also its width-only row
   (neurons + heads).
 - **FLAP** (An et al., "Fluctuation-based Adaptive Structured Pruning for LLMs", AAAI 2024; the
@@ -105,6 +105,7 @@ def worker(args):
     groups = [g for g in graph.groups if args.worker_layers is None or layer_of(g.name) in args.worker_layers]
     orders = {n: importance.prune_order(s) for n, s in scores.items()}
     comp = compensate.prepare(graph, share, reduce) if flap else None
+    # damage="kl" records the loss too: both grids from one pass (--damage picks which one the allocation takes)
     ev = Evaluator(model, groups, orders, args.ratios, calib, example, ignore, compensation=comp, damage="kl")
     pending = np.ones((len(groups), len(args.ratios)), bool)
     world.barrier()
@@ -435,8 +436,8 @@ def parse():
                     help="hpcprune's order (and its sensitivity grid): its activation criterion, Wanda-sp's (only hpcprune "
                          "rows), or importance=fluctuation with prune.bias_compensation=true (FLAP's score and bias "
                          "compensation, in the cells and on the pruned model)")
-    ap.add_argument("--damage", choices=("loss", "kl"), default="kl",
-                    help="hpcprune's cell damage (sensitivity.damage; kl: the +experiment=smollm2_austen default): loss increase, or KL divergence from the dense model")
+    ap.add_argument("--damage", choices=("loss", "kl"), default="loss",
+                    help="hpcprune's cell damage (sensitivity.damage; loss: the +experiment=smollm2_austen default): loss increase, or KL divergence from the dense model")
     ap.add_argument("--other-damage", action="store_true", help="also hpcprune's rows with the other --damage")
     ap.add_argument("--skip-peers", action="store_true", help="only hpcprune's rows (e.g. to try another --ratios grid)")
     ap.add_argument("--diagnose", action="store_true", help="instead of the peers: hpcprune's allocation with "
