@@ -30,7 +30,7 @@ from torch import nn
 
 from .cuts import expand
 from .metrics import logits_of
-from .graph import Excluded, Graph, GroupInfo, n_keep, slice_group
+from .graph import _KNOWN_BUFFERS, Excluded, Graph, GroupInfo, n_keep, slice_group
 from .tp_layers import is_conv1d, weight_dims
 from .units import layout_ops
 
@@ -141,8 +141,7 @@ def _width_buffers(graph: Graph, g: GroupInfo) -> str:
     not the channels'), so such a buffer keeps its width while the channels go."""
     names = []
     for mname, mod in graph.model.named_modules():
-        if isinstance(mod, (nn.modules.batchnorm._BatchNorm, nn.GroupNorm, nn.LayerNorm, nn.InstanceNorm1d,
-                            nn.InstanceNorm2d, nn.InstanceNorm3d)):
+        if isinstance(mod, _KNOWN_BUFFERS):  # running statistics: Torch-Pruning cuts them with their layer
             continue
         for bname, buf in mod._buffers.items():
             if buf is not None and buf.dim() == 1 and buf.is_floating_point() and buf.numel() == g.channels:

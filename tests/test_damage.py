@@ -83,6 +83,7 @@ def test_kl_cells_equal_the_pruned_copies_divergence(cache_prefix):
         assert cells["loss"][(gi, ri)][3] == 0.0
 
 
+@pytest.mark.slow
 def test_sweep_allocates_on_the_kl_divergence(tmp_path):
     """model=llama_tiny with sensitivity.damage=kl: ``/sensitivity/kl`` holds each cell's mean KL
     (>= 0; the loss is recorded as before) and the allocation's predicted damage is the sum of the
