@@ -351,8 +351,9 @@ class Graph:
             owner = self.by_name.get(owner_name)
             if owner_name and owner is not None and not any(True for _ in owner.children()):
                 out.append(f"{pname} belongs to {owner_name} ({type(owner).__name__}), a layer Torch-Pruning has no "
-                           f"pruner for: it cuts that {tuple(p.shape)} weight along its last dimension only; keep the group "
-                           f"whole (groups.ignore=[{owner_name}]) or build the layer from ones it knows (Linear, Conv)")
+                           f"pruner for: it cuts that {tuple(p.shape)} weight along its last dimension only, so the group "
+                           f"stays whole; to prune the layers that feed it, build {owner_name} from layers Torch-Pruning "
+                           "knows (Linear, Conv)")
             else:
                 out.append(f"{pname} is an nn.Parameter {tuple(p.shape)} outside any layer (a functional call such as "
                            f"F.conv2d or F.linear uses it): Torch-Pruning cuts it along its last dimension only; hold it "

@@ -123,32 +123,53 @@ def _layout(graph: Graph, g: GroupInfo) -> list[str]:
     return layout_ops(graph.tp_group(g.name)) if g.kind in ("channels", "neurons") else []
 
 
-def _hint(graph: Graph, g: GroupInfo) -> str:
+def _hint(graph: Graph, g: GroupInfo, x: torch.Tensor | None = None) -> str:
     """'; it passes the channels 1:1 through <op>' for the ops of the group Torch-Pruning does not
     follow (``units.layout_ops``), the weights it cuts as bare parameters (``Graph.bare_parameters``),
-    and 1-D buffers of the group's width that nothing cuts (:func:`_width_buffers`); or ''."""
+    and the 1-D buffers of the group's width the forward on ``x`` uses that nothing cuts
+    (:func:`_width_buffers`); or ''."""
     ops = _layout(graph, g)
     hint = f"; Torch-Pruning passes its channels 1:1 through {'; '.join(ops)}" if ops else ""
     if g.kind in ("channels", "neurons"):
-        hint += graph.bare_parameters(graph.tp_group(g.name)) + _width_buffers(graph, g)
+        hint += graph.bare_parameters(graph.tp_group(g.name))
+        if x is not None:
+            hint += _width_buffers(graph, g, x)
     return hint
 
 
-def _width_buffers(graph: Graph, g: GroupInfo) -> str:
-    """'; <buffer> ... is not cut' for 1-D floating-point buffers as wide as the group outside norm
-    layers (a per-channel scale used as ``buf[None, :, None, None]``): hpcprune traces buffers of two or
-    more dimensions as parameters (a position table), not 1-D ones (rotary frequencies, whose width is
-    not the channels'), so such a buffer keeps its width while the channels go."""
-    names = []
+def _width_buffers(graph: Graph, g: GroupInfo, x: torch.Tensor) -> str:
+    """'; buffer <name> ... is not cut' for the 1-D floating-point buffers as wide as the group,
+    outside the norms whose statistics Torch-Pruning cuts, that the dense forward on ``x`` uses (a
+    gradient reaches them; an unused one is not named): a per-channel scale used as
+    ``buf[None, :, None, None]``. hpcprune traces buffers of two or more dimensions as parameters (a
+    position table), not 1-D ones (rotary frequencies, whose width is not the channels'), so such a
+    buffer keeps its width while the channels go."""
+    found = []
     for mname, mod in graph.model.named_modules():
         if isinstance(mod, _KNOWN_BUFFERS):  # running statistics: Torch-Pruning cuts them with their layer
             continue
         for bname, buf in mod._buffers.items():
             if buf is not None and buf.dim() == 1 and buf.is_floating_point() and buf.numel() == g.channels:
-                names.append(f"{mname}.{bname}" if mname else bname)
-    if not names:
+                found.append((f"{mname}.{bname}" if mname else bname, mod, bname, buf))
+    if not found:
         return ""
-    return (f"; buffer {names[0]} ({g.channels} values, the group's width) is not cut with the channels: register it "
+    probes = [buf.detach().clone().requires_grad_(True) for _, _, _, buf in found]
+    try:
+        for (_, mod, bname, _), p in zip(found, probes):
+            mod._buffers[bname] = p
+        with torch.enable_grad():
+            out = first_tensor(graph.model(x))
+            grads = torch.autograd.grad(out.float().sum(), probes, allow_unused=True)
+    except Exception:  # noqa: BLE001 - a hint only: without the check, name none
+        grads = [None] * len(probes)
+    finally:
+        for _, mod, bname, buf in found:
+            mod._buffers[bname] = buf
+    used = [name for (name, _, _, _), gr in zip(found, grads) if gr is not None]
+    if not used:
+        return ""
+    return (f"; buffer{'s' if len(used) > 1 else ''} {', '.join(used)} ({g.channels} values, the group's width) "
+            f"{'are' if len(used) > 1 else 'is'} not cut with the channels: register {'them' if len(used) > 1 else 'it'} "
             "as nn.Parameter(..., requires_grad=False) to have it cut, or keep the group whole")
 
 
@@ -175,7 +196,7 @@ def _check(graph: Graph, g: GroupInfo, x: torch.Tensor, dense_out: tuple[torch.T
         return f"Torch-Pruning cannot cut it ({type(e).__name__}: {_line(e)})"
     got = _run_cut(model, x, cut)
     if isinstance(got, str):
-        return f"the model fails once it is cut ({got}){_hint(graph, g)}"
+        return f"the model fails once it is cut ({got}){_hint(graph, g, x)}"
     got, shapes = got
     if shapes != dense_shapes:  # any output, not only the main one (a second head, a dict of outputs)
         return OUTPUT
@@ -193,7 +214,7 @@ def _check(graph: Graph, g: GroupInfo, x: torch.Tensor, dense_out: tuple[torch.T
         try:
             ref = _oracle(graph, g, drop, x)
         except IndexError as e:  # a consumer indexed past its inputs: the mapping is wrong
-            return f"Torch-Pruning maps the channels past a consumer's inputs ({_line(e)}){_hint(graph, g)}"
+            return f"Torch-Pruning maps the channels past a consumer's inputs ({_line(e)}){_hint(graph, g, x)}"
         diff = None if ref is None else _disagree(graph, g, drop, x, ref, got, scale, _oracle)
         if diff is not None:
             ops = _layout(graph, g)

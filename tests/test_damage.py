@@ -112,3 +112,30 @@ def test_sweep_allocates_on_the_kl_divergence(tmp_path):
 
     assert predicted == pytest.approx(on(kl), rel=1e-6, abs=1e-9)
     assert predicted != pytest.approx(on(loss - ref), rel=1e-3)
+
+
+def test_stale_batchnorm_statistics_are_measured_and_restored(caplog):
+    """damage=kl with BatchNorm re-estimation: the KL of the dense model with re-estimated
+    statistics is measured (a warning names it when stale) and the stored statistics are put back."""
+    from hpcprune.stages.sensitivity import STALE_BN_KL, _check_stale_bn
+    from hpcprune.zoo.models import resnet
+
+    torch.manual_seed(0)
+    model = resnet(1, 10, (8, 16), (1, 1)).eval()
+    for m in model.modules():  # statistics far from what the data gives: stale
+        if isinstance(m, torch.nn.BatchNorm2d):
+            m.running_mean.uniform_(-1, 1)
+            m.running_var.uniform_(0.5, 2)
+    x, y = torch.randn(32, 1, 8, 8), torch.randint(0, 10, (32,))
+    graph = Graph(model, x[:1])
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    ev = Evaluator(model, graph.groups, {}, [0.5], [(x, y)], x[:1], damage="kl", recal_batches=[(x[16:], y[16:])])
+    with caplog.at_level("WARNING", logger="hpcprune.stages"):
+        kl = _check_stale_bn(ev, 1)
+    assert kl > STALE_BN_KL and "stale statistics" in caplog.text
+    for k, v in model.state_dict().items():
+        assert torch.equal(v, before[k]), k
+    assert ev.dense_sums().mean_kl() == pytest.approx(0.0, abs=1e-6)
+    ev.close()
+    no_recal = Evaluator(model, graph.groups, {}, [0.5], [(x, y)], x[:1], damage="kl")
+    assert _check_stale_bn(no_recal, 0) == 0.0

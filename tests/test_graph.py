@@ -384,6 +384,7 @@ class _ScaledConv(nn.Module):
     def __init__(self, frozen=False, functional=False):
         super().__init__()
         self.c1 = nn.Conv2d(1, 16, 3, padding=1)
+        self.register_buffer("unused", torch.ones(16))  # as wide as c1, never used: never named
         scale = torch.linspace(0.5, 1.5, 16)
         if frozen:
             self.scale = nn.Parameter(scale, requires_grad=False)
@@ -409,12 +410,12 @@ def test_refusals_name_the_weight_or_buffer_torch_pruning_does_not_cut():
     graph = Graph(_BilinearNet().eval(), x, ["head"])
     reasons = " ".join(e.reason for e in graph.excluded)
     assert "bil.weight belongs to bil (Bilinear), a layer Torch-Pruning has no pruner for" in reasons
-    assert "groups.ignore=[bil]" in reasons
+    assert "build bil from layers Torch-Pruning knows" in reasons
     for kw, want in (({}, "buffer scale (16 values, the group's width) is not cut"),
                      ({"functional": True}, "w is an nn.Parameter (16, 16, 3, 3) outside any layer")):
         graph = Graph(_ScaledConv(**kw).eval(), x, ["head"])
         ex = {e.name: e.reason for e in verify_groups(graph, x, 0.5)}
-        assert "c1" in ex and want in ex["c1"], ex
+        assert "c1" in ex and want in ex["c1"] and "unused" not in ex["c1"], ex
     model = _ScaledConv(frozen=True).eval()
     graph = Graph(model, x, ["head"])
     assert not verify_groups(graph, x, 0.5) and "c1" in [g.name for g in graph.groups]

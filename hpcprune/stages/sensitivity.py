@@ -17,9 +17,10 @@ import time
 from typing import Any
 
 import numpy as np
+import torch
 
 from .. import metrics, reuse
-from ..sensitivity import DONE, PENDING, Evaluator, run_sensitivity, skip_past_floor, stop_rule
+from ..sensitivity import DONE, PENDING, Evaluator, bn, run_sensitivity, skip_past_floor, stop_rule
 from ..store import RunFile, RunFileError, put_sensitivity_cells, write_sensitivity_cells
 from .context import Context, Record, train_batches
 
@@ -76,6 +77,8 @@ def _compute(ctx: Context, cfg: Any, rf: RunFile, state: Any, ratios: list[float
     evaluator = _evaluator(ctx, cfg, ratios)
     # damage is measured against the dense model on the same calibration batches, in the same layout
     dense_calib = evaluator.dense_sums()
+    if ctx.main and evaluator.damage == "kl":
+        _check_stale_bn(evaluator, int(cfg.sensitivity.bn_recalib_batches))
     t0 = time.perf_counter()
     cells = None
     if ctx.main:
@@ -107,6 +110,40 @@ def _compute(ctx: Context, cfg: Any, rf: RunFile, state: Any, ratios: list[float
     if claim is not None:
         ctx.after_commit.append(claim.release)
     return cells.record(wall)
+
+
+# KL (nats per sample or token) of the dense model with its BatchNorm statistics re-estimated from
+# its stored ones, above which damage=kl warns
+STALE_BN_KL = 1e-3
+
+
+def _check_stale_bn(evaluator: Evaluator, recal_batches: int) -> float:
+    """With ``damage=kl`` and BatchNorm re-estimation in the cells, the KL reference is the dense
+    model's stored statistics while every cell re-estimates them: measure the KL of the dense model
+    with all of them re-estimated (restored after) and warn, with it, above ``STALE_BN_KL`` (an
+    undertrained baseline: every cell, even one cutting nothing, would carry it as damage). Returns
+    the KL (0 without BatchNorms to re-estimate)."""
+    bns = bn.running_bns([evaluator.model])
+    if not (evaluator.recal_batches and bns):
+        return 0.0
+
+    def forward() -> None:
+        for x, _ in evaluator.recal_batches:
+            evaluator.model(x)
+
+    with torch.inference_mode():
+        saved = bn.reestimate(bns, forward)
+        try:
+            kl = evaluator.dense_sums().mean_kl()
+        finally:
+            bn.restore(saved)
+    if kl > STALE_BN_KL:
+        log.warning("sensitivity: damage=kl: the dense model with its BatchNorm statistics re-estimated on %d training "
+                    "batches, as every cell re-estimates them after its cut, is already %.3g nats from the dense model "
+                    "the KL is measured against (stale statistics: an undertrained baseline); every cell carries that as "
+                    "damage, one that cuts nothing too. Train the baseline further, or set sensitivity.bn_recalib_batches=0, "
+                    "or use sensitivity.damage=loss", recal_batches, kl)
+    return kl
 
 
 def _evaluator(ctx: Context, cfg: Any, ratios: list[float]) -> Evaluator:
