@@ -244,7 +244,7 @@ class Graph:
             except Exception as e:  # noqa: BLE001 - any failure of the search excludes this root only
                 visited.add(id(root))
                 self.excluded.append(Excluded(name, [type(root).__name__], f"Torch-Pruning cannot build its group "
-                                              f"({type(e).__name__}: {_first_line(e)})"))
+                                              f"({type(e).__name__}: {_first_line(e)}){self._unknown_layers()}"))
                 continue
             outs = [dep.target.module for dep, _ in group if self.dg.is_out_channel_pruning_fn(dep.handler)]
             visited.update(id(m) for m in outs)
@@ -334,6 +334,21 @@ class Graph:
         sliceable = plain and identity and all(self._sliceable(self.by_name[m.module], m.out) for m in members)
         self._tp_groups[name] = root
         return GroupInfo(name, kind, size, members, maskable, sliceable, channels=channels, layer_types=types)
+
+    def _unknown_layers(self) -> str:
+        """'; ... layers Torch-Pruning has no pruner for: <name> (<type>), ...' naming the leaf layers
+        whose own weights (2 or more dimensions: not a norm's scale) it has no pruner for (``nn.Bilinear``),
+        or ''. For a group whose search fails: no group lists its members then, and such a layer on
+        the channels' path is a likely cause."""
+        found = [f"{n} ({type(m).__name__})" for n, m in self.by_name.items()
+                 if n and not any(True for _ in m.children())
+                 and isinstance(self.dg.get_pruner_of_module(m), (type(None), tp.ops.ElementWisePruner))  # its default for unknown modules
+                 and any(p is not None and p.dim() >= 2 for p in m._parameters.values())]
+        if not found:
+            return ""
+        return (f"; the model has layers with weights Torch-Pruning has no pruner for: {', '.join(found[:4])}"
+                f"{' ...' if len(found) > 4 else ''}; channels that reach one cannot be cut (build it from Linear / Conv "
+                "layers to prune them)")
 
     def bare_parameters(self, group: Any) -> str:
         """'; <why>' for each weight in a Torch-Pruning ``group`` that no layer Torch-Pruning knows

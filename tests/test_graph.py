@@ -411,6 +411,12 @@ def test_refusals_name_the_weight_or_buffer_torch_pruning_does_not_cut():
     reasons = " ".join(e.reason for e in graph.excluded)
     assert "bil.weight belongs to bil (Bilinear), a layer Torch-Pruning has no pruner for" in reasons
     assert "build bil from layers Torch-Pruning knows" in reasons
+    convs = _BilinearNet()  # fed by convolutions, the group search itself fails: the Bilinear is still named
+    convs.a, convs.b = nn.Conv2d(1, 32, 3, padding=1), nn.Conv2d(1, 24, 3, padding=1)
+    convs.forward = lambda x: convs.head(torch.relu(convs.bil(convs.a(x).mean((2, 3)), convs.b(x).mean((2, 3)))))
+    graph = Graph(convs.eval(), x, ["head"])
+    assert graph.excluded and all("no pruner for: bil (Bilinear)" in e.reason for e in graph.excluded), graph.excluded
+    assert "no pruner for" not in " ".join(e.reason for e in Graph(_ScaledConv(functional=True).eval(), x, ["head"]).excluded)
     for kw, want in (({}, "buffer scale (16 values, the group's width) is not cut"),
                      ({"functional": True}, "w is an nn.Parameter (16, 16, 3, 3) outside any layer")):
         graph = Graph(_ScaledConv(**kw).eval(), x, ["head"])
