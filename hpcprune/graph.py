@@ -9,6 +9,7 @@ member layer in model order, which is stable across processes and runs of the sa
 from __future__ import annotations
 
 import contextlib
+import functools
 import logging
 import math
 import signal
@@ -244,7 +245,7 @@ class Graph:
             except Exception as e:  # noqa: BLE001 - any failure of the search excludes this root only
                 visited.add(id(root))
                 self.excluded.append(Excluded(name, [type(root).__name__], f"Torch-Pruning cannot build its group "
-                                              f"({type(e).__name__}: {_first_line(e)}){self._unknown_layers()}"))
+                                              f"({type(e).__name__}: {_first_line(e)}){self._unknown_layers}"))
                 continue
             outs = [dep.target.module for dep, _ in group if self.dg.is_out_channel_pruning_fn(dep.handler)]
             visited.update(id(m) for m in outs)
@@ -335,11 +336,12 @@ class Graph:
         self._tp_groups[name] = root
         return GroupInfo(name, kind, size, members, maskable, sliceable, channels=channels, layer_types=types)
 
+    @functools.cached_property
     def _unknown_layers(self) -> str:
         """'; ... layers Torch-Pruning has no pruner for: <name> (<type>), ...' naming the leaf layers
         whose own weights (2 or more dimensions: not a norm's scale) it has no pruner for (``nn.Bilinear``),
         or ''. For a group whose search fails: no group lists its members then, and such a layer on
-        the channels' path is a likely cause."""
+        the channels' path is a likely cause. Found once per graph, however many searches fail."""
         found = [f"{n} ({type(m).__name__})" for n, m in self.by_name.items()
                  if n and not any(True for _ in m.children())
                  and isinstance(self.dg.get_pruner_of_module(m), (type(None), tp.ops.ElementWisePruner))  # its default for unknown modules
