@@ -8,9 +8,9 @@ Element-wise work (norms, activations, adds, softmax) has no formula and is not 
 
 Counting runs under a few switches that make CPU kernels visible to the counter without changing
 what is computed: ``nn.MultiheadAttention``'s fused fast path off (its ``_native_multi_head_attention``
-has no formula), oneDNN off (``nn.LSTM`` on the CPU runs ``mkldnn_rnn_layer``, no formula), and
-formulas added for ops the registry lacks (the CPU flash attention, ``mv``, ``addmv``, ``dot``,
-``addbmm``).
+has no formula), oneDNN off in models with recurrent layers (``nn.LSTM`` on the CPU runs
+``mkldnn_rnn_layer``, no formula), and formulas added for ops the registry lacks (the CPU flash
+attention, ``mv``, ``addmv``, ``dot``, ``addbmm``).
 
 :func:`record` keeps every counted op (:class:`Op`: its dims, its module scope, its flops) in call
 order; :mod:`hpcprune.costs` derives the exact cost polynomials from such recordings.
@@ -84,25 +84,39 @@ if hasattr(aten, "_grouped_mm"):  # torch >= 2.8
 _HEAVY = re.compile(r"mm|conv|attention|rnn|lstm|gru|matmul|dot|einsum|linear|_mv|tensordot|baddbmm", re.I)
 
 
+def _needs_onednn_off(model: nn.Module) -> bool:
+    """Whether counting ``model`` needs oneDNN off: only recurrent layers reach the flop counter
+    differently with it (``nn.LSTM`` dispatches ``mkldnn_rnn_layer``, which has no formula).
+    Convolutions and matmuls reach it as the same aten ops either way (oneDNN is chosen inside the
+    kernel), and run about 3x faster with it (``efficientnet_v2_l``: 0.13 s against 0.40 s a
+    recording), which is most of the groups stage's cost model on a CNN."""
+    return any(isinstance(m, nn.RNNBase) for m in model.modules())
+
+
 @contextlib.contextmanager
 def counting_env(model: nn.Module) -> Iterator[None]:
-    """Eval mode, no autograd, and the CPU kernels that bypass the flop registry switched off."""
+    """Eval mode, no autograd, the fused ``nn.MultiheadAttention`` fast path off, and oneDNN off
+    where the model has recurrent layers (:func:`_needs_onednn_off`); the same switches for a model
+    and every cut of it, so their recordings list the same ops."""
     was = model.training
     fast = torch.backends.mha.get_fastpath_enabled()
     model.eval()
     torch.backends.mha.set_fastpath_enabled(False)
     try:
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")  # oneDNN's flag setter warns about TF32 on Intel GPUs
-            mk = torch.backends.mkldnn.flags(enabled=False)
-            mk.__enter__()
-        try:
+        with contextlib.ExitStack() as stack:
+            if _needs_onednn_off(model):
+                with warnings.catch_warnings():
+                    warnings.simplefilter("ignore")  # oneDNN's flag setter warns about TF32 on Intel GPUs
+                    mk = torch.backends.mkldnn.flags(enabled=False)
+                    mk.__enter__()
+
+                def restore() -> None:
+                    with warnings.catch_warnings():
+                        warnings.simplefilter("ignore")
+                        mk.__exit__(None, None, None)
+                stack.callback(restore)
             with torch.no_grad():
                 yield
-        finally:
-            with warnings.catch_warnings():
-                warnings.simplefilter("ignore")
-                mk.__exit__(None, None, None)
     finally:
         torch.backends.mha.set_fastpath_enabled(fast)
         model.train(was)

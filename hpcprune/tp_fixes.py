@@ -86,6 +86,7 @@ tp.pruner.function.LayernormPruner.prune_in_channels = _layernorm_prune
 # ---- 2. update_index_mapping: every mapping recomputed on every get_pruning_group -----------------
 _tp_update_index_mapping = tp.dependency.index_mapping.update_index_mapping
 _mapped_at: "weakref.WeakKeyDictionary[Any, tuple]" = weakref.WeakKeyDictionary()
+_modules_of: "weakref.WeakKeyDictionary[Any, list]" = weakref.WeakKeyDictionary()
 
 
 def _update_index_mapping(dg: Any) -> None:
@@ -96,7 +97,10 @@ def _update_index_mapping(dg: Any) -> None:
     model = getattr(dg, "model", None)
     if model is None:
         return _tp_update_index_mapping(dg)
-    key = tuple(tuple(t.shape) for t in model.parameters()) + tuple(tuple(t.shape) for t in model.buffers())
+    mods = _modules_of.get(model)
+    if mods is None:  # the module tree once per model (cuts replace tensors, not modules)
+        mods = _modules_of[model] = [m for m in model.modules()]
+    key = tuple(tuple(t.shape) for m in mods for d in (m._parameters, m._buffers) for t in d.values() if t is not None)
     # the flatten guard (3.) for this graph's model: every get_pruning_group passes here first
     _max_width[0] = max((max(shape, default=1) for shape in key), default=0)
     if _mapped_at.get(dg) != key:
