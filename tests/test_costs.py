@@ -281,6 +281,24 @@ def test_lstm_counted_on_the_cpu():
     assert costs.count_macs(lstm, torch.randn(1, 3, 4)) == 3 * 4 * 5 * (4 + 5)
 
 
+def test_cnn_counted_with_onednn_on_lists_the_ops_counted_with_it_off():
+    """Counting leaves oneDNN on where no recurrent layer needs it off (3x faster convolutions on
+    the CPU): the same aten ops, dims and flops as with it off."""
+    from hpcprune import flops
+
+    model = nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), nn.BatchNorm2d(8), nn.ReLU(), nn.Conv2d(8, 8, 3, groups=2),
+                          nn.ConvTranspose2d(8, 4, 2, stride=2), nn.Flatten(), nn.LazyLinear(5))
+    x = torch.randn(1, 3, 12, 12)
+    model(x)
+    assert not flops._needs_onednn_off(model) and flops._needs_onednn_off(nn.Sequential(nn.GRU(3, 4)))
+    on = flops.record(model, x)
+    with torch.backends.mkldnn.flags(enabled=False):
+        off = flops.record(model, x)
+    assert [(o.signature(), o.dims, o.flops) for o in on.ops] == [(o.signature(), o.dims, o.flops) for o in off.ops]
+    assert on.get_total_flops() == off.get_total_flops() > 0
+    assert torch.backends.mkldnn.enabled  # left as it was
+
+
 # ---- (f) a removable block ---------------------------------------------------------------------------
 class Blocks(nn.Module):
     class Block(nn.Module):

@@ -14,10 +14,27 @@ from hpcprune.zoo.models import MLP, resnet
 RATIOS = [0.2, 0.5, 0.8]
 
 
+class FunctionalHead(torch.nn.Module):
+    """The resnet's blocks as children, the head in the model's own forward (functions and a tensor
+    method between children, as torchvision's models): a chain only by tracing."""
+
+    def __init__(self):
+        super().__init__()
+        body = resnet(1, 10, (8, 16, 32), (1, 2, 1))
+        self.features = torch.nn.Sequential(*list(body)[:-1])
+        self.fc = torch.nn.Linear(32, 10)
+
+    def forward(self, x):
+        x = torch.nn.functional.relu(self.features(x))
+        x = x.mean((2, 3), keepdim=True)
+        return self.fc(torch.flatten(x, 1))
+
+
 def _setup(kind):
     torch.manual_seed(0)
-    if kind == "resnet":
-        model, x, ignore = resnet(1, 10, (8, 16, 32), (1, 2, 1)), torch.randn(64, 1, 8, 8), ["5.fc"]
+    if kind in ("resnet", "traced"):
+        model, ignore = (resnet(1, 10, (8, 16, 32), (1, 2, 1)), ["5.fc"]) if kind == "resnet" else (FunctionalHead(), ["fc"])
+        x = torch.randn(64, 1, 8, 8)
         for m in model.modules():
             if isinstance(m, torch.nn.BatchNorm2d):
                 m.running_mean.uniform_(-0.5, 0.5)
@@ -60,7 +77,7 @@ def _naive(model, x, ignore, graph, orders, batches):
     return m
 
 
-@pytest.mark.parametrize("kind", ["resnet", "mlp", "shared"])
+@pytest.mark.parametrize("kind", ["resnet", "mlp", "shared", "traced"])
 @pytest.mark.parametrize("cache,slice_,nhwc,fold", [(True, True, False, False), (True, True, True, True), (True, False, True, True),
                                                     (True, True, False, True), (False, False, False, False)])
 def test_engine_equals_naive_loop(kind, cache, slice_, nhwc, fold):
@@ -68,7 +85,7 @@ def test_engine_equals_naive_loop(kind, cache, slice_, nhwc, fold):
     before = {k: v.clone() for k, v in model.state_dict().items()}
     ev = Evaluator(model, graph.groups, orders, RATIOS, batches, x[:1], ignore, cache_prefix=cache, slice_channels=slice_,
                    channels_last=nhwc, fold_bn=fold)
-    assert bool(ev._fold_pairs) == (fold and kind == "resnet")  # the shared model folds nothing without its chain
+    assert bool(ev._fold_pairs) == (fold and kind in ("resnet", "traced"))  # the shared model folds nothing without its chain
     assert ev.channels_last == (nhwc and kind != "mlp")  # NHWC only where there are 2-D convolutions
     assert (ev.chain is None) == (not cache or kind == "shared")
     G = len(graph.groups)
@@ -99,6 +116,123 @@ def test_cache_starts_after_the_first_block():
     assert entries["0.0"] == (1, True)  # the stem conv's output is cached and sliced
     assert ev.chain[entries["3.conv1"][0]][0] == "3"  # a block's own conv1 group starts at that block
     assert all(k > 0 for k, _ in entries.values())
+
+
+def test_a_forward_over_children_is_traced_into_a_chain():
+    """A model whose own forward applies its children one after another, functions between them, is
+    a chain (the functions become steps); a top-level skip, a parameter of the model itself, a value
+    used twice or a child run twice is not, nor a chain that computes another output."""
+    from hpcprune.sensitivity.cells import _checked_chain, flatten_chain
+
+    nn = torch.nn
+    model = FunctionalHead().eval()
+    chain = flatten_chain(model)
+    names = [n for n, _ in chain]
+    assert names[:2] == ["features.0.0", "features.0.1"] and names[-1] == "fc"  # nested Sequentials expanded
+    assert [n for n in names if n.startswith("<")] == ["<relu>", "<mean>", "<flatten>"]
+    x = torch.randn(4, 1, 8, 8)
+    assert _checked_chain(model, chain, x) is chain
+    h = x
+    with torch.no_grad():
+        for _, m in chain:
+            h = m(h)
+        assert torch.equal(h, model(x))
+
+    class Skip(nn.Module):  # the input added to a child's output: two uses of one value
+        def __init__(self):
+            super().__init__()
+            self.a, self.b = nn.Linear(4, 4), nn.Linear(4, 2)
+
+        def forward(self, x):
+            return self.b(self.a(x) + x)
+
+    class Token(Skip):  # a parameter of the model itself enters the forward (a class token)
+        def __init__(self):
+            super().__init__()
+            self.bias = nn.Parameter(torch.zeros(4))
+
+        def forward(self, x):
+            return self.b(self.a(x) + self.bias)
+
+    class Twice(Skip):  # one child at two places
+        def forward(self, x):
+            return self.b(self.a(self.a(x)))
+
+    class Branch(Skip):  # control flow on a value: not traceable
+        def forward(self, x):
+            return self.b(self.a(x) if x.sum() > 0 else x)
+
+    for cls in (Skip, Token, Twice, Branch):
+        assert flatten_chain(cls()) is None, cls.__name__
+
+    class Random(Skip):  # a chain, whose steps compute something else than the forward that traced it
+        def forward(self, x):
+            return self.b(torch.nn.functional.dropout(self.a(x), 0.5, training=True))
+
+    m = Random().eval()
+    assert flatten_chain(m) is not None
+    assert _checked_chain(m, flatten_chain(m), torch.randn(8, 4)) is None
+
+
+def test_block_cells_of_a_traced_chain_skip_the_block():
+    """A block group whose block is a chain element: its cells equal the model with the block
+    replaced by its skip (skipping swaps the module in its parent, which the chain does not hold)."""
+    from hpcprune.structure import Skip, Structure
+
+    nn = torch.nn
+
+    class Block(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.fc1, self.fc2 = nn.Linear(16, 32), nn.Linear(32, 16)
+
+        def forward(self, x):
+            return x + self.fc2(torch.relu(self.fc1(x)))
+
+    class BlockNet(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.stem = nn.Linear(64, 16)
+            self.blocks = nn.ModuleList([Block(), Block()])
+            self.head = nn.Linear(16, 10)
+
+        def forward(self, x):
+            x = self.stem(torch.flatten(x, 1))
+            for b in self.blocks:
+                x = b(x)
+            return self.head(x)
+
+        def prune_structure(self):
+            return Structure(blocks=["blocks.0", "blocks.1"], ignore=["head"])
+
+    torch.manual_seed(0)
+    model = BlockNet().eval()
+    x, y = torch.randn(32, 1, 8, 8), torch.randint(0, 10, (32,))
+    batches = [(x, y)]
+    graph = Graph(model, x[:1], ["head"])
+    blocks = [g for g in graph.groups if g.kind == "block"]
+    assert [g.block for g in blocks] == ["blocks.0", "blocks.1"]
+    orders = {g.name: list(range(g.size)) for g in graph.groups}
+    ev = Evaluator(model, graph.groups, orders, [0.5], batches, x[:1], ["head"])
+    assert ev.chain is not None and "blocks.0" in [n for n, _ in ev.chain]
+    res = run_sensitivity(World(None), ev, np.ones((len(graph.groups), 1), bool), None)
+    got = _matrix_at(res, len(graph.groups), 1)
+    for gi, g in enumerate(graph.groups):
+        if g.kind != "block":
+            continue
+        skipped_ = copy.deepcopy(model)
+        setattr(skipped_.blocks, g.block.split(".")[1], Skip())
+        s = metrics.evaluate(skipped_, batches)
+        assert got[gi, 0] == pytest.approx(s.loss / s.count, rel=1e-6), g.name
+        assert got[gi, 0] != pytest.approx(metrics.evaluate(model, batches).mean_loss(), rel=1e-3)
+
+
+def _matrix_at(results, G, R):
+    m = np.full((G, R), np.nan)
+    for c in results:
+        if c.status == DONE:
+            m[c.group, c.ratio] = c.sums[1] / c.sums[2]
+    return m
 
 
 def test_early_stop_records_skips():

@@ -2,9 +2,11 @@
 
 A cell prunes one group at one ratio (least important channels first) and evaluates the model on
 the fixed calibration batches, by cutting the group's channels in place and restoring them
-afterwards (no deep copy, no re-trace). For an ``nn.Sequential`` model the activations entering
-the first block a group touches are the same for every ratio of that group: they are computed once
-per group and only the rest of the network runs per ratio.
+afterwards (no deep copy, no re-trace). For a model that is a chain of blocks (an
+``nn.Sequential``, or a forward that applies its children one after another: most CNNs, see
+:func:`flatten_chain`) the activations entering the first block a group touches are the same for
+every ratio of that group: they are computed once per group and only the rest of the network runs
+per ratio.
 """
 from __future__ import annotations
 
@@ -15,7 +17,8 @@ from typing import Any, Callable, Sequence
 
 import numpy as np
 import torch
-from torch import nn
+from torch import fx, nn
+from torch.utils import _pytree as pytree
 
 from .. import blockcache, compensate, metrics
 from ..graph import Graph, GroupInfo, Slice, n_keep, skip_block, slice_group
@@ -37,26 +40,130 @@ def flatten_chain(model: nn.Module) -> list[tuple[str, nn.Module]] | None:
     """The model as a chain of (name, module), nested ``nn.Sequential``s expanded; None when the
     model is not a chain (then every cell runs the full forward), or when one module object runs at
     two places of it (``named_children`` lists it once: a chain without its second use would
-    compute another model)."""
+    compute another model).
+
+    A model that is not an ``nn.Sequential`` is a chain when its own forward, traced with
+    ``torch.fx`` down to its direct children, applies them one after another, each to the previous
+    one's output only, with functions between them (``torch.flatten(x, 1)``, ``F.relu``): torchvision's
+    ResNets, VGGs, EfficientNets, MobileNets, DenseNets and most CNNs users write. A function becomes
+    a :class:`_Step` element named ``<node>``. :class:`Evaluator` checks such a chain against the
+    model's own forward before using it."""
     if not isinstance(model, nn.Sequential) or type(model).forward is not nn.Sequential.forward:
+        return _traced_chain(model)
+    chain: list[tuple[str, nn.Module]] = []
+    seen: set[int] = set()
+    try:
+        _walk("", model, chain, seen)
+    except _Reused:
+        return None
+    return chain
+
+
+def _walk(prefix: str, seq: nn.Sequential, chain: list[tuple[str, nn.Module]], seen: set[int]) -> None:
+    for name, child in seq._modules.items():  # every position, a module used twice included
+        if child is None or id(child) in seen:
+            raise _Reused
+        seen.add(id(child))
+        full = f"{prefix}{name}"
+        if isinstance(child, nn.Sequential) and type(child).forward is nn.Sequential.forward:
+            _walk(full + ".", child, chain, seen)
+        else:
+            chain.append((full, child))
+
+
+class _ChildrenAsLeaves(fx.Tracer):
+    """Traces a model's own forward only: every submodule is a leaf (one ``call_module`` node)."""
+
+    def is_leaf_module(self, m: nn.Module, module_qualified_name: str) -> bool:
+        return True
+
+
+class _Step(nn.Module):
+    """A function or tensor method the model's own forward applies between two of its children
+    (``torch.flatten(x, 1)``), with its constant arguments; ``forward(x)`` puts ``x`` where the
+    previous child's output went."""
+
+    def __init__(self, node: fx.Node) -> None:
+        super().__init__()
+        self.op, self.target = node.op, node.target
+        self.args_, self.kwargs_ = node.args, dict(node.kwargs)
+
+    def forward(self, x: Any) -> Any:
+        args, kwargs = fx.node.map_arg((self.args_, self.kwargs_), lambda n: x)
+        if self.op == "call_method":
+            return getattr(args[0], self.target)(*args[1:], **kwargs)
+        return self.target(*args, **kwargs)
+
+    def extra_repr(self) -> str:
+        return f"{self.op} {getattr(self.target, '__name__', self.target)}"
+
+
+def _traced_chain(model: nn.Module) -> list[tuple[str, nn.Module]] | None:
+    """The chain of a model whose own forward is a straight line over its children (see
+    :func:`flatten_chain`), or None: the trace fails (control flow on values, several inputs), a
+    value is used twice (a skip connection), a parameter or buffer of the model itself is read
+    (a class token), a child runs twice, or the output is not the last value."""
+    was = model.training
+    try:
+        model.eval()  # the path a cell runs (an auxiliary head taken in training only is not on it)
+        graph = _ChildrenAsLeaves().trace(model)
+    except Exception:  # noqa: BLE001 - not traceable: no chain, every cell runs the whole forward
+        return None
+    finally:
+        model.train(was)
+    nodes = list(graph.nodes)
+    if not nodes or nodes[0].op != "placeholder" or nodes[-1].op != "output":
         return None
     chain: list[tuple[str, nn.Module]] = []
     seen: set[int] = set()
+    prev = nodes[0]
+    for n in nodes[1:-1]:
+        inputs = set(n.all_input_nodes)
+        if n.op not in ("call_module", "call_function", "call_method") or inputs != {prev} or len(prev.users) != 1:
+            return None
+        if n.op == "call_module":
+            child = model.get_submodule(str(n.target))
+            try:
+                if isinstance(child, nn.Sequential) and type(child).forward is nn.Sequential.forward:
+                    if id(child) in seen:
+                        raise _Reused
+                    seen.add(id(child))
+                    _walk(str(n.target) + ".", child, chain, seen)
+                else:
+                    if id(child) in seen:
+                        raise _Reused
+                    seen.add(id(child))
+                    chain.append((str(n.target), child))
+            except _Reused:
+                return None
+        else:
+            chain.append((f"<{n.name}>", _Step(n)))
+        prev = n
+    out = nodes[-1]
+    if out.args != (prev,) or len(prev.users) != 1 or not any(not isinstance(m, _Step) for _, m in chain):
+        return None
+    return chain
 
-    def walk(prefix: str, seq: nn.Sequential) -> None:
-        for name, child in seq._modules.items():  # every position, a module used twice included
-            if child is None or id(child) in seen:
-                raise _Reused
-            seen.add(id(child))
-            full = f"{prefix}{name}"
-            if isinstance(child, nn.Sequential):
-                walk(full + ".", child)
-            else:
-                chain.append((full, child))
 
+@torch.inference_mode()
+def _checked_chain(model: nn.Module, chain: list[tuple[str, nn.Module]], x: Any) -> list[tuple[str, nn.Module]] | None:
+    """``chain`` when running its elements one after another on ``x`` gives exactly the model's own
+    output (every tensor equal), else None (cells then run the model's forward)."""
     try:
-        walk("", model)
-    except _Reused:
+        want = model(x)
+        h = x
+        for _, element in chain:
+            h = element(h)
+        a, spec_a = pytree.tree_flatten(want)
+        b, spec_b = pytree.tree_flatten(h)
+        same = spec_a == spec_b and all(
+            torch.equal(u, v) if isinstance(u, torch.Tensor) and isinstance(v, torch.Tensor) else u == v
+            for u, v in zip(a, b))
+    except Exception as e:  # noqa: BLE001 - no chain: cells run the model's own forward
+        log.debug("sensitivity: the traced chain of %s fails (%s: %s)", type(model).__name__, type(e).__name__, e)
+        return None
+    if not same:
+        log.debug("sensitivity: the traced chain of %s computes another output; cells run its forward", type(model).__name__)
         return None
     return chain
 
@@ -186,6 +293,8 @@ class Evaluator:
         self.ignore = list(ignore)
         self.slice_channels = slice_channels
         self.chain = flatten_chain(model) if cache_prefix else None
+        if self.chain is not None and not isinstance(model, nn.Sequential):
+            self.chain = _checked_chain(model, self.chain, batches[0][0] if batches else example_input)
         self._fold_pairs = bn.fold_pairs(self.chain) if (fold_bn and self.chain is not None) else []
         # training batches on which each cell re-estimates the BatchNorm statistics downstream of
         # the cut (pruning shifts them; without this, cells overstate the damage of pruning)
@@ -198,11 +307,15 @@ class Evaluator:
         self._plans: dict[int, blockcache.BlockPlan | None] = {}
         # the cached activations of the last chunk's group (and batch share), for its next chunk
         self._held: tuple[tuple, Any, Any] | None = None
+        # (the batches' inputs, chain index k, the dense activations entering element k): where the next
+        # group's prefix goes on from, for the calibration and the re-estimation batches
+        self._cursor: list[tuple[list, int, list]] = []
         self._team_share: tuple[tuple[int, int], list, list] | None = None
 
     def close(self) -> None:
         """The model back in the default memory layout (after ``channels_last``); cached activations freed."""
         self._held = None
+        self._cursor = []
         if self.channels_last:
             self.model.to(memory_format=torch.contiguous_format)
             self.channels_last = False
@@ -238,6 +351,10 @@ class Evaluator:
     def entry(self, g: GroupInfo) -> tuple[int, bool]:
         """(chain index where a cell's forward starts, whether the cache is that element's output)."""
         if self.chain is None:
+            return 0, False
+        if g.kind == "block" and any(name == g.block or name.startswith(g.block + ".") for name, _ in self.chain):
+            # skipping replaces the module in its parent, not in the chain: run the model's own forward
+            # (a block group lists no members today, so it starts at 0 below anyway; this keeps it so)
             return 0, False
         touched = [
             i for i, (name, _) in enumerate(self.chain)
@@ -420,11 +537,24 @@ class Evaluator:
 
     @torch.inference_mode()
     def _prefix(self, k: int, batches: Sequence[tuple[torch.Tensor, torch.Tensor]]) -> list[torch.Tensor]:
-        outs = []
-        for x, _ in batches:
-            for _, child in self.chain[:k]:  # type: ignore[index]
-                x = child(x)
-            outs.append(x)
+        """What enters chain element ``k`` for each batch (the dense model's activations). Continues
+        from the last prefix computed on the same batches where that one ends at or before ``k``
+        (chunks come most expensive first, so mostly in chain order): over a chain of G groups the
+        prefixes cost about one forward, not G / 2."""
+        xs = [x for x, _ in batches]
+        at = next((i for i, (ys, _, _) in enumerate(self._cursor)
+                   if len(ys) == len(xs) and all(a is b for a, b in zip(ys, xs))), None)
+        start, outs = (0, xs) if at is None else self._cursor.pop(at)[1:]
+        if start > k:
+            start, outs = 0, xs
+        outs = list(outs)
+        for i in range(len(outs)):
+            h = outs[i]
+            for _, child in self.chain[start:k]:  # type: ignore[index]
+                h = child(h)
+            outs[i] = h
+        # the calibration and the re-estimation batches' positions (their inputs held: no id reuse)
+        self._cursor = self._cursor[-1:] + [(xs, k, outs)]
         return outs
 
     def _enter(self, k: int, h: Any, keep: torch.Tensor | None, plan: blockcache.BlockPlan | None) -> tuple[int, torch.Tensor]:
