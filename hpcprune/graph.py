@@ -256,13 +256,18 @@ class Graph:
                 infos.append(info)
         return infos
 
-    def _refusal(self, group: Any, members: list[Member], root_channels: int, overflow: str) -> str:
+    def _refusal(self, group: Any, members: list[Member], root_channels: int, overflow: str, bare: str = "") -> str:
         """Why hpcprune cannot cut this group correctly ('' when it can): a member it cannot cut in
-        place, channels mapped past a member's end, a parameter tied across the group's boundary."""
+        place, channels mapped past a member's end, a parameter tied across the group's boundary.
+        ``bare``: :meth:`bare_parameters` of the group; where channels are mapped past a member's
+        end and the group has such a weight, that weight is the cause and the reason opens with it
+        (an einsum's own permute is then not a channel shuffle)."""
         unsupported = _unsupported_member(self.by_name, members)
         if unsupported:
             return unsupported
         if overflow:  # the cut could only fail (or, for a tensor op, index out of bounds)
+            if bare:
+                return f"{bare[2:]} (so cut, its {root_channels} channels map onto {overflow})"
             ops = _layout_ops(group)
             return (f"Torch-Pruning maps its {root_channels} channels onto {overflow}"
                     + (f": it passes them 1:1 through {'; '.join(ops)}" if ops else ""))
@@ -313,14 +318,15 @@ class Graph:
             self.excluded.append(Excluded(name, types, "its layers split the channels into blocks (grouped convolution, "
                                           "GroupNorm, attention heads) that no cut of whole units keeps equal"))
             return None
-        reason = self._refusal(group, members, root_channels, overflow)
+        bare = self.bare_parameters(group) if params else ""
+        reason = self._refusal(group, members, root_channels, overflow, bare)
         if not reason and wide:  # e.g. ECA's Conv1d over the channel axis, CBAM's spatial attention conv
             reason = (f"Torch-Pruning ties {wide[0][0]}'s {wide[0][1]} output channels to the single channel of "
                       f"{self.names.get(root, '?')} (a layer that reads the channels as its length or spatial axis, "
                       "as ECA's Conv1d or a spatial-attention conv does), a group of one unit that no cut changes; "
                       "the group stays whole")
         if reason:
-            self.excluded.append(Excluded(name, types, reason + (self.bare_parameters(group) if params else "")))
+            self.excluded.append(Excluded(name, types, reason if bare and reason.startswith(bare[2:]) else reason + bare))
             return None
         # named after its first output member in model order (stable across processes and runs)
         name = next((m.module for m in members if m.out and m.module in self.by_name), name)
@@ -373,8 +379,8 @@ class Graph:
                            "knows (Linear, Conv)")
             else:
                 out.append(f"{pname} is an nn.Parameter {tuple(p.shape)} outside any layer (a functional call such as "
-                           f"F.conv2d or F.linear uses it): Torch-Pruning cuts it along its last dimension only; hold it "
-                           f"in an nn.Conv2d / nn.Linear to have it cut with the channels")
+                           f"F.conv2d, F.linear or torch.einsum uses it): Torch-Pruning cuts it along its last dimension "
+                           f"only; hold it in an nn.Conv2d / nn.Linear to have it cut with the channels")
         return "".join(f"; {o}" for o in dict.fromkeys(out))
 
     def _closure_stride(self, root: nn.Module, channels: int) -> int | None:

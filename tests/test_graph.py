@@ -422,6 +422,15 @@ def test_refusals_name_the_weight_or_buffer_torch_pruning_does_not_cut():
         graph = Graph(_ScaledConv(**kw).eval(), x, ["head"])
         ex = {e.name: e.reason for e in verify_groups(graph, x, 0.5)}
         assert "c1" in ex and want in ex["c1"] and "unused" not in ex["c1"], ex
+    # a weight used by torch.einsum or F.linear, mapped past the next layer's inputs: the reason opens
+    # with that weight, and the einsum's own permute is not called a channel shuffle
+    for fn in (lambda h, w: torch.einsum("bc,cd->bd", h, w), lambda h, w: torch.nn.functional.linear(h, w.t())):
+        net = nn.Module()
+        net.conv, net.w, net.head = nn.Conv2d(1, 8, 3), nn.Parameter(torch.randn(8, 6)), nn.Linear(6, 10)
+        net.forward = lambda x, net=net, fn=fn: net.head(fn(net.conv(x).mean((2, 3)), net.w))
+        (ex,) = Graph(net.eval(), x, ["head"]).excluded
+        assert ex.reason.startswith("w is an nn.Parameter (8, 6) outside any layer"), ex.reason
+        assert "permute" not in ex.reason and "channels map onto head" in ex.reason, ex.reason
     model = _ScaledConv(frozen=True).eval()
     graph = Graph(model, x, ["head"])
     assert not verify_groups(graph, x, 0.5) and "c1" in [g.name for g in graph.groups]
