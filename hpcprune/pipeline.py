@@ -55,6 +55,7 @@ class Sweep:
         self.hosts: list[str] = []
         self.data: Any = None  # built while the run is prepared (rank 0: checked there)
         self.arch_model: Any = None  # rank 0: the model the inputs check built, for the groups stage
+        self._forced: dict[str, Any] | None = None  # rank 0: a resume.force over a changed config (config_history)
 
     # ---- the run ----------------------------------------------------------------------------------
     def run(self) -> int:
@@ -205,7 +206,11 @@ class Sweep:
             # bad data, model or checkpoint, or too little disk: one line, before the run file is touched
             self._check_inputs()
             if self.rf.exists():
-                self.rf.set_status("running", "", world_size=self.world.size, hosts=json.dumps(self.hosts))
+                forced = {}
+                if self._forced:  # the config the remaining stages use; the earlier ones kept
+                    history = json.loads(self.rf.attrs().get("config_history", "[]") or "[]") + [self._forced]
+                    forced = {"config": resolved, "config_history": json.dumps(history)}
+                self.rf.set_status("running", "", world_size=self.world.size, hosts=json.dumps(self.hosts), **forced)
                 log.info("resuming %s (done: %s)", self.rf.path, ", ".join(self.rf.done_stages()) or "nothing")
             else:
                 self.rf.create(resolved, self._meta())
@@ -272,6 +277,13 @@ class Sweep:
                 f"{f'; and {len(diff) - 8} more' if len(diff) > 8 else ''}); "
                 f"use another {self._dir_key()}, or resume.force=true to continue anyway"
             )
+        if diff:  # forced: the stages done keep what they computed, the rest run with the new config
+            done = self.rf.done_stages()
+            log.warning("resume.force: continuing %s with a changed config (%s); the stages done (%s) are not "
+                        "recomputed, the others run with the new values; the run file records both configs "
+                        "(config_history)", self.rf.path, "; ".join(diff), ", ".join(done) or "none")
+            self._forced = {"at": time.strftime("%Y-%m-%dT%H:%M:%S"), "stages_done": done, "changed": diff,
+                            "previous_config": self.rf.attrs()["config"]}
 
     def _dir_key(self) -> str:
         """The setting that names this run's directory: ``hydra.sweep.dir`` for a point of a multirun

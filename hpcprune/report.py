@@ -80,6 +80,7 @@ class Run:
     groups: list[str] = field(default_factory=list)        # model order
     excluded: list[list] = field(default_factory=list)     # [name, layer types, reason] per group not pruned
     status_reason: str = ""                                 # why a failed run stopped
+    forced: list[dict] = field(default_factory=list)        # resumes with resume.force over a changed config
     sizes: list[int] = field(default_factory=list)
     sens: dict[str, Any] | None = None
     alloc: dict[str, Any] | None = None
@@ -133,6 +134,10 @@ def load_run(path: str) -> Run:
         run.worlds = {"sweep": _get(root, "world_size"), "sensitivity": sens.get("world_size"), "finetune": ft.get("world_size")}
         _read_timings(run, f, root, sens)
         run.status_reason = str(root.get("status_reason") or "")
+        try:
+            run.forced = list(json.loads(root.get("config_history") or "[]"))
+        except ValueError:
+            run.forced = []
         run.row = _row(run, rf.path, root, base, alloc, pr, fin, ft, sens)
     return run
 
@@ -481,6 +486,9 @@ def main(argv: list[str] | None = None) -> int:
     for r in runs:  # why a run stopped: the one line the sweep printed, kept in the run file
         if r.row.get("status") == "failed" and r.status_reason:
             print(f"{r.row['run']}: failed: {r.status_reason}")
+        for h in r.forced:  # its numbers come from two configs: say which stages had which
+            print(f"{r.row['run']}: resumed with resume.force at {h.get('at')}: {'; '.join(h.get('changed', []))}; "
+                  f"stages made with the earlier config: {', '.join(h.get('stages_done', [])) or 'none'}")
     try:
         _write_outputs(args, runs)
     except OSError as e:

@@ -1,6 +1,7 @@
 """The whole pipeline, for real: subprocess sweeps, real mpiexec ranks, a real submitit local job
 with 2 DDP processes, the run file read back with h5py."""
 import json
+import subprocess
 
 import h5py
 import numpy as np
@@ -12,7 +13,7 @@ from hpcprune import metrics
 from hpcprune.runs import build_data, load_config, pruned_model
 from hpcprune.store import RunFile
 
-from conftest import FAST, copy_run, run_sweep
+from conftest import FAST, PY, copy_run, run_sweep
 
 pytestmark = pytest.mark.slow  # whole sweeps in subprocesses (fast_run: one, shared; see conftest.py)
 
@@ -100,6 +101,22 @@ def test_resume_skips_finished_stages(fast_run, tmp_path):
     with h5py.File(d / "run.h5") as f:
         assert f.attrs["created"] == created and f.attrs["status"] == "complete"
         np.testing.assert_array_equal(f["sensitivity/metric"][()], metric)
+
+
+def test_forced_resume_records_both_configs(fast_run, tmp_path):
+    """resume.force over a changed config: the run file's config is the new one, config_history keeps
+    the earlier one with the keys changed and the stages made with it, and the report says so."""
+    d = copy_run(fast_run, tmp_path / "run")
+    old = RunFile(str(d / "run.h5")).attrs()["config"]
+    p = run_sweep(d, *FAST, "prune.target.macs=0.4", "resume.force=true")
+    assert "resume.force: continuing" in p.stderr and "prune.target.macs: 0.5 -> 0.4" in p.stderr
+    attrs = RunFile(str(d / "run.h5")).attrs()
+    (h,) = json.loads(attrs["config_history"])
+    assert h["changed"] == ["prune.target.macs: 0.5 -> 0.4"] and h["previous_config"] == old
+    assert h["stages_done"] == ["baseline", "groups", "sensitivity", "allocation", "pruned", "finetune", "final"]
+    assert "macs: 0.4" in attrs["config"] and "macs: 0.5" in old and attrs["status"] == "complete"
+    r = subprocess.run([PY, "-m", "hpcprune.report", str(d / "run.h5")], capture_output=True, text=True, timeout=120)
+    assert r.returncode == 0 and "resumed with resume.force at" in r.stdout and "prune.target.macs: 0.5 -> 0.4" in r.stdout, r.stdout
 
 
 def test_resume_refuses_changed_config(fast_run, tmp_path):
