@@ -85,9 +85,10 @@ def verify_groups(graph: Graph, example: torch.Tensor, max_ratio: float, round_t
         del out0
         scale = 1.0 + float(dense.abs().max())
         state = _state(model)
+        prefix = _FromPrefix(model, x)
         for i, g in enumerate(list(graph.groups)):
             try:
-                reason = _check(graph, g, x, (dense, shapes), scale, max_ratio, round_to, seed)
+                reason = _check(graph, g, x, (dense, shapes), scale, max_ratio, round_to, seed, prefix.forward(g))
             finally:
                 if _state(model) != state:
                     raise RuntimeError(f"hpcprune bug: group {g.name} did not restore the model's tensors and sizes after a cut")
@@ -183,9 +184,66 @@ def _drop(g: GroupInfo, max_ratio: float, round_to: int, seed: int) -> list[int]
     return sorted(int(i) for i in perm[:n])
 
 
+class _FromPrefix:
+    """The model's forward on the verification input from the dense activations entering the first
+    chain element a group touches (the sensitivity engine's chain, ``cells.chain_of``): what comes
+    before is the same for every cut of the group. The whole forward where the model is no chain,
+    for a block group (its skip replaces the module in its parent, not in the chain), for any other
+    input (the float64 recheck), or where the activations would take more than ``budget`` bytes."""
+
+    def __init__(self, model: nn.Module, x: torch.Tensor, budget: int = 1 << 30) -> None:
+        from .sensitivity.cells import chain_of
+
+        self.model, self.x = model, x
+        self.chain = chain_of(model, x)
+        self.inputs: list[Any] = []
+        if self.chain is None:
+            return
+        h, size = x, 0
+        for _, element in self.chain:
+            self.inputs.append(h)
+            h = element(h)
+            size += h.numel() * h.element_size() if isinstance(h, torch.Tensor) else 0
+            if size > budget:
+                self.chain, self.inputs = None, []
+                return
+
+    def entry(self, g: GroupInfo) -> int:
+        """The first chain element holding one of the group's layers (0: the whole forward)."""
+        if self.chain is None or g.kind == "block" or not g.members:
+            return 0
+        at = []
+        for m in g.members:
+            k = next((i for i, (name, _) in enumerate(self.chain)
+                      if m.module == name or m.module.startswith(name + ".")), None)
+            if k is None:  # a parameter of the model itself, a layer outside the chain
+                return 0
+            at.append(k)
+        return min(at)
+
+    def forward(self, g: GroupInfo) -> Any:
+        """``f(x)``: the model's output for group ``g``'s checks."""
+        k = self.entry(g)
+        if k == 0:
+            return self.model
+
+        def f(x: torch.Tensor) -> Any:
+            if x is not self.x:
+                return self.model(x)
+            h = self.inputs[k]
+            h = h.clone() if isinstance(h, torch.Tensor) else h  # an element may write into its input
+            for _, element in self.chain[k:]:  # type: ignore[index]
+                h = element(h)
+            return h
+        return f
+
+
 def _check(graph: Graph, g: GroupInfo, x: torch.Tensor, dense_out: tuple[torch.Tensor, list], scale: float,
-           max_ratio: float, round_to: int, seed: int) -> str | None:
+           max_ratio: float, round_to: int, seed: int, fwd: Any = None) -> str | None:
+    """Why group ``g`` is excluded (None: it is not); ``fwd(x)``: the model's forward for this group
+    (:class:`_FromPrefix`; default the model's own)."""
     model = graph.model
+    fwd = fwd or model
     dense, dense_shapes = dense_out
     drop = _drop(g, max_ratio, round_to, seed)
     if not drop:
@@ -194,7 +252,7 @@ def _check(graph: Graph, g: GroupInfo, x: torch.Tensor, dense_out: tuple[torch.T
         cut = graph.cut(g.name, drop)
     except Exception as e:  # noqa: BLE001 - the reason is recorded, the group excluded
         return f"Torch-Pruning cannot cut it ({type(e).__name__}: {_line(e)})"
-    got = _run_cut(model, x, cut)
+    got = _run_cut(fwd, x, cut)
     if isinstance(got, str):
         return f"the model fails once it is cut ({got}){_hint(graph, g, x)}"
     got, shapes = got
@@ -203,7 +261,7 @@ def _check(graph: Graph, g: GroupInfo, x: torch.Tensor, dense_out: tuple[torch.T
     if not torch.isfinite(got).all():
         return "the cut model's output is not finite"
     if g.sliceable and g.kind in ("channels", "neurons"):
-        other = _run_cut(model, x, slice_group(graph.by_name, g, [i for i in range(g.size) if i not in set(drop)]))
+        other = _run_cut(fwd, x, slice_group(graph.by_name, g, [i for i in range(g.size) if i not in set(drop)]))
         if isinstance(other, str):
             return f"the cells' in-place slice fails ({other})"
         other = other[0]
@@ -212,7 +270,7 @@ def _check(graph: Graph, g: GroupInfo, x: torch.Tensor, dense_out: tuple[torch.T
                     f"{float((other - got).abs().max()):.3g})")
     if g.kind in ("channels", "neurons") and not _mixes(g.layer_types):
         try:
-            ref = _oracle(graph, g, drop, x)
+            ref = _oracle(graph, g, drop, x, fwd)
         except IndexError as e:  # a consumer indexed past its inputs: the mapping is wrong
             return f"Torch-Pruning maps the channels past a consumer's inputs ({_line(e)}){_hint(graph, g, x)}"
         diff = None if ref is None else _disagree(graph, g, drop, x, ref, got, scale, _oracle)
@@ -225,7 +283,7 @@ def _check(graph: Graph, g: GroupInfo, x: torch.Tensor, dense_out: tuple[torch.T
             return (f"the cut model is not the dense model without these channels (max difference "
                     f"{diff}): Torch-Pruning maps the channels wrongly through {', '.join(g.layer_types)}")
     if g.kind == "heads":
-        ref = _heads_oracle(graph, g, drop, x)
+        ref = _heads_oracle(graph, g, drop, x, fwd)
         diff = None if ref is None else _disagree(graph, g, drop, x, ref, got, scale, _heads_oracle)
         if diff is not None:
             return (f"the model without these heads is not the dense model with their outputs zeroed (max difference "
@@ -288,7 +346,7 @@ def _float64_difference(graph: Graph, g: GroupInfo, drop: Sequence[int], x: torc
             t.data = t.data.to(dt)
 
 
-def _heads_oracle(graph: Graph, g: GroupInfo, drop: Sequence[int], x: torch.Tensor) -> torch.Tensor | None:
+def _heads_oracle(graph: Graph, g: GroupInfo, drop: Sequence[int], x: torch.Tensor, fwd: Any = None) -> torch.Tensor | None:
     """The dense model with the removed heads' columns of the output projection zeroed: what a model
     that computes each head independently gives without them."""
     outs = [m for m in g.members if not m.out]
@@ -299,14 +357,14 @@ def _heads_oracle(graph: Graph, g: GroupInfo, drop: Sequence[int], x: torch.Tens
     saved = w.data.clone()
     try:
         w.data.index_fill_(weight_dims(o)[1], expand(list(drop), outs[0].unit), 0)
-        return first_tensor(graph.model(x)).clone()
+        return first_tensor((fwd or graph.model)(x)).clone()
     finally:
         w.data = saved
 
 
-def _run_cut(model: nn.Module, x: torch.Tensor, cut: Any) -> tuple[torch.Tensor, list] | str:
+def _run_cut(model: Any, x: torch.Tensor, cut: Any) -> tuple[torch.Tensor, list] | str:
     """The model's main output and the shapes of all its outputs with ``cut`` applied (then
-    restored), or the error as one line."""
+    restored), or the error as one line. ``model``: the model, or a forward of it (``_FromPrefix``)."""
     try:
         out = model(x)
         return first_tensor(out).clone(), output_shapes(out)
@@ -328,7 +386,7 @@ def _state(model: nn.Module) -> list[tuple]:
     return out
 
 
-def _oracle(graph: Graph, g: GroupInfo, drop: Sequence[int], x: torch.Tensor) -> torch.Tensor | None:
+def _oracle(graph: Graph, g: GroupInfo, drop: Sequence[int], x: torch.Tensor, fwd: Any = None) -> torch.Tensor | None:
     """The dense model with the removed channels' input columns zeroed in every consumer; None when
     a consumer is not a linear or convolution (its function without the channels is not known here)."""
     dg = graph.dg
@@ -356,7 +414,7 @@ def _oracle(graph: Graph, g: GroupInfo, drop: Sequence[int], x: torch.Tensor) ->
                 for c in i.tolist():
                     b = c // cin
                     w.data[b * cout:(b + 1) * cout, c % cin] = 0
-        return first_tensor(graph.model(x)).clone()
+        return first_tensor((fwd or graph.model)(x)).clone()
     finally:
         for w, data in zeroed:
             w.data = data

@@ -443,3 +443,31 @@ def test_refusals_name_the_weight_or_buffer_torch_pruning_does_not_cut():
         dense.c1.bias[[0, 5, 9]] = 0
         torch.testing.assert_close(model(x), dense(x))
     assert torch.equal(model.scale, dense.scale[keep])
+
+
+@pytest.mark.parametrize("case", ["lenet_flatten", "mobilenetv2", "squeezenet", "convnext", "groupnorm_cnn",
+                                  "dilated_hardswish", "pixel_shuffle_sr", "unfold_patches"])
+def test_verification_from_cached_activations_finds_what_the_whole_forward_finds(case, monkeypatch):
+    """Verification runs a group's cuts from the dense activations entering the first chain element
+    it touches: the same exclusions, with the same reasons, as running the whole forward."""
+    import archs
+    import archs2
+
+    from hpcprune import verify
+    from hpcprune.runs import ignore_names
+
+    model_fn, data_fn = {**archs.CASES, **archs2.CASES}[case]
+    found, entries = [], []
+    for prefix in (True, False):
+        if not prefix:
+            monkeypatch.setattr(verify._FromPrefix, "forward", lambda self, g: self.model)
+        torch.manual_seed(0)
+        model = model_fn().eval()
+        x = data_fn(calib_samples=16, val_samples=16).example_input
+        graph = Graph(model, x[:1], ignore_names(model, []))
+        if prefix:
+            p = verify._FromPrefix(model, x[:2])
+            entries = [p.entry(g) for g in graph.groups]
+        found.append(sorted((e.name, e.reason) for e in verify_groups(graph, x, 0.9, 1)))
+    assert found[0] == found[1]
+    assert max(entries) > 0  # some group's checks start past the first element

@@ -145,6 +145,15 @@ def _traced_chain(model: nn.Module) -> list[tuple[str, nn.Module]] | None:
     return chain
 
 
+def chain_of(model: nn.Module, x: Any) -> list[tuple[str, nn.Module]] | None:
+    """:func:`flatten_chain`, a traced chain (not an ``nn.Sequential``) only where it computes the
+    model's own output on ``x`` exactly (:func:`_checked_chain`)."""
+    chain = flatten_chain(model)
+    if chain is not None and not isinstance(model, nn.Sequential):
+        chain = _checked_chain(model, chain, x)
+    return chain
+
+
 @torch.inference_mode()
 def _checked_chain(model: nn.Module, chain: list[tuple[str, nn.Module]], x: Any) -> list[tuple[str, nn.Module]] | None:
     """``chain`` when running its elements one after another on ``x`` gives exactly the model's own
@@ -292,9 +301,7 @@ class Evaluator:
         self.example_input = example_input
         self.ignore = list(ignore)
         self.slice_channels = slice_channels
-        self.chain = flatten_chain(model) if cache_prefix else None
-        if self.chain is not None and not isinstance(model, nn.Sequential):
-            self.chain = _checked_chain(model, self.chain, batches[0][0] if batches else example_input)
+        self.chain = chain_of(model, batches[0][0] if batches else example_input) if cache_prefix else None
         self._fold_pairs = bn.fold_pairs(self.chain) if (fold_bn and self.chain is not None) else []
         # training batches on which each cell re-estimates the BatchNorm statistics downstream of
         # the cut (pruning shifts them; without this, cells overstate the damage of pruning)
