@@ -23,6 +23,7 @@ from fractions import Fraction
 from typing import Any, Callable, ContextManager, Iterator, Protocol, Sequence
 
 import numpy as np
+import torch
 from torch import nn
 
 # the counting lived here before hpcprune.flops: its public names are re-exported
@@ -74,6 +75,71 @@ def probes_from_graph(graph: Any, groups: Sequence[Any] | None = None) -> list[G
     """One probe per group of ``graph`` (``graph.groups`` by default), in that order."""
     gs = graph.groups if groups is None else groups
     return [GraphProbe(graph, g.name, int(g.size), g.block if g.kind == "block" else None) for g in gs]
+
+
+class _ChainStarts:
+    """Where a cut group's recording may start: the model as a chain (the sensitivity engine's,
+    ``cells.chain_of``), the dense input of every chain element, and the index of the first counted
+    op of each element in the dense recording. A group's cut changes nothing before the first chain
+    element holding one of its layers, so the ops there keep their dense dims and only the rest of
+    the forward is recorded (about half of it on average; the cost model's levels are one recording
+    per group)."""
+
+    def __init__(self, model: nn.Module, chain: list, inputs: list, first_op: list[int]) -> None:
+        self.model, self.chain, self.inputs, self.first_op = model, chain, inputs, first_op
+
+    @classmethod
+    def make(cls, model: nn.Module, x: Any, ops: list[Op], probes: Sequence[Probe],
+             budget: int = 1 << 30) -> "_ChainStarts | None":
+        """None where the model is no chain, a probe does not cut ``model`` in place (a graph's own
+        probe), the recording through the chain lists other ops than ``ops``, or the inputs would
+        take more than ``budget`` bytes."""
+        from .sensitivity.cells import chain_of
+
+        if not probes or not all(isinstance(p, GraphProbe) and p.graph.model is model for p in probes):
+            return None
+        try:
+            chain = chain_of(model, x)
+        except Exception:  # noqa: BLE001 - no chain: every level records the whole forward
+            return None
+        if chain is None:
+            return None
+        rec = ShapeRecorder(model)
+        inputs, first_op, size = [], [], 0
+        with counting_env(model), rec:
+            h = x
+            for _, element in chain:
+                inputs.append(h)
+                first_op.append(len(rec.ops))
+                h = element(h)
+                size += h.numel() * h.element_size() if isinstance(h, torch.Tensor) else 0
+                if size > budget:
+                    return None
+        if len(rec.ops) != len(ops) or any(a.signature() != b.signature() or a.dims != b.dims for a, b in zip(ops, rec.ops)):
+            return None
+        return cls(model, chain, inputs, first_op)
+
+    def entry(self, probes: Sequence[Probe]) -> int:
+        """The first chain element holding a layer of any of ``probes``' groups (0: the whole forward)."""
+        from .sensitivity.cells import first_element
+
+        modules = []
+        for p in probes:
+            g = p.graph.group(p.name)  # type: ignore[attr-defined]
+            if g.kind == "block" or not g.members:  # a skip replaces the module in its parent, not in the chain
+                return 0
+            modules += [m.module for m in g.members]
+        return first_element(self.chain, modules)
+
+    def record_from(self, k: int) -> list[Op]:
+        """The counted ops of chain elements ``k`` on, from element ``k``'s dense input."""
+        rec = ShapeRecorder(self.model)
+        with counting_env(self.model), rec:
+            h = self.inputs[k]
+            h = h.clone() if isinstance(h, torch.Tensor) else h  # an element may write into its input
+            for _, element in self.chain[k:]:
+                h = element(h)
+        return rec.ops
 
 
 # ---- exact polynomial algebra -----------------------------------------------------------------------
@@ -211,6 +277,7 @@ class ExactCost:
         G = len(probes)
         dense_rec = record(model, x)
         ops = dense_rec.ops
+        starts = _ChainStarts.make(model, x, ops, probes)
         params = _unique_params(model)
         pnames = [n for n, _ in params]
         op_labels = [_label(op, i) for i, op in enumerate(ops)]
@@ -223,7 +290,7 @@ class ExactCost:
         for g, probe in enumerate(probes):
             if blocks[g] is not None:
                 cls._block(g, names[g], blocks[g], probe, x, ops, params, op_blocks, p_blocks)
-        op_slopes, p_slopes = cls._group_slopes(probes, names, sizes, blocks, x, ops, params, op_labels, p_labels)
+        op_slopes, p_slopes = cls._group_slopes(probes, names, sizes, blocks, x, ops, params, op_labels, p_labels, starts)
         cache: dict[Any, dict[tuple[int, ...], Fraction]] = {}
         exact: dict[str, dict[tuple[int, ...], Fraction]] = {"macs": {}, "params": {}}
         for i, op in enumerate(ops):
@@ -258,7 +325,8 @@ class ExactCost:
     @classmethod
     def _group_slopes(cls, probes: Sequence[Probe], names: list[str], sizes: np.ndarray, blocks: list[str | None],
                       x: Any, ops: list[Op], params: list[tuple[str, tuple[int, ...]]], op_labels: list[str],
-                      p_labels: list[str]) -> tuple[list[dict[int, np.ndarray]], list[dict[int, np.ndarray]]]:
+                      p_labels: list[str], starts: "_ChainStarts | None" = None
+                      ) -> tuple[list[dict[int, np.ndarray]], list[dict[int, np.ndarray]]]:
         """Per op and per parameter, ``{group: slope of each dim in the group's kept units}`` (groups with
         a zero slope left out) for every channel group; ValueError when a dim is not affine in one group's
         kept units, or not a sum over groups."""
@@ -272,7 +340,7 @@ class ExactCost:
         first: dict[int, tuple[list[np.ndarray], list[np.ndarray]]] = {}
         seen: dict[int, tuple[list, list]] = {}
         for g in chan:
-            seen[g] = cls._level(probes, {g: half[g]}, x, ops, op_labels, pnames, names[g])
+            seen[g] = cls._level(probes, {g: half[g]}, x, ops, op_labels, pnames, names[g], starts)
             first[g] = (_slopes(names[g], int(sizes[g]), dense_dims, [(half[g], seen[g][0])], op_labels),
                         _slopes(names[g], int(sizes[g]), dense_shapes, [(half[g], seen[g][1])], p_labels))
         # ... then checked at a second level: every group cut at once to N - 1 units, where every
@@ -283,7 +351,7 @@ class ExactCost:
         bad = -1 if not joint else cls._joint(probes, second, first, sizes, x, ops, pnames, dense_dims, dense_shapes) if second else None
         if bad is not None:
             for g, m in second.items():
-                op_dims, shapes = cls._level(probes, {g: m}, x, ops, op_labels, pnames, names[g])
+                op_dims, shapes = cls._level(probes, {g: m}, x, ops, op_labels, pnames, names[g], starts)
                 N = int(sizes[g])
                 _slopes(names[g], N, dense_dims, [(half[g], seen[g][0]), (m, op_dims)], op_labels)
                 _slopes(names[g], N, dense_shapes, [(half[g], seen[g][1]), (m, shapes)], p_labels)
@@ -305,26 +373,32 @@ class ExactCost:
 
     @staticmethod
     def _level(probes: Sequence[Probe], kept: dict[int, int], x: Any, ops: list[Op], op_labels: list[str],
-               pnames: list[str], what: str) -> tuple[list[tuple[int, ...]], list[tuple[int, ...]]]:
+               pnames: list[str], what: str, starts: "_ChainStarts | None" = None
+               ) -> tuple[list[tuple[int, ...]], list[tuple[int, ...]]]:
         """Record the model with group ``g`` cut to ``kept[g]`` units (all at once): every counted op's
-        dims and every parameter's shape. ValueError when the ops are not the dense ones."""
+        dims and every parameter's shape. ValueError when the ops are not the dense ones. With
+        ``starts``, only the part of the forward from the first chain element a cut group touches is
+        recorded (the ops before it are the dense ones)."""
+        k = starts.entry([probes[g] for g in kept]) if starts is not None else 0
         with contextlib.ExitStack() as stack:
             for g, m in kept.items():
                 model = stack.enter_context(probes[g].cut(m))
-            rec = record(model, x, shapes_only=True)
+            rec_ops = starts.record_from(k) if k > 0 else record(model, x, shapes_only=True).ops  # type: ignore[union-attr]
             # shapes now: an in-place cut (data swapped) restores the same tensor objects
             shapes = {n: tuple(q.shape) for n, q in model.named_parameters(remove_duplicate=False)}
-        if len(rec.ops) != len(ops) or any(a.signature() != b.signature() for a, b in zip(ops, rec.ops)):
-            i = next((i for i, (a, b) in enumerate(zip(ops, rec.ops)) if a.signature() != b.signature()),
-                     min(len(ops), len(rec.ops)))
+        if k > 0:
+            rec_ops = ops[:starts.first_op[k]] + rec_ops  # type: ignore[union-attr]
+        if len(rec_ops) != len(ops) or any(a.signature() != b.signature() for a, b in zip(ops, rec_ops)):
+            i = next((i for i, (a, b) in enumerate(zip(ops, rec_ops)) if a.signature() != b.signature()),
+                     min(len(ops), len(rec_ops)))
             m = ", ".join(f"{m} of {int(probes[g].size)}" for g, m in kept.items())
-            change = (f"{op_labels[i]} becomes {_label(rec.ops[i], i)}" if i < min(len(ops), len(rec.ops))
-                      else f"{len(ops)} counted ops dense, {len(rec.ops)} keeping {m}")
+            change = (f"{op_labels[i]} becomes {_label(rec_ops[i], i)}" if i < min(len(ops), len(rec_ops))
+                      else f"{len(ops)} counted ops dense, {len(rec_ops)} keeping {m}")
             raise ValueError(f"group {what}: its cut changes which operations the model runs ({change})")
         missing = [n for n in pnames if n not in shapes]
         if missing:
             raise ValueError(f"group {what}: cut, the model has no parameter {missing[0]}")
-        return [op.dims for op in rec.ops], [shapes[n] for n in pnames]
+        return [op.dims for op in rec_ops], [shapes[n] for n in pnames]
 
     @classmethod
     def _joint(cls, probes: Sequence[Probe], kept: dict[int, int], first: dict, sizes: np.ndarray, x: Any,

@@ -464,3 +464,32 @@ def test_steady_allocator_fixes_glibc_thresholds_once():
     if platform.system() != "Linux" or platform.libc_ver()[0] != "glibc":
         pytest.skip("glibc only")
     assert metrics.steady_allocator() is True and metrics.steady_allocator() is True
+
+
+@pytest.mark.parametrize("case", ["lenet_flatten", "mobilenetv2", "squeezenet", "convnext", "conv1d_resnet",
+                                  "grouped_convtranspose", "embedding_mean"])
+def test_levels_recorded_from_a_chain_element_give_the_whole_forwards_polynomials(case, monkeypatch):
+    """A cut group's level is recorded from the first chain element holding one of its layers (the
+    ops before keep their dense dims): the same exact polynomials as recording the whole forward."""
+    import archs
+    import archs2
+
+    from hpcprune.graph import Graph
+    from hpcprune.runs import ignore_names
+
+    model_fn, data_fn = {**archs.CASES, **archs2.CASES}[case]
+    out = []
+    for starts in (True, False):
+        if not starts:
+            monkeypatch.setattr(costs._ChainStarts, "make", classmethod(lambda cls, *a, **k: None))
+        torch.manual_seed(0)
+        model = model_fn().eval()
+        x = data_fn(calib_samples=16, val_samples=16).example_input[:1]
+        graph = Graph(model, x, ignore_names(model, []))
+        probes = costs.probes_from_graph(graph)
+        if starts:
+            st = costs._ChainStarts.make(model, x, costs.record(model, x).ops, probes)
+            assert st is not None and max(st.entry([p]) for p in probes) > 0
+        ex = costs.ExactCost.derive(model, x, probes)
+        out.append((ex.exact, ex.dense))
+    assert out[0] == out[1]
