@@ -199,8 +199,7 @@ def slice_group(model_modules: dict[str, nn.Module], group: GroupInfo, keep: Seq
                 buf = getattr(mod, name)
                 if buf is not None:
                     sl._set(mod, name, buf.index_select(0, k))
-            if permanent:
-                _sync_sizes(mod)
+            _sync_sizes(mod, sl)
             continue
         depthwise = isinstance(mod, nn.modules.conv._ConvNd) and mod.groups > 1
         dim = weight_dims(mod)[0 if (m.out or depthwise) else 1]
@@ -209,10 +208,7 @@ def slice_group(model_modules: dict[str, nn.Module], group: GroupInfo, keep: Seq
             sl._param(mod, "bias", rows)
             if depthwise:
                 sl._set(mod, "groups", len(keep))
-        if is_conv1d(mod) and not permanent:  # its forward sizes the output by nf
-            sl._set(mod, "nf" if m.out else "nx", len(k))
-        if permanent:
-            _sync_sizes(mod)
+        _sync_sizes(mod, sl)  # HF Conv1D's forward sizes its output by nf
     if permanent:
         sl.saved.clear()
         sl.done.clear()
@@ -230,17 +226,24 @@ def _set_count(sl: Slice, mod: nn.Module, attr: str, value: int) -> None:
     sl._set(mod.config, attr.split(".", 1)[1], value)
 
 
-def _sync_sizes(mod: nn.Module) -> None:
-    """After a permanent cut: the layer's size attributes follow its weight."""
+def _sync_sizes(mod: nn.Module, sl: Slice) -> None:
+    """After a cut: the layer's size attributes follow its weight (through ``sl``: an in-place cut
+    restores them; a forward that reads ``self.fc.in_features`` sees the cut width either way)."""
+    w = getattr(mod, "weight", None)
     if is_conv1d(mod):
-        mod.nx, mod.nf = mod.weight.shape
+        sizes = {"nx": w.shape[0], "nf": w.shape[1]}
     elif isinstance(mod, nn.Linear):
-        mod.out_features, mod.in_features = mod.weight.shape
+        sizes = {"out_features": w.shape[0], "in_features": w.shape[1]}
     elif isinstance(mod, nn.modules.conv._ConvNd):
-        mod.out_channels = mod.weight.shape[0]
-        mod.in_channels = mod.weight.shape[1] * mod.groups
+        sizes = ({"in_channels": w.shape[0], "out_channels": w.shape[1] * mod.groups} if mod.transposed
+                 else {"out_channels": w.shape[0], "in_channels": w.shape[1] * mod.groups})
     elif isinstance(mod, nn.modules.batchnorm._BatchNorm):
-        mod.num_features = mod.weight.shape[0] if mod.weight is not None else mod.running_mean.shape[0]
+        sizes = {"num_features": w.shape[0] if w is not None else mod.running_mean.shape[0]}
+    else:
+        return
+    for attr, value in sizes.items():
+        if getattr(mod, attr) != int(value):
+            sl._set(mod, attr, int(value))
 
 
 def skip_block(model: nn.Module, group: GroupInfo, structure: Structure | None = None) -> Slice:

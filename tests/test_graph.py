@@ -446,7 +446,7 @@ def test_refusals_name_the_weight_or_buffer_torch_pruning_does_not_cut():
 
 
 @pytest.mark.parametrize("case", ["lenet_flatten", "mobilenetv2", "squeezenet", "convnext", "groupnorm_cnn",
-                                  "dilated_hardswish", "pixel_shuffle_sr", "unfold_patches"])
+                                  "dilated_hardswish", "pixel_shuffle_sr", "tcn_causal"])
 def test_verification_from_cached_activations_finds_what_the_whole_forward_finds(case, monkeypatch):
     """Verification runs a group's cuts from the dense activations entering the first chain element
     it touches: the same exclusions, with the same reasons, as running the whole forward."""

@@ -30,9 +30,89 @@ class FunctionalHead(torch.nn.Module):
         return self.fc(torch.flatten(x, 1))
 
 
+class InplaceBlocks(torch.nn.Module):
+    """Blocks that write into their input (``x += f(x)``, an in-place activation on the input): a
+    cell must not change the cached activations that later cells and groups start from."""
+
+    class Res(torch.nn.Module):
+        def __init__(self, c):
+            super().__init__()
+            self.conv1, self.conv2 = torch.nn.Conv2d(c, c, 3, padding=1), torch.nn.Conv2d(c, c, 3, padding=1)
+
+        def forward(self, x):
+            x += self.conv2(torch.relu(self.conv1(x)))
+            return x
+
+    class Down(torch.nn.Module):
+        def __init__(self, c, d):
+            super().__init__()
+            self.act = torch.nn.LeakyReLU(0.1, inplace=True)
+            self.conv1, self.conv2 = torch.nn.Conv2d(c, d, 3, padding=1, groups=2), torch.nn.Conv2d(d, d, 1)
+
+        def forward(self, x):
+            return self.conv2(self.act(self.conv1(self.act(x))))
+
+    def __init__(self):
+        super().__init__()
+        nn = torch.nn
+        self.stem = nn.Sequential(nn.Conv2d(1, 8, 3, padding=1), nn.BatchNorm2d(8))
+        self.b1, self.d1, self.b2 = self.Res(8), self.Down(8, 16), self.Res(16)
+        self.fc = nn.Linear(16, 10)
+
+    def forward(self, x):
+        x = self.b2(self.d1(self.b1(self.stem(x))))
+        return self.fc(x.mean((2, 3)))
+
+
+class SharedFold(torch.nn.Module):
+    """A convolution followed by a BatchNorm in its block, and run again outside it: not foldable."""
+
+    class Blk(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.conv, self.bn = torch.nn.Conv2d(8, 8, 3, padding=1), torch.nn.BatchNorm2d(8)
+
+        def forward(self, x):
+            return torch.relu(self.bn(self.conv(x)))
+
+    def __init__(self):
+        super().__init__()
+        nn = torch.nn
+        self.stem = nn.Sequential(nn.Conv2d(1, 8, 3, padding=1), nn.BatchNorm2d(8), nn.ReLU())
+        self.blk, self.c2, self.fc = self.Blk(), nn.Conv2d(8, 16, 3, padding=1), nn.Linear(16, 10)
+
+    def forward(self, x):
+        x = self.blk(self.stem(x))
+        x = torch.relu(self.blk.conv(x))
+        return self.fc(torch.relu(self.c2(x)).mean((2, 3)))
+
+
+class ReadsWidths(torch.nn.Module):
+    """A forward that reads a layer's width (``self.fc.in_features``): cells must give it the cut one."""
+
+    def __init__(self):
+        super().__init__()
+        nn = torch.nn
+        self.c1 = nn.Sequential(nn.Conv2d(1, 8, 3, padding=1), nn.BatchNorm2d(8), nn.ReLU())
+        self.c2, self.fc = nn.Conv2d(8, 16, 3, padding=1), nn.Linear(16, 10)
+
+    def forward(self, x):
+        x = torch.nn.functional.adaptive_avg_pool2d(torch.relu(self.c2(self.c1(x))), 1)
+        return self.fc(x.view(-1, self.fc.in_features))
+
+
 def _setup(kind):
     torch.manual_seed(0)
-    if kind in ("resnet", "traced"):
+    if kind in ("inplace", "sharedfold", "widths"):
+        model, ignore = {"inplace": (InplaceBlocks(), ["fc"]), "sharedfold": (SharedFold(), ["fc"]),
+                         "widths": (ReadsWidths(), ["fc"])}[kind]
+        x = torch.randn(64, 1, 8, 8)
+        for m in model.modules():
+            if isinstance(m, torch.nn.BatchNorm2d):
+                m.running_mean.uniform_(-0.5, 0.5)
+                m.running_var.uniform_(0.5, 2.0)
+                m.bias.data.uniform_(-0.2, 0.2)
+    elif kind in ("resnet", "traced"):
         model, ignore = (resnet(1, 10, (8, 16, 32), (1, 2, 1)), ["5.fc"]) if kind == "resnet" else (FunctionalHead(), ["fc"])
         x = torch.randn(64, 1, 8, 8)
         for m in model.modules():
@@ -77,7 +157,7 @@ def _naive(model, x, ignore, graph, orders, batches):
     return m
 
 
-@pytest.mark.parametrize("kind", ["resnet", "mlp", "shared", "traced"])
+@pytest.mark.parametrize("kind", ["resnet", "mlp", "shared", "traced", "inplace", "sharedfold", "widths"])
 @pytest.mark.parametrize("cache,slice_,nhwc,fold", [(True, True, False, False), (True, True, True, True), (True, False, True, True),
                                                     (True, True, False, True), (False, False, False, False)])
 def test_engine_equals_naive_loop(kind, cache, slice_, nhwc, fold):
@@ -85,9 +165,11 @@ def test_engine_equals_naive_loop(kind, cache, slice_, nhwc, fold):
     before = {k: v.clone() for k, v in model.state_dict().items()}
     ev = Evaluator(model, graph.groups, orders, RATIOS, batches, x[:1], ignore, cache_prefix=cache, slice_channels=slice_,
                    channels_last=nhwc, fold_bn=fold)
-    assert bool(ev._fold_pairs) == (fold and kind in ("resnet", "traced"))  # the shared model folds nothing without its chain
+    assert bool(ev._fold_pairs) == (fold and kind not in ("mlp", "shared", "widths"))  # no chain: nothing folded
+    if kind == "sharedfold":  # the convolution that also runs outside its block keeps its BatchNorm unfolded
+        assert all(conv is not model.blk.conv for _, conv, _ in ev._fold_pairs)
     assert ev.channels_last == (nhwc and kind != "mlp")  # NHWC only where there are 2-D convolutions
-    assert (ev.chain is None) == (not cache or kind == "shared")
+    assert (ev.chain is None) == (not cache or kind in ("shared", "widths"))  # widths: a traced 16 would go stale
     G = len(graph.groups)
     layouts = []
     if ev.channels_last:  # sliced conv weights keep the NHWC layout while a cell runs
@@ -162,8 +244,22 @@ def test_a_forward_over_children_is_traced_into_a_chain():
         def forward(self, x):
             return self.b(self.a(x) if x.sum() > 0 else x)
 
-    for cls in (Skip, Token, Twice, Branch):
+    class Baked(Skip):  # a layer's width read in the forward: traced as a number a cut would leave stale
+        def forward(self, x):
+            return self.b(self.a(x).view(-1, self.b.in_features))
+
+    class Stores(Skip):  # a forward that sets an attribute, and a skip: refused, and no Proxy left behind
+        def forward(self, x):
+            h = self.a(x)
+            self.feat = h
+            return self.b(h + x)
+
+    for cls in (Skip, Token, Twice, Branch, Baked):
         assert flatten_chain(cls()) is None, cls.__name__
+    m = Stores().train()
+    m.a.eval()
+    assert flatten_chain(m) is None and not hasattr(m, "feat")
+    assert m.training and not m.a.training and m.b.training  # every module's mode as it was
 
     class Random(Skip):  # a chain, whose steps compute something else than the forward that traced it
         def forward(self, x):

@@ -78,6 +78,31 @@ class _ChildrenAsLeaves(fx.Tracer):
         return True
 
 
+# tensor methods and functions whose integer arguments are sizes (not dimensions)
+_SIZE_OPS = {"view", "reshape", "expand", "repeat", "tile", "unflatten", "narrow", "split", "chunk", "new_zeros",
+             "new_ones", "new_empty", "new_full", "resize_", "as_strided", "unfold"}
+
+
+# ... and those whose integer arguments are dimensions (or output sizes of 1)
+_DIM_OPS = {"flatten", "mean", "sum", "amax", "amin", "max", "min", "permute", "transpose", "squeeze", "unsqueeze",
+            "softmax", "log_softmax", "movedim", "swapaxes", "std", "var", "logsumexp", "argmax", "contiguous",
+            "adaptive_avg_pool1d", "adaptive_avg_pool2d", "adaptive_avg_pool3d", "adaptive_max_pool2d", "relu", "gelu",
+            "silu", "sigmoid", "tanh", "hardswish", "dropout", "float", "to"}
+
+
+def _sized(node: fx.Node, widths: set[int]) -> bool:
+    """Whether a function between children has an integer argument a cut may change: one equal to
+    an integer attribute of a layer (``x.view(-1, self.fc.in_features)`` traces to the number 16,
+    while the model's own forward reads the attribute again after a cut), or any size of 2 or more
+    passed to a reshaping op. Such a model is no chain (its cells run the whole forward)."""
+    ints: list[int] = []
+    fx.node.map_aggregate((node.args, node.kwargs), lambda a: ints.append(a) if type(a) is int else None)
+    name = node.target if node.op == "call_method" else getattr(node.target, "__name__", "")
+    if name in _DIM_OPS:  # its integers are dimensions
+        return False
+    return any(abs(v) in widths for v in ints) or (name in _SIZE_OPS and any(abs(v) >= 2 for v in ints))
+
+
 class _Step(nn.Module):
     """A function or tensor method the model's own forward applies between two of its children
     (``torch.flatten(x, 1)``), with its constant arguments; ``forward(x)`` puts ``x`` where the
@@ -103,17 +128,26 @@ def _traced_chain(model: nn.Module) -> list[tuple[str, nn.Module]] | None:
     :func:`flatten_chain`), or None: the trace fails (control flow on values, several inputs), a
     value is used twice (a skip connection), a parameter or buffer of the model itself is read
     (a class token), a child runs twice, or the output is not the last value."""
-    was = model.training
+    modes = [(m, m.training) for m in model.modules()]
+    attrs = [(m, dict(vars(m))) for m in model.modules()]
     try:
         model.eval()  # the path a cell runs (an auxiliary head taken in training only is not on it)
         graph = _ChildrenAsLeaves().trace(model)
     except Exception:  # noqa: BLE001 - not traceable: no chain, every cell runs the whole forward
         return None
-    finally:
-        model.train(was)
+    finally:  # what the forward set on the modules while traced (self.feat = Proxy) and their modes, back
+        for m, before in attrs:
+            for key in [k for k, v in vars(m).items() if k not in before or before[k] is not v]:
+                if key in before:
+                    m.__dict__[key] = before[key]
+                else:
+                    del m.__dict__[key]
+        for m, mode in modes:
+            m.training = mode
     nodes = list(graph.nodes)
     if not nodes or nodes[0].op != "placeholder" or nodes[-1].op != "output":
         return None
+    widths = {v for m in model.modules() for v in vars(m).values() if type(v) is int and v >= 2}
     chain: list[tuple[str, nn.Module]] = []
     seen: set[int] = set()
     prev = nodes[0]
@@ -137,12 +171,44 @@ def _traced_chain(model: nn.Module) -> list[tuple[str, nn.Module]] | None:
             except _Reused:
                 return None
         else:
+            if _sized(n, widths):
+                return None
             chain.append((f"<{n.name}>", _Step(n)))
         prev = n
     out = nodes[-1]
     if out.args != (prev,) or len(prev.users) != 1 or not any(not isinstance(m, _Step) for _, m in chain):
         return None
     return chain
+
+
+@torch.inference_mode()
+def _called_once(model: nn.Module, x: Any, modules: Sequence[nn.Module]) -> set[int]:
+    """ids of ``modules`` the model's forward on ``x`` calls exactly once (forward hooks, one
+    forward): a module run at two places (a shared convolution) is not."""
+    calls: dict[int, int] = {id(m): 0 for m in modules}
+
+    def hook(mod: nn.Module, args: Any, out: Any) -> None:
+        calls[id(mod)] += 1
+
+    handles = [m.register_forward_hook(hook) for m in {id(m): m for m in modules}.values()]
+    try:
+        model(x)
+    finally:
+        for h in handles:
+            h.remove()
+    return {i for i, n in calls.items() if n == 1}
+
+
+def first_element(chain: Sequence[tuple[str, nn.Module]], modules: Sequence[str]) -> int:
+    """The index of the first chain element that holds one of ``modules`` (qualified names), 0 when
+    one of them is in none (a parameter of the model itself, a layer the forward does not reach)."""
+    at = []
+    for m in modules:
+        k = next((i for i, (name, _) in enumerate(chain) if m == name or m.startswith(name + ".")), None)
+        if k is None:
+            return 0
+        at.append(k)
+    return min(at, default=0)
 
 
 def chain_of(model: nn.Module, x: Any) -> list[tuple[str, nn.Module]] | None:
@@ -303,6 +369,10 @@ class Evaluator:
         self.slice_channels = slice_channels
         self.chain = chain_of(model, batches[0][0] if batches else example_input) if cache_prefix else None
         self._fold_pairs = bn.fold_pairs(self.chain) if (fold_bn and self.chain is not None) else []
+        if self._fold_pairs:  # a convolution (or BatchNorm) that also runs elsewhere cannot carry the fold
+            once = _called_once(model, batches[0][0] if batches else example_input,
+                                [m for _, conv, b in self._fold_pairs for m in (conv, b)])
+            self._fold_pairs = [p for p in self._fold_pairs if id(p[1]) in once and id(p[2]) in once]
         # training batches on which each cell re-estimates the BatchNorm statistics downstream of
         # the cut (pruning shifts them; without this, cells overstate the damage of pruning)
         self.recal_batches = list(recal_batches)
@@ -540,7 +610,9 @@ class Evaluator:
     # ---- forward passes -------------------------------------------------------------------------
     @torch.inference_mode()
     def _captured(self, plan: blockcache.BlockPlan, k: int, batches: Sequence) -> list[list[torch.Tensor]]:
-        return [blockcache.capture(plan, h) for h in self._prefix(k, batches)]
+        # a copy: the block's own forward may write into its input (an in-place activation), and the
+        # input is the prefix the next group goes on from
+        return [blockcache.capture(plan, h.clone(memory_format=torch.preserve_format)) for h in self._prefix(k, batches)]
 
     @torch.inference_mode()
     def _prefix(self, k: int, batches: Sequence[tuple[torch.Tensor, torch.Tensor]]) -> list[torch.Tensor]:
@@ -570,6 +642,8 @@ class Evaluator:
             return k + 1, blockcache.run(plan, h, keep, self.channels_last)
         if keep is not None:
             h = nhwc(h.index_select(1, keep)) if self.channels_last else h.index_select(1, keep)
+        elif isinstance(h, torch.Tensor):  # the element may write into its input (x += f(x), an in-place
+            h = h.clone(memory_format=torch.preserve_format)  # activation): the cache serves every cell and the next group
         return k, h
 
     def _from_cache(self, k: int, h: Any, keep: torch.Tensor | None, plan: blockcache.BlockPlan | None) -> torch.Tensor:
