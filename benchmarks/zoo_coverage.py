@@ -113,9 +113,11 @@ print("CHECK " + json.dumps(out))
 
 
 class Tee:
+    """Print and append to the log (the log keeps every run's table: earlier runs are not overwritten)."""
+
     def __init__(self, path: str) -> None:
         os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-        self.f = open(path, "w")
+        self.f = open(path, "a")
         self.lock = threading.Lock()
 
     def __call__(self, line: str = "") -> None:
