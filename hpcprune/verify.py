@@ -210,16 +210,11 @@ class _FromPrefix:
 
     def entry(self, g: GroupInfo) -> int:
         """The first chain element holding one of the group's layers (0: the whole forward)."""
+        from .sensitivity.cells import first_element
+
         if self.chain is None or g.kind == "block" or not g.members:
             return 0
-        at = []
-        for m in g.members:
-            k = next((i for i, (name, _) in enumerate(self.chain)
-                      if m.module == name or m.module.startswith(name + ".")), None)
-            if k is None:  # a parameter of the model itself, a layer outside the chain
-                return 0
-            at.append(k)
-        return min(at)
+        return first_element(self.chain, [m.module for m in g.members])
 
     def forward(self, g: GroupInfo) -> Any:
         """``f(x)``: the model's output for group ``g``'s checks."""
