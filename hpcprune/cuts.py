@@ -237,7 +237,7 @@ def _sync_sizes(mod: nn.Module, sl: Slice) -> None:
     elif isinstance(mod, nn.modules.conv._ConvNd):
         sizes = ({"in_channels": w.shape[0], "out_channels": w.shape[1] * mod.groups} if mod.transposed
                  else {"out_channels": w.shape[0], "in_channels": w.shape[1] * mod.groups})
-    elif isinstance(mod, nn.modules.batchnorm._BatchNorm):
+    elif isinstance(mod, nn.modules.batchnorm._BatchNorm) and (w is not None or mod.running_mean is not None):
         sizes = {"num_features": w.shape[0] if w is not None else mod.running_mean.shape[0]}
     else:
         return
