@@ -103,17 +103,11 @@ class ReadsWidths(torch.nn.Module):
 
 def _setup(kind):
     torch.manual_seed(0)
-    if kind in ("inplace", "sharedfold", "widths"):
-        model, ignore = {"inplace": (InplaceBlocks(), ["fc"]), "sharedfold": (SharedFold(), ["fc"]),
-                         "widths": (ReadsWidths(), ["fc"])}[kind]
-        x = torch.randn(64, 1, 8, 8)
-        for m in model.modules():
-            if isinstance(m, torch.nn.BatchNorm2d):
-                m.running_mean.uniform_(-0.5, 0.5)
-                m.running_var.uniform_(0.5, 2.0)
-                m.bias.data.uniform_(-0.2, 0.2)
-    elif kind in ("resnet", "traced"):
-        model, ignore = (resnet(1, 10, (8, 16, 32), (1, 2, 1)), ["5.fc"]) if kind == "resnet" else (FunctionalHead(), ["fc"])
+    builders = {"resnet": lambda: (resnet(1, 10, (8, 16, 32), (1, 2, 1)), ["5.fc"]), "traced": lambda: (FunctionalHead(), ["fc"]),
+                "inplace": lambda: (InplaceBlocks(), ["fc"]), "sharedfold": lambda: (SharedFold(), ["fc"]),
+                "widths": lambda: (ReadsWidths(), ["fc"])}
+    if kind in builders:
+        model, ignore = builders[kind]()
         x = torch.randn(64, 1, 8, 8)
         for m in model.modules():
             if isinstance(m, torch.nn.BatchNorm2d):
