@@ -80,6 +80,7 @@ class CostModel:
             self._sparse[kind] = (t, g, exps[t, g], starts)
         self.latency: tuple[np.ndarray, np.ndarray, float] | None = None  # (grid, G x R ms, dense ms)
         self._kf: dict[tuple[int, float, int], float] = {}  # keep_fraction memo
+        self._lat: dict[tuple[int, int], tuple[np.ndarray, np.ndarray]] = {}  # latency curves in units cut
         self.dense = {k: self.cost(k, np.zeros(G)) for k in ("macs", "params") if k in self.terms}
 
     @classmethod
@@ -109,11 +110,17 @@ class CostModel:
         self.latency = (np.concatenate([[0.0], np.asarray(grid, dtype=np.float64)]),
                         np.concatenate([zero[:, None], np.asarray(table_ms, dtype=np.float64)], axis=1) - base, base)
         self.dense["latency"] = float(dense_ms)
+        self._lat = {}
 
-    def latency_delta(self, g: int, ratio: float) -> float:
+    def latency_delta(self, g: int, ratio: float, round_to: int = 1) -> float:
+        """Latency change (ms) of group ``g`` at ``ratio`` from the table: linear in the units the
+        ratio cuts between the measured points (see :func:`_curves`; a block: kept or removed)."""
         assert self.latency is not None
-        grid, delta, _ = self.latency
-        return float(np.interp(ratio, grid, delta[g]))
+        curve = self._lat.get((g, round_to))
+        if curve is None:
+            grid, delta, _ = self.latency
+            curve = self._lat[(g, round_to)] = _by_units(self.groups[g], grid, delta[g], round_to)
+        return float(np.interp(units_cut(self.groups[g], ratio, round_to), *curve))
 
     def keep_fraction(self, g: int, ratio: float, round_to: int = 1) -> float:
         key = (g, float(ratio), round_to)
@@ -129,7 +136,7 @@ class CostModel:
         if kind == "latency":
             if self.latency is None:
                 raise ValueError("prune.target.latency needs a measured latency table")
-            return self.latency[2] + sum(self.latency_delta(g, float(r)) for g, r in enumerate(ratios))
+            return self.latency[2] + sum(self.latency_delta(g, float(r), round_to) for g, r in enumerate(ratios))
         return float(self.terms[kind][0] @ self._term_values(kind, self.keep_fractions(np.asarray(ratios, dtype=np.float64), round_to)))
 
     def _term_values(self, kind: str, f: np.ndarray) -> np.ndarray:
@@ -333,9 +340,29 @@ def global_ranking(
     return _result(cm, ratios_for(lo), round_to)
 
 
-def _curves(cm: CostModel, grid: np.ndarray, damage: np.ndarray, cand: np.ndarray) -> np.ndarray:
-    """Damage per group at each candidate ratio: linear between grid points (0 at ratio 0), a step
-    for blocks; inf beyond a group's last usable grid point."""
+def units_cut(g: GroupInfo, ratio: float, round_to: int = 1) -> int:
+    """Units of group ``g`` a cut at ``ratio`` removes (``graph.n_keep``: what the cells and the prune
+    stage cut; a block: 1 when removed)."""
+    return g.size - n_keep(g, ratio, round_to) if g.kind != "block" else 1 - n_keep(g, ratio, round_to)
+
+
+def _by_units(g: GroupInfo, ratios: np.ndarray, values: np.ndarray, round_to: int) -> tuple[np.ndarray, np.ndarray]:
+    """Measured ``values`` at ``ratios`` as a curve over the units cut (increasing): ratios that cut
+    the same units measured the same model, so their values are averaged."""
+    cut = np.array([units_cut(g, float(r), round_to) for r in ratios], dtype=np.float64)
+    us = np.unique(cut)
+    return us, np.array([float(np.mean(values[cut == u])) for u in us])
+
+
+def _curves(cm: CostModel, grid: np.ndarray, damage: np.ndarray, cand: np.ndarray, round_to: int = 1) -> np.ndarray:
+    """Damage per group at each candidate ratio (G, len(cand)): a step for blocks; for the other
+    groups linear in the number of units a ratio removes (``graph.n_keep`` with ``round_to``, as the
+    cells and the prune stage cut), between the measured points (0 units: damage 0); inf beyond a
+    group's last usable grid point.
+
+    Interpolating in units, not in ratio, matters for groups of few units: a group of 3 heads cuts
+    nothing at ratio 0.3 and one head at 0.35 and at 0.45, so a line in ratio from (0.3, 0) to
+    (0.45, d) would price the one-head cut at 0.35 at d / 3 while its cost saving is whole."""
     n = len(cm.groups)
     curves = np.full((n, len(cand)), np.inf)
     for g in range(n):
@@ -350,7 +377,9 @@ def _curves(cm: CostModel, grid: np.ndarray, damage: np.ndarray, cand: np.ndarra
             if removed.any():
                 curves[g, inside & (cand >= BLOCK_RATIO - 1e-9)] = max(float(ys[removed][0]), 0.0)
             continue
-        curves[g, inside] = np.maximum(np.interp(cand[inside], xs, ys), 0.0)
+        us, vs = _by_units(cm.groups[g], xs, ys, round_to)
+        at = np.array([units_cut(cm.groups[g], float(r), round_to) for r in cand[inside]], dtype=np.float64)
+        curves[g, inside] = np.maximum(np.interp(at, us, vs), 0.0)
     return curves
 
 
@@ -416,11 +445,11 @@ def sensitivity_greedy(
     n = len(cm.groups)
     grid = np.asarray(grid, dtype=np.float64)
     cand = np.unique(np.concatenate([np.arange(0.0, max_ratio + 1e-9, step), grid[grid <= max_ratio + 1e-9]]))
-    curves = _curves(cm, grid, damage, cand)
+    curves = _curves(cm, grid, damage, cand, round_to)
     state = np.zeros(n, dtype=np.int64)  # index into cand per group
     if start is not None:
         cand = np.unique(np.concatenate([cand, np.minimum(np.asarray(start, dtype=np.float64), max_ratio)]))
-        curves = _curves(cm, grid, damage, cand)
+        curves = _curves(cm, grid, damage, cand, round_to)
         state = np.array([int(np.searchsorted(cand, min(float(s), max_ratio) - 1e-12)) for s in start], dtype=np.int64)
     floor = state.copy()  # only ever pruning more than ``start``
     kinds = list(targets)
@@ -470,7 +499,7 @@ def _best_jump(cm: CostModel, cand: np.ndarray, curves: np.ndarray, state: np.nd
                 continue
             saved = sum(weights[k] * (now[k] - float(np.polynomial.polynomial.polyval(f_new, c))) for k, c in polys.items())
             if "latency" in kinds:  # additive: the group's own measured change
-                saved += weights["latency"] * (cm.latency_delta(g, r[g]) - cm.latency_delta(g, cand[j])) / cm.dense["latency"]
+                saved += weights["latency"] * (cm.latency_delta(g, r[g], round_to) - cm.latency_delta(g, cand[j], round_to)) / cm.dense["latency"]
             if saved <= 0:
                 continue
             dmg = curves[g, j] - curves[g, state[g]]

@@ -246,7 +246,7 @@ def _options(cm: allocate.CostModel, cand: np.ndarray, curves: np.ndarray, floor
     choices, each option's candidate index and its latency change (None without latency)."""
     G, C = curves.shape
     kf = np.array([[cm.keep_fraction(g, r, round_to) for r in cand] for g in range(G)])
-    lat = np.array([[cm.latency_delta(g, r) for r in cand] for g in range(G)]) if latency else np.zeros((G, C))
+    lat = np.array([[cm.latency_delta(g, r, round_to) for r in cand] for g in range(G)]) if latency else np.zeros((G, C))
     d = np.where(np.isfinite(curves), curves, np.inf)
     idx = np.arange(C)
     usable = (np.isfinite(d) & (idx[None, :] >= floor[:, None])) | (idx[None, :] == floor[:, None])
@@ -281,7 +281,7 @@ def sensitivity_many(cm: allocate.CostModel, grid: list[float], damage: np.ndarr
         s = np.minimum(np.asarray(start, dtype=np.float64), max_ratio)
         cand = np.unique(np.concatenate([cand, s]))
         floor = np.searchsorted(cand, s - 1e-12).astype(np.int64)
-    curves = allocate._curves(cm, grid_a, damage, cand)
+    curves = allocate._curves(cm, grid_a, damage, cand, round_to)
     kinds = sorted({k for t in targets_list for k in t})
     t0 = time.perf_counter()
     choices, cidx, lat = _options(cm, cand, curves, floor, round_to, "latency" in kinds)

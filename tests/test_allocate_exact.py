@@ -61,7 +61,7 @@ def _damage(rng, G, plateaus=True):
 def _brute_force(cm, damage, targets, max_ratio, round_to=1):
     """The least summed damage over every choice of candidate ratios (step 1.0: the grid and 0)."""
     cand = np.unique(np.r_[0.0, [r for r in GRID if r <= max_ratio + 1e-9]])
-    curves = allocate._curves(cm, np.array(GRID), damage, cand)
+    curves = allocate._curves(cm, np.array(GRID), damage, cand, round_to)
     best = np.inf
     for combo in itertools.product(range(len(cand)), repeat=len(cm.groups)):
         loss = curves[np.arange(len(combo)), combo].sum()
@@ -251,3 +251,25 @@ def test_a_damage_plateau_still_uses_the_budget():
         back = alloc.ratios.copy()
         back[g] = cand[np.searchsorted(cand, alloc.ratios[g] - 1e-12) - 1]
         assert cm.fraction("macs", back) > 0.7
+
+
+def test_curves_are_linear_in_the_units_a_ratio_cuts():
+    """A group of 3 heads cuts nothing at 0.15 and 0.3 and one head from 0.35 to 0.6: its predicted damage
+    and latency there are the one-head cell's (a line in ratio from (0.3, 0) to (0.45, d) priced the
+    one-head cut at 0.35 at d / 3 while saving its whole cost, so heads were cut for almost nothing); a
+    wide group stays a line through its cells, in the channels each ratio really cuts."""
+    groups = [GroupInfo("h", "heads", 3, [], True), GroupInfo("c", "channels", 100, [], True)]
+    terms = {k: (np.ones(3), np.array([[1, 0], [0, 1], [0, 0]])) for k in ("macs", "params")}
+    cm = allocate.CostModel(groups, terms)
+    grid = np.array([0.15, 0.3, 0.45, 0.6])
+    damage = np.array([[0.0, 0.0, 0.3, 0.3], [0.1, 0.2, 0.3, 0.4]])
+    cand = np.array([0.0, 0.1, 0.3, 0.35, 0.5, 0.6, 0.65, 0.075])
+    curves = allocate._curves(cm, grid, damage, cand)
+    np.testing.assert_allclose(curves[0, :7], [0, 0, 0, 0.3, 0.3, 0.3, np.inf])
+    assert curves[1, 7] == pytest.approx(0.1 * 7 / 15)  # 0.075 of 100 keeps ceil(92.5) = 93: 7 channels cut
+    cm.set_latency_table(grid, np.array([[100.0, 100.0, 90.0, 90.0], [97.0, 94.0, 91.0, 88.0]]), 100.0)
+    assert cm.latency_delta(0, 0.35) == pytest.approx(-10.0) and cm.latency_delta(0, 0.3) == pytest.approx(0.0)
+    assert cm.latency_delta(1, 0.2) == pytest.approx(-4.0)
+    # a ninth of the params to remove: one head (damage 0.3) or, on the 0.025 steps, 35 channels (0.2 + 5/15 * 0.1)
+    a = allocate.sensitivity(cm, grid, damage, {"params": 1 - 1 / 9}, 0.9)
+    assert a.ratios[0] == 0.0 and a.ratios[1] == pytest.approx(0.35) and a.predicted_loss == pytest.approx(0.2 + 0.1 * 5 / 15)

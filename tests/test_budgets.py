@@ -20,8 +20,10 @@ QUICK = [*FAST, "finetune.epochs=0", "launcher=debug"]
 # depends on the cost model alone, so the runs below take the same path on every machine
 LATENCY_RUN = ["threads=1", "launcher=debug", "finetune.epochs=0", "sensitivity.ratios=[0.25,0.5,0.75]",
                "baseline.latency_repeats=1", "data.calib_samples=128", "prune.bn_recalib_batches=2", "prune.method=uniform",
-               "prune.target.macs=null", "prune.target.latency=0.8",
+               "prune.target.macs=null", "prune.target.latency=0.78",
                "prune.round_to=1"]  # every grid ratio a real cut of every group (round_to=8 keeps 16 of 16 at 0.25)
+# 0.78: the uniform allocation is predicted at 0.769 (whole channels of 16-channel groups, each group's latency
+# exact alone) and measures 0.782 (the additive table over-predicts what cutting every group together saves)
 
 
 @pytest.fixture
@@ -60,18 +62,18 @@ def test_latency_target_missed_then_met_by_reallocation(tmp_path, dense_ckpt, la
         G, R = len(f["groups/name"]), len(f["sensitivity/ratios"])
         assert f["latency/table_ms"].shape == (G, R) and f["latency"].attrs["dense_ms"] == pytest.approx(100.0)
         assert (f["latency/table_ms"][()] < 100.0).all()  # each group cut alone: fewer MACs, less time
-        assert json.loads(f["allocation"].attrs["targets"]) == {"latency": 0.8}
+        assert json.loads(f["allocation"].attrs["targets"]) == {"latency": 0.78}
         adjustments = json.loads(f["pruned"].attrs["latency_adjustments"])
         assert json.loads(f["allocation"].attrs["adjustments"]) == adjustments
         assert len(adjustments) == 1, adjustments  # missed once, then met
         a = adjustments[0]
-        assert a["measured"] > 0.8 and a["measured"] == pytest.approx(a["macs_kept"])  # measured, not predicted
-        assert a["targets"]["macs"] == pytest.approx(a["macs_kept"] * 0.8 / a["measured"])
+        assert a["measured"] > 0.78 and a["measured"] == pytest.approx(a["macs_kept"])  # measured, not predicted
+        assert a["targets"]["macs"] == pytest.approx(a["macs_kept"] * 0.78 / a["measured"])
         around = f["latency/around_0"]
         assert around["table_ms"].shape == (G, R) and around["zero_ms"].shape == (G,)
         assert around.attrs["base_ms"] == pytest.approx(100.0 * a["measured"])
         pruned = f["pruned"].attrs
-        assert pruned["latency_kept"] <= 0.8 and pruned["latency_kept"] == pytest.approx(pruned["macs_kept"])
+        assert pruned["latency_kept"] <= 0.78 and pruned["latency_kept"] == pytest.approx(pruned["macs_kept"])
         assert pruned["macs_kept"] <= a["targets"]["macs"] + 1e-9
 
 
@@ -87,9 +89,9 @@ def test_latency_target_missed_fails_with_one_line(tmp_path, dense_ckpt, latency
     with pytest.raises(RuntimeError) as e:
         sweep_in_process(d, *LATENCY_RUN, f"checkpoint={dense_ckpt}", *extra)
     msg = str(e.value)
-    assert "\n" not in msg and msg.startswith("prune.target.latency=0.8: still ") and why in msg, msg
+    assert "\n" not in msg and msg.startswith("prune.target.latency=0.78: still ") and why in msg, msg
     with h5py.File(d / "run.h5") as f:
-        assert f.attrs["status"] == "failed" and "prune.target.latency=0.8: still" in f.attrs["status_reason"]
+        assert f.attrs["status"] == "failed" and "prune.target.latency=0.78: still" in f.attrs["status_reason"]
         assert "pruned" not in f
         assert "around_0" in f["latency"]  # the miss was measured again around the allocation before giving up
 

@@ -12,7 +12,8 @@ from conftest import sweep_in_process
 from torch.nn import functional as F
 
 from hpcprune import importance, metrics
-from hpcprune.graph import Graph, keep_count
+from hpcprune.allocate import units_cut
+from hpcprune.graph import Graph, GroupInfo, keep_count
 from hpcprune.sensitivity import DONE, Evaluator, run_sensitivity
 from hpcprune.world import World
 from hpcprune.zoo.models import MLP
@@ -102,13 +103,16 @@ def test_sweep_allocates_on_the_kl_divergence(tmp_path):
         ref = float(s.attrs["dense_calib_loss"])
         a = f["allocation"]
         alloc, predicted = a["ratio"][()], float(a.attrs["predicted_loss_increase"])
+        groups = [GroupInfo(str(n), str(k), int(z), [], True) for n, k, z in
+                  zip(f["groups/name"].asstr()[()], f["groups/kind"].asstr()[()], f["groups/size"][()])]
         assert f.attrs["status"] == "complete" and f["final"].attrs["params_kept"] <= 0.85 + 1e-9
     done = status == DONE
     assert done.all() and np.isfinite(kl).all() and (kl > -1e-6).all() and np.isfinite(loss).all()
     grid = [0.0] + ratios
 
-    def on(curves):
-        return sum(float(np.interp(r, grid, [0.0, *row])) for r, row in zip(alloc, curves))
+    def on(curves):  # linear in the units each ratio cuts (a head group of llama_tiny: 2 units)
+        return sum(float(np.interp(units_cut(g, r), [units_cut(g, x) for x in grid], [0.0, *row]))
+                   for g, r, row in zip(groups, alloc, curves))
 
     assert predicted == pytest.approx(on(kl), rel=1e-6, abs=1e-9)
     assert predicted != pytest.approx(on(loss - ref), rel=1e-3)
