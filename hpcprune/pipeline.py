@@ -96,16 +96,24 @@ class Sweep:
     def _stages(self, ctx: Context) -> None:
         """README's stage table, in order (``hpcprune.stages.STAGES``)."""
         for stage in STAGES:
-            if stage.who == EVERY_RANK:
-                self._share_cores(stage.key)
-            if stage.dense and ctx.model is None:
-                ctx = analyse(ctx, self.cfg, self.rf)  # every rank, once: the importance scores are all-reduced
-            if stage.who == EVERY_RANK:
-                self._timed(stage, ctx)
-                self.world.set_threads(int(self.cfg.threads), alone=True)
-                continue
-            if self.main and not self._done(stage.key):
-                self._timed(stage, ctx)
+            try:
+                if stage.who == EVERY_RANK:
+                    self._share_cores(stage.key)
+                if stage.dense and ctx.model is None:
+                    ctx = analyse(ctx, self.cfg, self.rf)  # every rank, once: the importance scores are all-reduced
+                if stage.who == EVERY_RANK:
+                    self._timed(stage, ctx)
+                    self.world.set_threads(int(self.cfg.threads), alone=True)
+                    continue
+                if self.main and not self._done(stage.key):
+                    self._timed(stage, ctx)
+            except Exception as e:  # an unexpected error's one line names the stage (world.run_guarded)
+                if not hasattr(e, "hpcprune_stage"):
+                    try:
+                        e.hpcprune_stage = stage.key  # type: ignore[attr-defined]
+                    except AttributeError:  # an exception type that takes no attributes
+                        pass
+                raise
             self.world.barrier()  # the other ranks sleep here while rank 0 works
 
     def _share_cores(self, key: str) -> None:

@@ -19,16 +19,48 @@ from .structure import structure_of
 from .store import RunFile, has_weights, read_weights
 
 
+# a model function whose model comes with trained weights (a checkpoint directory, a weights file) sets this
+# attribute on the module it returns: the baseline stage keeps those weights instead of training from scratch
+PRETRAINED = "hpcprune_pretrained"
+
+
+def mark_pretrained(model: nn.Module) -> nn.Module:
+    """Mark ``model`` as coming with trained weights (``model=hf``, SmolLM2, torchvision with
+    ``model.weights``): the baseline stage measures it as it is and never trains it unless
+    ``baseline.train_pretrained=true``. Returns ``model``."""
+    setattr(model, PRETRAINED, True)
+    return model
+
+
+def is_pretrained(model: nn.Module) -> bool:
+    """Whether the model function marked ``model`` with :func:`mark_pretrained`."""
+    return bool(getattr(model, PRETRAINED, False))
+
+
 def build_model(model_cfg: Any) -> nn.Module:
     from hydra.utils import instantiate
 
     return instantiate(model_cfg, _convert_="all")
 
 
+_TASK_FIELDS = ("train", "val", "calib", "example_input", "num_classes")
+
+
 def build_data(data_cfg: Any) -> Any:
+    """The data config's object; a function that returns anything without :class:`hpcprune.zoo.data.TaskData`'s
+    fields is refused in one line (``ConfigError``) naming what it returned."""
     from hydra.utils import instantiate
 
-    return instantiate(data_cfg, _convert_="all")
+    from .config import ConfigError
+
+    data = instantiate(data_cfg, _convert_="all")
+    missing = [k for k in _TASK_FIELDS if not hasattr(data, k)]
+    if missing:
+        target = data_cfg.get("_target_") if hasattr(data_cfg, "get") else None
+        raise ConfigError(f"data._target_={target}: returned a {type(data).__name__}, not a TaskData (it has no "
+                          f"{', '.join(missing)}): return hpcprune.zoo.data.TaskData(train, val, calib, example_input, "
+                          "num_classes, metric) (see examples/)")
+    return data
 
 
 def load_config(run: RunFile) -> DictConfig:

@@ -66,6 +66,7 @@ class BaselineConfig:
     latency_clock: LatencyClock = MISSING  # type: ignore[valid-type]
     energy: bool = MISSING  # measure joules per sample (hpcprune.energy) on /baseline, /pruned, /final
     copy_checkpoint: bool = MISSING
+    train_pretrained: bool = MISSING  # a model that comes with trained weights (runs.mark_pretrained) is trained too
 
 
 @dataclass

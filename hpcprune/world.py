@@ -188,8 +188,14 @@ def run_guarded(world: World, fn: Callable[[], int], err_stream: Any = None) -> 
     except BaseException as e:  # noqa: B902 - any failure on any rank must end all ranks
         where = f"rank {world.rank}/{world.size}: " if world.size > 1 else ""
         stream = err_stream or sys.stderr
-        kind = "" if isinstance(e, HpcpruneError) else f"{type(e).__name__}: "  # a user's error: its line alone
-        print(f"hpcprune: error: {where}{kind}{e}", file=stream, flush=True)
+        if isinstance(e, HpcpruneError):  # a user's error: its line alone
+            line = f"{e}"
+        else:  # another library's error or a bug: the stage it stopped, its first line, where its traceback is
+            stage = getattr(e, "hpcprune_stage", None)
+            lines = [ln.strip() for ln in str(e).splitlines() if ln.strip()] or [""]
+            line = (f"{f'stage {stage}: ' if stage else ''}{type(e).__name__}: {lines[0]}{' ...' if len(lines) > 1 else ''}"
+                    f"{' (traceback in sweep.log)' if world.rank == 0 else ''}")
+        print(f"hpcprune: error: {where}{line}", file=stream, flush=True)
         if isinstance(e, HpcpruneError):
             log.debug("stopped on rank %d: %s: %s", world.rank, type(e).__name__, e)
         else:

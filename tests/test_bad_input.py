@@ -10,6 +10,8 @@ stderr, no run file.
 """
 import os
 
+import torch
+
 import pytest
 
 from conftest import FAST, compose, run_sweep, sweep_in_process
@@ -173,3 +175,40 @@ def test_multirun_dir_with_now_interpolation_still_counts_failed_points(tmp_path
     assert p.returncode == 3, p.stderr[-2000:]
     (sub,) = os.listdir(tmp_path / "multi")
     assert "${" not in sub and f"1 run(s) of the sweep failed (of 1): {tmp_path / 'multi' / sub / '0'}" in p.stderr
+
+
+class _FailsInTraining(torch.nn.Sequential):
+    """A user's model with a bug that only training meets."""
+
+    def forward(self, x):
+        if self.training:
+            raise RuntimeError("my_forward: batch statistics missing\n(a second line)")
+        return super().forward(x)
+
+
+def fails_in_training():
+    from hpcprune.zoo.models import resnet
+
+    return _FailsInTraining(*resnet(1, 10, (8, 16), (1, 1)))
+
+
+def test_an_unexpected_error_names_its_stage_and_the_log(tmp_path):
+    """An error hpcprune did not foresee (here the user's forward, in dense training) is one line naming
+    the stage it stopped, the exception's first line and where its traceback is; status failed."""
+    import io
+
+    import h5py
+
+    from hpcprune.stages import Sweep
+    from hpcprune.world import World, run_guarded
+
+    err = io.StringIO()
+    cfg = compose([*FAST, "model=custom", "model._target_=test_bad_input.fails_in_training", "baseline.epochs=1",
+                   "prune.target.macs=0.8"])
+    world = World(None)
+    world.abort = lambda code: None  # in-process: no MPI to abort
+    assert run_guarded(world, lambda: Sweep(cfg, world, str(tmp_path / "run")).run(), err_stream=err) == 1
+    assert err.getvalue().splitlines() == ["hpcprune: error: stage baseline: RuntimeError: my_forward: batch statistics "
+                                           "missing ... (traceback in sweep.log)"]
+    with h5py.File(tmp_path / "run" / "run.h5", "r") as f:
+        assert f.attrs["status"] == "failed" and "my_forward" in f.attrs["status_reason"]

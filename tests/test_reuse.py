@@ -291,3 +291,33 @@ def test_groups_stage_findings_reused_by_the_runs_of_a_multirun(tmp_path):
     with pytest.raises(ConfigError, match="prune.target.macs=0.001"):  # refused on the reused cost model too
         sweep_in_process(multi / "3", *TINY, "prune.target.macs=0.001")
     assert groups(1)[0]["source"] == str(multi / "0" / "run.h5")
+
+
+def pretrained_resnet():
+    """A user's model function whose model comes with trained weights (here: fixed random ones)."""
+    import torch
+
+    from hpcprune.runs import mark_pretrained
+    from hpcprune.zoo.models import resnet
+
+    torch.manual_seed(123)
+    return mark_pretrained(resnet(1, 10, (8, 16), (1, 1)))
+
+
+def test_a_pretrained_model_is_kept_not_trained(tmp_path, caplog):
+    """A model marked pretrained is measured with its own weights whatever baseline.epochs says (the log
+    says so); baseline.train_pretrained=true trains it like one with random weights."""
+    import torch
+
+    own = pretrained_resnet().state_dict()
+    argv = [*TINY, "baseline.epochs=2", "model._target_=test_reuse.pretrained_resnet", "prune.target.macs=0.8"]
+    with caplog.at_level("INFO", logger="hpcprune.stages"):
+        assert sweep_in_process(tmp_path / "kept", *argv) == 0
+    assert "the model's own trained weights, not trained here (baseline.epochs=2" in caplog.text
+    assert sweep_in_process(tmp_path / "trained", *argv, "baseline.train_pretrained=true") == 0
+    for run, trained in (("kept", False), ("trained", True)):
+        with h5py.File(tmp_path / run / "run.h5", "r") as f:
+            assert f["baseline"].attrs["pretrained"] and bool(f["baseline"].attrs["trained_here"]) == trained
+        dense = read_weights(RunFile(str(tmp_path / run / "run.h5")), "baseline")
+        same = all(torch.equal(dense[k], v) for k, v in own.items() if k in dense)
+        assert same != trained, run

@@ -19,7 +19,7 @@ import torch
 
 from .. import metrics, reuse
 from ..config import load_dense_checkpoint
-from ..runs import build_model
+from ..runs import build_model, is_pretrained
 from ..store import RunFile, put_attrs, replace_group, write_weights
 from .context import Context, Record
 
@@ -29,8 +29,14 @@ log = logging.getLogger("hpcprune.stages")
 def run(ctx: Context, cfg: Any, rf: RunFile) -> Record:
     model = build_model(cfg.model)
     key, source, claim = "", "", None
+    pretrained = is_pretrained(model)
     if cfg.checkpoint:
         load_dense_checkpoint(model, str(cfg.checkpoint))
+        trained = False
+    elif pretrained and not cfg.baseline.train_pretrained:
+        if int(cfg.baseline.epochs) > 0:
+            log.info("dense: the model's own trained weights, not trained here (baseline.epochs=%d trains models that "
+                     "come with random weights; baseline.train_pretrained=true trains this one too)", int(cfg.baseline.epochs))
         trained = False
     else:
         key = reuse.dense_key(cfg)
@@ -68,7 +74,7 @@ def run(ctx: Context, cfg: Any, rf: RunFile) -> Record:
         higher_is_better=metrics.METRIC_HIGHER_IS_BETTER[ctx.metric], params=metrics.params(model),
         macs=evaluated["macs"], latency_ms=lat, latency_batch=cfg.baseline.latency_batch,
         latency_device=str(ctx.device), latency_runtime=runtime, latency_clock=latency_clock(ctx, cfg),
-        energy_j_per_sample=joules.j_per_sample, energy_source=joules.source, trained_here=trained,
+        energy_j_per_sample=joules.j_per_sample, energy_source=joules.source, trained_here=trained, pretrained=pretrained,
         dense_key=key, source=source, eval_key=ekey, eval_source=eval_source, dense_digest=digest,
     )
     log.info("dense: %s %.4f, %d params, %d MACs, %.2f ms", ctx.metric, rec["metric"], rec["params"], rec["macs"], lat)

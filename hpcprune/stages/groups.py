@@ -82,11 +82,19 @@ def _check_logits(model: nn.Module, ctx: Context) -> None:
     import torch
 
     from ..metrics import logits_of
+    from ..units import runs_on
 
-    with torch.no_grad():
-        out = logits_of(model(ctx.example[:2]))
+    try:
+        with torch.no_grad():
+            out = logits_of(model(ctx.example[:2]))
+    except Exception:
+        runs_on(model, ctx.example[:2], ConfigError)  # the same error again, as one line naming the input shape
+        raise
     width, classes = int(out.shape[-1]), int(ctx.data.num_classes)
     token = ctx.metric == "perplexity"
+    if token and classes == 256 and width > classes:
+        log.warning("groups: the data's tokens are UTF-8 bytes (256 ids) but the model predicts %d tokens: a model "
+                    "with its own tokenizer wants data=text_files (data.tokenizer is model.path by default)", width)
     if (token and width < classes) or (not token and width != classes):
         raise ConfigError(
             f"model: its main output (the output itself, a tuple's first tensor or a dict's 'logits') has shape "
@@ -106,10 +114,11 @@ def _check_budgets(cost: allocate.CostModel, cfg: Any) -> None:
     sens = str(cfg.prune.method) == "sensitivity"
     top = max(float(r) for r in cfg.sensitivity.ratios)
     if sens and top < max_ratio:
-        full = np.full(len(cost.groups), top)
+        full, most = np.full(len(cost.groups), top), np.full(len(cost.groups), max_ratio)
         for k, t in budgets.items():
             best = cost.fraction(k, full, round_to)
-            if best > t + 1e-12:
+            # (out of reach at prune.max_ratio too: a larger ratio cannot help, _check_reachable says what can)
+            if best > t + 1e-12 and cost.fraction(k, most, round_to) <= t + 1e-12:
                 raise ConfigError(
                     f"prune.target.{k}={t} cannot be met by prune.method=sensitivity: its curves end at the largest "
                     f"of sensitivity.ratios={[float(r) for r in cfg.sensitivity.ratios]}, where every group keeps "

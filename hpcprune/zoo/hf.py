@@ -199,7 +199,9 @@ def smollm2(dtype: str = "float32") -> HFCausalLM:
     _need("gguf")
     folder, gguf = smollm2_gguf()
     hf = tf.AutoModelForCausalLM.from_pretrained(folder, gguf_file=gguf, dtype=torch_dtype(dtype), attn_implementation="sdpa")
-    return HFCausalLM(hf)
+    from ..runs import mark_pretrained
+
+    return mark_pretrained(HFCausalLM(hf))
 
 
 # ---- tokenized text ---------------------------------------------------------------------------------

@@ -33,6 +33,7 @@ from typing import Any
 
 from ..config import ConfigError
 from ..hf_plain import AUTO_CLASS, wrapper_of
+from ..runs import mark_pretrained
 
 # model.task -> the wrapper (hpcprune.zoo.hf) whose Auto class (hpcprune.hf_plain.AUTO_CLASS) loads it
 TASKS = {"causal-lm": "HFCausalLM", "masked-lm": "HFEncoderLM", "image-classification": "HFImageClassifier",
@@ -74,7 +75,7 @@ def hf_model(path: str, dtype: str = "float32", task: str = "auto", gguf_file: s
         raise ConfigError(f"model.task={task}: model type {config.model_type!r} ({path}) has no {task_name} head in "
                           f"transformers ({AUTO_CLASS[wrapper]}); choose another model.task ({_CHOICES})")
     hf = auto.from_pretrained(folder, dtype=dt, **kw)
-    return getattr(zhf, wrapper)(hf)
+    return mark_pretrained(getattr(zhf, wrapper)(hf))  # the checkpoint's weights: kept, not trained again
 
 
 def checkpoint_files(path: str, gguf_file: str | None = None) -> tuple[str, str | None]:

@@ -139,8 +139,16 @@ def token_stream(files: Sequence[str], tokenizer: str, text_field: str = "text")
         gguf = tokenizer.lower().endswith(".gguf")
         if tokenizer != "smollm2" and not (os.path.isfile(tokenizer) if gguf else os.path.isdir(tokenizer)):
             raise FileNotFoundError(f"data.tokenizer={tokenizer}: no such " + ("file" if gguf else "folder (a tokenizer or "
-                                    "model directory, a .gguf file, smollm2 or bytes)"))
-        tok = load_tokenizer(tokenizer)
+                                    "model directory, a .gguf file, smollm2 or bytes)") + "; data.tokenizer is model.path "
+                                    "unless given: check model.path")
+        try:
+            tok = load_tokenizer(tokenizer)
+        except Exception as e:  # transformers' message stops mid-sentence on the first line
+            first = next((ln.strip() for ln in str(e).splitlines() if ln.strip()), type(e).__name__)
+            raise ValueError(f"data.tokenizer={tokenizer}: no tokenizer loads from it ({type(e).__name__}: {first[:160]}); "
+                             "it needs the files a tokenizer's save_pretrained writes (tokenizer.json or "
+                             "tokenizer.model / vocab files, tokenizer_config.json): give data.tokenizer= a folder "
+                             "that has them (or bytes)") from None
         eos = [tok.eos_token_id] if tok.eos_token_id is not None else []
         for f in files:
             for doc in documents(f, text_field):

@@ -118,6 +118,10 @@ def torchvision_model(
         from .vision_swin import prunable_swin
 
         model = prunable_swin(model)
+    if weights is not None:  # trained weights: kept, not trained again (runs.mark_pretrained)
+        from ..runs import mark_pretrained
+
+        mark_pretrained(model)
     return model
 
 
