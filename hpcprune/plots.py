@@ -162,6 +162,12 @@ PARETO_AXES = (("macs_kept", "MACs kept (fraction of dense)", False), ("params_k
 ENERGY_AXIS = ("energy_kept", "energy per sample kept (fraction of dense)", False)
 
 
+def task_key(run: "Run") -> str:
+    from .report import task_key as key
+
+    return key(run)
+
+
 def _front(points: list[tuple[float, float, str]], higher_x: bool, higher_y: bool) -> list[str]:
     """Labels of the non-dominated points (``hpcprune.report.pareto_front``)."""
     from .report import pareto_front
@@ -188,8 +194,15 @@ def pareto(runs: Sequence["Run"], fig_id: str = "pareto") -> Figure | None:
             if x is not None and y is not None:
                 items.append((i, r, src, float(x), float(y)))
         dense = sorted({(1.0, float(r.dense["metric"])) for r in runs if r.dense.get("metric") is not None})
-        pts = [(x, y, r.label) for _, r, _, x, y in items] + [(dx, dy, f"dense#{j}") for j, (dx, dy) in enumerate(dense)]
-        front = _front(pts, higher_x, higher)
+        # one front per task (report.task_key): a run on another model or data set dominates nothing
+        tasks: dict[str, list[tuple[float, float, str]]] = {}
+        for _, r, _, x, y in items:
+            tasks.setdefault(task_key(r), []).append((x, y, r.label))
+        for j, r in enumerate(runs):
+            if r.dense.get("metric") is not None:
+                tasks.setdefault(task_key(r), []).append((1.0, float(r.dense["metric"]), f"dense#{j}"))
+        fronts = [[p for p in pts if p[2] in set(_front(pts, higher_x, higher))] for pts in tasks.values()]
+        front = [p[2] for f in fronts for p in f]
         drawn = []
         for i, r, src, x, y in items:
             c = colours(i % 10)
@@ -207,10 +220,13 @@ def pareto(runs: Sequence["Run"], fig_id: str = "pareto") -> Figure | None:
                           "pruned_x": px, "pruned_y": py, "fine_tuned": src is r.final})
         for j, (dx, dy) in enumerate(dense):
             ax.scatter([dx], [dy], marker="*", s=160, color="black", zorder=4, label="dense" if j == 0 else None)
-        fpts = sorted((p for p in pts if p[2] in front), key=lambda p: p[0])
-        if len(fpts) > 1:
-            ax.plot([p[0] for p in fpts], [p[1] for p in fpts], color="#999999", linewidth=1, linestyle="-", zorder=1,
-                    label="Pareto front")
+        labelled = False
+        for f in fronts:
+            fpts = sorted(f, key=lambda p: p[0])
+            if len(fpts) > 1:
+                ax.plot([p[0] for p in fpts], [p[1] for p in fpts], color="#999999", linewidth=1, linestyle="-", zorder=1,
+                        label=None if labelled else "Pareto front")
+                labelled = True
         ax.set_xlabel(xlabel)
         ax.set_ylabel(f"final {metric_name}")
         ax.grid(alpha=0.3)

@@ -244,14 +244,26 @@ def pareto_front(points: list[tuple[float, float, str]], higher_x: bool, higher_
     return out
 
 
+def task_key(run: Run) -> str:
+    """What a run's metric is comparable within: its model and data config (``model.*``, ``data.*``, the
+    dense checkpoint; not ``data.calib_samples``, which only changes how it was pruned). Fronts are
+    per task: a run on another model or data set dominates nothing."""
+    keys = sorted(k for k in run.config if (k.startswith(("model.", "data.")) and k != "data.calib_samples")
+                  or k == "checkpoint")
+    return json.dumps([[k, run.config[k]] for k in keys], default=str)
+
+
 def mark_sweep(runs: Sequence[Run]) -> None:
     """Per row: ``front`` (``yes`` / ``dominated`` on final metric against MACs kept, among the runs
-    shown that have both; ``-`` otherwise) and ``grid`` (``own`` when the run computed its sensitivity
-    grid, else the label of the run it was copied from, or ``cache``)."""
+    shown that have both and share its task (:func:`task_key`); ``-`` otherwise) and ``grid`` (``own``
+    when the run computed its sensitivity grid, else the label of the run it was copied from, or ``cache``)."""
     pts = [(float(r.row["macs_kept"]), float(r.row["final"] if r.row.get("final") is not None else r.row["pruned"]), r.label)
            for r in runs if r.row.get("macs_kept") is not None and (r.row.get("final") is not None or r.row.get("pruned") is not None)]
+    task = {r.label: task_key(r) for r in runs}
     higher = runs[0].higher_is_better if runs else True
-    front = set(pareto_front(pts, False, higher))
+    front: set[str] = set()
+    for t in set(task.values()):
+        front |= set(pareto_front([p for p in pts if task[p[2]] == t], False, higher))
     by_path = {os.path.abspath(r.path): r.label for r in runs}
     for r in runs:
         if r.label in {p[2] for p in pts}:

@@ -348,3 +348,17 @@ def test_timings_fall_back_to_sweep_log(runs, tmp_path):
     run = report.load_run(str(d / "run.h5"))
     assert run.timing_source == "sweep.log"
     assert run.timings == {"baseline": 12.5, "sensitivity": 34.5, "final": 20.0}
+
+
+def test_front_is_per_task():
+    """A run on another model or data set dominates nothing: fronts are per task (report.task_key)."""
+    from hpcprune.report import Run, mark_sweep
+
+    def run(label, model, data, macs, final):
+        return Run(path=f"/x/{label}/run.h5", row={"macs_kept": macs, "final": final}, label=label,
+                   config={"model._target_": model, "data._target_": data, "data.calib_samples": len(label)})
+
+    runs = [run("a", "resnet", "digits", 0.5, 0.90), run("c", "resnet", "digits", 0.6, 0.85),
+            run("cc", "resnet", "digits", 0.45, 0.88), run("b", "mine", "bars", 0.4, 0.95)]
+    mark_sweep(runs)
+    assert {r.label: r.row["front"] for r in runs} == {"a": "yes", "c": "dominated", "cc": "yes", "b": "yes"}
