@@ -256,7 +256,8 @@ def task_key(run: Run) -> str:
 def mark_sweep(runs: Sequence[Run]) -> None:
     """Per row: ``front`` (``yes`` / ``dominated`` on final metric against MACs kept, among the runs
     shown that have both and share its task (:func:`task_key`); ``-`` otherwise) and ``grid`` (``own``
-    when the run computed its sensitivity grid, else the label of the run it was copied from, or ``cache``)."""
+    when the run computed its sensitivity grid, ``from <label>`` when it was copied from a run shown,
+    ``cache`` from the cache directory, ``reused`` from a run not shown; ``/sensitivity@source`` says which)."""
     pts = [(float(r.row["macs_kept"]), float(r.row["final"] if r.row.get("final") is not None else r.row["pruned"]), r.label)
            for r in runs if r.row.get("macs_kept") is not None and (r.row.get("final") is not None or r.row.get("pruned") is not None)]
     task = {r.label: task_key(r) for r in runs}
@@ -270,7 +271,9 @@ def mark_sweep(runs: Sequence[Run]) -> None:
             r.row["front"] = "yes" if r.label in front else "dominated"
         src = r.row.get("grid_source")
         if src is not None:
-            r.row["grid"] = "own" if src == "" else by_path.get(os.path.abspath(src), "cache" if "sensitivity-" in os.path.basename(src) else src)
+            shown = by_path.get(os.path.abspath(src))
+            r.row["grid"] = ("own" if src == "" else f"from {shown}" if shown is not None
+                             else "cache" if "sensitivity-" in os.path.basename(src) else "reused")
 
 
 def summarize(path: str) -> dict[str, Any]:

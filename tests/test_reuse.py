@@ -87,7 +87,7 @@ def test_multirun_computes_the_grid_once_and_goes_on_past_failed_points(tmp_path
     runs = [load_run(str(sweep / str(i) / "run.h5")) for i in range(9)]
     label_runs(runs)
     mark_sweep(runs)
-    assert [r.row.get("grid") for r in runs] == ["own"] + ["0"] * 5 + [None] * 3
+    assert [r.row.get("grid") for r in runs] == ["own"] + ["from 0"] * 5 + [None] * 3
     assert all(r.row.get("front") in ("yes", "dominated") for r in runs[:6]) and "yes" in [r.row["front"] for r in runs[:6]]
     # the same sweep directory again with another config: every point is refused on its older run file
     # (which stays complete and untouched), and the sweep says so with status 3, not "complete"
