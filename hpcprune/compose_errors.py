@@ -108,5 +108,21 @@ def _schema_error(e: BaseException, text: str, overrides: list[str]) -> str | No
         return f"{given}: {why}" + (f" (at {key})" if key and key != _override_key(given) else "")
     m = re.match(r"(In '[^']+'): \w+ raised while composing config:\n(.+?)\n\s*full_key: (\S+)", text)
     if m:  # a value in a config file
-        return f"{m.group(1)}: {m.group(3)}: {m.group(2).strip()}"
+        return f"{m.group(1)}: {m.group(3)}: {m.group(2).strip()}{_close_field(m.group(2))}"
     return None
+
+
+def _close_field(why: str) -> str:
+    """" (did you mean epochs?)" for the schema's "Key 'epoch' not in 'BaselineConfig'", else ""."""
+    import dataclasses
+    import difflib
+    import re
+
+    from . import schema
+
+    m = re.match(r"Key '([^']+)' not in '(\w+)'", why.strip())
+    node = getattr(schema, m.group(2), None) if m else None
+    if node is None or not dataclasses.is_dataclass(node):
+        return ""
+    close = difflib.get_close_matches(m.group(1), [f.name for f in dataclasses.fields(node)], n=3, cutoff=0.7)
+    return f" (did you mean {' or '.join(close)}?)" if close else ""

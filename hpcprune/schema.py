@@ -57,6 +57,7 @@ Damage = _choice("Damage", ("loss", "kl"))
 @dataclass
 class BaselineConfig:
     epochs: int = MISSING
+    train_pretrained: bool = MISSING  # a model that comes with trained weights (runs.mark_pretrained) is trained too
     batch_size: int = MISSING
     lr: float = MISSING
     weight_decay: float = MISSING
@@ -66,7 +67,6 @@ class BaselineConfig:
     latency_clock: LatencyClock = MISSING  # type: ignore[valid-type]
     energy: bool = MISSING  # measure joules per sample (hpcprune.energy) on /baseline, /pruned, /final
     copy_checkpoint: bool = MISSING
-    train_pretrained: bool = MISSING  # a model that comes with trained weights (runs.mark_pretrained) is trained too
 
 
 @dataclass

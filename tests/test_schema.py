@@ -134,7 +134,7 @@ def test_schema_changes_no_saved_value(tmp_path, overrides):
 @pytest.mark.parametrize("body,line", [
     ("threads: abc", "In 'mine': threads: Value 'abc' of type 'str' could not be converted to Integer"),
     ("prune:\n  method: magic", "In 'mine': prune.method: Invalid value 'magic', expected one of [uniform, global, sensitivity]"),
-    ("baseline:\n  epoch: 3", "In 'mine': baseline.epoch: Key 'epoch' not in 'BaselineConfig'"),
+    ("baseline:\n  epoch: 3", "In 'mine': baseline.epoch: Key 'epoch' not in 'BaselineConfig' (did you mean epochs?)"),
 ])
 def test_bad_value_in_a_config_file_one_line(tmp_path, body, line):
     (tmp_path / "mine.yaml").write_text(f"defaults:\n  - config\n  - _self_\n{body}\n")

@@ -86,9 +86,11 @@ def record(ctx: Context, cfg: Any, alloc: allocate.Allocation, targets: dict[str
     for, tightened after a missed latency target; ``adjusted``: those misses)."""
     method, max_ratio, round_to = str(cfg.prune.method), float(cfg.prune.max_ratio), int(cfg.prune.round_to)
     groups = ctx.graph.groups
-    log.info("allocation (%s): ratios %s, predicted kept %s", method,  # a block is kept or removed, not cut
-             {g.name: ("removed" if n_keep(g, float(r), round_to) == 0 else "kept") if g.kind == "block" else round(float(r), 3)
-              for g, r in zip(groups, alloc.ratios)},
+    # units kept of each group's units, as the cut makes them (round_to applied): the ratio alone can cut
+    # nothing (a group of 8 channels at 0.5 with round_to=8); a block is kept or removed, not cut
+    log.info("allocation (%s): units kept %s, predicted kept %s", method,
+             {g.name: ("removed" if n_keep(g, float(r), round_to) == 0 else "kept") if g.kind == "block"
+              else f"{n_keep(g, float(r), round_to)}/{g.size}" for g, r in zip(groups, alloc.ratios)},
              {k: round(v, 4) for k, v in alloc.predicted.items()})
     given = config_targets(cfg)
     for k, t in targets.items():
