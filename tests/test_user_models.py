@@ -58,10 +58,16 @@ def test_features_returned_before_the_logits_refused_before_training(tmp_path):
 
 
 def test_budget_beyond_the_sensitivity_curves_refused_before_training(tmp_path):
+    """Reachable at prune.max_ratio but not within the measured ratios: add a ratio. Out of reach at
+    prune.max_ratio too (here because round_to=8 keeps narrow groups whole): a larger ratio cannot help,
+    and the line says what can."""
     with pytest.raises(ConfigError, match=r"sensitivity.ratios=\[0.3, 0.6\].*before any training"):
-        sweep_in_process(tmp_path, *TINY, *_model("dict_output"), "prune.target.macs=0.05")
+        sweep_in_process(tmp_path, *TINY, *_model("dict_output"), "prune.target.macs=0.2", "prune.round_to=1")
     with h5py.File(tmp_path / "run.h5", "r") as f:
         assert "baseline" not in f
+    with pytest.raises(ConfigError) as e:
+        sweep_in_process(tmp_path / "b", *TINY, *_model("dict_output"), "prune.target.macs=0.2")
+    assert "sensitivity.ratios" not in str(e.value) and "a smaller round_to (1: any width) reaches" in str(e.value)
 
 
 # ---- issue 14: models of kinds hpcprune was not built on (tests/archs2.py), in process -----------------
