@@ -180,8 +180,10 @@ def _drop(g: GroupInfo, max_ratio: float, round_to: int, seed: int) -> list[int]
         n = g.size - n_keep(g, max_ratio, 1)
     if g.kind == "block":
         n = 1
-    perm = torch.randperm(g.size, generator=torch.Generator().manual_seed(seed + 7919 * g.size))
-    return sorted(int(i) for i in perm[:n])
+    # unit 0 always goes, the others at random: every kept unit before the next dropped one moves down a
+    # place, so per-unit state the cut does not follow (a list of per-head norms) meets another unit's input
+    perm = [int(i) for i in torch.randperm(g.size, generator=torch.Generator().manual_seed(seed + 7919 * g.size)) if i != 0]
+    return sorted([0] + perm[: n - 1]) if n > 0 else []
 
 
 class _FromPrefix:

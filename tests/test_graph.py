@@ -471,3 +471,17 @@ def test_verification_from_cached_activations_finds_what_the_whole_forward_finds
         found.append(sorted((e.name, e.reason) for e in verify_groups(graph, x, 0.9, 1)))
     assert found[0] == found[1]
     assert max(entries) > 0  # some group's checks start past the first element
+
+
+def test_verification_cut_moves_the_kept_units():
+    """The verification cut always drops unit 0 (the rest at random): every kept unit before the next
+    dropped one moves down a place, so per-unit state the cut does not follow meets another unit's input
+    (a 2-head group cut to its unit 1 would otherwise pass by keeping head 1 where it was)."""
+    from hpcprune.graph import GroupInfo
+    from hpcprune.verify import _drop
+
+    for size, kind in ((2, "heads"), (3, "heads"), (16, "channels"), (100, "neurons")):
+        g = GroupInfo("g", kind, size, [], True)
+        for seed in range(5):
+            drop = _drop(g, 0.9, 1, seed)
+            assert drop[0] == 0 and len(drop) == len(set(drop)) == size - keep_count(size, 0.9) and drop == sorted(drop)

@@ -210,3 +210,41 @@ def test_config_that_does_not_fit_the_modules_is_refused_in_one_line():
     with pytest.raises(StructureError, match=r"LlamaForCausalLM .*head_dim=5") as e:
         model.prune_structure()
     assert "\n" not in str(e.value)
+
+
+# families whose heads (or experts) hpcprune cannot cut: refused on the architecture, each with its reason
+REFUSED = {
+    "stablelm_qk_layernorm": ("StableLmConfig", "StableLmForCausalLM", dict(num_key_value_heads=2, qk_layernorm=True),
+                              ":heads", "self_attn.q_layernorm.norms holds one LayerNorm per head (4)"),
+    "cohere_qk_norm": ("CohereConfig", "CohereForCausalLM", dict(num_key_value_heads=2, use_qk_norm=True),
+                       ":heads", "self_attn.q_norm.weight (4, 8) holds a value per head"),
+    "olmo2": ("Olmo2Config", "Olmo2ForCausalLM", dict(num_key_value_heads=2),
+              ":heads", "self_attn.k_norm (Olmo2RMSNorm over 16 channels) normalises every head's channels together"),
+    "bloom": ("BloomConfig", "BloomForCausalLM", dict(n_layer=L, n_head=H), ":heads", "bloom adds ALiBi position biases"),
+    "mixtral": ("MixtralConfig", "MixtralForCausalLM", dict(num_key_value_heads=2, num_local_experts=4, num_experts_per_tok=2),
+                ":experts", "holds its experts' weights as 3-D parameters"),
+}
+
+
+@pytest.mark.parametrize("name", list(REFUSED))
+def test_uncuttable_heads_and_experts_refused_with_their_reason(name):
+    """Per-head state the cut would not follow (a list of per-head norms, a per-head norm weight, a norm
+    over all heads together, ALiBi slopes) and fused 3-D expert weights: excluded on the architecture, one
+    reason per layer naming that layer's own module; the rest (neurons, layers) still pruned. Before,
+    StableLM's per-head norms made a silently wrong cut and the others failed with raw shape errors."""
+    cfg_cls, model_cls, extra, kind, phrase = REFUSED[name]
+    tf = hf._transformers()
+    cfg = dict(LM, hidden_size=D, intermediate_size=I, num_attention_heads=H, **extra)
+    if name != "bloom":
+        cfg["num_hidden_layers"] = L
+    torch.manual_seed(0)
+    model = hf.HFCausalLM(getattr(tf, model_cls)(getattr(tf, cfg_cls)(**cfg)).float().eval())
+    x = torch.randint(3, 128, (1, 16), generator=torch.Generator().manual_seed(1))
+    graph = Graph(model, x, ignore_names(model, []))
+    refused = [e for e in graph.excluded if e.name.endswith(kind)]
+    assert len(refused) == L, [(e.name, e.reason) for e in graph.excluded]
+    for e in refused:
+        assert phrase in e.reason and "\n" not in e.reason, e.reason
+        own = e.name.split(":")[0]  # the reason names its own layer's module, not another layer's
+        assert name == "bloom" or (e.reason.startswith(own) and e.reason[len(own)] in ". "), e.reason
+    assert {g.kind for g in graph.groups} >= {"block"}

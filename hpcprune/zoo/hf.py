@@ -103,7 +103,19 @@ class HFSeq2SeqLM(_HFWrapper):
     and pruning a pretrained model (next-token targets could be read off the encoder's input)."""
 
     def forward(self, input_ids: torch.Tensor) -> torch.Tensor:
-        return self.hf(input_ids=input_ids, decoder_input_ids=self.hf._shift_right(input_ids), use_cache=False).logits
+        return self.hf(input_ids=input_ids, decoder_input_ids=self._shift_right(input_ids), use_cache=False).logits
+
+    def _shift_right(self, input_ids: torch.Tensor) -> torch.Tensor:
+        """The decoder's input: ``input_ids`` shifted right by one, ``decoder_start_token_id`` first (the
+        model's own ``_shift_right`` where it has one, as T5; the same rule otherwise, as BART's
+        ``shift_tokens_right``)."""
+        own = getattr(self.hf, "_shift_right", None)
+        if own is not None:
+            return own(input_ids)
+        cfg = self.hf.config
+        start = next((v for v in (getattr(cfg, "decoder_start_token_id", None), getattr(cfg, "pad_token_id", None))
+                      if v is not None), 0)
+        return torch.cat([input_ids.new_full((input_ids.shape[0], 1), int(start)), input_ids[:, :-1]], dim=1)
 
 
 # ---- constructors (Hydra _target_s) ---------------------------------------------------------------

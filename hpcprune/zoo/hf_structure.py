@@ -31,10 +31,13 @@ From the modules, with ``projections`` = ``nn.Linear`` and HF ``Conv1D`` layers 
   ``inner_dim``, ...), and ``self.config.<...heads>`` reads (Phi-3 reads
   ``config.num_attention_heads``; each such attention then gets its own copy of the config), are
   rescaled with the kept units.
-- **refused heads**: an attention holding a parameter with one entry per head besides its
-  projections (T5's ``relative_attention_bias``, whose bias the stack computes in its first layer
-  and passes to every other layer) has heads that cannot go layer by layer: the whole stack's head
-  groups are refused, with that reason.
+- **refused heads**, with the reason: an attention holding a parameter with one entry per head
+  besides its projections (Cohere's per-head ``q_norm``), a list of per-head modules (StableLM's
+  ``q_layernorm.norms``) or a norm over all heads' channels together (OLMo2's ``k_norm``), none of
+  which the cut follows; the whole stack's heads when such a parameter is in some layers only (T5's
+  ``relative_attention_bias``, whose bias the stack computes in its first layer and passes to every
+  other layer), or when the model adds ALiBi slopes (Bloom, MPT, Falcon with ``alibi``: built for the
+  config's head count in the model's forward).
 - **ignored layers**: the attention projections, every projection writing the residual width ``d``
   (``o_proj``/``down_proj``/``fc2``/``wo``/MLM transforms, pooler) and the output embedding, so that
   Torch-Pruning's remaining groups are the MLP neurons (gated or not, a fused ``gate_up_proj``
@@ -132,13 +135,27 @@ def hf_structure(model: nn.Module, hf: nn.Module) -> Structure:
             continue
         blocks += stack
         attn |= {n for h in found for n in (*h.fused, *h.q, *h.kv, h.o)}
-        table = next((t for t in (_head_table(h, mods) for h in found) if t), None)
+        tables = {h.name: _head_table(h, mods) for h in found}
+        first = next((t for t in tables.values() if t), None)
+        # a per-head table in some layers only (T5's relative_attention_bias, in the first): its bias is passed on
+        passed = (f"{first}, and its head-sized position bias is passed from layer to layer in this stack (as in T5): "
+                  "heads cannot go layer by layer") if first and not all(tables.values()) else None
+        alibi = _alibi(hf.config)
         for h in found:
-            if table:
-                refused[f"{h.name}:heads"] = table
+            own = (tables[h.name] and tables[h.name] + _NOT_CUT) or _head_modules(h, mods, d)
+            why = passed or alibi or own
+            if why:
+                refused[f"{h.name}:heads"] = why + " (MLP neurons and whole layers can still be pruned)"
             else:
                 h.attrs = _count_attrs(h, mods[h.name])
                 heads.append(h)
+    for b in blocks:  # mixture-of-experts weights held as one 3-D parameter per projection: not cut, said so
+        for name, m in mods[b].named_modules(prefix=b):
+            fused = [(pn, tuple(p.shape)) for pn, p in m.named_parameters(recurse=False) if p.dim() == 3]
+            if fused and not any(name.startswith(a + ".") or name == a for a in attn):
+                refused[f"{name}:experts"] = (
+                    f"{name} holds its experts' weights as 3-D parameters ({', '.join(f'{pn} {sh}' for pn, sh in fused)}): "
+                    "the experts and their neurons are not cut (the heads, a shared or dense MLP and whole layers can be)")
     if not blocks:
         raise StructureError(f"model: {type(hf).__name__} has no layer list with an attention whose projections fit its "
                              f"config (hidden_size={d}, num_attention_heads={H}, head_dim={hd}, {n_rep} query heads per "
@@ -231,9 +248,43 @@ def _head_table(h: HeadSpec, mods: dict[str, nn.Module]) -> str | None:
         owner = f"{h.name}.{pname.rsplit('.', 1)[0]}" if "." in pname else h.name
         if owner in mine or p.dim() < 2 or heads not in p.shape:
             continue
-        return (f"{h.name}.{pname} {tuple(p.shape)} holds a value per head, and a head-sized position bias is passed from "
-                "layer to layer in this stack (as in T5): heads cannot go layer by layer")
+        return f"{h.name}.{pname} {tuple(p.shape)} holds a value per head"
     return None
+
+
+_NOT_CUT = ", which hpcprune does not cut with the heads: a cut would leave the kept heads other heads' values"
+
+
+def _head_modules(h: HeadSpec, mods: dict[str, nn.Module], d: int) -> str | None:
+    """A reason when the attention holds per-head state its projections' cut does not follow: a module
+    list with one module per head (StableLM's ``q_layernorm.norms``), or a norm over all heads' channels
+    together (OLMo2's ``q_norm`` over the whole projection: its scale mixes the heads)."""
+    mine = {*h.fused, *h.q, *h.kv, h.o}
+    heads, hd = h.units * h.n_rep, h.head_dim
+    for name, m in mods[h.name].named_modules(prefix=h.name):
+        if name in mine or name == h.name:
+            continue
+        if isinstance(m, nn.ModuleList) and len(m) in (heads, h.units) and any(True for _ in m.parameters()):
+            return f"{name} holds one {type(m[0]).__name__} per head ({len(m)})" + _NOT_CUT
+        w = getattr(m, "weight", None)
+        widths = {heads * hd, h.units * hd} - {d}
+        if "norm" in type(m).__name__.lower() and isinstance(w, nn.Parameter) and w.dim() == 1 and w.numel() in widths:
+            return (f"{name} ({type(m).__name__} over {w.numel()} channels) normalises every head's channels together: "
+                    "cutting a head would change the others' scale")
+    return None
+
+
+def _alibi(config: Any) -> str | None:
+    """A reason when the model adds ALiBi position slopes (Bloom, MPT, Falcon with ``alibi``): its forward
+    builds one slope per head for ``config``'s head count and hands them to every layer."""
+    attn = getattr(config, "attn_config", None)  # MPT: an object, or a dict in older configs
+    uses = bool(getattr(config, "alibi", False)) or config.model_type == "bloom" or \
+        bool(attn.get("alibi", False) if isinstance(attn, dict) else getattr(attn, "alibi", False))
+    if not uses:
+        return None
+    return (f"{config.model_type} adds ALiBi position biases: its forward builds one slope per head for "
+            "the config's head count and passes them to every layer, so a layer with fewer heads would get other "
+            "heads' slopes: heads cannot be cut")
 
 
 @functools.lru_cache(maxsize=None)
