@@ -551,13 +551,17 @@ def diagnose(ctx, graph, sens, act, scores, means):
 
 
 def _default_lowest(results):
-    """Per budget and phase: whether hpcprune's default has the lowest perplexity, and who does."""
+    """Per budget and phase: whether hpcprune's default has a lower perplexity than every peer method
+    (hpcprune's own other rows, e.g. ``--other-damage``, are options, not peers), and who is lowest of all."""
     out = {}
     for remove in sorted({r["budget"] for r in results}):
         rows = [r for r in results if r["budget"] == remove]
+        default = next((r for r in rows if r["method"] == "hpcprune default"), None)
+        peers = [r for r in rows if not r["method"].startswith("hpcprune")]
         for phase in ("ppl_pruned", "ppl_recovered"):
             best = min(rows, key=lambda r: r[phase])
-            out[f"{remove}:{phase}"] = {"lowest": best["method"], "default_lowest": best["method"] == "hpcprune default"}
+            out[f"{remove}:{phase}"] = {"lowest": best["method"], "default_lowest": default is not None and all(
+                default[phase] < r[phase] for r in peers)}
     return out
 
 
