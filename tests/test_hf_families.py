@@ -238,7 +238,7 @@ def test_uncuttable_heads_and_experts_refused_with_their_reason(name):
     if name != "bloom":
         cfg["num_hidden_layers"] = L
     torch.manual_seed(0)
-    model = hf.HFCausalLM(getattr(tf, model_cls)(getattr(tf, cfg_cls)(**cfg)).float().eval())
+    model = hf.HFCausalLM(getattr(tf, model_cls)(getattr(tf, cfg_cls)(**cfg)).float()).eval()
     x = torch.randint(3, 128, (1, 16), generator=torch.Generator().manual_seed(1))
     graph = Graph(model, x, ignore_names(model, []))
     refused = [e for e in graph.excluded if e.name.endswith(kind)]
@@ -248,3 +248,26 @@ def test_uncuttable_heads_and_experts_refused_with_their_reason(name):
         own = e.name.split(":")[0]  # the reason names its own layer's module, not another layer's
         assert name == "bloom" or (e.reason.startswith(own) and e.reason[len(own)] in ". "), e.reason
     assert {g.kind for g in graph.groups} >= {"block"}
+
+
+@pytest.mark.parametrize("cfg_cls,model_cls,wrapper,extra", [
+    ("Gemma3TextConfig", "Gemma3ForCausalLM", "HFCausalLM", dict(num_key_value_heads=2, head_dim=8)),  # annotated tuple, returns the tensor
+    ("DebertaV2Config", "DebertaV2ForMaskedLM", "HFEncoderLM", dict()),  # returns (hidden_states, att_matrix)
+], ids=["gemma3", "deberta_v2"])
+def test_removed_layers_return_what_the_layer_returned(cfg_cls, model_cls, wrapper, extra):
+    """A removed layer's stand-in returns what the layer's body returns (a tensor, or a tuple of that
+    length with None after the hidden states), not what a stale annotation says: every layer is removable
+    (verified on the architecture), and the model without a layer equals a hand-built one-layer model."""
+    tf = hf._transformers()
+    cfg = dict(LM, hidden_size=D, intermediate_size=I, num_attention_heads=H, num_hidden_layers=L, **extra)
+    torch.manual_seed(0)
+    model = getattr(hf, wrapper)(getattr(tf, model_cls)(getattr(tf, cfg_cls)(**cfg)).float()).eval()
+    x = torch.randint(3, 128, (1, 16), generator=torch.Generator().manual_seed(1))
+    graph = Graph(model, x, ignore_names(model, []))
+    blocks = [g for g in graph.groups if g.kind == "block"]
+    assert len(blocks) == L and not [e for e in graph.excluded if e.name.endswith(":block")], graph.excluded
+    pruned = _pruned(model, x, {blocks[1].name: []})
+    ref = copy.deepcopy(model)
+    del next(m for m in ref.hf.modules() if isinstance(m, torch.nn.ModuleList) and len(m) == L)[1]
+    with torch.no_grad():
+        assert torch.allclose(metrics.logits_of(pruned(x)), metrics.logits_of(ref(x)), atol=1e-5)

@@ -53,6 +53,7 @@ Limits: a config whose MLP width equals ``d`` has its MLP up projection ignored 
 """
 from __future__ import annotations
 
+import ast
 import functools
 import inspect
 import re
@@ -331,41 +332,49 @@ def _count_attrs(h: HeadSpec, attn: nn.Module) -> list[tuple[str, str, int]]:
 
 
 # ---- removed layers ---------------------------------------------------------------------------------
-def _returns_tuple(block: nn.Module) -> bool:
-    """Whether a layer's forward returns a tuple: declared so (transformers 4.x layers did; 5.x
-    decoder and encoder layers return the hidden states tensor), or, without a return annotation,
-    written so (a ``return a, b`` in its body: Falcon's and Bloom's layers return
-    ``(hidden_states, attn_weights)``)."""
+def _returns_tuple(block: nn.Module) -> int:
+    """How many values a layer's forward returns as a tuple (0: the hidden states tensor alone), from its
+    body where that says it: ``return hidden_states`` (its first argument) everywhere is a tensor, whatever
+    the annotation says (Gemma 3's says tuple); a ``return a, b`` is a 2-tuple (Falcon's, Bloom's and
+    DeBERTa-v2's layers return ``(hidden_states, attn_weights)``); otherwise from the return annotation
+    (transformers 4.x layers: a tuple, ``(hidden_states,)`` first; 5.x: the tensor)."""
     forward = type(block).forward
+    returns, first = _returns(forward)
+    if returns and all(isinstance(r, ast.Name) and r.id == first for r in returns):
+        return 0
+    sizes = [len(r.elts) for r in returns if isinstance(r, ast.Tuple)]
+    if sizes:
+        return max(sizes)
     try:
         ann = inspect.signature(forward).return_annotation
     except (TypeError, ValueError):
-        return False
-    if ann is not inspect.Signature.empty:
-        return "tuple" in str(ann).lower()
-    return _returns_tuple_literal(forward)
+        return 0
+    return 1 if ann is not inspect.Signature.empty and "tuple" in str(ann).lower() else 0
 
 
-def _returns_tuple_literal(fn: Callable) -> bool:
-    """Whether ``fn``'s own body (not a nested function's) has a ``return`` of a tuple display."""
-    import ast
+def _returns(fn: Callable) -> tuple[list[ast.AST], str | None]:
+    """The values of ``fn``'s own ``return`` statements (not a nested function's), and the name of its
+    first argument after ``self``; ([], None) when the source cannot be read."""
     import textwrap
 
     try:
         tree = ast.parse(textwrap.dedent(inspect.getsource(fn)))
     except (OSError, TypeError, SyntaxError):
-        return False
+        return [], None
     body = tree.body[0] if tree.body and isinstance(tree.body[0], (ast.FunctionDef, ast.AsyncFunctionDef)) else None
     if body is None:
-        return False
+        return [], None
+    args = [a.arg for a in body.args.args]
+    first = args[1] if len(args) > 1 else None
+    out: list[ast.AST] = []
     stack: list[ast.AST] = list(body.body)
     while stack:
         node = stack.pop()
-        if isinstance(node, ast.Return) and isinstance(node.value, ast.Tuple):
-            return True
+        if isinstance(node, ast.Return) and node.value is not None:
+            out.append(node.value)
         if not isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef, ast.Lambda, ast.ClassDef)):
             stack.extend(ast.iter_child_nodes(node))
-    return False
+    return out, first
 
 
 def _passed_on(block: nn.Module) -> list[tuple[int, str]]:
@@ -379,10 +388,15 @@ def _passed_on(block: nn.Module) -> list[tuple[int, str]]:
 
 
 class TupleSkip(nn.Module):
-    """A removed layer whose model expects ``(hidden_states,)`` back (transformers 4.x layers)."""
+    """A removed layer whose model expects a tuple back: ``(hidden_states,)`` (transformers 4.x layers),
+    or ``(hidden_states, None, ...)`` of ``size`` values (a layer that returns its attention weights too)."""
+
+    def __init__(self, size: int = 1) -> None:
+        super().__init__()
+        self.size = int(size)
 
     def forward(self, x, *args, **kwargs):  # noqa: D401
-        return (x,)
+        return (x,) + (None,) * (self.size - 1)
 
 
 class PassOnSkip(nn.Module):
@@ -408,6 +422,7 @@ def skip_factory(blocks: list[nn.Module]) -> Callable[[nn.Module], nn.Module] | 
         passed = _passed_on(block)
         if passed:
             return PassOnSkip(passed)
-        return TupleSkip() if _returns_tuple(block) else Skip()
+        size = _returns_tuple(block)
+        return TupleSkip(size) if size else Skip()
 
     return skip
