@@ -268,3 +268,17 @@ def test_sweep_of_a_saved_llama_and_its_exported_directory(tmp_path):
     assert loaded.config.intermediate_size < model.hf.config.intermediate_size
     with torch.no_grad():
         torch.testing.assert_close(loaded(input_ids=x).logits, final(x), atol=0, rtol=0)
+
+
+def test_bidirectional_encoder_warned_once(saved, caplog):
+    """A masked-LM checkpoint reads the token next-token data scores it on: one warning per process
+    naming the model, none for a causal model."""
+    from hpcprune.zoo import hf_local
+
+    hf_local._WARNED.clear()
+    with caplog.at_level("WARNING", logger="hpcprune.stages"):
+        for _ in range(2):
+            _load(f"model.path={saved['bert'][0]}")
+        _load(f"model.path={saved['llama'][0]}")
+    lines = [r.getMessage() for r in caplog.records if "bidirectional encoder" in r.getMessage()]
+    assert len(lines) == 1 and lines[0].startswith("model: BertForMaskedLM (bert) is a bidirectional encoder"), lines

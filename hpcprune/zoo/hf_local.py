@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import glob
 import json
+import logging
 import os
 from typing import Any
 
@@ -40,6 +41,9 @@ TASKS = {"causal-lm": "HFCausalLM", "masked-lm": "HFEncoderLM", "image-classific
          "seq2seq-lm": "HFSeq2SeqLM"}
 TASKS_BY_AUTO = {AUTO_CLASS[w]: t for t, w in TASKS.items()}  # AutoModelForCausalLM -> causal-lm
 _CHOICES = "auto, " + ", ".join(TASKS)
+
+
+_WARNED: set[str] = set()  # model paths whose bidirectional-encoder warning was logged
 
 
 def hf_model(path: str, dtype: str = "float32", task: str = "auto", gguf_file: str | None = None,
@@ -75,6 +79,13 @@ def hf_model(path: str, dtype: str = "float32", task: str = "auto", gguf_file: s
         raise ConfigError(f"model.task={task}: model type {config.model_type!r} ({path}) has no {task_name} head in "
                           f"transformers ({AUTO_CLASS[wrapper]}); choose another model.task ({_CHOICES})")
     hf = auto.from_pretrained(folder, dtype=dt, **kw)
+    if wrapper == "HFEncoderLM" and not getattr(hf.config, "is_decoder", False) and path not in _WARNED:
+        _WARNED.add(path)  # once per process: the model is built again by every stage
+        logging.getLogger("hpcprune.stages").warning(
+            "model: %s (%s) is a bidirectional encoder: every position sees the whole window, so with next-token "
+            "data (data=text, data=text_files) it reads the very token it is scored on; its perplexity is not a "
+            "language model's (the pruned and dense models still compare). A causal model (model.task=causal-lm), or "
+            "a masked-LM objective of your own data function, avoids it", type(hf).__name__, config.model_type)
     return mark_pretrained(getattr(zhf, wrapper)(hf))  # the checkpoint's weights: kept, not trained again
 
 
