@@ -96,9 +96,13 @@ def record(ctx: Context, cfg: Any, alloc: allocate.Allocation, targets: dict[str
     for k, t in targets.items():
         got = alloc.predicted.get(k)
         if got is not None and k in ("macs", "params") and got < 0.8 * float(t):
+            blocks = [g.name for g, r in zip(groups, alloc.ratios) if g.kind == "block" and n_keep(g, float(r), round_to) == 0]
+            why = (f"a removed block takes all its cost at once ({', '.join(blocks[:3])}{', ...' if len(blocks) > 3 else ''}): "
+                   "groups.kinds without block, or a looser target, lands closer" if blocks and method == "sensitivity" else
+                   f"prune.round_to={round_to} moves every group's width in steps of that many channels; a lower round_to"
+                   + ("" if method == "sensitivity" else ", or prune.method=sensitivity,") + " lands closer")
             log.warning("allocation (%s): keeps %.3f of the %s for prune.target.%s=%s, well below the target: it "
-                        "prunes more than asked (prune.round_to=%d moves every group's width in steps of that many "
-                        "channels; a lower round_to, or prune.method=sensitivity, lands closer)", method, got, k, k, t, round_to)
+                        "prunes more than asked (%s)", method, got, k, k, t, why)
 
     def write(f: h5py.File) -> None:
         a = replace_group(f, "allocation")
