@@ -264,6 +264,7 @@ def test_removed_layers_return_what_the_layer_returned(cfg_cls, model_cls, wrapp
     model = getattr(hf, wrapper)(getattr(tf, model_cls)(getattr(tf, cfg_cls)(**cfg)).float()).eval()
     x = torch.randint(3, 128, (1, 16), generator=torch.Generator().manual_seed(1))
     graph = Graph(model, x, ignore_names(model, []))
+    verify_groups(graph, x, 0.5)
     blocks = [g for g in graph.groups if g.kind == "block"]
     assert len(blocks) == L and not [e for e in graph.excluded if e.name.endswith(":block")], graph.excluded
     pruned = _pruned(model, x, {blocks[1].name: []})
@@ -271,3 +272,18 @@ def test_removed_layers_return_what_the_layer_returned(cfg_cls, model_cls, wrapp
     del next(m for m in ref.hf.modules() if isinstance(m, torch.nn.ModuleList) and len(m) == L)[1]
     with torch.no_grad():
         assert torch.allclose(metrics.logits_of(pruned(x)), metrics.logits_of(ref(x)), atol=1e-5)
+
+
+def test_gpt_bigcode_multi_head_fused_rows_are_per_head():
+    """GPTBigCode without multi-query views c_attn as (heads, 3 * head_dim), as GPT-NeoX: its heads are
+    groups that pass verification (the model without them equals the dense one with their outputs
+    zeroed); with multi-query its rows are [q; k; v] and its one KV group is a group of one unit."""
+    tf = hf._transformers()
+    for multi_query, units in ((False, H), (True, 1)):
+        cfg = tf.GPTBigCodeConfig(vocab_size=128, n_embd=D, n_layer=L, n_head=H, n_inner=I, multi_query=multi_query)
+        torch.manual_seed(0)
+        model = hf.HFCausalLM(tf.GPTBigCodeForCausalLM(cfg).float()).eval()
+        x = torch.randint(3, 128, (1, 16), generator=torch.Generator().manual_seed(1))
+        graph = Graph(model, x, ignore_names(model, []))
+        verify_groups(graph, x, 0.5)
+        assert [g.size for g in graph.groups if g.kind == "heads"] == [units] * L, graph.excluded

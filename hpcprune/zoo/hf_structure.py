@@ -102,10 +102,13 @@ def _kv_heads(config: Any, H: int) -> int:
 
 def _interleaved(config: Any) -> bool:
     """Whether a fused qkv projection holds one ``[q.. k v]`` run per KV head (GPT-NeoX; Falcon
-    unless it is multi-query on the old architecture, whose rows are ``[q; k; v]``)."""
+    unless it is multi-query on the old architecture, and GPTBigCode unless multi-query, whose rows
+    are ``[q; k; v]``)."""
     kind = getattr(config, "model_type", "")
     if kind == "falcon":
         return bool(config.new_decoder_architecture or not config.multi_query)
+    if kind == "gpt_bigcode":  # multi-head: c_attn viewed as (heads, 3 * head_dim); multi-query: [q; k; v]
+        return not config.multi_query
     return kind in INTERLEAVED_QKV
 
 
