@@ -53,7 +53,7 @@ def _failed_clearly(job, d, rc, ended):
     wait_gone(d, timeout=30)  # controller and the surviving task are gone too
     lines = error_lines(err)
     assert len(lines) == 1, err[-3000:]
-    assert lines[0].startswith("hpcprune: error: stage finetune: RuntimeError: fine-tune job ") and " failed: " in lines[0], lines[0]
+    assert lines[0].startswith("hpcprune: error: stage final: RuntimeError: fine-tune job ") and " failed: " in lines[0], lines[0]
     assert f"(logs: {d / 'finetune' / 'submitit'}" in lines[0]
     with h5py.File(d / "run.h5") as f:
         assert f.attrs["status"] == "failed"
