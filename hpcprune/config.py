@@ -130,6 +130,8 @@ def _check_prune(cfg: Any) -> None:
         _bad("prune.max_ratio", cfg.prune.max_ratio, "must be in (0, 1)")
     if cfg.prune.round_to < 1:
         _bad("prune.round_to", cfg.prune.round_to, "must be a positive integer")
+    if not cfg.prune.exact_time_s > 0:
+        _bad("prune.exact_time_s", cfg.prune.exact_time_s, "must be a positive number of seconds")
     if str(cfg.prune.latency_runtime) == "onnxruntime":
         import importlib.util
 

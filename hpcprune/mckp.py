@@ -315,7 +315,8 @@ def _allocate_one(cm: allocate.CostModel, problem: Problem, elim: Elimination, r
         return allocate._result(cm, ratios, round_to, res.damage)
     why = res.status if res.status != "optimal" else "its result misses a target in the cost model"
     log.warning("prune.method=sensitivity: the exact allocation stopped early (%s after %.1f s); falling back to the "
-                "greedy allocation", why, res.seconds)
+                "greedy allocation%s", why, res.seconds,
+                " (prune.exact_time_s gives the exact search more time)" if res.status == "time limit" else "")
     greedy = allocate.sensitivity_greedy(cm, grid, damage, targets, max_ratio, round_to, step, start)
     if meets and res.damage < greedy.predicted_loss:
         log.warning("prune.method=sensitivity: the exact search's best allocation so far (damage %.6g) beats the "

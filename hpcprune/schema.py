@@ -108,6 +108,7 @@ class PruneConfig:
     latency_runtime: LatencyRuntime = MISSING  # type: ignore[valid-type]
     max_ratio: float = MISSING
     round_to: int = MISSING
+    exact_time_s: float = MISSING
     bn_recalib_batches: int = MISSING
     bias_compensation: bool = MISSING
 

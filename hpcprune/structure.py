@@ -81,7 +81,7 @@ class Skip(nn.Module):
         return x
 
 
-_HEAD_ATTRS = ("num_heads", "n_head", "n_heads", "heads", "num_attention_heads", "nheads", "n_heads_q")
+_HEAD_ATTRS = ("num_heads", "n_head", "n_heads", "heads", "num_attention_heads", "nheads", "n_heads_q", "h")
 
 
 def structure_of(model: nn.Module) -> Structure:
@@ -96,9 +96,10 @@ def structure_of(model: nn.Module) -> Structure:
 
 def detect_heads(model: nn.Module) -> list[HeadSpec]:
     """Attention layers written the usual way, recognised without a declaration: a module with an
-    integer head count (``num_heads``, ``n_head``, ``heads``, ...: one of :data:`_HEAD_ATTRS`) whose
-    own ``nn.Linear`` children are either a fused ``qkv`` (``out_features == 3 * E``) or three
-    projections q, k, v (``out_features == E``, in that order of definition), and one output
+    integer head count (``num_heads``, ``n_head``, ``heads``, ``h``, ...: one of :data:`_HEAD_ATTRS`)
+    whose own ``nn.Linear`` children (or those of a child ``nn.ModuleList``, as in The Annotated
+    Transformer) are either a fused ``qkv`` (``out_features == 3 * E``) or three projections q, k,
+    v (``out_features == E``, in that order of definition), and one output
     projection (``in_features == E``), with ``E`` divisible by the head count. The head count
     attribute is rescaled when heads go (so ``reshape(B, T, 3, self.heads, -1)`` follows). Whether the
     forward really computes per head as assumed is not guessed: the groups stage verifies every head
@@ -115,12 +116,24 @@ def detect_heads(model: nn.Module) -> list[HeadSpec]:
         if attr is None:
             continue
         H = int(getattr(mod, attr))
-        lin = [(f"{name}.{n}" if name else n, c) for n, c in mod.named_children() if isinstance(c, nn.Linear)]
-        spec = _match_attention(name, lin, H)
+        spec = _match_attention(name, _projections(name, mod), H)
         if spec is not None:
             spec.attrs.append((name, attr, 1))
             out.append(spec)
     return out
+
+
+def _projections(name: str, mod: nn.Module) -> list[tuple[str, nn.Linear]]:
+    """The ``nn.Linear`` children of ``mod`` in order of definition, with those of a child
+    ``nn.ModuleList`` in its place (The Annotated Transformer's ``self.linears``: q, k, v, out)."""
+    lin = []
+    for n, c in mod.named_children():
+        full = f"{name}.{n}" if name else n
+        if isinstance(c, nn.Linear):
+            lin.append((full, c))
+        elif isinstance(c, nn.ModuleList):
+            lin += [(f"{full}.{i}", e) for i, e in c.named_children() if isinstance(e, nn.Linear)]
+    return lin
 
 
 def _match_attention(name: str, lin: list[tuple[str, nn.Linear]], H: int) -> HeadSpec | None:

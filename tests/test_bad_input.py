@@ -49,6 +49,7 @@ VALUE_CASES = [
     (["sensitivity.team_size=0"], "sensitivity.team_size=0:", "must be auto or a positive integer"),
     (["prune.max_ratio=1.0"], "prune.max_ratio=1.0:", "must be in (0, 1)"),
     (["prune.round_to=0"], "prune.round_to=0:", "must be a positive integer"),
+    (["prune.exact_time_s=0"], "prune.exact_time_s=0.0:", "must be a positive number of seconds"),
     (["groups.kinds=[]"], "groups.kinds=[]:", "give a non-empty list of group kinds"),
     (["groups.timeout_s=-1"], "groups.timeout_s=-1:", "must be a number of seconds"),
     (["groups.timeout_s=soon"], "groups.timeout_s=soon:", "must be a number of seconds"),

@@ -247,6 +247,51 @@ def test_fused_qkv_attention_recognised_as_heads_and_cut_whole():
     torch.testing.assert_close(model.attn.qkv.weight, torch.cat([dense.attn.qkv.weight[c * 16 + keep] for c in range(3)]))
 
 
+class _AnnotatedAttention(torch.nn.Module):
+    """The Annotated Transformer's (Harvard NLP) attention: ``self.h`` heads, q, k, v and the output
+    projection in one ``nn.ModuleList``, the head width a fixed ``self.d_k``."""
+
+    def __init__(self, h, d):
+        super().__init__()
+        self.d_k, self.h = d // h, h
+        self.linears = torch.nn.ModuleList([torch.nn.Linear(d, d) for _ in range(4)])
+
+    def forward(self, query, key, value):
+        nb = query.size(0)
+        query, key, value = [lin(x).view(nb, -1, self.h, self.d_k).transpose(1, 2)
+                             for lin, x in zip(self.linears, (query, key, value))]
+        a = torch.softmax(query @ key.transpose(-2, -1) / self.d_k ** 0.5, dim=-1)
+        return self.linears[-1]((a @ value).transpose(1, 2).contiguous().view(nb, -1, self.h * self.d_k))
+
+
+class _AnnotatedNet(torch.nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.inp = torch.nn.Linear(6, 16)
+        self.attn = _AnnotatedAttention(4, 16)
+        self.head = torch.nn.Linear(16, 3)
+
+    def forward(self, x):
+        h = self.inp(x)
+        return self.head(self.attn(h, h, h).mean(1))
+
+
+def test_attention_in_a_module_list_recognised_as_heads():
+    # before: no heads found; Torch-Pruning's neuron group of q, k, v failed the view to (h, d_k) and
+    # was excluded, so the attention could not be cut at all
+    torch.manual_seed(0)
+    model, x = _AnnotatedNet().eval(), torch.randn(2, 5, 6)
+    graph = Graph(model, x)
+    assert "attn:heads" not in [e.name for e in verify_groups(graph, x, 0.5)]
+    g = graph.group("attn:heads")
+    assert (g.kind, g.size) == ("heads", 4) and g in graph.groups
+    dense = copy.deepcopy(model)
+    dense.attn.linears[3].weight.data[:, 8:12] = 0  # head 2 removed = its output columns zeroed
+    graph.prune_group("attn:heads", [2])
+    assert model.attn.h == 3 and model.attn.linears[0].weight.shape == (12, 16)
+    torch.testing.assert_close(model(x), dense(x))
+
+
 def test_attention_that_is_not_per_head_is_excluded_with_the_reason():
     torch.manual_seed(0)
     model, x = _QKVNet(width_from_input=True).eval(), torch.randn(2, 5, 6)

@@ -54,7 +54,8 @@ def allocate_ratios(ctx: Context, cfg: Any, rf: RunFile, targets: dict[str, floa
             ref = float(f["sensitivity"].attrs["dense_calib_loss"])
             damage = np.where(status == DONE, f["sensitivity/loss"][()] - ref, np.nan)
     damage = _check_damage(ctx, cfg, damage, status)
-    return allocate.sensitivity(ctx.cost, list(cfg.sensitivity.ratios), damage, targets, max_ratio, round_to, start=start)
+    return allocate.sensitivity(ctx.cost, list(cfg.sensitivity.ratios), damage, targets, max_ratio, round_to, start=start,
+                                time_limit_s=float(cfg.prune.exact_time_s))
 
 
 def _check_damage(ctx: Context, cfg: Any, damage: np.ndarray, status: np.ndarray) -> np.ndarray:
