@@ -113,6 +113,30 @@ def test_branch_on_a_hub_equals_brute_force(monkeypatch):
     assert max(depths) >= 1  # it did branch
 
 
+def test_without_a_lagrangian_bound_the_node_goes_to_the_milp_whole(monkeypatch):
+    """Where the elimination's tables are too large (DenseNet's concatenations; here a table limit of
+    1) there are no min-marginals to fix options with: branching on a hub would solve every child in
+    full (DenseNet-201: no answer in 60 s), so the node is one MILP (1.5 s there), still optimal."""
+    monkeypatch.setattr(mckp, "HUB_DEGREE", 2)  # group 0 is a hub of the star structure
+    depths = []
+    node = mckp._Search.node
+    monkeypatch.setattr(mckp._Search, "node", lambda self, p, rows, elim=None, depth=0:
+                        depths.append(depth) or node(self, p, rows, elim, depth))
+    rng = np.random.default_rng(3)
+    for _ in range(4):
+        problem = _random_problem(rng, G=6, structure="star")
+        targets = {"macs": float(rng.uniform(0.3, 0.8))}
+        feasible = [x for x in _all_choices(problem) if problem.costs(x)["macs"] <= targets["macs"]]
+        if not feasible:
+            continue
+        res = mckp.solve(problem, targets, max_table=1)
+        assert res.status == "optimal"
+        assert res.damage == pytest.approx(min(problem.choices.damage[x].sum() for x in feasible), abs=1e-9)
+        assert mckp._hub(problem) is not None and max(depths) == 0  # a hub, yet no branch
+        with_bound = mckp.solve(problem, targets)  # with the bound it may branch, and finds the same optimum
+        assert with_bound.damage == pytest.approx(res.damage, abs=1e-9)
+
+
 def _real(name):
     torch.manual_seed(0)
     if name == "resnet":
