@@ -24,6 +24,7 @@ from typing import Any, Callable, ContextManager, Iterator, Protocol, Sequence
 
 import numpy as np
 import torch
+import torch.utils._pytree as pytree
 from torch import nn
 
 # the counting lived here before hpcprune.flops: its public names are re-exported
@@ -85,8 +86,9 @@ class _ChainStarts:
     the forward is recorded (about half of it on average; the cost model's levels are one recording
     per group)."""
 
-    def __init__(self, model: nn.Module, chain: list, inputs: list, first_op: list[int]) -> None:
-        self.model, self.chain, self.inputs, self.first_op = model, chain, inputs, first_op
+    def __init__(self, model: nn.Module, chain: list, inputs: list, first_op: list[int], ops: list[Op]) -> None:
+        self.model, self.chain, self.inputs, self.first_op, self.ops = model, chain, inputs, first_op, ops
+        self.states = [_element_state(e) for _, e in chain]
 
     @classmethod
     def make(cls, model: nn.Module, x: Any, ops: list[Op], probes: Sequence[Probe],
@@ -117,7 +119,7 @@ class _ChainStarts:
                     return None
         if len(rec.ops) != len(ops) or any(a.signature() != b.signature() or a.dims != b.dims for a, b in zip(ops, rec.ops)):
             return None
-        return cls(model, chain, inputs, first_op)
+        return cls(model, chain, inputs, first_op, ops)
 
     def entry(self, probes: Sequence[Probe]) -> int:
         """The first chain element holding a layer of any of ``probes``' groups (0: the whole forward)."""
@@ -132,14 +134,52 @@ class _ChainStarts:
         return first_element(self.chain, modules)
 
     def record_from(self, k: int) -> list[Op]:
-        """The counted ops of chain elements ``k`` on, from element ``k``'s dense input."""
+        """The counted ops of chain elements ``k`` on, from element ``k``'s dense input. Past the last
+        element the cut changed (a parameter's or buffer's shape, a size attribute: :func:`_element_state`),
+        once an element's output has the dense shapes, the rest of the forward is unchanged layers on
+        dense shapes: its ops are the dense recording's, not recorded again (a channel group's cut
+        reaches one or two elements of a deep chain: EfficientNetV2-L's 145 groups record 1/25 of
+        what whole suffixes would)."""
+        n = len(self.chain)
+        last = max((j for j in range(k, n) if _element_state(self.chain[j][1]) != self.states[j]), default=k)
         rec = ShapeRecorder(self.model)
         with counting_env(self.model), rec:
             h = self.inputs[k]
             h = h.clone() if isinstance(h, torch.Tensor) else h  # an element may write into its input
-            for _, element in self.chain[k:]:
-                h = element(h)
+            for j in range(k, n):
+                h = self.chain[j][1](h)
+                if j >= last and j + 1 < n and _same_shapes(h, self.inputs[j + 1]):
+                    return rec.ops + self.ops[self.first_op[j + 1]:]
         return rec.ops
+
+
+def _element_state(element: nn.Module) -> tuple:
+    """What a cut can change in a chain element and its ops' shapes follow: every parameter's and
+    buffer's shape, and every submodule's integer and tuple attributes (sizes, groups, head counts)."""
+    out: list = [tuple(p.shape) for p in element.parameters()]
+    out += [tuple(b.shape) for b in element.buffers()]
+    for mod in element.modules():
+        out.append(tuple((k, v) for k, v in vars(mod).items() if not k.startswith("_") and (
+            isinstance(v, (int, float, str)) or (isinstance(v, tuple) and all(isinstance(e, (int, float, str)) for e in v)))))
+    return tuple(out)
+
+
+def _same_shapes(a: Any, b: Any) -> bool:
+    """Whether ``a`` and ``b`` (tensors, or tuples/lists/dicts of them) have the same structure, and
+    their tensors the same shapes and dtypes, their other leaves the same values."""
+    la, sa = pytree.tree_flatten(a)
+    lb, sb = pytree.tree_flatten(b)
+    if sa != sb:
+        return False
+    for u, v in zip(la, lb):
+        if isinstance(u, torch.Tensor) != isinstance(v, torch.Tensor):
+            return False
+        if isinstance(u, torch.Tensor):
+            if u.shape != v.shape or u.dtype != v.dtype:
+                return False
+        elif not (type(u) is type(v) and u == v):
+            return False
+    return True
 
 
 # ---- exact polynomial algebra -----------------------------------------------------------------------

@@ -470,7 +470,8 @@ def test_steady_allocator_fixes_glibc_thresholds_once():
                                   "grouped_convtranspose", "embedding_mean"])
 def test_levels_recorded_from_a_chain_element_give_the_whole_forwards_polynomials(case, monkeypatch):
     """A cut group's level is recorded from the first chain element holding one of its layers (the
-    ops before keep their dense dims): the same exact polynomials as recording the whole forward."""
+    ops before keep their dense dims) to the last one it changed (the ops after, on dense shapes,
+    keep theirs): the same exact polynomials as recording the whole forward."""
     import archs
     import archs2
 
@@ -478,6 +479,9 @@ def test_levels_recorded_from_a_chain_element_give_the_whole_forwards_polynomial
     from hpcprune.runs import ignore_names
 
     model_fn, data_fn = {**archs.CASES, **archs2.CASES}[case]
+    spliced = []  # levels whose ops past the cut's last element are the dense recording's
+    same = costs._same_shapes
+    monkeypatch.setattr(costs, "_same_shapes", lambda a, b: same(a, b) and not spliced.append(1))
     out = []
     for starts in (True, False):
         if not starts:
@@ -493,3 +497,5 @@ def test_levels_recorded_from_a_chain_element_give_the_whole_forwards_polynomial
         ex = costs.ExactCost.derive(model, x, probes)
         out.append((ex.exact, ex.dense))
     assert out[0] == out[1]
+    # past the cut's last element, the dense recording's ops were used (the models with a later element)
+    assert bool(spliced) == (case != "embedding_mean"), len(spliced)
