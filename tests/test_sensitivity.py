@@ -264,6 +264,53 @@ def test_a_forward_over_children_is_traced_into_a_chain():
     assert _checked_chain(m, flatten_chain(m), torch.randn(8, 4)) is None
 
 
+def test_a_declared_chain_is_used_once_checked():
+    """``model.prune_chain()`` (a ViT: a stem reading the class token, then the blocks) is the chain
+    ``chain_of`` returns once it computes the model's output; a declared chain that does not is
+    refused (None: the cells run the whole forward)."""
+    import types
+
+    from hpcprune.sensitivity.cells import chain_of
+
+    nn = torch.nn
+
+    class Stem(nn.Module):
+        def __init__(self, vit):
+            super().__init__()
+            object.__setattr__(self, "vit", vit)
+
+        def forward(self, x):
+            return torch.cat([self.vit.cls.expand(x.shape[0], -1, -1), self.vit.embed(x)], dim=1)
+
+    class TinyViT(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.embed = nn.Linear(3, 8)
+            self.cls = nn.Parameter(torch.randn(1, 1, 8))
+            self.blocks = nn.Sequential(nn.Linear(8, 8), nn.GELU(), nn.Linear(8, 8))
+            self.head = nn.Linear(8, 2)
+
+        def forward(self, x):
+            x = torch.cat([self.cls.expand(x.shape[0], -1, -1), self.embed(x)], dim=1)
+            return self.head(self.blocks(x)[:, 0])
+
+    def chain(self):
+        return [("<stem>", Stem(self)), *[(f"blocks.{n}", m) for n, m in self.blocks.named_children()],
+                ("<cls>", Take0()), ("head", self.head)]
+
+    class Take0(nn.Module):
+        def forward(self, x):
+            return x[:, 0]
+
+    m, x = TinyViT().eval(), torch.randn(2, 5, 3)
+    assert chain_of(m, x) is None  # its own forward reads the class token: no chain of its children
+    m.prune_chain = types.MethodType(chain, m)
+    got = chain_of(m, x)
+    assert [n for n, _ in got] == ["<stem>", "blocks.0", "blocks.1", "blocks.2", "<cls>", "head"]
+    m.prune_chain = types.MethodType(lambda self: chain(self)[:-1], m)  # the head left out: another output
+    assert chain_of(m, x) is None
+
+
 def test_block_cells_of_a_traced_chain_skip_the_block():
     """A block group whose block is a chain element: its cells equal the model with the block
     replaced by its skip (skipping swaps the module in its parent, which the chain does not hold)."""

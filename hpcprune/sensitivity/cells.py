@@ -47,7 +47,15 @@ def flatten_chain(model: nn.Module) -> list[tuple[str, nn.Module]] | None:
     one's output only, with functions between them (``torch.flatten(x, 1)``, ``F.relu``): torchvision's
     ResNets, VGGs, EfficientNets, MobileNets, DenseNets and most CNNs users write. A function becomes
     a :class:`_Step` element named ``<node>``. :class:`Evaluator` checks such a chain against the
-    model's own forward before using it."""
+    model's own forward before using it.
+
+    A model may declare its chain: ``model.prune_chain()`` returning the (name, module) elements,
+    each applied to the previous one's output (a stem that reads the model's own parameters, as a
+    ViT's class token, can be one element); it is checked the same way. hpcprune's torchvision ViTs
+    declare one (:func:`hpcprune.zoo.vision.vit_chain`)."""
+    declared = getattr(model, "prune_chain", None)
+    if callable(declared):
+        return list(declared())
     if not isinstance(model, nn.Sequential) or type(model).forward is not nn.Sequential.forward:
         return _traced_chain(model)
     chain: list[tuple[str, nn.Module]] = []

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import difflib
 import os
+import types
 from typing import Any, Sequence
 
 import torch
@@ -118,6 +119,8 @@ def torchvision_model(
         from .vision_swin import prunable_swin
 
         model = prunable_swin(model)
+    if name.startswith("vit_"):  # its cells, verification and cost model start at the cut's encoder block
+        model.prune_chain = types.MethodType(vit_chain, model)
     if weights is not None:  # trained weights: kept, not trained again (runs.mark_pretrained)
         from ..runs import mark_pretrained
 
@@ -211,3 +214,40 @@ def image_folder(
     data = _bundle(plain, val, calib_samples, seed, len(base.classes))
     data.train = train
     return data
+
+
+class _ViTStem(nn.Module):
+    """A torchvision ``VisionTransformer``'s forward up to its first encoder block: patches, class
+    token, position embedding, dropout (the model's own modules; held, not registered, so the
+    element owns no parameters of its own)."""
+
+    def __init__(self, vit: nn.Module) -> None:
+        super().__init__()
+        object.__setattr__(self, "vit", vit)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        vit = self.vit
+        x = vit._process_input(x)
+        x = torch.cat([vit.class_token.expand(x.shape[0], -1, -1), x], dim=1)
+        return vit.encoder.dropout(x + vit.encoder.pos_embedding)
+
+
+class _ClassToken(nn.Module):
+    """``x[:, 0]``: the class token's output."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x[:, 0]
+
+
+def vit_chain(vit: nn.Module) -> list[tuple[str, nn.Module]]:
+    """A torchvision ``VisionTransformer`` as a chain (``prune_chain``, see
+    :func:`hpcprune.sensitivity.cells.flatten_chain`): the stem (:class:`_ViTStem`), every encoder
+    block, the final norm, the class token, the head's layers. Its forward is no chain of its own
+    children (it reads the class token and the position embedding, and the encoder holds the
+    blocks), so without it every sensitivity cell, verification and cost-model level of a ViT ran the
+    whole forward; the chain is checked against the model's output before use."""
+    chain: list[tuple[str, nn.Module]] = [("<stem>", _ViTStem(vit))]
+    chain += [(f"encoder.layers.{n}", m) for n, m in vit.encoder.layers.named_children()]
+    chain += [("encoder.ln", vit.encoder.ln), ("<class_token>", _ClassToken())]
+    chain += [(f"heads.{n}", m) for n, m in vit.heads.named_children()]
+    return chain
