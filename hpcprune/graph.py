@@ -314,11 +314,12 @@ class Graph:
         size = _unit_count(channels, blocks)
         if size == channels and any(isinstance(dep.target.module, tp.ops._SplitOp) for dep, _ in group):
             size = self._closure_stride(root, channels)
-        if size is None:
-            self.excluded.append(Excluded(name, types, "its layers split the channels into blocks (grouped convolution, "
-                                          "GroupNorm, attention heads) that no cut of whole units keeps equal"))
+        if size is None:  # what splits them: the members in blocks, a split or chunk of the channels
+            why = list(dict.fromkeys(f"{n} in blocks of {w}" for n, _, _, w in blocks))[:3] + _layout_ops(group)
+            self.excluded.append(Excluded(name, types, "its layers split the channels into blocks that no cut of whole "
+                                          f"units keeps equal ({'; '.join(why) or 'grouped convolution, GroupNorm, attention heads'})"))
             return None
-        bare = self.bare_parameters(group) if params else ""
+        bare = self.bare_parameters(group, root_channels) if params else ""
         reason = self._refusal(group, members, root_channels, overflow, bare)
         if not reason and wide:  # e.g. ECA's Conv1d over the channel axis, CBAM's spatial attention conv
             reason = (f"Torch-Pruning ties {wide[0][0]}'s {wide[0][1]} output channels to the single channel of "
@@ -358,12 +359,15 @@ class Graph:
                 f"{' ...' if len(found) > 4 else ''}; channels that reach one cannot be cut (build it from Linear / Conv "
                 "layers to prune them)")
 
-    def bare_parameters(self, group: Any) -> str:
+    def bare_parameters(self, group: Any, channels: int | None = None) -> str:
         """'; <why>' for each weight in a Torch-Pruning ``group`` that no layer Torch-Pruning knows
         holds (it cuts such a parameter along its last dimension only, whatever the forward does with
         it): a weight of a layer it has no pruner for (``nn.Bilinear``), or an ``nn.Parameter`` a
         forward passes to a functional call (``F.conv2d``); '' when there is none. For the reason of
-        a group excluded or failing once cut: that weight, not the layers around it, is the cause."""
+        a group excluded or failing once cut: that weight, not the layers around it, is the cause.
+        With the group's width ``channels``, a parameter outside any layer whose last dimension alone
+        has that width (a position embedding ``(1, T, C)`` added to tokens) is cut where it is used,
+        and not named."""
         out = []
         for dep, _ in group:
             p = dep.target.module
@@ -372,7 +376,10 @@ class Graph:
             pname = self.dg._param_to_name.get(p, "?")
             owner_name = pname.rpartition(".")[0]
             owner = self.by_name.get(owner_name)
-            if owner_name and owner is not None and not any(True for _ in owner.children()):
+            layer = owner_name and owner is not None and not any(True for _ in owner.children())
+            if not layer and channels is not None and p.shape[-1] == channels and list(p.shape).count(channels) == 1:
+                continue
+            if layer:
                 out.append(f"{pname} belongs to {owner_name} ({type(owner).__name__}), a layer Torch-Pruning has no "
                            f"pruner for: it cuts that {tuple(p.shape)} weight along its last dimension only, so the group "
                            f"stays whole; to prune the layers that feed it, build {owner_name} from layers Torch-Pruning "

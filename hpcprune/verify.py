@@ -132,7 +132,7 @@ def _hint(graph: Graph, g: GroupInfo, x: torch.Tensor | None = None) -> str:
     ops = _layout(graph, g)
     hint = f"; Torch-Pruning passes its channels 1:1 through {'; '.join(ops)}" if ops else ""
     if g.kind in ("channels", "neurons"):
-        hint += graph.bare_parameters(graph.tp_group(g.name))
+        hint += graph.bare_parameters(graph.tp_group(g.name), g.channels)
         if x is not None:
             hint += _width_buffers(graph, g, x)
     return hint
@@ -249,16 +249,16 @@ def _check(graph: Graph, g: GroupInfo, x: torch.Tensor, dense_out: tuple[torch.T
         cut = graph.cut(g.name, drop)
     except Exception as e:  # noqa: BLE001 - the reason is recorded, the group excluded
         return f"Torch-Pruning cannot cut it ({type(e).__name__}: {_line(e)})"
-    got = _run_cut(fwd, x, cut)
+    got = _run_cut(fwd, x, cut, graph.names)
     if isinstance(got, str):
-        return f"the model fails once it is cut ({got}){_hint(graph, g, x)}"
+        return f"the model fails once it is cut ({got}){_heads_hint(g) if g.kind == 'heads' else _hint(graph, g, x)}"
     got, shapes = got
     if shapes != dense_shapes:  # any output, not only the main one (a second head, a dict of outputs)
         return OUTPUT
     if not torch.isfinite(got).all():
         return "the cut model's output is not finite"
     if g.sliceable and g.kind in ("channels", "neurons"):
-        other = _run_cut(fwd, x, slice_group(graph.by_name, g, [i for i in range(g.size) if i not in set(drop)]))
+        other = _run_cut(fwd, x, slice_group(graph.by_name, g, [i for i in range(g.size) if i not in set(drop)]), graph.names)
         if isinstance(other, str):
             return f"the cells' in-place slice fails ({other})"
         other = other[0]
@@ -284,10 +284,15 @@ def _check(graph: Graph, g: GroupInfo, x: torch.Tensor, dense_out: tuple[torch.T
         diff = None if ref is None else _disagree(graph, g, drop, x, ref, got, scale, _heads_oracle)
         if diff is not None:
             return (f"the model without these heads is not the dense model with their outputs zeroed (max difference "
-                    f"{diff}): its forward does not compute per head as "
-                    f"{', '.join(m.module for m in g.members)} suggest (a head width derived from the residual width, "
-                    "a table sized by the head count); declare the attention with prune_structure()")
+                    f"{diff}){_heads_hint(g)}")
     return None
+
+
+def _heads_hint(g: GroupInfo) -> str:
+    """Why a head group recognised from its projections may not cut as heads, and what to do."""
+    return (f"; its forward does not compute per head as {', '.join(m.module for m in g.members)} suggest (a head "
+            "width derived from the residual width, as C // self.num_heads with C = x.shape[-1]; a table sized by the "
+            "head count); declare the attention with prune_structure()")
 
 
 # float32 differences between a cut model and its reference: at most this (x the output's scale) is
@@ -359,16 +364,32 @@ def _heads_oracle(graph: Graph, g: GroupInfo, drop: Sequence[int], x: torch.Tens
         w.data = saved
 
 
-def _run_cut(model: Any, x: torch.Tensor, cut: Any) -> tuple[torch.Tensor, list] | str:
+def _run_cut(model: Any, x: torch.Tensor, cut: Any, names: dict | None = None) -> tuple[torch.Tensor, list] | str:
     """The model's main output and the shapes of all its outputs with ``cut`` applied (then
-    restored), or the error as one line. ``model``: the model, or a forward of it (``_FromPrefix``)."""
+    restored), or the error as one line, naming the innermost of the model's modules whose forward
+    raised it (``names``: module -> qualified name). ``model``: the model, or a forward of it
+    (``_FromPrefix``)."""
     try:
         out = model(x)
         return first_tensor(out).clone(), output_shapes(out)
     except Exception as e:  # noqa: BLE001 - the reason is recorded, the group excluded
-        return f"{type(e).__name__}: {_line(e)}"
+        where = _raised_in(e, names) if names else ""
+        return f"{type(e).__name__}{where}: {_line(e)}"
     finally:
         cut.restore()
+
+
+def _raised_in(e: BaseException, names: dict) -> str:
+    """' in <name> (<Type>)' for the innermost module of ``names`` whose own forward (or a method
+    it called) is on ``e``'s traceback; '' when none is."""
+    found = None
+    tb = e.__traceback__
+    while tb is not None:
+        obj = tb.tb_frame.f_locals.get("self")
+        if isinstance(obj, nn.Module) and names.get(obj):
+            found = obj
+        tb = tb.tb_next
+    return f" in {names[found]} ({type(found).__name__})" if found is not None else ""
 
 
 def _state(model: nn.Module) -> list[tuple]:

@@ -110,6 +110,29 @@ def test_target_out_of_reach_on_the_architecture(tmp_path, dense_ckpt):
         "found on the architecture, before any training" in msg, msg
 
 
+def test_a_refusal_names_the_excluded_groups_and_records_them(tmp_path):
+    """A target out of reach because verification excluded a group: the line names it (it stays
+    whole), and the run file keeps what the groups stage found (/groups, not complete: a rerun does
+    the stage again), so the report shows the exclusion."""
+    import h5py
+    import json
+
+    run = tmp_path / "run"
+    with pytest.raises(ConfigError) as e:
+        sweep_in_process(run, *[o for o in FAST if not o.startswith("data.")], "model=custom",
+                         "model._target_=archs2.channel_roll", "data=custom", "data._target_=archs.data_images",
+                         "+data.calib_samples=16", "prune.target.macs=0.05")
+    msg = str(e.value)
+    assert "\n" not in msg and msg.startswith("prune.target.macs=0.05 cannot be met") and \
+        "1 group excluded above stays whole (stem.0)" in msg, msg
+    with h5py.File(run / "run.h5") as f:
+        g = f["groups"]
+        assert not g.attrs["complete"] and [x[0] for x in json.loads(g.attrs["excluded"])][:1] == ["stem.0"]
+    from hpcprune import report
+
+    assert report.load_run(str(run / "run.h5")).excluded[0][0] == "stem.0"
+
+
 def test_no_whole_fine_tune_batch_refused_before_the_run(tmp_path, dense_ckpt, capsys):
     """A fine-tune batch larger than the training set (on its DDP tasks) would train on nothing after
     all the compute: refused at the start, naming the key, before the run file exists."""

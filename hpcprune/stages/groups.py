@@ -58,15 +58,20 @@ def run(ctx: Context, cfg: Any, rf: RunFile) -> Record:
         else:
             log.info("groups: the verification and cost model under key %s are reused from %s", key[:12], source)
             _report_excluded(graph, model, cfg)
-    if found is None:
-        source = ""
-        verify_groups(graph, ctx.example, float(cfg.prune.max_ratio), int(cfg.prune.round_to), int(cfg.seed), progress)
-        _report_excluded(graph, model, cfg)
-        exact = _derive_cost(graph, model, ctx.example, cfg)
-        cost, terms = allocate.CostModel.from_exact(graph.groups, exact), exact.terms
-    else:
-        cost = allocate.CostModel(graph.groups, terms)
-    _check_budgets(cost, cfg)
+    try:
+        if found is None:
+            source = ""
+            verify_groups(graph, ctx.example, float(cfg.prune.max_ratio), int(cfg.prune.round_to), int(cfg.seed), progress)
+            _report_excluded(graph, model, cfg)
+            exact = _derive_cost(graph, model, ctx.example, cfg)
+            cost, terms = allocate.CostModel.from_exact(graph.groups, exact), exact.terms
+        else:
+            cost = allocate.CostModel(graph.groups, terms)
+        _check_budgets(cost, cfg, graph)
+    except ConfigError:  # the run is refused: what verification found stays in the run file (the report shows it)
+        with rf.write() as f:
+            _write_refused(f, graph, ignore)
+        raise
     gs = graph.groups
     log.info("%d groups: %s", len(gs), ", ".join(
         f"{g.name}({g.size})" if not g.channels or g.channels == g.size else f"{g.name}({g.size} units of {g.channels // g.size} channels)"
@@ -103,10 +108,16 @@ def _check_logits(model: nn.Module, ctx: Context) -> None:
             f"{classes} outputs (found on the architecture, before any training)")
 
 
-def _check_budgets(cost: allocate.CostModel, cfg: Any) -> None:
+def _check_budgets(cost: allocate.CostModel, cfg: Any, graph: Graph | None = None) -> None:
     """Every MACs/params budget reachable with the ratios the allocation may choose: up to
     ``prune.max_ratio``, and for ``prune.method=sensitivity`` up to the largest measured ratio
-    (its curves end there). ConfigError naming the keys to change, before any training."""
+    (its curves end there). ConfigError naming the keys to change, and the groups verification
+    excluded (they stay whole: often why a target is out of reach), before any training."""
+    from ..verify import OUTPUT
+
+    failed = [e.name for e in (graph.excluded if graph is not None else []) if e.reason != OUTPUT]
+    whole = (f"; {len(failed)} group{'s' if len(failed) > 1 else ''} excluded above stay{'' if len(failed) > 1 else 's'} "
+             f"whole ({', '.join(failed[:3])}{', ...' if len(failed) > 3 else ''})" if failed else "")
     budgets = {k: v for k, v in targets(cfg).items() if k not in allocate.MEASURED}  # measured on the pruned model only
     if not budgets:
         return
@@ -122,12 +133,12 @@ def _check_budgets(cost: allocate.CostModel, cfg: Any) -> None:
                 raise ConfigError(
                     f"prune.target.{k}={t} cannot be met by prune.method=sensitivity: its curves end at the largest "
                     f"of sensitivity.ratios={[float(r) for r in cfg.sensitivity.ratios]}, where every group keeps "
-                    f"{best:.4f} of the {k}; add a larger ratio (up to prune.max_ratio={max_ratio}) or relax the "
+                    f"{best:.4f} of the {k}{whole}; add a larger ratio (up to prune.max_ratio={max_ratio}) or relax the "
                     "target (found on the architecture, before any training)")
     try:
         allocate._check_reachable(cost, budgets, max_ratio, round_to, blocks=sens)
     except allocate.BudgetError as e:
-        raise ConfigError(f"{e} (found on the architecture, before any training)") from None
+        raise ConfigError(f"{e}{whole} (found on the architecture, before any training)") from None
 
 
 def _report_excluded(graph: Graph, model: nn.Module, cfg: Any) -> None:
@@ -171,6 +182,18 @@ def _derive_cost(graph: Graph, model: nn.Module, example: Any, cfg: Any) -> Any:
             if not graph.groups:
                 raise ConfigError(f"model {cfg.model.get('_target_')}: no prunable group; {e}") from None
     return exact
+
+
+def _write_refused(f: h5py.File, graph: Graph, ignore: list[str]) -> None:
+    """``/groups`` of a run the groups stage refused: the groups kept and excluded (with why), not
+    complete (a rerun does the stage again)."""
+    h = replace_group(f, "groups")
+    text = h5py.string_dtype()
+    h.create_dataset("name", data=np.array([g.name for g in graph.groups], dtype=object), dtype=text)
+    h.create_dataset("size", data=np.array([g.size for g in graph.groups], dtype=np.int64))
+    h.attrs["excluded"] = json.dumps([[e.name, e.layer_types, e.reason] for e in graph.excluded])
+    h.attrs["ignored"] = json.dumps(ignore)
+    h.attrs["complete"] = False
 
 
 def _write(f: h5py.File, graph: Graph, ignore: list[str], terms: dict[str, Any], cost: allocate.CostModel, key: str,
