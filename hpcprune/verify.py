@@ -386,10 +386,10 @@ def _raised_in(e: BaseException, names: dict) -> str:
     tb = e.__traceback__
     while tb is not None:
         obj = tb.tb_frame.f_locals.get("self")
-        if isinstance(obj, nn.Module) and names.get(obj):
+        if isinstance(obj, nn.Module) and names.get(obj) is not None:
             found = obj
         tb = tb.tb_next
-    return f" in {names[found]} ({type(found).__name__})" if found is not None else ""
+    return f" in {names[found] or 'the model itself'} ({type(found).__name__})" if found is not None else ""
 
 
 def _state(model: nn.Module) -> list[tuple]:

@@ -300,6 +300,9 @@ def test_attention_that_is_not_per_head_is_excluded_with_the_reason():
     ex = {e.name: e.reason for e in out}
     assert "attn:heads" in ex and "attn:heads" not in [g.name for g in graph.groups]
     assert "fails once it is cut" in ex["attn:heads"] or "not the dense model" in ex["attn:heads"]
+    # the module whose forward raised is named, and for heads the likely cause and the remedy
+    assert "RuntimeError in attn (_QKVAttn):" in ex["attn:heads"] and "prune_structure()" in ex["attn:heads"]
+    assert "RuntimeError in attn (_QKVAttn):" in ex["inp"]
 
 
 def test_sensitivity_allocation_gives_back_an_overshoot():
