@@ -84,9 +84,10 @@ def _hf(name: str, inter: int = I, heads: int = H, kv_heads: int | None = None) 
 def _family(name: str) -> tuple[torch.nn.Module, torch.Tensor]:
     torch.manual_seed(0)
     model = getattr(hf, FAMILIES[name][0])(_hf(name)).eval()
-    with torch.no_grad():  # trained-looking weights: no two heads or neurons alike
+    noise = torch.Generator().manual_seed(0)
+    with torch.no_grad():  # trained-looking weights: no two heads or neurons alike, no two norms alike either
         for p in model.parameters():
-            p.add_(0.05 * torch.randn(p.shape, generator=torch.Generator().manual_seed(p.numel())))
+            p.add_(0.05 * torch.randn(p.shape, generator=noise))
     gen = torch.Generator().manual_seed(1)
     x = torch.randn(2, 3, 16, 16, generator=gen) if name == "vit" else torch.randint(3, 128, (2, 16), generator=gen)
     return model, x
