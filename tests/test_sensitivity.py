@@ -264,7 +264,7 @@ def test_a_forward_over_children_is_traced_into_a_chain():
     assert _checked_chain(m, flatten_chain(m), torch.randn(8, 4)) is None
 
 
-def test_a_declared_chain_is_used_once_checked():
+def test_a_declared_chain_is_used_once_checked(caplog):
     """``model.prune_chain()`` (a ViT: a stem reading the class token, then the blocks) is the chain
     ``chain_of`` returns once it computes the model's output; a declared chain that does not is
     refused (None: the cells run the whole forward)."""
@@ -308,7 +308,15 @@ def test_a_declared_chain_is_used_once_checked():
     got = chain_of(m, x)
     assert [n for n, _ in got] == ["<stem>", "blocks.0", "blocks.1", "blocks.2", "<cls>", "head"]
     m.prune_chain = types.MethodType(lambda self: chain(self)[:-1], m)  # the head left out: another output
-    assert chain_of(m, x) is None
+    with caplog.at_level("WARNING", logger="hpcprune.stages"):
+        assert chain_of(m, x) is None
+        assert chain_of(m, x) is None
+    said = [r.getMessage() for r in caplog.records if "prune_chain() is not used" in r.getMessage()]
+    assert len(said) == 1 and "compute another output" in said[0]  # once, with why
+    m.prune_chain = types.MethodType(lambda self: [("blocks", "not a module")], m)
+    with caplog.at_level("WARNING", logger="hpcprune.stages"):
+        assert chain_of(m, x) is None
+    assert "(name, nn.Module) pairs" in caplog.records[-1].getMessage()
 
 
 def test_block_cells_of_a_traced_chain_skip_the_block():

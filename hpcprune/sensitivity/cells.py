@@ -55,7 +55,16 @@ def flatten_chain(model: nn.Module) -> list[tuple[str, nn.Module]] | None:
     declare one (:func:`hpcprune.zoo.vision.vit_chain`)."""
     declared = getattr(model, "prune_chain", None)
     if callable(declared):
-        return list(declared())
+        try:
+            chain = list(declared())
+            if not chain or not all(isinstance(e, tuple) and len(e) == 2 and isinstance(e[0], str)
+                                    and isinstance(e[1], nn.Module) for e in chain):
+                raise TypeError("it must return a non-empty list of (name, nn.Module) pairs")
+        except Exception as e:  # noqa: BLE001 - a declaration that fails: the whole forward, said once
+            _warn_once(model, f"{type(model).__name__}.prune_chain() is not used ({type(e).__name__}: "
+                              f"{str(e).strip().splitlines()[0] if str(e).strip() else ''}): every cell runs the whole forward")
+            return None
+        return chain
     if not isinstance(model, nn.Sequential) or type(model).forward is not nn.Sequential.forward:
         return _traced_chain(model)
     chain: list[tuple[str, nn.Module]] = []
@@ -244,11 +253,27 @@ def _checked_chain(model: nn.Module, chain: list[tuple[str, nn.Module]], x: Any)
             for u, v in zip(a, b))
     except Exception as e:  # noqa: BLE001 - no chain: cells run the model's own forward
         log.debug("sensitivity: the traced chain of %s fails (%s: %s)", type(model).__name__, type(e).__name__, e)
-        return None
+        why = f"its elements fail on the example input ({type(e).__name__}: {str(e).strip().splitlines()[0] if str(e).strip() else ''})"
+        same = False
+    else:
+        why = "its elements, one after another, compute another output than the model's forward"
     if not same:
         log.debug("sensitivity: the traced chain of %s computes another output; cells run its forward", type(model).__name__)
+        if callable(getattr(model, "prune_chain", None)):
+            _warn_once(model, f"{type(model).__name__}.prune_chain() is not used: {why}; every cell runs the whole forward")
         return None
     return chain
+
+
+_warned: set[str] = set()
+
+
+def _warn_once(model: nn.Module, text: str) -> None:
+    """``text`` as a warning, once per process for each model class and text."""
+    key = f"{type(model).__qualname__}:{text}"
+    if key not in _warned:
+        _warned.add(key)
+        log.warning("%s", text)
 
 
 class _Reused(Exception):
