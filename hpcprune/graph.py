@@ -244,6 +244,14 @@ class Graph:
                 raise
             except Exception as e:  # noqa: BLE001 - any failure of the search excludes this root only
                 visited.add(id(root))
+                found = self._from_consumer(root, ignored)
+                if found is not None:
+                    consumer, group = found
+                    visited.update(id(dep.target.module) for dep, _ in group if self.dg.is_out_channel_pruning_fn(dep.handler))
+                    info = self._info(name, consumer, group, root_out=False)
+                    if info is not None:
+                        infos.append(info)
+                    continue
                 self.excluded.append(Excluded(name, [type(root).__name__], f"Torch-Pruning cannot build its group "
                                               f"({type(e).__name__}: {_first_line(e)}){self._unknown_layers}"))
                 continue
@@ -255,6 +263,42 @@ class Graph:
             if info is not None:
                 infos.append(info)
         return infos
+
+    def _from_consumer(self, root: nn.Module, ignored: set[int]) -> tuple[nn.Module, Any] | None:
+        """The group of ``root``'s outputs built from the layer that reads them, when Torch-Pruning
+        cannot build it from ``root``: (that layer, the group on all its input channels), or None.
+        A Linear's features viewed as feature maps (``fc(x).view(n, C, 4, 4)`` before a
+        ``ConvTranspose2d``: a decoder, a generator) are the case: rooted at the Linear, every one of
+        its ``16 C`` rows maps to a channel and back to 16 rows, 16 times too many indices; rooted
+        at the ``C`` input channels of the layer after the view, channel ``c`` is rows ``16c ..
+        16c + 15`` (Torch-Pruning's own mapping), and a unit is one input channel of that layer."""
+        node = self.dg.module2node.get(root)
+        if node is None:
+            return None
+        seen, todo, consumers = {id(node)}, list(node.outputs), []
+        while todo and len(seen) < 64:  # through op nodes (activations, reshapes) to the next layers
+            n = todo.pop(0)
+            if id(n) in seen:
+                continue
+            seen.add(id(n))
+            if n.module in self.names:
+                consumers.append(n.module)
+            else:
+                todo.extend(n.outputs)
+        for c in consumers:
+            pruner = self.dg.get_pruner_of_module(c)
+            if id(c) in ignored or pruner is None or getattr(pruner, "get_in_channels", None) is None:
+                continue
+            width = pruner.get_in_channels(c)
+            if not width:
+                continue
+            try:
+                group = self.dg.get_pruning_group(c, pruner.prune_in_channels, list(range(int(width))))
+            except Exception:  # noqa: BLE001 - not from here either
+                continue
+            if any(dep.target.module is root and self.dg.is_out_channel_pruning_fn(dep.handler) for dep, _ in group):
+                return c, group
+        return None
 
     def _refusal(self, group: Any, members: list[Member], root_channels: int, overflow: str, bare: str = "") -> str:
         """Why hpcprune cannot cut this group correctly ('' when it can): a member it cannot cut in
@@ -274,13 +318,14 @@ class Graph:
         tied = self._tied_across(group)
         return f"it would cut parameter {tied} (tied weights would come apart)" if tied else ""
 
-    def _info(self, name: str, root: nn.Module, group: Any) -> GroupInfo | None:
+    def _info(self, name: str, root: nn.Module, group: Any, root_out: bool = True) -> GroupInfo | None:
         """A Torch-Pruning group as plain data, or None (and an ``excluded`` entry) when hpcprune
-        cannot cut it correctly."""
+        cannot cut it correctly. ``root_out``: the group is rooted at ``root``'s outputs (else at its
+        inputs: :meth:`_from_consumer`)."""
         members: list[Member] = []
         types: list[str] = []
         identity = True
-        root_channels = int(self.dg.get_out_channels(root))
+        root_channels = int(self.dg.get_out_channels(root) if root_out else self.dg.get_in_channels(root))
         blocks: list[tuple[str, list[int], list[int], int]] = []  # (member, mapped idxs, root idxs, block width)
         overflow = ""  # a member Torch-Pruning maps the root's channels past the end of
         params: list[tuple[Any, str]] = []
@@ -310,9 +355,9 @@ class Graph:
                         and _dim_size(mod, out) == len(idxs))
         members.sort(key=lambda m: (self.order.get(m.module, -1), not m.out))
         types = sorted(set(types))
-        channels = int(self.dg.get_out_channels(root))
+        channels = root_channels
         size = _unit_count(channels, blocks)
-        if size == channels and any(isinstance(dep.target.module, tp.ops._SplitOp) for dep, _ in group):
+        if size == channels and any(isinstance(dep.target.module, tp.ops._SplitOp) for dep, _ in group) and root_out:
             size = self._closure_stride(root, channels)
         if size is None:  # what splits them: the members in blocks, a split or chunk of the channels
             why = list(dict.fromkeys(f"{n} in blocks of {w}" for n, _, _, w in blocks))[:3] + _layout_ops(group)
@@ -340,7 +385,7 @@ class Graph:
         plain = size == channels and not params and not reused
         maskable = plain and identity and all(self._maskable(self.by_name[m.module], m.out) for m in members)
         sliceable = plain and identity and all(self._sliceable(self.by_name[m.module], m.out) for m in members)
-        self._tp_groups[name] = root
+        self._tp_groups[name] = (root, root_out)
         return GroupInfo(name, kind, size, members, maskable, sliceable, channels=channels, layer_types=types)
 
     @functools.cached_property
@@ -539,10 +584,11 @@ class Graph:
         """Torch-Pruning's Group object on root channels ``idxs`` (all by default)."""
         if name not in self._tp_groups:
             raise KeyError(f"group {name!r} is not a Torch-Pruning group (heads and blocks are hpcprune's own)")
-        root = self._tp_groups[name]
+        root, out = self._tp_groups[name]
         pruner = self.dg.get_pruner_of_module(root)
-        size = int(self.dg.get_out_channels(root))
-        return self.dg.get_pruning_group(root, pruner.prune_out_channels, list(range(size)) if idxs is None else list(idxs))
+        size = int(self.dg.get_out_channels(root) if out else self.dg.get_in_channels(root))
+        fn = pruner.prune_out_channels if out else pruner.prune_in_channels
+        return self.dg.get_pruning_group(root, fn, list(range(size)) if idxs is None else list(idxs))
 
     def unit_scores(self, g: GroupInfo, channel_scores: torch.Tensor) -> torch.Tensor:
         """Per-unit scores from per-root-channel scores (a strided unit sums its channels)."""

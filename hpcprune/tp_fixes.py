@@ -28,6 +28,12 @@ Upstream behaviour hpcprune works around elsewhere, without patching Torch-Pruni
   input columns of the first group's kept positions (``keep_idxs[:len(keep_idxs) // groups]``):
   right only when every group keeps the same positions. ``MultiheadAttentionPruner`` checks only
   that the new ``embed_dim`` divides by ``num_heads``, not that every head keeps the same width.
+- ``get_pruning_group`` rooted at a Linear whose output is viewed as feature maps
+  (``fc(x).view(n, C, 4, 4)``) on all its ``16 C`` rows: the reshape maps row ``r`` to channel
+  ``r // 16`` but keeps ``r`` as the index's root, so the way back expands each of the ``16 C``
+  (channel, root) pairs to 16 rows: ``256 C`` indices for ``16 C`` rows (with one root index it is
+  right). hpcprune builds such a group from the consumer's input channels instead
+  (``Graph._from_consumer``), where a unit is one feature map.
   ``units.block_width`` / ``units.unit_count`` make a group's unit one channel position in every
   block (every group of a grouped convolution, of a GroupNorm, every attention head), so any cut
   keeps every block the same width at the same positions; a group that no such unit keeps even is

@@ -37,6 +37,8 @@ SETTINGS = [
 # (lstm2_bidir, tied_autoencoder), their only groups feed a recurrent layer (gru_seq, lstm_seq), are bare
 # Parameters used functionally (functional_params), or are one weight tied as rows and columns
 # (tied_shared_linear); every other case must complete
+# groups these cases must keep (a regression once excluded them): the Linear before a view into feature maps
+KEPT: dict[str, list[str]] = {"decoder_view": ["fc_in"]}
 REFUSED: set[str] = {"gru_seq", "lstm_seq", "lstm2_bidir", "tied_autoencoder", "functional_params", "tied_shared_linear"}
 
 
@@ -113,6 +115,7 @@ def test_architecture_end_to_end(name, tmp_path):
         final = dict(f["final"].attrs)
         dense_macs = float(f["baseline"].attrs["macs"])
     assert kept, f"{name}: no group kept; excluded: {excluded}"
+    assert set(KEPT.get(name, [])) <= set(kept), (KEPT[name], excluded)
     for e in excluded:  # every exclusion names the group, its layer types and a reason
         assert e[0] and isinstance(e[1], list) and e[2]
     assert _cells_equal_copies(path) > 0

@@ -292,6 +292,28 @@ def test_attention_in_a_module_list_recognised_as_heads():
     torch.testing.assert_close(model(x), dense(x))
 
 
+def test_linear_viewed_as_feature_maps_is_cut_in_blocks_of_its_map():
+    """fc(x).view(n, C, 4, 4) before a ConvTranspose2d: rooted at the Linear, Torch-Pruning's mapping
+    grows 16-fold and the group could not be built (excluded); rooted at the ConvTranspose2d's C
+    input channels, a unit is one map, i.e. 16 consecutive rows of the Linear. The cut model equals
+    the dense one with those rows (and their biases) zeroed."""
+    import archs
+
+    torch.manual_seed(0)
+    model, x = archs.decoder_view().eval(), torch.randn(2, 1, 8, 8)
+    graph = Graph(model, x[:1])
+    assert "fc_in" not in [e.name for e in verify_groups(graph, x, 0.5)]
+    g = graph.group("fc_in")
+    assert (g.kind, g.size) == ("neurons", 16) and not g.sliceable
+    dense = copy.deepcopy(model)
+    for c in (1, 3):
+        dense.fc_in.weight.data[16 * c:16 * (c + 1)] = 0
+        dense.fc_in.bias.data[16 * c:16 * (c + 1)] = 0
+    graph.prune_group("fc_in", [1, 3])
+    assert model.fc_in.out_features == 14 * 16 and model.up.in_channels == 14
+    torch.testing.assert_close(model(x), dense(x))
+
+
 def test_attention_that_is_not_per_head_is_excluded_with_the_reason():
     torch.manual_seed(0)
     model, x = _QKVNet(width_from_input=True).eval(), torch.randn(2, 5, 6)
