@@ -22,6 +22,7 @@ bug in hpcprune and raises.
 from __future__ import annotations
 
 import logging
+import re
 import time
 from typing import Any, Sequence
 
@@ -251,7 +252,8 @@ def _check(graph: Graph, g: GroupInfo, x: torch.Tensor, dense_out: tuple[torch.T
         return f"Torch-Pruning cannot cut it ({type(e).__name__}: {_line(e)})"
     got = _run_cut(fwd, x, cut, graph.names)
     if isinstance(got, str):
-        return f"the model fails once it is cut ({got}){_heads_hint(g) if g.kind == 'heads' else _hint(graph, g, x)}"
+        return (f"the model fails once it is cut ({got}){_fixed_width(g, got)}"
+                f"{_heads_hint(g) if g.kind == 'heads' else _hint(graph, g, x)}")
     got, shapes = got
     if shapes != dense_shapes:  # any output, not only the main one (a second head, a dict of outputs)
         return OUTPUT
@@ -286,6 +288,17 @@ def _check(graph: Graph, g: GroupInfo, x: torch.Tensor, dense_out: tuple[torch.T
             return (f"the model without these heads is not the dense model with their outputs zeroed (max difference "
                     f"{diff}){_heads_hint(g)}")
     return None
+
+
+def _fixed_width(g: GroupInfo, error: str) -> str:
+    """'; ...' when a reshape failed to a shape holding the group's width as a number (``view(n,
+    self.c, 4, 4)`` with ``self.c`` the dense width): the forward keeps the width the cut changed."""
+    m = re.search(r"shape '\[([-\d, ]+)\]' is invalid", error)
+    width = g.channels or g.size
+    if g.kind not in ("channels", "neurons") or m is None or width < 2 or width not in [int(v) for v in m.group(1).split(",")]:
+        return ""
+    return (f"; its forward reshapes to a shape that holds the group's width {width} as a number (view(n, self.c, h, w) "
+            "with self.c fixed at build time): write -1 there, or read the width from the layer (self.fc.out_features)")
 
 
 def _heads_hint(g: GroupInfo) -> str:

@@ -314,6 +314,27 @@ def test_linear_viewed_as_feature_maps_is_cut_in_blocks_of_its_map():
     torch.testing.assert_close(model(x), dense(x))
 
 
+def test_a_width_held_as_a_number_is_named_with_the_remedy():
+    """The same decoder viewing to (n, self.c, 4, 4): the cut cannot follow a width the forward holds
+    as a number; the group is excluded, the reason says so and what to write instead."""
+    import archs
+
+    class Fixed(archs.DecoderView):
+        def forward(self, x):
+            n = x.size(0)
+            h = torch.relu(self.fc_in(x.reshape(n, -1))).view(n, self.c, 4, 4)
+            h = self.conv(torch.relu(self.up_bn(self.up(h))))
+            return self.fc(torch.nn.functional.max_pool2d(h, 2).mean((2, 3)))
+
+    torch.manual_seed(0)
+    model = Fixed()
+    model.c = 16
+    model, x = model.eval(), torch.randn(2, 1, 8, 8)
+    graph = Graph(model, x[:1])
+    ex = {e.name: e.reason for e in verify_groups(graph, x, 0.5)}
+    assert "holds the group's width 16 as a number" in ex["fc_in"] and "write -1 there" in ex["fc_in"], ex
+
+
 def test_attention_that_is_not_per_head_is_excluded_with_the_reason():
     torch.manual_seed(0)
     model, x = _QKVNet(width_from_input=True).eval(), torch.randn(2, 5, 6)
