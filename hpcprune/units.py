@@ -104,8 +104,10 @@ _LAYOUT_OPS = {
     "Roll": "torch.roll (channel c becomes channel c + shift)",
     "Cumsum": "torch.cumsum over the channels (each output channel sums every channel before it)",
     "Cumprod": "torch.cumprod over the channels (each output channel multiplies every channel before it)",
-    "Transpose": "a transpose of the channel dimension (a channel shuffle written as view, transpose, view?)",
-    "Permute": "a permute of the channel dimension (a channel shuffle written as view, permute, view?)",
+    "Transpose": ("a transpose of the channel dimension (a channel shuffle written as view, transpose, view? a "
+                  "layer mixing another dimension, as MLP-Mixer's token mixing, which the channels pass through?)"),
+    "Permute": ("a permute of the channel dimension (a channel shuffle written as view, permute, view? a layer "
+                "mixing another dimension, which the channels pass through?)"),
     "Flip": "torch.flip (channel c becomes channel C - 1 - c)",
     "IndexSelect": "torch.index_select / an index tensor (channels reordered)",
     "Gather": "torch.gather (channels picked by an index tensor)",
