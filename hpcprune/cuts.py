@@ -149,11 +149,13 @@ class Slice:
         value = value_of(t.data)
         if t.dim() == 4 and not t.is_contiguous() and t.is_contiguous(memory_format=torch.channels_last):
             value = value.contiguous(memory_format=torch.channels_last)  # keep a conv weight's NHWC layout
+        else:
+            value = value.contiguous()
         if self.permanent and isinstance(t, nn.Parameter):
             # a new Parameter of the new shape (an optimiser built later sees the right tensor)
-            setattr(mod, name, nn.Parameter(value.contiguous(), requires_grad=t.requires_grad))
+            setattr(mod, name, nn.Parameter(value, requires_grad=t.requires_grad))
         elif self.permanent:
-            setattr(mod, name, value.contiguous())
+            setattr(mod, name, value)
         else:
             self._set(t, "data", value)
         self.done[id(t)] = (t, getattr(mod, name))  # the old tensor is kept: its id stays unique
@@ -349,6 +351,9 @@ class TPCut:
                     for owner, pname in members[1:]:
                         if getattr(owner, pname).shape == first.shape:
                             setattr(owner, pname, first)
+            for owner, _, before, _ in cut.saved:
+                for pname, old in before.items():
+                    _keep_traits(old, owner._parameters.get(pname))
         except BaseException:
             cut.restore()
             raise
@@ -364,3 +369,18 @@ class TPCut:
             owner._buffers.update(bufs)
             owner.__dict__.update({k: v for k, v in attrs.items() if k not in ("_parameters", "_buffers")})
         self.saved.clear()
+
+
+def _keep_traits(old: Any, new: Any) -> None:
+    """What Torch-Pruning's layer functions drop when they make a cut parameter anew (an
+    ``nn.Parameter`` of the kept values: trainable, contiguous), put back from the one it replaces:
+    ``requires_grad=False`` (a frozen stem, a fixed scale: fine-tuning would otherwise train it)
+    and a conv weight's channels-last layout (the pruned model's speed is measured in the dense
+    model's layout)."""
+    if old is None or new is None or new is old or not isinstance(new, torch.Tensor):
+        return
+    if new.requires_grad != old.requires_grad and new.is_leaf:
+        new.requires_grad_(old.requires_grad)
+    if (old.dim() == 4 and new.dim() == 4 and not old.is_contiguous()
+            and old.is_contiguous(memory_format=torch.channels_last)):
+        new.data = new.data.contiguous(memory_format=torch.channels_last)

@@ -178,7 +178,7 @@ class FinetuneJob:
         ddp = model
         if world > 1:
             ddp = nn.parallel.DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
-        opt = torch.optim.AdamW(model.parameters(), lr=ft.lr, weight_decay=ft.weight_decay)
+        opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=ft.lr, weight_decay=ft.weight_decay)
         sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=max(1, ft.epochs))  # stepped once per epoch
         sampler = torch.utils.data.distributed.DistributedSampler(
             data.train, num_replicas=world, rank=rank, shuffle=True, seed=cfg.seed, drop_last=True

@@ -20,9 +20,15 @@ def unsupported_member(by_name: dict[str, nn.Module], members: Sequence[Any]) ->
     dimensions (``LayerNorm([C, H, W])``: Torch-Pruning cuts its last dimension, not C), a layer
     whose weight is reparametrised (weight norm, spectral norm: the cut would leave ``weight_g`` /
     the parametrization's tensors at the old width), an ``nn.MultiheadAttention`` whose key/value
-    width differs from ``embed_dim`` (Torch-Pruning 1.6 ties all three inputs to ``embed_dim``)."""
+    width differs from ``embed_dim`` (Torch-Pruning 1.6 ties all three inputs to ``embed_dim``), a
+    layer in a TorchScript module (its parameters cannot be swapped and put back)."""
     for m in members:
         mod = by_name.get(m.module)
+        scripted = next((p for p in _prefixes(m.module) if isinstance(by_name.get(p), torch.jit.ScriptModule)), None)
+        if scripted is not None:
+            return (f"{scripted} is a TorchScript module (torch.jit.script / torch.jit.trace): its layers cannot be cut "
+                    "in place; build the model without it (script the pruned model: hpcprune.load_pruned(...), then "
+                    "torch.jit.script)")
         if isinstance(mod, nn.LayerNorm) and len(mod.normalized_shape) > 1:
             return (f"{m.module} is a LayerNorm over {tuple(mod.normalized_shape)}: Torch-Pruning cuts its last dimension, "
                     "not the channels; normalise over channels only (LayerNorm(C) on channels-last, or GroupNorm(1, C))")
@@ -32,10 +38,17 @@ def unsupported_member(by_name: dict[str, nn.Module], members: Sequence[Any]) ->
                     "pruned (give key and value the query's width to prune it)")
         if mod is not None and (torch.nn.utils.parametrize.is_parametrized(mod) or hasattr(mod, "weight_g")
                                 or hasattr(mod, "weight_orig")):  # weight_orig: the hook-based spectral_norm
-            return (f"{m.module} has a reparametrised weight (weight or spectral norm); remove it before pruning: "
+            return (f"{m.module} has a reparametrised weight (weight or spectral norm, or a parametrization of your own); "
+                    "remove it before pruning: "
                     "torch.nn.utils.parametrize.remove_parametrizations(layer, 'weight'), nn.utils.remove_weight_norm(layer) "
                     "or nn.utils.remove_spectral_norm(layer)")
     return None
+
+
+def _prefixes(name: str) -> list[str]:
+    """'a.b.c' -> ['a', 'a.b', 'a.b.c']: the module and every module above it (the model itself left out)."""
+    parts = name.split(".")
+    return [".".join(parts[:i]) for i in range(1, len(parts) + 1)] if name else []
 
 
 def member_overflow(dg: Any, name: str, mod: nn.Module, out: bool, idxs: Sequence[int]) -> str:

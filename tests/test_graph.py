@@ -335,6 +335,43 @@ def test_a_width_held_as_a_number_is_named_with_the_remedy():
     assert "holds the group's width 16 as a number" in ex["fc_in"] and "write -1 there" in ex["fc_in"], ex
 
 
+class _FrozenNHWC(torch.nn.Module):
+    """A frozen stem, a frozen per-channel scale (an nn.Parameter, as the buffer refusal advises) and
+    a trainable conv, in channels-last layout."""
+
+    def __init__(self):
+        super().__init__()
+        self.stem = torch.nn.Sequential(torch.nn.Conv2d(1, 8, 3, padding=1), torch.nn.BatchNorm2d(8), torch.nn.ReLU())
+        self.c2 = torch.nn.Conv2d(8, 16, 3, padding=1)
+        self.s = torch.nn.Parameter(torch.linspace(0.5, 1.0, 16), requires_grad=False)
+        self.fc = torch.nn.Linear(16, 3)
+
+    def forward(self, x):
+        h = self.c2(self.stem(x)) * self.s[None, :, None, None]
+        return self.fc(h.mean((2, 3)))
+
+
+@pytest.mark.parametrize("permanent", [False, True])
+def test_a_cut_keeps_frozen_parameters_frozen_and_the_layout(permanent):
+    """Torch-Pruning's layer functions make each cut parameter anew, trainable and contiguous: a frozen
+    stem or scale came back trainable (fine-tuning then changed it) and a channels-last weight
+    contiguous. A cut keeps both, in place (cells) and for good (the prune stage, load_pruned)."""
+    torch.manual_seed(0)
+    model = _FrozenNHWC().eval().to(memory_format=torch.channels_last)
+    model.stem.requires_grad_(False)
+    x = torch.randn(2, 1, 8, 8)
+    graph = Graph(model, x[:1])
+    frozen = {n for n, p in model.named_parameters() if not p.requires_grad}
+    assert frozen == {"stem.0.weight", "stem.0.bias", "stem.1.weight", "stem.1.bias", "s"}
+    cuts = [graph.cut(name, [1, 2], permanent=permanent) for name in ("stem.0", "c2")]
+    assert model.stem[0].weight.shape[0] == 6 and model.s.shape == (14,)
+    assert {n for n, p in model.named_parameters() if not p.requires_grad} == frozen
+    assert model.stem[0].weight.is_contiguous(memory_format=torch.channels_last)  # one input channel: both layouts
+    assert model.c2.weight.is_contiguous(memory_format=torch.channels_last) and not model.c2.weight.is_contiguous()
+    for c in reversed(cuts):
+        c.restore()
+
+
 def test_attention_that_is_not_per_head_is_excluded_with_the_reason():
     torch.manual_seed(0)
     model, x = _QKVNet(width_from_input=True).eval(), torch.randn(2, 5, 6)
