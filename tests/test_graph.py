@@ -372,6 +372,19 @@ def test_a_cut_keeps_frozen_parameters_frozen_and_the_layout(permanent):
         c.restore()
 
 
+def test_a_torchscript_submodule_is_named_and_its_groups_kept_whole():
+    """A torch.jit.script-ed submodule: its parameters cannot be swapped and put back (the cut's
+    restore failed as "hpcprune bug"); the groups reaching it are excluded naming it."""
+    torch.manual_seed(0)
+    model = _FrozenNHWC().eval()
+    model.c2 = torch.jit.script(model.c2)
+    x = torch.randn(2, 1, 8, 8)
+    graph = Graph(model, x[:1])
+    ex = {e.name: e.reason for e in list(graph.excluded) + verify_groups(graph, x, 0.5)}
+    assert "c2 is a TorchScript module" in ex["stem.0"], ex
+    assert all("c2" not in m.module for g in graph.groups for m in g.members)
+
+
 def test_attention_that_is_not_per_head_is_excluded_with_the_reason():
     torch.manual_seed(0)
     model, x = _QKVNet(width_from_input=True).eval(), torch.randn(2, 5, 6)
