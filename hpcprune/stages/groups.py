@@ -37,7 +37,7 @@ def run(ctx: Context, cfg: Any, rf: RunFile) -> Record:
     _check_logits(model, ctx)
     t0 = time.perf_counter()
     graph, ignore = build_graph(model, cfg, ctx.example)
-    log.info("groups: dependency graph in %.1f s: %d groups found, %d excluded by the search", time.perf_counter() - t0,
+    log.info("groups: dependency graph in %.1f s: %d groups found, %d more excluded by the search", time.perf_counter() - t0,
              len(graph.groups), len(graph.excluded))
     last = [time.perf_counter()]
 
