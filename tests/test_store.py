@@ -200,3 +200,30 @@ def test_v2_run_small_and_v1_resume(tmp_path, caplog, capsys):
     lines = [ln for ln in capsys.readouterr().err.splitlines() if ln.strip() and not ln.startswith("[hpcprune]")]
     assert len(lines) == 1, lines
     assert lines[0].startswith("hpcprune: error:") and f"the dense checkpoint {ck} changed since it was recorded" in lines[0]
+
+
+class _Projected(torch.nn.Module):
+    """A random projection kept as a non-persistent buffer, drawn with torch.nn.init: not in the
+    state dict, so a model built to be loaded must still initialise it."""
+
+    def __init__(self):
+        super().__init__()
+        self.fc = torch.nn.Linear(4, 3)
+        self.register_buffer("proj", torch.nn.init.orthogonal_(torch.empty(4, 4)), persistent=False)
+
+
+def test_a_model_built_to_be_loaded_skips_init_unless_the_state_dict_misses_a_tensor(monkeypatch):
+    from hpcprune import runs
+
+    calls = []
+    real = torch.nn.Linear.reset_parameters
+    monkeypatch.setattr(torch.nn.Linear, "reset_parameters", lambda self: calls.append(1) or real(self))
+    plain = {"_target_": "torch.nn.Linear", "in_features": 4, "out_features": 3}
+    m = runs.build_to_load(plain)
+    assert isinstance(m, torch.nn.Linear) and calls == [1]  # reset_parameters ran, its nn.init calls did nothing
+    assert torch.nn.init.kaiming_uniform_ is not None and torch.nn.init.kaiming_uniform_.__module__ == "torch.nn.init"
+    torch.manual_seed(0)
+    want = _Projected().proj
+    torch.manual_seed(0)
+    got = runs.build_to_load({"_target_": "test_store._Projected"})
+    torch.testing.assert_close(got.proj, want)  # built again, initialised: the buffer is the real projection
