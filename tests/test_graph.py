@@ -614,6 +614,33 @@ def test_verification_from_cached_activations_finds_what_the_whole_forward_finds
     assert max(entries) > 0  # some group's checks start past the first element
 
 
+@pytest.mark.parametrize("case", ["lenet_flatten", "mobilenetv2", "inception_concat", "resnext_grouped", "se_resnet",
+                                  "channel_slice", "manual_attention"])
+def test_a_slice_equal_to_the_pruned_layers_needs_no_forward_of_its_own(case, monkeypatch):
+    """Where the cells' in-place slice leaves the group's layers exactly as Torch-Pruning's cut
+    does (every tensor and size), its output is the pruned model's: verification skips that forward
+    and finds the same exclusions, with the same reasons, as running it."""
+    import archs
+    import archs2
+
+    from hpcprune import verify
+    from hpcprune.runs import ignore_names
+
+    model_fn, data_fn = {**archs.CASES, **archs2.CASES}[case]
+    same = verify._same_state
+    found, skipped = [], []
+    for shortcut in (True, False):
+        monkeypatch.setattr(verify, "_same_state", (lambda a, b: same(a, b) and not skipped.append(1)) if shortcut
+                            else (lambda a, b: False))
+        torch.manual_seed(0)
+        model = model_fn().eval()
+        x = data_fn(calib_samples=16, val_samples=16).example_input
+        graph = Graph(model, x[:1], ignore_names(model, []))
+        found.append(sorted((e.name, e.reason) for e in verify_groups(graph, x, 0.9, 1)))
+    assert found[0] == found[1]
+    assert skipped or not any(g.sliceable for g in graph.groups)
+
+
 def test_verification_cut_moves_the_kept_units():
     """The verification cut always drops unit 0 (the rest at random): every kept unit before the next
     dropped one moves down a place, so per-unit state the cut does not follow meets another unit's input
