@@ -85,12 +85,43 @@ class IOSpec:
     max_len: int = 0  # token ids: the longest sequence (the example's length)
 
 
-def io_spec(example: torch.Tensor) -> IOSpec:
+def io_spec(example: torch.Tensor, model: nn.Module | None = None) -> IOSpec:
     """``input_ids`` with dynamic batch and sequence axes for token ids (an integer [B, T]
-    example), else ``input`` with a dynamic batch axis."""
+    example), else ``input`` with a dynamic batch axis. With ``model``, a token model that does
+    not run on a shorter sequence (a flatten into a Linear of T * width) keeps its length fixed."""
     if not example.is_floating_point() and example.dim() == 2:
-        return IOSpec("input_ids", axes={0: "batch", 1: "sequence"}, max_len=int(example.shape[1]))
+        T = int(example.shape[1])
+        fixed = False
+        if model is not None and T > 1:
+            try:
+                with torch.no_grad():
+                    model(example[:1, : max(1, 2 * T // 3)])
+            except Exception:  # noqa: BLE001 - a model of one length: its sequence axis is not dynamic
+                fixed = True
+        return IOSpec("input_ids", axes={0: "batch"} if fixed else {0: "batch", 1: "sequence"}, max_len=T)
     return IOSpec("input", axes={0: "batch"})
+
+
+class MainOutput(nn.Module):
+    """``model`` with its main output only (``metrics.logits_of``: the logits of a tuple, a dict or
+    a Hugging Face output): what is exported and timed for a model that returns several outputs
+    (``(logits, features)``, an auxiliary output), as hpcprune evaluates it."""
+
+    def __init__(self, model: nn.Module) -> None:
+        super().__init__()
+        self.model = model
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        from .metrics import logits_of
+
+        return logits_of(self.model(x))
+
+
+def main_output(model: nn.Module, example: torch.Tensor) -> nn.Module:
+    """``model`` itself when its output on ``example`` is one tensor, else :class:`MainOutput`."""
+    with torch.no_grad():
+        out = model(rows(example, 1))
+    return model if isinstance(out, torch.Tensor) else MainOutput(model).eval()
 
 
 def rows(x: torch.Tensor, n: int) -> torch.Tensor:
@@ -344,7 +375,8 @@ def export_run(run_path: str, fmt: str, out_dir: str, weights: str = "final") ->
             _need(module)
     target = _check_out(out_dir, fmt, weights)
     model, example, used = run_model(run, weights)
-    spec = io_spec(example)
+    model = main_output(model, example)
+    spec = io_spec(example, model)
     os.makedirs(out_dir, exist_ok=True)
     with _run_lock(run_path), tempfile.TemporaryDirectory(dir=out_dir, prefix=".hpcprune-export-") as tmp:
         info = _export_checked(fmt, model, example, spec, os.path.join(tmp, os.path.basename(target)),
@@ -378,7 +410,6 @@ def onnxruntime_latency_ms(model: nn.Module, example: torch.Tensor, batch_size: 
     rows repeated to ``batch_size``. CPU: ``threads`` intra-op threads (0: torch's current number);
     an example on CUDA runs on CUDAExecutionProvider (ExportError when onnxruntime lacks it; the
     time then includes copying the input in and the output out)."""
-    spec = io_spec(example)
     x = rows(example, batch_size).cpu().numpy()
     cuda = example.is_cuda
     if cuda and "CUDAExecutionProvider" not in _providers():
@@ -388,7 +419,9 @@ def onnxruntime_latency_ms(model: nn.Module, example: torch.Tensor, batch_size: 
     with tempfile.TemporaryDirectory(prefix="hpcprune-latency-") as tmp:
         path = os.path.join(tmp, "model.onnx")
         try:  # exported from the CPU (ONNX Runtime places the weights itself); the model goes back after
-            export_onnx(model.eval().cpu(), rows(example, 2).cpu(), path, spec)
+            main = main_output(model.eval().cpu(), example.cpu())
+            spec = io_spec(example.cpu(), main)
+            export_onnx(main, rows(example, 2).cpu(), path, spec)
         finally:
             model.to(device)
         providers = ["CUDAExecutionProvider", "CPUExecutionProvider"] if cuda else ["CPUExecutionProvider"]

@@ -401,3 +401,22 @@ class FeaturesFirst(nn.Module):
 
 def features_first(num_classes: int = 10) -> nn.Module:
     return FeaturesFirst(num_classes)
+
+
+class FixedLength(nn.Module):
+    """Token ids (N, 64) -> Embedding -> Conv1d -> flatten -> Linear(64 * width): it runs on its one
+    length only (an exported model's sequence axis cannot be dynamic)."""
+
+    def __init__(self, num_classes: int = 10) -> None:
+        super().__init__()
+        self.emb = nn.Embedding(17, 8)
+        self.conv = nn.Conv1d(8, 12, 3, padding=1)
+        self.fc = nn.Linear(64 * 12, num_classes)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = torch.relu(self.conv(self.emb(x).transpose(1, 2)))
+        return self.fc(h.flatten(1))
+
+
+def fixed_length(num_classes: int = 10) -> nn.Module:
+    return FixedLength(num_classes)

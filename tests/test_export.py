@@ -104,6 +104,28 @@ def test_export_runs_like_torch_and_is_recorded(run_path, reference, name, fmt, 
         assert dims[:2] == (["batch", "sequence"] if lm else ["batch", 1])
 
 
+@pytest.mark.parametrize("case", ["tuple_aux", "fixed_length"])
+def test_models_of_several_outputs_or_one_length_export(case, tmp_path):
+    """A model returning (logits, features) exports its main output (the logits, as hpcprune
+    evaluates it); a token model that runs at its one length only keeps that length fixed. Both
+    crashed the export with a traceback."""
+    data = "data_images" if case == "tuple_aux" else "data_tokens"
+    d = tmp_path / "run"
+    assert sweep_in_process(d, *SMALL, "model=custom", f"model._target_=archs2.{case}", "data=custom",
+                            f"data._target_=archs.{data}", "+data.calib_samples=32", "+data.val_samples=32") == 0
+    path = str(d / "run.h5")
+    model = pruned_model(RunFile(path))
+    x = export.rows(torch.from_numpy(h5py.File(path)["baseline/example_input"][()]), 3)
+    with torch.no_grad():
+        want = metrics.logits_of(model(x))
+    for fmt in export.FORMATS:
+        rec = export.export_run(path, fmt, str(tmp_path / "deploy"))
+        assert rec["max_abs_diff"] <= rec["tolerance"]
+        assert list(rec["dynamic_axes"]["input" if case == "tuple_aux" else "input_ids"]) == [0]  # batch only
+        got = _rerun(fmt, rec["path"], x)
+        torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-5)
+
+
 def test_dense_export_and_latency_runtime_recorded(run_path, tmp_path):
     """The dense model exports too; the CNN run measured every latency through ONNX Runtime and says so."""
     path = run_path("cnn")
