@@ -21,10 +21,11 @@ bug in hpcprune and raises.
 """
 from __future__ import annotations
 
+import contextlib
 import logging
 import re
 import time
-from typing import Any, Sequence
+from typing import Any, Iterator, Sequence
 
 import torch
 from torch import nn
@@ -87,9 +88,12 @@ def verify_groups(graph: Graph, example: torch.Tensor, max_ratio: float, round_t
         scale = 1.0 + float(dense.abs().max())
         state = _state(model)
         prefix = _FromPrefix(model, x)
+        train_only = _train_only(model, x)
         for i, g in enumerate(list(graph.groups)):
             try:
                 reason = _check(graph, g, x, (dense, shapes), scale, max_ratio, round_to, seed, prefix.forward(g))
+                if reason is None and train_only and g.kind in ("channels", "neurons"):
+                    reason = _check_training(graph, g, x, max_ratio, round_to, seed, train_only)
             finally:
                 if _state(model) != state:
                     raise RuntimeError(f"hpcprune bug: group {g.name} did not restore the model's tensors and sizes after a cut")
@@ -105,6 +109,70 @@ def verify_groups(graph: Graph, example: torch.Tensor, max_ratio: float, round_t
 
 
 _TOKENS = 32  # token windows are verified on their first _TOKENS tokens
+
+
+@contextlib.contextmanager
+def _training_forward(model: nn.Module) -> Iterator[None]:
+    """The model in training mode for a forward without side effects: its buffers (BatchNorm
+    statistics) and the random generator's state are put back, and eval mode."""
+    buffers = [(b, b.detach().clone()) for b in model.buffers() if b is not None]
+    rng = torch.get_rng_state()
+    model.train()
+    try:
+        yield
+    finally:
+        model.eval()
+        torch.set_rng_state(rng)
+        for b, saved in buffers:
+            if b.shape == saved.shape:
+                b.copy_(saved)
+
+
+def _train_only(model: nn.Module, x: torch.Tensor) -> list[str]:
+    """The layers the model's forward runs in training mode only (an auxiliary head): the dependency
+    graph is traced in eval mode and does not see them. Empty when there is none, or when the
+    model does not run in training mode on ``x`` (fine-tuning would say so)."""
+    names = {m: n for n, m in model.named_modules() if n and not list(m.children())}
+    seen: dict[bool, set] = {False: set(), True: set()}
+    training = [False]
+
+    def hook(mod: nn.Module, args: Any, out: Any) -> None:
+        seen[training[0]].add(mod)
+
+    handles = [m.register_forward_hook(hook) for m in names]
+    try:
+        model(x)
+        training[0] = True
+        with _training_forward(model):
+            model(x)
+    except Exception:  # noqa: BLE001 - not this check's business
+        return []
+    finally:
+        for h in handles:
+            h.remove()
+    return sorted(names[m] for m in seen[True] - seen[False])
+
+
+def _check_training(graph: Graph, g: GroupInfo, x: torch.Tensor, max_ratio: float, round_to: int, seed: int,
+                    train_only: list[str]) -> str | None:
+    """Why group ``g`` is excluded when the pruned model fails in training mode (fine-tuning), where
+    layers run that the eval-mode graph does not know (``train_only``); None when it runs."""
+    drop = _drop(g, max_ratio, round_to, seed)
+    if not drop:
+        return None
+    cut = graph.cut(g.name, drop)
+    try:
+        with _training_forward(graph.model):
+            graph.model(x)
+    except Exception as e:  # noqa: BLE001 - the reason is recorded, the group excluded
+        where = _raised_in(e, graph.names)
+        return (f"the model fails in training mode once it is cut ({type(e).__name__}{where}: {_line(e)}): "
+                f"{', '.join(train_only[:3])} (run in training only: an auxiliary head) read these channels outside "
+                "the dependency graph, which is traced in eval mode; the group stays whole (build the model without "
+                "the training-only layers to prune it)")
+    finally:
+        cut.restore()
+    return None
 
 
 def _short(model: nn.Module, x: torch.Tensor) -> torch.Tensor:

@@ -385,6 +385,37 @@ def test_a_torchscript_submodule_is_named_and_its_groups_kept_whole():
     assert all("c2" not in m.module for g in graph.groups for m in g.members)
 
 
+class _AuxHead(torch.nn.Module):
+    """An auxiliary head on the stem's channels, run in training only (a tuple then)."""
+
+    def __init__(self):
+        super().__init__()
+        self.stem = torch.nn.Sequential(torch.nn.Conv2d(1, 8, 3, padding=1), torch.nn.BatchNorm2d(8), torch.nn.ReLU())
+        self.body = torch.nn.Sequential(torch.nn.Conv2d(8, 16, 3, padding=1), torch.nn.BatchNorm2d(16), torch.nn.ReLU())
+        self.aux = torch.nn.Linear(8, 3)
+        self.fc = torch.nn.Linear(16, 3)
+
+    def forward(self, x):
+        s = self.stem(x)
+        out = self.fc(self.body(s).mean((2, 3)))
+        return (out, self.aux(s.mean((2, 3)))) if self.training else out
+
+
+def test_a_group_read_by_a_training_only_layer_is_excluded_and_the_model_left_as_it_was():
+    """The graph is traced in eval mode: a head that runs in training only is not cut with the
+    channels it reads, and fine-tuning crashed after the whole run. Such a group is excluded naming
+    the layer; the training-mode forwards leave BatchNorm statistics and the random state as they were."""
+    torch.manual_seed(0)
+    model, x = _AuxHead().eval(), torch.randn(2, 1, 8, 8)
+    graph = Graph(model, x[:1])
+    stats = [b.clone() for b in model.buffers()]
+    rng = torch.get_rng_state()
+    ex = {e.name: e.reason for e in verify_groups(graph, x, 0.5)}
+    assert "fails in training mode" in ex["stem.0"] and "aux (run in training only" in ex["stem.0"], ex
+    assert "body.0" not in ex and not model.training
+    assert all(torch.equal(a, b) for a, b in zip(stats, model.buffers())) and torch.equal(rng, torch.get_rng_state())
+
+
 def test_attention_that_is_not_per_head_is_excluded_with_the_reason():
     torch.manual_seed(0)
     model, x = _QKVNet(width_from_input=True).eval(), torch.randn(2, 5, 6)
