@@ -132,7 +132,8 @@ def _train_only(model: nn.Module, x: torch.Tensor) -> list[str]:
     """The layers the model's forward runs in training mode only (an auxiliary head): the dependency
     graph is traced in eval mode and does not see them. Empty when there is none, or when the
     model does not run in training mode on ``x`` (fine-tuning would say so)."""
-    names = {m: n for n, m in model.named_modules() if n and not list(m.children())}
+    names = {m: n for n, m in model.named_modules()
+             if n and not list(m.children()) and not isinstance(m, torch.jit.ScriptModule)}  # no hooks on those
     seen: dict[bool, set] = {False: set(), True: set()}
     training = [False]
 
