@@ -177,7 +177,11 @@ class FinetuneJob:
         teacher = _teacher(dense_model, run, cfg, device) if ft.distill.weight > 0 else None
         ddp = model
         if world > 1:
-            ddp = nn.parallel.DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
+            # find_unused_parameters: a model whose forward leaves parameters out of some steps (stochastic
+            # depth, layer drop, a branch taken by the data) fails DDP's reduction without it; the cost is
+            # one walk of the autograd graph per step
+            ddp = nn.parallel.DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None,
+                                                      find_unused_parameters=True)
         opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=ft.lr, weight_decay=ft.weight_decay)
         sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=max(1, ft.epochs))  # stepped once per epoch
         sampler = torch.utils.data.distributed.DistributedSampler(

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import re
 import signal
 import time
 from typing import Any, Iterator
@@ -176,8 +177,20 @@ def _last_error_line(e: BaseException) -> str:
     text = str(e)
     if "----------------------" in text:
         text = text.split("----------------------")[1]
+    return _exception_line(text) or type(e).__name__
+
+
+# "RuntimeError: ...", "torch.OutOfMemoryError: ...", "KeyboardInterrupt": where a traceback names its exception
+_EXC_LINE = re.compile(r"^[A-Za-z_][\w.]*(Error|Exception|Interrupt|Exit|Warning)\b")
+
+
+def _exception_line(text: str) -> str | None:
+    """The line of a formatted traceback that names its exception (the last such line: the one
+    raised, after any "During handling ..." chain), else the last line; None for no text. A message
+    of several lines (DDP's unused-parameter error ends with advice) is named by its first line."""
     lines = [ln.strip() for ln in text.splitlines() if ln.strip()]
-    return lines[-1] if lines else type(e).__name__
+    named = [ln for ln in lines if _EXC_LINE.match(ln)]
+    return (named or lines or [None])[-1]
 
 
 # what a DDP task reports when another task died or raised first: not the cause
@@ -196,8 +209,7 @@ def _root_cause(job: Any) -> str | None:
         except Exception:
             continue
         if outcome == "error":
-            lines = [ln.strip() for ln in str(value).splitlines() if ln.strip()]
-            errors.append(lines[-1] if lines else "an error")
+            errors.append(_exception_line(str(value)) or "an error")
     causes = [e for e in errors if not any(p in e for p in _PEER_LOST)]
     return (causes or errors or [None])[0]
 

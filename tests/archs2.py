@@ -420,3 +420,25 @@ class FixedLength(nn.Module):
 
 def fixed_length(num_classes: int = 10) -> nn.Module:
     return FixedLength(num_classes)
+
+
+class StochasticDepth(nn.Module):
+    """Residual blocks skipped at random in training (stochastic depth): in a step that skips one,
+    its parameters get no gradient, which DDP's reduction must be told about."""
+
+    def __init__(self, num_classes: int = 10) -> None:
+        super().__init__()
+        self.stem = cbr(1, 16)
+        self.blocks = nn.ModuleList([cbr(16, 16) for _ in range(3)])
+        self.fc = nn.Linear(16, num_classes)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = self.stem(x)
+        for b in self.blocks:
+            if not self.training or torch.rand(()) >= 0.5:
+                h = h + b(h)
+        return self.fc(h.mean(dim=(2, 3)))
+
+
+def stochastic_depth(num_classes: int = 10) -> nn.Module:
+    return StochasticDepth(num_classes)

@@ -25,3 +25,17 @@ def test_finetune_threads_follow_the_config(monkeypatch):
     assert _threads({"config": {"threads": 0}, "local_tasks": 1}, 1) == cores
     monkeypatch.setenv("OMP_NUM_THREADS", "1")
     assert _threads({"config": {"threads": 0}, "local_tasks": 1}, 1) == 1
+
+
+def test_a_task_error_is_named_by_its_exception_line():
+    """A task's traceback whose exception message runs over several lines (DDP's unused-parameter
+    error ends with advice): the one line is the exception's, not the last line of advice."""
+    from hpcprune.launch import _exception_line
+
+    tb = ("Traceback (most recent call last):\n  File \"x.py\", line 3, in f\n    raise RuntimeError(msg)\n"
+          "RuntimeError: Expected to have finished reduction in the prior iteration.\n"
+          "Parameter indices which did not receive grad for rank 1: 3 4\n"
+          " In addition, you can set the environment variable TORCH_DISTRIBUTED_DEBUG to either INFO or DETAIL\n")
+    assert _exception_line(tb).startswith("RuntimeError: Expected to have finished reduction")
+    assert _exception_line("torch.OutOfMemoryError: CUDA out of memory") == "torch.OutOfMemoryError: CUDA out of memory"
+    assert _exception_line("just a line\nand another") == "and another" and _exception_line("") is None
