@@ -201,7 +201,8 @@ def pareto(runs: Sequence["Run"], fig_id: str = "pareto") -> Figure | None:
         for j, r in enumerate(runs):
             if r.dense.get("metric") is not None:
                 tasks.setdefault(task_key(r), []).append((1.0, float(r.dense["metric"]), f"dense#{j}"))
-        fronts = [[p for p in pts if p[2] in set(_front(pts, higher_x, higher))] for pts in tasks.values()]
+        up = {task_key(r): r.higher_is_better for r in runs}  # each task's own metric direction
+        fronts = [[p for p in pts if p[2] in set(_front(pts, higher_x, up[t]))] for t, pts in tasks.items()]
         front = [p[2] for f in fronts for p in f]
         drawn = []
         for i, r, src, x, y in items:

@@ -258,13 +258,14 @@ def mark_sweep(runs: Sequence[Run]) -> None:
     shown that have both and share its task (:func:`task_key`); ``-`` otherwise) and ``grid`` (``own``
     when the run computed its sensitivity grid, ``from <label>`` when it was copied from a run shown,
     ``cache`` from the cache directory, ``reused`` from a run not shown; ``/sensitivity@source`` says which)."""
-    pts = [(float(r.row["macs_kept"]), float(r.row["final"] if r.row.get("final") is not None else r.row["pruned"]), r.label)
-           for r in runs if r.row.get("macs_kept") is not None and (r.row.get("final") is not None or r.row.get("pruned") is not None)]
+    # the final metric of the runs that have one (a failed or unfinished run is on no front)
+    pts = [(float(r.row["macs_kept"]), float(r.row["final"]), r.label)
+           for r in runs if r.row.get("macs_kept") is not None and r.row.get("final") is not None]
     task = {r.label: task_key(r) for r in runs}
-    higher = runs[0].higher_is_better if runs else True
+    higher = {task_key(r): r.higher_is_better for r in runs}  # each task's own metric: accuracy up, perplexity down
     front: set[str] = set()
     for t in set(task.values()):
-        front |= set(pareto_front([p for p in pts if task[p[2]] == t], False, higher))
+        front |= set(pareto_front([p for p in pts if task[p[2]] == t], False, higher[t]))
     by_path = {os.path.abspath(r.path): r.label for r in runs}
     for r in runs:
         if r.label in {p[2] for p in pts}:

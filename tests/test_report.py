@@ -362,3 +362,20 @@ def test_front_is_per_task():
             run("cc", "resnet", "digits", 0.45, 0.88), run("b", "mine", "bars", 0.4, 0.95)]
     mark_sweep(runs)
     assert {r.label: r.row["front"] for r in runs} == {"a": "yes", "c": "dominated", "cc": "yes", "b": "yes"}
+
+
+def test_each_task_is_ranked_by_its_own_metric_and_unfinished_runs_are_on_no_front():
+    """A perplexity run listed first flipped the direction for the accuracy runs (the front read
+    runs[0]'s), and a run that failed in fine-tuning was on the front by its pruned metric."""
+    from hpcprune.report import Run, mark_sweep
+
+    def run(label, model, macs, final, higher=True, pruned=None):
+        return Run(path=f"/x/{label}/run.h5", row={"macs_kept": macs, "final": final, "pruned": pruned}, label=label,
+                   config={"model._target_": model, "data._target_": "d"}, higher_is_better=higher)
+
+    for order in (1, -1):
+        runs = [run("lm", "gpt", 0.6, 40.0, higher=False), run("lm2", "gpt", 0.5, 30.0, higher=False),
+                run("a", "cnn", 0.59, 0.24), run("b", "cnn", 0.40, 0.20), run("failed", "cnn", 0.3, None, pruned=0.9)][::order]
+        mark_sweep(runs)
+        assert {r.label: r.row.get("front") for r in runs} == {"lm": "dominated", "lm2": "yes", "a": "yes", "b": "yes",
+                                                               "failed": None}
