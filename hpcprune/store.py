@@ -308,7 +308,9 @@ def save_safetensors(path: str, state: dict[str, Any]) -> tuple[int, str]:
     tmp = path + ".tmp"
     try:
         try:
-            save_file(tensors, tmp, metadata={"format": "pt", _META_KEY: json.dumps(info, default=str)})
+            # sorted mappings (the keys list keeps its order): equal tensors give equal bytes and sha256,
+            # however the state dict's _metadata was ordered (a resumed run's model is built otherwise)
+            save_file(tensors, tmp, metadata={"format": "pt", _META_KEY: json.dumps(info, default=str, sort_keys=True)})
         except Exception as e:  # safetensors' own SafetensorError: "I/O error: No space left on device (os error 28)"
             code = re.search(r"os error (\d+)", str(e))
             if code is None:
