@@ -22,7 +22,13 @@ import torch
 from .. import metrics, reuse
 from ..sensitivity import DONE, PENDING, Evaluator, bn, run_sensitivity, skip_past_floor, stop_rule
 from ..store import RunFile, RunFileError, put_sensitivity_cells, write_sensitivity_cells
+from ..errors import HpcpruneError
+from ..launch import _SigTerm, _sigterm_raises
 from .context import Context, Record, train_batches
+
+
+class Stopped(HpcpruneError):
+    """The sweep was told to stop (SIGTERM) and kept what it had done."""
 
 log = logging.getLogger("hpcprune.stages")
 
@@ -95,8 +101,17 @@ def _compute(ctx: Context, cfg: Any, rf: RunFile, state: Any, ratios: list[float
 
         bar = tqdm(total=int(pending.sum()), desc="sensitivity", unit="cell", file=sys.stderr, disable=None)
     try:
-        results = run_sensitivity(ctx.world, evaluator, pending, ctx.module_macs, cells.add if cells else None, stop, bar,
-                                  cfg.sensitivity.team_size)
+        with _sigterm_raises():  # rank 0's main thread: Slurm's time limit, scancel, a workflow manager
+            results = run_sensitivity(ctx.world, evaluator, pending, ctx.module_macs, cells.add if cells else None, stop,
+                                      bar, cfg.sensitivity.team_size)
+    except _SigTerm:
+        done = cells.flush() if cells is not None else 0
+        raise Stopped(f"stopped: SIGTERM during the sensitivity grid; {done} of its {int(state['status'].size)} cells are "
+                      "in the run file, a rerun in this run directory evaluates the others") from None
+    except BaseException:
+        if cells is not None:  # the cells done so far are kept whatever stops the grid: a rerun does the others
+            cells.flush()
+        raise
     finally:
         evaluator.close()
     if bar is not None:
@@ -203,6 +218,17 @@ class _Cells:
             self._apply()
             write_sensitivity_cells(self.rf, self.state, self.attrs, ratios=self.ratios)
             self.last = time.perf_counter()
+
+    def flush(self) -> int:
+        """Write every cell received so far (the grid stops: they are kept for a rerun); the
+        number of cells done. A failure to write is logged, not raised (the stop's own error is
+        what the user sees)."""
+        try:
+            self._apply()
+            write_sensitivity_cells(self.rf, self.state, self.attrs, ratios=self.ratios)
+        except Exception:  # noqa: BLE001
+            log.warning("sensitivity: the cells done so far could not be written", exc_info=True)
+        return int((self.state["status"] != PENDING).sum())
 
     def record(self, wall: float) -> Record:
         self._apply()

@@ -235,3 +235,38 @@ def test_sigkill_job_then_resume(tmp_path, dense_ckpt, references, point):
         assert "1 of 2 epochs done" in logs, msg
         msg += ", fine-tune resumed from its checkpoint"
     print(msg)
+
+
+def test_sigterm_in_sensitivity_keeps_the_done_cells(tmp_path, dense_ckpt, references):
+    """SIGTERM (Slurm's time limit, scancel, a workflow manager) during the sensitivity grid, with
+    flushes far apart (sensitivity.flush_s=60): the cells done so far are written before the sweep
+    stops with one line saying how many; the rerun evaluates the others and ends with the
+    uninterrupted run's numbers. (Before, SIGTERM ended the process where it stood: the cells since
+    the last flush, here all of them, were lost.)"""
+    ref, ref_s = references(False)
+    cfg = ov(config(dense_ckpt), ["sensitivity.flush_s=60"])
+    d = tmp_path / "run"
+    job = Job(sweep_cmd(d, *cfg), tmp_path / "log")
+    watcher = Watcher(d)
+    try:
+        assert _wait_for(job, watcher, lambda: watcher.log_has("stage baseline:")), "ended before the sensitivity stage"
+        time.sleep(0.6 * ref_s["sensitivity"])
+        assert job.alive(), "the sweep ended before the signal"
+        job.signal_group(signal.SIGTERM)
+        code = job.wait(timeout=60)
+        err = job.stderr()
+    finally:
+        job.cleanup()
+    assert code != 0
+    line = [ln for ln in err.splitlines() if ln.startswith("hpcprune: error:")]
+    m = re.search(r"stopped: SIGTERM during the sensitivity grid; (\d+) of its (\d+) cells are in the run file", line[-1] if line else "")
+    assert m, err[-2000:]
+    done, st = read_done(d / "run.h5")
+    assert "sensitivity" not in done and st is not None and int((st != 0).sum()) == int(m.group(1)) > 0, m.group(0)
+    cells = st == 1
+    after = snapshot(d / "run.h5")
+    np.testing.assert_allclose(after["sensitivity/loss"][cells], ref["sensitivity/loss"][cells], atol=1e-6)
+    ok(run(sweep_cmd(d, *cfg), timeout=400))
+    final = snapshot(d / "run.h5")
+    for stage in ("sensitivity", "allocation", "pruned", "final"):
+        assert_same(final, ref, [k for k in stage_keys(ref, stage) if not k.endswith("/history")], f"rerun, stage {stage}")
