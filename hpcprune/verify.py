@@ -324,7 +324,7 @@ def _check(graph: Graph, g: GroupInfo, x: torch.Tensor, dense_out: tuple[torch.T
     got = _run_cut(fwd, x, cut, graph.names)
     if isinstance(got, str):
         return (f"the model fails once it is cut ({got}){_fixed_width(g, got)}"
-                f"{_heads_hint(g) if g.kind == 'heads' else _hint(graph, g, x)}")
+                f"{_heads_hint(g) if g.kind == 'heads' else _RNN_HINT if _in_rnn(graph, got) else _hint(graph, g, x)}")
     got, shapes = got
     if shapes != dense_shapes:  # any output, not only the main one (a second head, a dict of outputs)
         return OUTPUT
@@ -398,6 +398,16 @@ def _same_state(a: list[tuple] | None, b: list[tuple] | None) -> bool:
         elif x != y:
             return False
     return True
+
+
+_RNN_HINT = ("; a recurrent layer's input_size is fixed and hpcprune does not cut recurrent layers: the channels it reads "
+             "stay whole")
+
+
+def _in_rnn(graph: Graph, error: str) -> bool:
+    """Whether ``error`` (a :func:`_run_cut` line) was raised in a recurrent layer (GRU, LSTM, RNN)."""
+    m = re.match(r"\w+ in ([\w.]+) \(", error)
+    return m is not None and isinstance(graph.by_name.get(m.group(1)), nn.RNNBase)
 
 
 def _fixed_width(g: GroupInfo, error: str) -> str:

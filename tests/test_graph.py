@@ -416,6 +416,31 @@ def test_a_group_read_by_a_training_only_layer_is_excluded_and_the_model_left_as
     assert all(torch.equal(a, b) for a, b in zip(stats, model.buffers())) and torch.equal(rng, torch.get_rng_state())
 
 
+def test_channels_read_by_a_recurrent_layer_are_excluded_naming_it():
+    """A Linear feeding an LSTM: the cut fails in the LSTM (its input_size is fixed); the reason names
+    the LSTM and says why, not the transpose before it."""
+
+    class Net(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.stem = torch.nn.Conv2d(1, 16, 3, padding=1)
+            self.proj = torch.nn.Linear(16, 16)
+            self.lstm = torch.nn.LSTM(16, 24, batch_first=True)
+            self.fc = torch.nn.Linear(24, 3)
+
+        def forward(self, x):
+            h = self.stem(x).mean(2).transpose(1, 2)
+            _, (hn, _) = self.lstm(torch.relu(self.proj(h)))
+            return self.fc(hn[-1])
+
+    torch.manual_seed(0)
+    model, x = Net().eval(), torch.randn(2, 1, 8, 8)
+    graph = Graph(model, x[:1])
+    ex = {e.name: e.reason for e in list(graph.excluded) + verify_groups(graph, x, 0.5)}
+    assert "in lstm (LSTM)" in ex["proj"] and "does not cut recurrent layers" in ex["proj"], ex
+    assert "transpose" not in ex["proj"]
+
+
 def test_attention_that_is_not_per_head_is_excluded_with_the_reason():
     torch.manual_seed(0)
     model, x = _QKVNet(width_from_input=True).eval(), torch.randn(2, 5, 6)
