@@ -316,6 +316,7 @@ def save_safetensors(path: str, state: dict[str, Any]) -> tuple[int, str]:
             if code is None:
                 raise
             raise OSError(int(code.group(1)), os.strerror(int(code.group(1)))) from e
+        _canonical_metadata(tmp)
         h = hashlib.sha256()
         with open(tmp, "rb") as fh:
             for chunk in iter(lambda: fh.read(1 << 24), b""):
@@ -333,6 +334,33 @@ def save_safetensors(path: str, state: dict[str, Any]) -> tuple[int, str]:
         if os.path.exists(tmp):
             os.remove(tmp)
     return size, h.hexdigest()
+
+
+def _canonical_metadata(path: str) -> None:
+    """The safetensors header's ``__metadata__`` entries in sorted order, in place. safetensors
+    writes that mapping from a Rust ``HashMap``, whose order changes from one save to the next: two
+    saves of the same tensors and metadata gave other bytes (and another sha256) about half the
+    time. The header keeps its length (padded with spaces, as safetensors pads it); left as written
+    where the rewrite would not fit, or the header is not what safetensors writes."""
+    with open(path, "r+b") as fh:
+        head = fh.read(8)
+        if len(head) < 8:
+            return
+        n = int.from_bytes(head, "little")
+        raw = fh.read(n)
+        try:
+            header = json.loads(raw)
+        except ValueError:
+            return
+        meta = header.get("__metadata__")
+        if not isinstance(meta, dict) or len(meta) < 2:
+            return
+        header["__metadata__"] = dict(sorted(meta.items()))
+        new = json.dumps(header, separators=(",", ":"), ensure_ascii=False).encode()
+        if len(new) > n or json.loads(new) != json.loads(raw):
+            return
+        fh.seek(8)
+        fh.write(new + b" " * (n - len(new)))
 
 
 def load_safetensors(path: str) -> "OrderedDict[str, Any]":
