@@ -27,6 +27,8 @@ import torch
 import torch.utils._pytree as pytree
 from torch import nn
 
+from .cuts import size_attrs
+
 # the counting lived here before hpcprune.flops: its public names are re-exported
 from .flops import (  # noqa: F401
     EXTRA_FORMULAS, Op, Recorder, ShapeRecorder, _first, count_macs, count_params, counting_env, record,  # noqa: F401
@@ -158,9 +160,7 @@ def _element_state(element: nn.Module) -> tuple:
     buffer's shape, and every submodule's integer and tuple attributes (sizes, groups, head counts)."""
     out: list = [tuple(p.shape) for p in element.parameters()]
     out += [tuple(b.shape) for b in element.buffers()]
-    for mod in element.modules():
-        out.append(tuple((k, v) for k, v in vars(mod).items() if not k.startswith("_") and (
-            isinstance(v, (int, float, str)) or (isinstance(v, tuple) and all(isinstance(e, (int, float, str)) for e in v)))))
+    out += [size_attrs(mod) for mod in element.modules()]
     return tuple(out)
 
 

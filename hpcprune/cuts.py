@@ -24,6 +24,13 @@ if TYPE_CHECKING:
 _NORMS = tuple(t for t in (nn.LayerNorm, getattr(nn, "RMSNorm", None)) if t is not None)
 
 
+def size_attrs(mod: nn.Module) -> tuple:
+    """A module's public number, string and tuple-of-those attributes, as (name, value) pairs:
+    what a cut changes besides tensors (sizes, groups, head counts) and shapes or state follow."""
+    return tuple((k, v) for k, v in vars(mod).items() if not k.startswith("_") and (
+        isinstance(v, (int, float, str)) or (isinstance(v, tuple) and all(isinstance(e, (int, float, str)) for e in v))))
+
+
 def expand(idxs: Sequence[int] | torch.Tensor, unit: int) -> torch.Tensor:
     """Unit indices to channel indices (unit ``i`` is channels ``i*unit .. i*unit+unit-1``)."""
     i = torch.as_tensor(idxs, dtype=torch.long).reshape(-1)

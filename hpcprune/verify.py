@@ -30,7 +30,7 @@ from typing import Any, Iterator, Sequence
 import torch
 from torch import nn
 
-from .cuts import expand
+from .cuts import expand, size_attrs
 from .metrics import logits_of
 from .graph import _KNOWN_BUFFERS, Excluded, Graph, GroupInfo, n_keep, slice_group
 from .tp_layers import is_conv1d, weight_dims
@@ -379,8 +379,7 @@ def _members_state(graph: Graph, g: GroupInfo) -> list[tuple]:
         for sub_name, sub in mod.named_modules(prefix=name):
             for k, t in (*sub._parameters.items(), *sub._buffers.items()):
                 out.append((sub_name, k, None if t is None else t.detach().clone()))
-            out.append((sub_name, tuple((k, v) for k, v in vars(sub).items() if not k.startswith("_") and (
-                isinstance(v, (int, float, str)) or (isinstance(v, tuple) and all(isinstance(e, (int, float, str)) for e in v))))))
+            out.append((sub_name, size_attrs(sub)))
     return out
 
 
@@ -532,8 +531,7 @@ def _state(model: nn.Module) -> list[tuple]:
     out: list[tuple] = [(n, id(t), tuple(t.shape)) for n, t in model.named_parameters(remove_duplicate=False)]
     out += [(n, id(t), tuple(t.shape)) for n, t in model.named_buffers(remove_duplicate=False)]
     for name, mod in model.named_modules(remove_duplicate=False):
-        out.append((name, id(mod), tuple((k, v) for k, v in vars(mod).items() if not k.startswith("_") and (
-            isinstance(v, (int, float, str)) or (isinstance(v, tuple) and all(isinstance(e, (int, float, str)) for e in v))))))
+        out.append((name, id(mod), size_attrs(mod)))
     return out
 
 
