@@ -21,7 +21,7 @@ from torch import fx, nn
 from torch.utils import _pytree as pytree
 
 from .. import blockcache, compensate, metrics
-from ..graph import Graph, GroupInfo, Slice, n_keep, skip_block, slice_group
+from ..graph import Graph, GroupInfo, Slice, _first_line, n_keep, skip_block, slice_group
 from ..metrics import EvalSums, batch_sums
 from ..structure import structure_of
 from . import bn
@@ -61,8 +61,8 @@ def flatten_chain(model: nn.Module) -> list[tuple[str, nn.Module]] | None:
                                     and isinstance(e[1], nn.Module) for e in chain):
                 raise TypeError("it must return a non-empty list of (name, nn.Module) pairs")
         except Exception as e:  # noqa: BLE001 - a declaration that fails: the whole forward, said once
-            _warn_once(model, f"{type(model).__name__}.prune_chain() is not used ({type(e).__name__}: "
-                              f"{str(e).strip().splitlines()[0] if str(e).strip() else ''}): every cell runs the whole forward")
+            _warn_once(model, f"{type(model).__name__}.prune_chain() is not used ({type(e).__name__}: {_first_line(e)}): "
+                              "every cell runs the whole forward")
             return None
         return chain
     if not isinstance(model, nn.Sequential) or type(model).forward is not nn.Sequential.forward:
@@ -253,7 +253,7 @@ def _checked_chain(model: nn.Module, chain: list[tuple[str, nn.Module]], x: Any)
             for u, v in zip(a, b))
     except Exception as e:  # noqa: BLE001 - no chain: cells run the model's own forward
         log.debug("sensitivity: the traced chain of %s fails (%s: %s)", type(model).__name__, type(e).__name__, e)
-        why = f"its elements fail on the example input ({type(e).__name__}: {str(e).strip().splitlines()[0] if str(e).strip() else ''})"
+        why = f"its elements fail on the example input ({type(e).__name__}: {_first_line(e)})"
         same = False
     else:
         why = "its elements, one after another, compute another output than the model's forward"

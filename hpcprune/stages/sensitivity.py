@@ -26,11 +26,12 @@ from ..errors import HpcpruneError
 from ..launch import _SigTerm, _sigterm_raises
 from .context import Context, Record, train_batches
 
+log = logging.getLogger("hpcprune.stages")
+
 
 class Stopped(HpcpruneError):
     """The sweep was told to stop (SIGTERM) and kept what it had done."""
 
-log = logging.getLogger("hpcprune.stages")
 
 STATUS_CODES = "0 pending, 1 done, 2 skipped (early stop)"
 
