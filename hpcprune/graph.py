@@ -28,6 +28,7 @@ from .cuts import _NORMS, Mask, Slice, TPCut, _dim_size, expand, mask_group, ski
 from .errors import HpcpruneError
 from .structure import Skip, Structure, structure_of  # noqa: F401
 from .units import block_width as _block_width, layout_ops as _layout_ops, member_overflow as _member_overflow
+from .units import other_axis_readers as _other_axis_readers
 from .units import runs_on as _runs_on, unit_count as _unit_count, unsupported_member as _unsupported_member
 from .tp_layers import customized_pruners, is_conv1d
 
@@ -259,7 +260,10 @@ class Graph:
             visited.update(id(m) for m in outs)
             if any(id(m) in ignored for m in outs):
                 continue
-            info = self._info(name, root, group)
+            width = int(pruner.get_out_channels(root))
+            # a weight Torch-Pruning cuts as a bare parameter (an einsum's operand) is the cause to name instead
+            drop = _other_axis_readers(self.dg, group, width) if not self.bare_parameters(group, width) else frozenset()
+            info = self._info(name, root, _without(group, drop), drop=drop)
             if info is not None:
                 infos.append(info)
         return infos
@@ -318,10 +322,12 @@ class Graph:
         tied = self._tied_across(group)
         return f"it would cut parameter {tied} (tied weights would come apart)" if tied else ""
 
-    def _info(self, name: str, root: nn.Module, group: Any, root_out: bool = True) -> GroupInfo | None:
+    def _info(self, name: str, root: nn.Module, group: Any, root_out: bool = True,
+              drop: frozenset[int] = frozenset()) -> GroupInfo | None:
         """A Torch-Pruning group as plain data, or None (and an ``excluded`` entry) when hpcprune
         cannot cut it correctly. ``root_out``: the group is rooted at ``root``'s outputs (else at its
-        inputs: :meth:`_from_consumer`)."""
+        inputs: :meth:`_from_consumer`); ``drop``: the nodes left out of every use of the group
+        (:func:`hpcprune.units.other_axis_readers`)."""
         members: list[Member] = []
         types: list[str] = []
         identity = True
@@ -385,7 +391,7 @@ class Graph:
         plain = size == channels and not params and not reused
         maskable = plain and identity and all(self._maskable(self.by_name[m.module], m.out) for m in members)
         sliceable = plain and identity and all(self._sliceable(self.by_name[m.module], m.out) for m in members)
-        self._tp_groups[name] = (root, root_out)
+        self._tp_groups[name] = (root, root_out, drop)
         return GroupInfo(name, kind, size, members, maskable, sliceable, channels=channels, layer_types=types)
 
     @functools.cached_property
@@ -584,17 +590,27 @@ class Graph:
         """Torch-Pruning's Group object on root channels ``idxs`` (all by default)."""
         if name not in self._tp_groups:
             raise KeyError(f"group {name!r} is not a Torch-Pruning group (heads and blocks are hpcprune's own)")
-        root, out = self._tp_groups[name]
+        root, out, drop = self._tp_groups[name]
         pruner = self.dg.get_pruner_of_module(root)
         size = int(self.dg.get_out_channels(root) if out else self.dg.get_in_channels(root))
         fn = pruner.prune_out_channels if out else pruner.prune_in_channels
-        return self.dg.get_pruning_group(root, fn, list(range(size)) if idxs is None else list(idxs))
+        return _without(self.dg.get_pruning_group(root, fn, list(range(size)) if idxs is None else list(idxs)), drop)
 
     def unit_scores(self, g: GroupInfo, channel_scores: torch.Tensor) -> torch.Tensor:
         """Per-unit scores from per-root-channel scores (a strided unit sums its channels)."""
         if not g.channels or g.channels == g.size:
             return channel_scores
         return channel_scores.reshape(g.channels // g.size, g.size).sum(dim=0)
+
+
+def _without(group: Any, drop: frozenset[int]) -> Any:
+    """Torch-Pruning ``group`` without the items whose target node is in ``drop`` (node ids)."""
+    if not drop:
+        return group
+    out = tp.dependency.Group()
+    out._DG = group._DG
+    out._group = [item for item in group._group if id(item.dep.target) not in drop]
+    return out
 
 
 def _depthwise(mod: nn.Module) -> bool:

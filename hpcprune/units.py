@@ -9,7 +9,7 @@ block keeps the same width at the same positions. ``hpcprune.graph`` builds each
 from __future__ import annotations
 
 import math
-from typing import Any, Sequence
+from typing import Any, Iterator, Sequence
 
 import torch
 from torch import nn
@@ -155,3 +155,66 @@ def runs_on(model: nn.Module, example_input: Any, error: type[Exception]) -> Non
         raise error(f"groups: {type(model).__name__} does not run on the data's example input {shape} "
                     f"({type(e).__name__}: {why}); check that the model and the data fit (input size, channels, "
                     "classes)") from e
+
+
+
+_MOVES = ("Transpose", "Permute")  # autograd node names of ops that move a dimension
+
+
+def other_axis_readers(dg: Any, group: Any, channels: int) -> frozenset[int]:
+    """The nodes of a Torch-Pruning ``group`` (ids of its ``dep.target`` nodes; ``dg``: its
+    dependency graph) behind a transpose or permute that lead only to Linear layers reading another
+    dimension than the group's channels: what Torch-Pruning wrongly couples to the channels, to be
+    left out of the group. Empty when there is none.
+
+    MLP-Mixer's (and ResMLP's) token mixing: ``ln(x).transpose(1, 2)`` (N, C, T) into
+    ``Linear(T, ...)``, then ``Linear(..., T)`` and ``.transpose(1, 2)`` back onto the residual
+    stream (N, T, C). Torch-Pruning passes the C channels 1:1 through both transposes onto the
+    token Linears' T inputs and T outputs, so no cut of the residual width runs (Torch-Pruning
+    1.6: ``get_pruning_group(embed, prune_out_channels, ...)`` lists ``prune_in_channels on tok1``
+    and ``prune_out_channels on tok2``). A Linear qualifies when the width of its side in the group
+    is neither ``channels`` nor a multiple of them (a flatten of the channels with other
+    dimensions, which Torch-Pruning maps in blocks): that side cannot hold the channels. Leaving a
+    Linear out that did read them fails loudly: uncut, its input no longer fits once the group is
+    cut, and verification runs every group's cut. A transpose with any other layer or parameter
+    behind it (a layer reading the channels after a transpose back) is left to Torch-Pruning."""
+    if channels <= 0:
+        return frozenset()
+    deps = [dep for dep, _ in group]
+    parent: dict[int, Any] = {}
+    for dep in deps:
+        if dep.target is not dep.source:
+            parent.setdefault(id(dep.target), dep.source)
+
+    def op(mod: Any) -> bool:
+        return isinstance(mod, nn.Module) and type(mod).__module__.startswith("torch_pruning.ops")
+
+    def other_width(dep: Any) -> bool:
+        mod = dep.target.module
+        if not isinstance(mod, nn.Linear):
+            return False
+        size = mod.out_features if dg.is_out_channel_pruning_fn(dep.handler) else mod.in_features
+        return size != channels and size % channels != 0
+
+    def chain(node: Any) -> Iterator[Any]:
+        seen: set[int] = set()
+        while id(node) not in seen:
+            seen.add(id(node))
+            yield node
+            if id(node) not in parent:
+                return
+            node = parent[id(node)]
+
+    starts: set[int] = set()  # the transpose nearest above each such Linear
+    for dep in deps:
+        if other_width(dep):
+            top = next((n for n in chain(dep.target) if op(n.module) and str(getattr(n.module, "_grad_fn", "")).startswith(_MOVES)), None)
+            if top is not None:
+                starts.add(id(top))
+    if not starts:
+        return frozenset()
+    below = {id(dep.target) for dep in deps if any(id(n) in starts for n in chain(dep.target))}
+    for dep in deps:
+        if id(dep.target) in below and not op(dep.target.module) and not other_width(dep):
+            return frozenset()  # a layer or weight behind the transpose that may read the channels
+    return frozenset(below)

@@ -38,7 +38,7 @@ SETTINGS = [
 # Parameters used functionally (functional_params), or are one weight tied as rows and columns
 # (tied_shared_linear); every other case must complete
 # groups these cases must keep (a regression once excluded them): the Linear before a view into feature maps
-KEPT: dict[str, list[str]] = {"decoder_view": ["fc_in"]}
+KEPT: dict[str, list[str]] = {"decoder_view": ["fc_in"], "mixer_buffer_posenc": ["embed"]}
 REFUSED: set[str] = {"gru_seq", "lstm_seq", "lstm2_bidir", "tied_autoencoder", "functional_params", "tied_shared_linear"}
 
 

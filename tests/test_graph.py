@@ -314,6 +314,50 @@ def test_linear_viewed_as_feature_maps_is_cut_in_blocks_of_its_map():
     torch.testing.assert_close(model(x), dense(x))
 
 
+
+@pytest.mark.parametrize("permanent", [False, True])
+def test_mixer_residual_width_is_cut_past_the_token_mixing(permanent):
+    """MLP-Mixer: the residual width C reaches the token-mixing Linears (over T) through a transpose;
+    Torch-Pruning cuts their T inputs and outputs with it (no cut ran: excluded). hpcprune leaves
+    them out of the group: the cut model equals a Mixer built with C - 4 channels from the dense
+    weights (embedding rows, position-table columns, both LayerNorms, the channel MLPs' columns and
+    rows, the head's columns), the token MLPs whole. T == C (8): still excluded, by its failing cut."""
+    import archs
+
+    torch.manual_seed(0)
+    model, x = archs.mixer_buffer_posenc(d=32).eval(), torch.randn(2, 8, 8)
+    graph = Graph(model, x[:1])
+    assert "embed" not in [e.name for e in verify_groups(graph, x, 0.9)]
+    g = graph.group("embed")
+    assert (g.size, sorted({m.module.split(".")[-1] for m in g.members})) == (32, ["ch1", "ch2", "embed", "head", "ln1", "ln2", "norm", "pe"])
+    drop = [0, 5, 30, 31]
+    keep = [c for c in range(32) if c not in drop]
+    ref = copy.deepcopy(model)
+    for name, mod in ref.named_modules():
+        for pname, p in list(mod.named_parameters(recurse=False)) + list(mod.named_buffers(recurse=False)):
+            if "tok" in name:
+                continue
+            w = p.data
+            if pname == "pe":
+                w = w[..., keep]
+            elif isinstance(mod, nn.LayerNorm) or name == "embed" or name.endswith("ch2"):
+                w = w[keep]
+            elif pname == "weight" and (name.endswith("ch1") or name == "head"):
+                w = w[:, keep]
+            p.data = w.clone()
+        if isinstance(mod, nn.LayerNorm):
+            mod.normalized_shape = (len(keep),)
+    dense_out = model(x)
+    cut = graph.cut("embed", drop, permanent=permanent)
+    assert model.blocks[0].tok1.in_features == 8 and model.blocks[1].tok2.out_features == 8
+    torch.testing.assert_close(model(x), ref(x))
+    if not permanent:
+        cut.restore()
+        torch.testing.assert_close(model(x), dense_out)
+    square = archs.mixer_buffer_posenc(d=8).eval()
+    sg = Graph(square, x[:1])
+    assert "embed" in [e.name for e in verify_groups(sg, x, 0.9)]
+
 def test_a_width_held_as_a_number_is_named_with_the_remedy():
     """The same decoder viewing to (n, self.c, 4, 4): the cut cannot follow a width the forward holds
     as a number; the group is excluded, the reason says so and what to write instead."""
