@@ -200,8 +200,11 @@ class Graph:
                 # parameters of modules Torch-Pruning does not know (RMSNorm scales): its default,
                 # the last dimension, is right for normalisation scales; no need for the warning
                 warnings.filterwarnings("ignore", message="Unwrapped parameters detected")
+                # a tensor in a tuple: Torch-Pruning calls model(*example_inputs) first, which on a bare
+                # tensor runs the model on example_input[0], an unbatched sample, wherever that runs
+                inputs = (example_input,) if isinstance(example_input, torch.Tensor) else example_input
                 try:
-                    return tp.DependencyGraph().build_dependency(model, example_inputs=example_input,
+                    return tp.DependencyGraph().build_dependency(model, example_inputs=inputs,
                                                                  customized_pruners=customized_pruners(model))
                 except GraphError:
                     raise
@@ -316,7 +319,7 @@ class Graph:
         if overflow:  # the cut could only fail (or, for a tensor op, index out of bounds)
             if bare:
                 return f"{bare[2:]} (so cut, its {root_channels} channels map onto {overflow})"
-            ops = _layout_ops(group)
+            ops = _layout_ops(group, self.model)
             return (f"Torch-Pruning maps its {root_channels} channels onto {overflow}"
                     + (f": it passes them 1:1 through {'; '.join(ops)}" if ops else ""))
         tied = self._tied_across(group)
@@ -366,7 +369,7 @@ class Graph:
         if size == channels and any(isinstance(dep.target.module, tp.ops._SplitOp) for dep, _ in group) and root_out:
             size = self._closure_stride(root, channels)
         if size is None:  # what splits them: the members in blocks, a split or chunk of the channels
-            why = list(dict.fromkeys(f"{n} in blocks of {w}" for n, _, _, w in blocks))[:3] + _layout_ops(group)
+            why = list(dict.fromkeys(f"{n} in blocks of {w}" for n, _, _, w in blocks))[:3] + _layout_ops(group, self.model)
             self.excluded.append(Excluded(name, types, "its layers split the channels into blocks that no cut of whole "
                                           f"units keeps equal ({'; '.join(why) or 'grouped convolution, GroupNorm, attention heads'})"))
             return None

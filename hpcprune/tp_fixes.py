@@ -1,6 +1,6 @@
 """Torch-Pruning's upstream bugs that hpcprune patches at import, and those it works around elsewhere.
 
-Importing this module replaces eleven functions of Torch-Pruning (1.6) for the whole process;
+Importing this module replaces twelve functions of Torch-Pruning (1.6) for the whole process;
 :mod:`hpcprune.graph` imports it first, so the patches are in place before any ``DependencyGraph``
 is built. Each section below is one upstream bug, described as it would be reported upstream:
 
@@ -18,6 +18,9 @@ is built. Each section below is one upstream bug, described as it would be repor
    whole groups (:func:`_groupnorm_prune`: the cut model failed, ``C' % num_groups != 0``).
 7. ``InstanceNormPruner`` leaves the running statistics of an ``InstanceNorm(track_running_stats=True)``
    at the old width (:func:`_instancenorm_prune`: the cut model failed in eval mode).
+8. ``update_concat_index_mapping`` maps no offsets for a ``torch.cat`` with an input that has no
+   autograd history (``cat([x, h], 1)`` of the model's input): channel ``c`` of ``h`` is cut as the
+   next layer's input ``c`` instead of ``c + 1`` (:func:`_update_concat_index_mapping`).
 
 Upstream behaviour hpcprune works around elsewhere, without patching Torch-Pruning:
 
@@ -254,3 +257,56 @@ _conv = tp.pruner.function.PrunerBox[tp.ops.OPTYPE.CONV]
 for _owner in (tp.pruner.function, tp):
     if hasattr(_owner, "prune_conv_out_channels"):
         _owner.prune_conv_out_channels, _owner.prune_conv_in_channels = _conv.prune_out_channels, _conv.prune_in_channels
+
+
+# ---- 8. update_concat_index_mapping: a concat input that is not traced shifts every offset ---------
+_tp_update_concat = tp.dependency.index_mapping.update_concat_index_mapping
+
+
+def _update_concat_index_mapping(graph: Any, cat_node: Any) -> None:
+    """Torch-Pruning sizes a ``torch.cat`` from the inputs it traced; an input without autograd
+    history (the model's own input, ``cat([x, h], 1)`` as in input-skip U-Nets and super-resolution
+    nets; a tensor made in forward) is not one of them. The concat's width then differs from the
+    traced sizes' sum, which Torch-Pruning takes for a concat over another dimension: it maps no
+    offsets, and channel ``c`` of ``h`` is cut as input channel ``c`` of the next layer instead of
+    ``c + 1`` (the cut model is not the dense model without those channels; verification excluded
+    the group). With exactly one such input, its width is the concat's width less the traced ones',
+    and its position is its place in ``CatBackward0.next_functions``: the offsets are mapped with it
+    (``concat_sizes`` then lists every input, the untraced one included, as ``ConcatPruner`` expects)."""
+    from torch_pruning.dependency import index_mapping as im
+    from torch_pruning.dependency import constants
+
+    fns = getattr(cat_node.grad_fn, "next_functions", None) or ()
+    pos = [j for j, (fn, _) in enumerate(fns) if fn is not None]
+    dim = getattr(cat_node.grad_fn, "_saved_dim", 1)
+    if (cat_node.type != tp.ops.OPTYPE.CONCAT or len(fns) - len(pos) != 1 or len(pos) != len(cat_node.inputs)
+            or (dim != 1 and dim < constants.MAX_VALID_DIM)):
+        return _tp_update_concat(graph, cat_node)
+    sizes = cat_node.module.concat_sizes
+    if sizes is None or len(sizes) != len(fns):  # first time: the traced widths, then the untraced one
+        traced = [im.shape_infer.infer_channels_between(graph, n, cat_node) for n in cat_node.inputs]
+        out = im.shape_infer.infer_in_channels_recursively(graph, cat_node, recursive_depth=[0])
+        if out is None or any(c is None for c in traced) or out - sum(traced) <= 0:
+            return _tp_update_concat(graph, cat_node)
+        sizes = [0] * len(fns)
+        for j, c in zip(pos, traced):
+            sizes[j] = c
+        sizes[next(j for j in range(len(fns)) if j not in pos)] = out - sum(traced)
+        cat_node.module.concat_sizes = sizes
+    offsets = [0]
+    for c in sizes:
+        offsets.append(offsets[-1] + c)
+    cat_node.module.offsets = offsets
+    if not cat_node.enable_index_mapping:
+        return
+    for i, in_node in enumerate(cat_node.inputs):  # as upstream, each traced input at its own offsets
+        j = pos[i]
+        dep = next((d for d in cat_node.dependencies if d.target == in_node), None)
+        if dep is not None:
+            dep.index_mapping[1] = im._ConcatIndexMapping(offset=offsets[j:j + 2], reverse=True)
+        dep = next((d for d in in_node.dependencies if d.target == cat_node), None)
+        if dep is not None:
+            dep.index_mapping[1] = im._ConcatIndexMapping(offset=offsets[j:j + 2], reverse=False)
+
+
+tp.dependency.index_mapping.update_concat_index_mapping = _update_concat_index_mapping

@@ -122,24 +122,28 @@ _LAYOUT_OPS = {
     "Permute": ("a permute of the channel dimension (a channel shuffle written as view, permute, view? a layer "
                 "mixing another dimension, which the channels pass through?)"),
     "Flip": "torch.flip (channel c becomes channel C - 1 - c)",
+    "Glu": "a GLU (nn.GLU / F.glu: output channel c is input channel c gated by input channel c + C/2)",
     "IndexSelect": "torch.index_select / an index tensor (channels reordered)",
     "Gather": "torch.gather (channels picked by an index tensor)",
 }
 
 
-def layout_ops(group: Any) -> list[str]:
+def layout_ops(group: Any, model: nn.Module | None = None) -> list[str]:
     """What, in a Torch-Pruning group (``(dep, idxs)`` pairs), moves channels in a way Torch-Pruning
     does not follow (see ``_LAYOUT_OPS``; a channel slice or split: its literal bounds), as short
-    phrases for an exclusion reason; empty when nothing is suspect."""
+    phrases for an exclusion reason; empty when nothing is suspect. A max-pool's indices are named
+    only where ``model`` has a ``MaxUnpool`` layer: every ``nn.MaxPool2d`` runs as
+    ``max_pool2d_with_indices``, whose autograd name alone says nothing."""
     import torch_pruning as tp
 
+    unpools = model is not None and any(isinstance(m, (nn.MaxUnpool1d, nn.MaxUnpool2d, nn.MaxUnpool3d)) for m in model.modules())
     found: list[str] = []
     for dep, _ in group:
         node = dep.target.module
         if isinstance(node, (tp.ops._SliceOp, tp.ops._SplitOp)):
             found.append("a channel slice or split whose bounds forward() fixes (x[:, :8], torch.split(x, [8, 24], 1))")
         grad_fn = str(getattr(node, "_grad_fn", ""))  # the autograd node's name, e.g. "PixelShuffleBackward0"
-        found += [text for key, text in _LAYOUT_OPS.items() if grad_fn.startswith(key)]
+        found += [text for key, text in _LAYOUT_OPS.items() if grad_fn.startswith(key) and (unpools or "WithIndices" not in key)]
     return list(dict.fromkeys(found))
 
 

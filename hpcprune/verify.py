@@ -191,7 +191,33 @@ def _short(model: nn.Module, x: torch.Tensor) -> torch.Tensor:
 
 def _layout(graph: Graph, g: GroupInfo) -> list[str]:
     """The ops of the group Torch-Pruning does not follow (``units.layout_ops``)."""
-    return layout_ops(graph.tp_group(g.name)) if g.kind in ("channels", "neurons") else []
+    return layout_ops(graph.tp_group(g.name), graph.model) if g.kind in ("channels", "neurons") else []
+
+
+def _channel_windows(graph: Graph, g: GroupInfo, x: torch.Tensor) -> list[str]:
+    """'<name> (LocalResponseNorm, size n)' for each cross-channel normalisation whose input on
+    ``x`` is as wide as group ``g`` (AlexNet's LRN: Torch-Pruning traces it as element-wise ops, and
+    its window over neighbouring channels changes with every cut); [] when there is none."""
+    lrns = [(n, m) for n, m in graph.by_name.items() if isinstance(m, (nn.LocalResponseNorm, nn.CrossMapLRN2d))]
+    if not lrns or not g.channels:
+        return []
+    widths: dict[str, int] = {}
+
+    def seen(name: str) -> Any:
+        def hook(mod: nn.Module, args: Any, out: Any) -> None:
+            widths.setdefault(name, int(args[0].shape[1]))
+        return hook
+
+    hooks = [m.register_forward_hook(seen(n)) for n, m in lrns]
+    try:
+        with torch.no_grad():
+            graph.model(x)
+    except Exception:  # noqa: BLE001 - a hint only
+        return []
+    finally:
+        for h in hooks:
+            h.remove()
+    return [f"{n} ({type(m).__name__}, size {m.size})" for n, m in lrns if widths.get(n) == g.channels]
 
 
 def _hint(graph: Graph, g: GroupInfo, x: torch.Tensor | None = None) -> str:
@@ -350,6 +376,11 @@ def _check(graph: Graph, g: GroupInfo, x: torch.Tensor, dense_out: tuple[torch.T
             return f"Torch-Pruning maps the channels past a consumer's inputs ({_line(e)}){_hint(graph, g, x)}"
         diff = None if ref is None else _disagree(graph, g, drop, x, ref, got, scale, _oracle)
         if diff is not None:
+            windows = _channel_windows(graph, g, x)
+            if windows:
+                return (f"the cut model is not the dense model without these channels (max difference {diff}): "
+                        f"{'; '.join(windows)} normalises each channel over a window of its neighbours, so a cut "
+                        "changes the kept channels' values; the group stays whole (a BatchNorm in its place can be cut)")
             ops = _layout(graph, g)
             if ops:  # the op that moves the channels, not the layers around it, is what to name
                 return (f"the cut model is not the dense model without these channels (max difference {diff}): "

@@ -753,3 +753,82 @@ def test_verification_cut_moves_the_kept_units():
         for seed in range(5):
             drop = _drop(g, 0.9, 1, seed)
             assert drop[0] == 0 and len(drop) == len(set(drop)) == size - keep_count(size, 0.9) and drop == sorted(drop)
+
+
+def test_the_dependency_graph_is_traced_on_the_batched_example():
+    """Torch-Pruning calls ``model(*example_inputs)`` first: on a bare (1, C, H, W) tensor that is the
+    unbatched sample (C, H, W), which a convolution accepts, so the traced graph was that of another
+    forward (an unsqueeze, a flatten over other dimensions). hpcprune passes the tensor in a tuple."""
+    dims = []
+
+    class Net(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.conv, self.head = nn.Conv2d(1, 8, 3, padding=1), nn.Linear(8, 10)
+
+        def forward(self, x):
+            dims.append(x.dim())
+            return self.head(torch.relu(self.conv(x)).mean((-2, -1)))
+
+    graph = Graph(Net().eval(), torch.randn(1, 1, 8, 8))
+    assert dims and set(dims) == {4}, dims
+    assert [g.name for g in graph.groups] == ["conv", "head"]
+
+
+def test_a_local_response_norm_is_named_and_a_plain_max_pool_is_not_blamed():
+    """AlexNet's LocalResponseNorm with a strong window (alpha=1) before an ordinary nn.MaxPool2d: the
+    conv before it is excluded, and the reason names the LRN; a max-pool's indices are named only in
+    a model that unpools with them (every nn.MaxPool2d runs as max_pool2d_with_indices)."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(1, 16, 3, padding=1), nn.ReLU(), nn.LocalResponseNorm(5, alpha=1.0, k=1.0),
+                          nn.MaxPool2d(2), nn.Conv2d(16, 32, 3, padding=1), nn.ReLU(), nn.AdaptiveAvgPool2d(1),
+                          nn.Flatten(), nn.Linear(32, 10)).eval()
+    x = torch.randn(2, 1, 8, 8)
+    graph = Graph(model, x[:1])
+    ex = {e.name: e.reason for e in verify_groups(graph, x, 0.5)}
+    assert "0" in ex and "2 (LocalResponseNorm, size 5) normalises each channel" in ex["0"], ex
+    assert "return_indices" not in ex["0"] and "4" not in ex, ex
+
+
+class _InputCat(nn.Module):
+    """The model's input concatenated before the features twice (input-skip U-Nets, SR nets)."""
+
+    def __init__(self):
+        super().__init__()
+        self.c1 = nn.Sequential(nn.Conv2d(1, 24, 3, padding=1), nn.BatchNorm2d(24), nn.ReLU())
+        self.c2 = nn.Sequential(nn.Conv2d(25, 32, 3, padding=1), nn.BatchNorm2d(32), nn.ReLU())
+        self.c3 = nn.Sequential(nn.Conv2d(33, 48, 3, padding=1, stride=2), nn.BatchNorm2d(48), nn.ReLU())
+        self.fc = nn.Linear(48, 10)
+
+    def forward(self, x):
+        h = self.c2(torch.cat([x, self.c1(x)], 1))
+        return self.fc(self.c3(torch.cat([x, h], 1)).mean((2, 3)))
+
+
+def test_a_concat_with_the_models_input_first_maps_the_offsets():
+    """torch.cat([x, h], 1) of the model's input (no autograd history: Torch-Pruning does not trace
+    it): channel c of h is the next layer's input c + 1 (Torch-Pruning mapped it to c, and the groups
+    were excluded). Every group is kept; the cut equals the dense model with those input columns zeroed."""
+    torch.manual_seed(0)
+    model, x = _InputCat().eval(), torch.randn(2, 1, 8, 8)
+    graph = Graph(model, x[:1])
+    assert [e.name for e in verify_groups(graph, x, 0.5)] == ["fc"]  # the classifier only
+    assert [g.name for g in graph.groups] == ["c1.0", "c2.0", "c3.0"]
+    dense = copy.deepcopy(model)
+    with torch.no_grad():
+        dense.c2[0].weight[:, [1, 4]] = 0  # c1's channels 0 and 3 after the input's one channel
+        dense.c3[0].weight[:, [3, 33 - 1]] = 0  # c2's channels 2 and 31
+    graph.prune_group("c1.0", [0, 3])
+    graph.prune_group("c2.0", [2, 31])
+    assert (model.c2[0].in_channels, model.c3[0].in_channels) == (23, 31)
+    torch.testing.assert_close(model(x), dense(x))
+
+
+def test_a_glu_over_the_channels_is_named():
+    """nn.GLU(dim=1) halves the channels (output c = input c gated by input c + C/2); Torch-Pruning
+    passes them 1:1, onto a consumer half as wide: the group is excluded and the reason names the GLU."""
+    model = nn.Sequential(nn.Conv2d(1, 48, 3, padding=1), nn.GLU(dim=1), nn.Conv2d(24, 32, 3, padding=1),
+                          nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(32, 10)).eval()
+    graph = Graph(model, torch.randn(1, 1, 8, 8))
+    ex = {e.name: e.reason for e in graph.excluded}
+    assert "0" in ex and "a GLU (nn.GLU / F.glu" in ex["0"], ex

@@ -161,8 +161,8 @@ def _report_excluded(graph: Graph, model: nn.Module, cfg: Any) -> None:
         why = (f"; {failed[0].name}: {failed[0].reason}" if failed
                else "; every group found feeds the model's output (the output layer is never cut)")
         raise ConfigError(f"model {cfg.model.get('_target_')}: no prunable group (layer types: {', '.join(types[:12])}){why}; "
-                          "declare attention heads and blocks with prune_structure() (hpcprune/structure.py), or choose "
-                          "other groups.kinds / groups.ignore")
+                          "where the model has attention heads or blocks, declare them with prune_structure() "
+                          "(hpcprune/structure.py); or choose other groups.kinds / groups.ignore")
 
 
 def _derive_cost(graph: Graph, model: nn.Module, example: Any, cfg: Any) -> Any:
