@@ -197,12 +197,18 @@ def _check_launcher(cfg: Any) -> None:
 
 
 def _check_finetune(cfg: Any) -> None:
+    from omegaconf import OmegaConf
+
     drop = cfg.finetune.get("max_drop")
     if drop is not None and drop < 0:
         _bad("finetune.max_drop", drop, "must be >= 0 (how much worse than the dense model's metric a run may end)")
     w = cfg.finetune.distill.weight
     if not 0 <= w <= 1:
         _bad("finetune.distill.weight", w, "must be in [0, 1]")
+    for key in ("baseline.aux_weight", "finetune.aux_weight"):
+        a = OmegaConf.select(cfg, key)
+        if a is not None and a < 0:
+            _bad(key, a, "must be >= 0 (each auxiliary output's share of the training loss; 0: not trained)")
 
 
 def _check_counts(cfg: Any) -> None:
@@ -255,6 +261,8 @@ def instantiate(key: str, build: Callable[[Any], Any], node: Any) -> Any:
         if not msg.startswith(f"{key}."):
             unknown = _unknown_target(str(node.get("_target_", "")))
             msg = f"{key}._target_={node.get('_target_')}: {unknown or msg}"
+        if isinstance(cause, ModuleNotFoundError) or "No module named" in msg:
+            msg += " (its package must be importable where this runs: PYTHONPATH=<its parent folder>, or pip install it)"
         raise ConfigError(msg) from None
 
 

@@ -26,7 +26,7 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
-from .metrics import EvalSums, batch_sums, logits_of, task_loss
+from .metrics import EvalSums, GradientCheck, batch_sums, logits_of, training_loss
 from .tb import TrainLog
 
 
@@ -200,7 +200,11 @@ class FinetuneJob:
             t0 = time.perf_counter()
             sampler.set_epoch(epoch)
             lr = opt.param_groups[0]["lr"]
-            loss_sum, n = _train_epoch(ddp, teacher, loader, opt, device, ft.distill, lambda loss: tb.train_step(loss, lr))
+            check = GradientCheck(model) if epoch == start else None
+            loss_sum, n = _train_epoch(ddp, teacher, loader, opt, device, ft.distill, lambda loss: tb.train_step(loss, lr),
+                                       float(ft.get("aux_weight", 0.0)), check)
+            if check is not None and rank == 0 and check.warning("fine-tuning"):
+                print(f"WARNING: {check.warning('fine-tuning')}", flush=True)
             sched.step()
             if world > 1:
                 # DDP copies rank 0's buffers (BatchNorm statistics) at the start of each forward, so
@@ -268,17 +272,21 @@ def _save_checkpoint(path: str, state: dict[str, Any]) -> None:
 
 
 def _train_epoch(ddp: nn.Module, teacher: nn.Module | None, loader: Any, opt: Any, device: torch.device,
-                 distill: Any, on_step: Any = None) -> tuple[float, int]:
-    """One pass over this rank's share of the training data: (summed loss, samples). With a teacher,
-    the loss mixes in the KL divergence to its softened outputs (``distill.weight``, ``temperature``).
-    ``on_step(loss)`` is called after every optimizer step with the batch's loss."""
+                 distill: Any, on_step: Any = None, aux_weight: float = 0.0,
+                 check: GradientCheck | None = None) -> tuple[float, int]:
+    """One pass over this rank's share of the training data: (summed loss, samples). The loss is
+    :func:`hpcprune.metrics.training_loss` (auxiliary outputs at ``aux_weight``); with a teacher,
+    it mixes in the KL divergence to its softened outputs (``distill.weight``, ``temperature``).
+    ``on_step(loss)`` is called after every optimizer step with the batch's loss; ``check`` sees
+    every step's gradients."""
     T = float(distill.temperature)
     ddp.train()
     loss_sum, n = 0.0, 0
     for x, y in loader:
         x, y = x.to(device), y.to(device)
-        logits = logits_of(ddp(x))
-        loss = task_loss(logits, y)
+        out = ddp(x)
+        logits = logits_of(out)
+        loss, _ = training_loss(out, y, aux_weight)
         if teacher is not None:
             with torch.no_grad():
                 t_logits = logits_of(teacher(x))
@@ -292,6 +300,8 @@ def _train_epoch(ddp: nn.Module, teacher: nn.Module | None, loader: Any, opt: An
             loss = (1 - w) * loss + w * kd
         opt.zero_grad(set_to_none=True)
         loss.backward()
+        if check is not None:
+            check.step()
         opt.step()
         batch_loss = loss.item()
         loss_sum += batch_loss * x.shape[0]

@@ -89,6 +89,61 @@ def task_loss(logits: Any, target: torch.Tensor, reduction: str = "mean") -> tor
     return F.cross_entropy(logits, target, reduction=reduction)
 
 
+def auxiliary_outputs(out: Any, main: torch.Tensor) -> list[torch.Tensor]:
+    """The tensors of a model's output (a tuple, list, named tuple or dict, one level of nesting)
+    other than ``main`` (:func:`logits_of`) with ``main``'s shape: auxiliary classifiers' logits, as
+    torchvision's GoogLeNet (``GoogLeNetOutputs(logits, aux_logits2, aux_logits1)``) and Inception v3
+    return in training. Features of another shape (a tuple ``(logits, features)``) are not counted."""
+    found: list[torch.Tensor] = []
+    items = list(out.values()) if isinstance(out, dict) else list(out) if isinstance(out, (list, tuple)) else []
+    for o in items:
+        if isinstance(o, (list, tuple, dict)):
+            inner = list(o.values()) if isinstance(o, dict) else list(o)
+            found += [t for t in inner if isinstance(t, torch.Tensor) and t is not main and t.shape == main.shape]
+        elif isinstance(o, torch.Tensor) and o is not main and o.shape == main.shape and o.is_floating_point():
+            found.append(o)
+    return found
+
+
+def training_loss(out: Any, target: torch.Tensor, aux_weight: float = 0.0) -> tuple[torch.Tensor, int]:
+    """The training loss of a model output: :func:`task_loss` of its main output plus ``aux_weight``
+    times that of each auxiliary output (:func:`auxiliary_outputs`; GoogLeNet's deep supervision,
+    Szegedy et al. 2015, weighs each auxiliary classifier's loss by 0.3). Returns (the loss, how many
+    auxiliary outputs the model returned)."""
+    main = logits_of(out)
+    aux = auxiliary_outputs(out, main) if not isinstance(out, torch.Tensor) else []
+    loss = task_loss(main, target)
+    if aux and aux_weight:
+        loss = loss + aux_weight * sum(task_loss(a, target) for a in aux)
+    return loss, len(aux)
+
+
+class GradientCheck:
+    """Which trainable parameters of ``model`` never get a gradient: call :meth:`step` after each
+    ``backward()`` (with ``zero_grad(set_to_none=True)`` before it) over a whole epoch (a layer a
+    stochastic-depth forward skips in one step gets one in another), then :meth:`missing`."""
+
+    def __init__(self, model: torch.nn.Module) -> None:
+        self.params = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
+        self.seen: set[int] = set()
+
+    def step(self) -> None:
+        if len(self.seen) < len(self.params):
+            self.seen.update(i for i, (_, p) in enumerate(self.params) if i not in self.seen and p.grad is not None)
+
+    def missing(self) -> list[str]:
+        return [n for i, (n, _) in enumerate(self.params) if i not in self.seen]
+
+    def warning(self, stage: str) -> str | None:
+        """One line naming the parameters no step reached, or None."""
+        miss = self.missing()
+        if not miss:
+            return None
+        return (f"{stage}: {len(miss)} trainable parameters got no gradient in a whole epoch "
+                f"({', '.join(miss[:4])}{' ...' if len(miss) > 4 else ''}): the loss does not reach them, so they keep "
+                "their values (an output the loss does not use, or a layer the forward skips?)")
+
+
 def batch_sums(logits: Any, target: torch.Tensor) -> EvalSums:
     logits = logits_of(logits)
     loss = task_loss(logits.float(), target, reduction="sum").item()

@@ -61,6 +61,7 @@ class BaselineConfig:
     batch_size: int = MISSING
     lr: float = MISSING
     weight_decay: float = MISSING
+    aux_weight: float = MISSING  # each auxiliary training output adds this x its loss (metrics.training_loss)
     latency_batch: int = MISSING
     latency_repeats: int = MISSING
     latency_threads: int = MISSING
@@ -125,6 +126,7 @@ class FinetuneConfig:
     batch_size: int = MISSING
     lr: float = MISSING
     weight_decay: float = MISSING
+    aux_weight: float = MISSING
     distill: DistillConfig = field(default_factory=DistillConfig)
     tensorboard: bool = MISSING  # rank 0 writes TensorBoard events under <run dir>/tensorboard (hpcprune.tb)
     min_metric: Optional[float] = MISSING  # accuracy gate: the fine-tuned metric at least (at most, lower-is-better)

@@ -11,7 +11,7 @@ Another run of the multirun that evaluated the same weights on the same data and
 from __future__ import annotations
 
 import logging
-import sys
+import time
 from typing import Any
 
 import h5py
@@ -77,7 +77,7 @@ def run(ctx: Context, cfg: Any, rf: RunFile) -> Record:
         energy_j_per_sample=joules.j_per_sample, energy_source=joules.source, trained_here=trained, pretrained=pretrained,
         dense_key=key, source=source, eval_key=ekey, eval_source=eval_source, dense_digest=digest,
     )
-    log.info("dense: %s %.4f, %d params, %d MACs, %.2f ms", ctx.metric, rec["metric"], rec["params"], rec["macs"], lat)
+    log.info("dense: %s %.4f, %d params, %d MACs, latency %.2f ms", ctx.metric, rec["metric"], rec["params"], rec["macs"], lat)
     # a referenced checkpoint is recorded by path and digest, not copied (unless baseline.copy_checkpoint)
     reference = str(cfg.checkpoint) if cfg.checkpoint and not cfg.baseline.copy_checkpoint else None
 
@@ -119,22 +119,37 @@ def _trained_before(ctx: Context, cfg: Any, key: str) -> tuple[Any, Any]:
 
 
 def train_dense(model: torch.nn.Module, data: Any, cfg: Any, device: str) -> None:
-    """Train the dense model from scratch (rank 0 only; other ranks wait, sleeping)."""
-    from tqdm import tqdm
-
+    """Train the dense model from scratch (rank 0 only; other ranks wait, sleeping): AdamW with a
+    one-cycle schedule, the loss of :func:`hpcprune.metrics.training_loss` (auxiliary classifiers at
+    ``baseline.aux_weight``). Logs one line per epoch, and a warning when trainable parameters got no
+    gradient in the first epoch."""
     b = cfg.baseline
     torch.manual_seed(int(cfg.seed))
     model.to(device).train()
     loader = torch.utils.data.DataLoader(data.train, batch_size=int(b.batch_size), shuffle=True,
                                          generator=torch.Generator().manual_seed(int(cfg.seed)), drop_last=True)
-    opt = torch.optim.AdamW(model.parameters(), lr=float(b.lr), weight_decay=float(b.weight_decay))
+    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=float(b.lr), weight_decay=float(b.weight_decay))
     sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=float(b.lr), total_steps=max(1, int(b.epochs) * len(loader)))
-    for _ in tqdm(range(int(b.epochs)), desc="dense training", unit="epoch", file=sys.stderr, disable=None):
+    check = metrics.GradientCheck(model)
+    epochs, aux_weight = int(b.epochs), float(b.get("aux_weight", 0.0))
+    for epoch in range(epochs):
+        t0, loss_sum, n = time.perf_counter(), 0.0, 0
         for x, y in loader:
             x, y = x.to(device), y.to(device)
-            loss = metrics.task_loss(model(x), y)
+            loss, n_aux = metrics.training_loss(model(x), y, aux_weight)
+            if epoch == 0 and n == 0 and n_aux:
+                log.info("dense training: the model returns %d auxiliary output(s) as wide as its logits in training; "
+                         "each adds %g x its loss (baseline.aux_weight)", n_aux, aux_weight)
             opt.zero_grad(set_to_none=True)
             loss.backward()
+            if epoch == 0:
+                check.step()
             opt.step()
             sched.step()
+            loss_sum += float(loss) * x.shape[0]
+            n += x.shape[0]
+        if epoch == 0 and check.warning("dense training"):
+            log.warning("%s", check.warning("dense training"))
+        log.info("dense training: epoch %d/%d, loss %.4f, %.1f s", epoch + 1, epochs, loss_sum / max(n, 1),
+                 time.perf_counter() - t0)
     model.eval()

@@ -18,7 +18,7 @@ import numpy as np
 import torch
 from omegaconf import OmegaConf
 
-from .. import launch
+from .. import launch, metrics
 from ..runs import pruned_model
 from ..store import RunFile, put_attrs, replace_group, write_weights
 from .context import Context, Record, measure, speed_note
@@ -47,6 +47,13 @@ def run(ctx: Context, cfg: Any, rf: RunFile) -> Record:
     rec = measure(ctx, cfg, model)
     log.info("fine-tuned: %s %.4f (dense %.4f); %s", ctx.metric, rec["metric"], float(ctx.base["metric"]),
              speed_note(rec, "fine-tuned", cfg))
+    pruned = rf.attrs("pruned").get("metric")
+    sign = 1.0 if metrics.METRIC_HIGHER_IS_BETTER.get(ctx.metric, True) else -1.0
+    if history and pruned is not None and sign * (float(pruned) - rec["metric"]) > 0:
+        log.warning("fine-tuned: its %s %.4f is worse than the pruned model's %.4f before fine-tuning (%d epoch(s) at "
+                    "lr %g): give it more epochs or a lower finetune.lr; the pruned weights stay in the run directory "
+                    "(hpcprune.load_pruned(run, weights=\"pruned\"))", ctx.metric, rec["metric"], float(pruned),
+                    int(cfg.finetune.epochs), float(cfg.finetune.lr))
 
     def write(f: h5py.File) -> None:
         ft = replace_group(f, "finetune")
