@@ -70,6 +70,11 @@ class Sweep:
         torch.manual_seed(int(self.cfg.seed))
         log.info("rank %d/%d on %s, device %s, %d threads, run dir %s", self.world.rank, self.world.size,
                  socket.gethostname(), device, threads, self.run_dir)
+        if self.main:
+            targets = {k: v for k, v in self.cfg.prune.target.items() if v is not None}
+            names = {"macs": "MACs", "params": "parameters", "latency": "latency", "energy": "energy per sample"}
+            log.info("target: keep at most %s of the dense model (prune.target.*; =null drops one, several must all be met)",
+                     ", ".join(f"{float(v):g} of the {names.get(k, k)}" for k, v in targets.items()) or "all")
         try:
             data = self.data if self.data is not None else build_data(self.cfg.data)
             arch_model, self.arch_model = self.arch_model, None  # handed to the context (the groups stage lets it go)

@@ -38,9 +38,14 @@ def is_pretrained(model: nn.Module) -> bool:
 
 
 def build_model(model_cfg: Any) -> nn.Module:
+    """The model of a config's ``model`` node (Hydra's ``instantiate``). ConfigError, one line
+    naming the ``_target_``, when it cannot be built (its package not importable here: a run file
+    read by ``load_pruned`` or ``hpcprune.export`` in another environment)."""
     from hydra.utils import instantiate
 
-    return instantiate(model_cfg, _convert_="all")
+    from .config import instantiate as named
+
+    return named("model", lambda node: instantiate(node, _convert_="all"), model_cfg)
 
 
 # torch.nn.init's in-place initialisers (kaiming_uniform_, normal_, ...): what layers' reset_parameters
@@ -85,8 +90,9 @@ def build_data(data_cfg: Any) -> Any:
     from hydra.utils import instantiate
 
     from .config import ConfigError
+    from .config import instantiate as named
 
-    data = instantiate(data_cfg, _convert_="all")
+    data = named("data", lambda node: instantiate(node, _convert_="all"), data_cfg)
     missing = [k for k in _TASK_FIELDS if not hasattr(data, k)]
     if missing:
         target = data_cfg.get("_target_") if hasattr(data_cfg, "get") else None

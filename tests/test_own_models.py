@@ -127,6 +127,13 @@ def test_examples_sweep_with_config_dir(tmp_path):
     assert p.returncode == 0, p.stderr[-4000:]
     with h5py.File(d / "run.h5") as f:
         assert f.attrs["status"] == "complete"
+    # the run read where the model's package is not importable: one line that says so, not a traceback
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
+    e = subprocess.run([PY, "-m", "hpcprune.export", str(d / "run.h5"), "--format", "torchscript", "--out", str(tmp_path / "x")],
+                       cwd=ROOT, env=env, capture_output=True, text=True, timeout=120)
+    lines = [ln for ln in e.stderr.splitlines() if ln.strip()]
+    assert e.returncode == 2 and len(lines) == 1, e.stderr[-3000:]
+    assert "model._target_=my_models.cnn: " in lines[0] and "No module named 'my_models'" in lines[0] and "PYTHONPATH" in lines[0]
 
 
 def test_unknown_choice_with_config_dir_refused(tmp_path):

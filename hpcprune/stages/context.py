@@ -233,7 +233,7 @@ def speed_note(rec: dict[str, Any], what: str, cfg: Any) -> str:
     threads = int(b.latency_threads)
     how = (f"batch {int(b.latency_batch)}, {f'{threads} thread(s)' if threads > 0 else 'the run threads'}, "
            f"{rec.get('latency_clock', 'wall')} clock, {rec.get('latency_runtime', 'torch')}")
-    return f"speed-up {speedup:.2f}x (dense {dense:.2f} ms, this {own:.2f} ms, timed in alternation: {how})"
+    return f"speed-up {speedup:.2f}x (its own timing of both, in alternation: dense {dense:.2f} ms, this {own:.2f} ms, {how})"
 
 
 def plan(ctx: Context, cfg: Any, ratios: np.ndarray) -> dict[str, list[int]]:

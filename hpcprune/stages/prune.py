@@ -50,7 +50,7 @@ def run(ctx: Context, cfg: Any, rf: RunFile) -> Record:
     for k, t in targets.items():
         if rec[f"{k}_kept"] > t + 1e-9:
             raise RuntimeError(f"pruned model keeps {rec[f'{k}_kept']:.4f} of the dense {k}, above prune.target.{k}={t}")
-    log.info("pruned: %s %.4f, %.3f MACs kept, %.3f params kept, %.2f ms; %s", ctx.metric, rec["metric"],
+    log.info("pruned: %s %.4f, %.3f MACs kept, %.3f params kept, latency %.2f ms; %s", ctx.metric, rec["metric"],
              rec["macs_kept"], rec["params_kept"], rec["latency_ms"], speed_note(rec, "pruned", cfg))
 
     def write(f: h5py.File) -> None:
