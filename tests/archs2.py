@@ -28,6 +28,9 @@ layerscale_4d            images    gamma (1, C, 1, 1) * f(x)       the layer-sca
 channel_roll             images    x + torch.roll(f(x), 4, dims=1) a shift of channels Torch-Pruning takes as elementwise: exclude the trunk naming torch.roll; f's inner conv can be cut
 shuffle_by_hand          images    view, transpose(1, 2), reshape  a channel shuffle written out after a grouped conv: exclude its group naming the transpose; the stem can be cut
 eca_attention            images    Conv1d over the channel axis    ECA-Net: Torch-Pruning ties the 24 channels to the Conv1d's one channel: exclude that group saying so (it was kept as a 1-unit group, silently); the stem can be cut
+input_cat                images    cat([x, h], 1) of the input     the model's input has no autograd history (Torch-Pruning does not trace it): h's channel c is the next conv's input c + 1
+lrn_window               images    LocalResponseNorm(5, alpha=1)   its window mixes neighbouring channels: exclude the conv before it naming the LRN (not the plain max-pool after it)
+glu_channels             images    nn.GLU(dim=1)                   output channel c is input c gated by input c + C/2: exclude the conv before it naming the GLU
 =======================  ========  ==============================  ==================================================================
 """
 from __future__ import annotations
@@ -361,6 +364,35 @@ def eca_attention(num_classes: int = 10) -> nn.Module:
     return ECAttention(num_classes)
 
 
+class InputCat(nn.Module):
+    """The model's input concatenated before the features, twice (input-skip U-Nets, SR nets)."""
+
+    def __init__(self, num_classes: int = 10) -> None:
+        super().__init__()
+        self.c1, self.c2 = cbr(1, 24), cbr(25, 32)
+        self.c3 = cbr(33, 48, stride=2)
+        self.fc = nn.Linear(48, num_classes)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = self.c2(torch.cat([x, self.c1(x)], 1))
+        return self.fc(self.c3(torch.cat([x, h], 1)).mean(dim=(2, 3)))
+
+
+def input_cat(num_classes: int = 10) -> nn.Module:
+    return InputCat(num_classes)
+
+
+def lrn_window(num_classes: int = 10) -> nn.Module:
+    return nn.Sequential(nn.Conv2d(1, 16, 3, padding=1), nn.ReLU(), nn.LocalResponseNorm(5, alpha=1.0, k=1.0),
+                         nn.MaxPool2d(2), nn.Conv2d(16, 32, 3, padding=1), nn.ReLU(), nn.AdaptiveAvgPool2d(1),
+                         nn.Flatten(), nn.Linear(32, num_classes))
+
+
+def glu_channels(num_classes: int = 10) -> nn.Module:
+    return nn.Sequential(nn.Conv2d(1, 48, 3, padding=1), nn.GLU(dim=1), nn.Conv2d(24, 32, 3, padding=1), nn.ReLU(),
+                         nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(32, num_classes))
+
+
 CASES: dict[str, tuple] = {
     "tcn_causal": (tcn_causal, data_signal),
     "pixel_shuffle_sr": (pixel_shuffle_sr, data_images),
@@ -382,6 +414,9 @@ CASES: dict[str, tuple] = {
     "channel_roll": (channel_roll, data_images),
     "shuffle_by_hand": (shuffle_by_hand, data_images),
     "eca_attention": (eca_attention, data_images),
+    "input_cat": (input_cat, data_images),
+    "lrn_window": (lrn_window, data_images),
+    "glu_channels": (glu_channels, data_images),
 }
 """case name -> (model function, data function); see the module docstring for what each exercises."""
 

@@ -93,6 +93,9 @@ ARCHS2_EXPECTED = {
     "channel_roll": (["f.0"], {"stem.0": "passes them 1:1 through torch.roll (channel c becomes channel c + shift)"}),
     "shuffle_by_hand": (["stem", "post"], {"g": "a transpose of the channel dimension (a channel shuffle"}),
     "eca_attention": (["c1"], {"eca": "ties c2's 24 output channels to the single channel of eca"}),
+    "input_cat": (["c1.0", "c2.0", "c3.0"], {}),
+    "lrn_window": (["4"], {"0": "2 (LocalResponseNorm, size 5) normalises each channel over a window"}),
+    "glu_channels": (["2"], {"0": "a GLU (nn.GLU / F.glu"}),
 }
 
 
