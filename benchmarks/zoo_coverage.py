@@ -235,6 +235,15 @@ def run_one(name: str, a: argparse.Namespace, cache: dict, lock: threading.Lock)
                 row["check_error"] = last_error_line(p.stderr)
         except subprocess.TimeoutExpired:
             row["check_error"] = "check timed out"
+    if not a.keep_weights:  # checked: the weights go (VGG's run directory holds 5 GB), the logs and run file stay
+        import shutil
+
+        for entry in os.listdir(run_dir):
+            path = os.path.join(run_dir, entry)
+            if entry.endswith(".safetensors"):
+                os.remove(path)
+            elif entry == "finetune" and os.path.isdir(path):
+                shutil.rmtree(path, ignore_errors=True)
     return row
 
 
@@ -294,6 +303,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--jobs", type=int, default=2, help="sweeps at once (default 2)")
     ap.add_argument("--root", help="where the digits ImageFolders go (default: the temp dir)")
     ap.add_argument("--out", default=os.path.join(tempfile.gettempdir(), "hpcprune_zoo_runs"), help="run directories")
+    ap.add_argument("--keep-weights", action="store_true",
+                    help="keep each run's weights (*.safetensors, finetune/); by default they are removed once checked")
     ap.add_argument("--log", default=os.path.join(HERE, "results", "zoo_coverage.log"))
     ap.add_argument("--rows", default=None, help="append each model's result here as a JSON line as soon as it is known "
                     "(a stopped run keeps what it measured); default: the log's name with .jsonl")
