@@ -196,6 +196,7 @@ class FinetuneJob:
                       bool(ft.get("tensorboard", False)), start * len(loader))
         val_idx = list(range(rank, len(data.val), world))  # exact shards, no padding
         val = torch.utils.data.DataLoader(torch.utils.data.Subset(data.val, val_idx), batch_size=256)
+        notes: list[str] = []
         for epoch in range(start, ft.epochs):
             t0 = time.perf_counter()
             sampler.set_epoch(epoch)
@@ -203,8 +204,10 @@ class FinetuneJob:
             check = GradientCheck(model) if epoch == start else None
             loss_sum, n = _train_epoch(ddp, teacher, loader, opt, device, ft.distill, lambda loss: tb.train_step(loss, lr),
                                        float(ft.get("aux_weight", 0.0)), check)
-            if check is not None and rank == 0 and check.warning("fine-tuning"):
-                print(f"WARNING: {check.warning('fine-tuning')}", flush=True)
+            if check is not None and check.warning("fine-tuning"):
+                notes.append(check.warning("fine-tuning"))  # logged by the sweep (stages.finetune), printed here
+                if rank == 0:
+                    print(f"WARNING: {notes[-1]}", flush=True)
             sched.step()
             if world > 1:
                 # DDP copies rank 0's buffers (BatchNorm statistics) at the start of each forward, so
@@ -231,7 +234,7 @@ class FinetuneJob:
             final = os.path.join(spec["work_dir"], "final.pt")
             torch.save({k: v.cpu() for k, v in model.state_dict().items()}, final + ".tmp")
             os.replace(final + ".tmp", final)
-            out.update(history=history, weights=final)
+            out.update(history=history, weights=final, warnings=notes)
         return out
 
 

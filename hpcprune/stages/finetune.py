@@ -39,6 +39,8 @@ def run(ctx: Context, cfg: Any, rf: RunFile) -> Record:
         job_id, outs = _train(cfg, rf, work, ntasks)
         digests = [o["digest"] for o in outs]
         history = outs[0]["history"]
+        for note in outs[0].get("warnings", []):
+            log.warning("%s", note)
         state = torch.load(outs[0]["weights"], map_location="cpu", weights_only=True)
         model = pruned_model(rf, cfg, weights="pruned")  # built once the job is done: it needs the memory meanwhile
         model.load_state_dict(state)
