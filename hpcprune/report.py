@@ -40,6 +40,21 @@ COLUMNS = [
     ("world", "ranks"), ("ft_tasks", "DDP"), ("front", "front"), ("grid", "sens grid"),
     ("t_sens", "sens s"), ("t_ft", "ft s"), ("wall", "wall s"),
 ]
+# what each column holds (``--help``, README)
+LEGEND = {
+    "run": "the run directory", "status": "complete, failed (with the reason) or running",
+    "method": "prune.method", "target": "the budgets (prune.target.*: fractions of the dense model to keep)",
+    "dense": "the dense model's metric (accuracy, or perplexity for language models)",
+    "pruned": "the metric after pruning (BatchNorm re-estimated), before fine-tuning",
+    "final": "the metric after fine-tuning", "MACs kept": "the final model's MACs / the dense model's",
+    "params kept": "parameters likewise", "speed-up": "dense latency / final latency, timed in alternation",
+    "J/sample": "energy per sample of the final model (NVML or RAPL; - where not measurable)",
+    "groups": "groups pruned (channels, neurons, heads, blocks)", "excluded": "groups verification excluded (kept whole)",
+    "ranks": "MPI ranks of the last attempt", "DDP": "fine-tune tasks", "front": "on the Pareto front of its task, or dominated",
+    "sens grid": "the sensitivity grid computed here, or the run it was copied from",
+    "sens s": "sensitivity wall seconds", "ft s": "seconds of the fine-tune epochs (training and validation)",
+    "wall s": "wall seconds over every attempt of the run",
+}
 STAGES = TIMED_STAGES  # the stages timed per run, in README's order
 # config keys that do not change results (those a resume may change): ignored when deciding
 # whether runs differ only in prune.method
@@ -426,7 +441,9 @@ def _parent(path: str) -> None:
 
 
 def _parser() -> argparse.ArgumentParser:
-    ap = argparse.ArgumentParser(prog="python -m hpcprune.report", description="Compare hpcprune run files.")
+    ap = argparse.ArgumentParser(
+        prog="python -m hpcprune.report", description="Compare hpcprune run files.",
+        epilog="columns: " + "; ".join(f"{h}: {LEGEND.get(h, '')}" for _, h in COLUMNS))
     ap.add_argument("runs", nargs="+", help="run.h5 files, or directories searched recursively for run.h5")
     ap.add_argument("--sort", default=None, metavar="COLUMN", help=f"sort by a column ({', '.join(k for k, _ in COLUMNS)})")
     ap.add_argument("--desc", action="store_true", help="sort in descending order (missing values stay last)")

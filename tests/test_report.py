@@ -379,3 +379,11 @@ def test_each_task_is_ranked_by_its_own_metric_and_unfinished_runs_are_on_no_fro
         mark_sweep(runs)
         assert {r.label: r.row.get("front") for r in runs} == {"lm": "dominated", "lm2": "yes", "a": "yes", "b": "yes",
                                                                "failed": None}
+
+
+def test_every_column_is_explained_in_the_help():
+    from hpcprune.report import COLUMNS, LEGEND, _parser
+
+    assert [h for _, h in COLUMNS] == list(LEGEND)
+    text = " ".join(_parser().format_help().split())
+    assert all(f"{h}: " in text for _, h in COLUMNS)
