@@ -101,6 +101,11 @@ class ReadsWidths(torch.nn.Module):
         return self.fc(x.view(-1, self.fc.in_features))
 
 
+class MeanTokens(torch.nn.Module):
+    def forward(self, x):
+        return x.mean(1)
+
+
 def _setup(kind):
     torch.manual_seed(0)
     builders = {"resnet": lambda: (resnet(1, 10, (8, 16, 32), (1, 2, 1)), ["5.fc"]), "traced": lambda: (FunctionalHead(), ["fc"]),
@@ -121,6 +126,10 @@ def _setup(kind):
                               nn.Conv2d(8, 8, 3, padding=1), nn.ReLU(), twice, nn.ReLU(), nn.AdaptiveAvgPool2d(1),
                               nn.Flatten(), nn.Linear(8, 10))
         x, ignore = torch.randn(64, 1, 8, 8), ["11"]
+    elif kind == "tokens":  # a Linear on (N, T, C) as a chain element: its cached output's channels are the last axis
+        nn = torch.nn
+        model = nn.Sequential(nn.Linear(8, 32), nn.GELU(), MeanTokens(), nn.Linear(32, 10))
+        x, ignore = torch.randn(64, 6, 8), ["3"]
     else:
         model, x, ignore = MLP(64, 10, (32, 16)), torch.randn(64, 1, 8, 8), ["5"]
     model.eval()
@@ -151,7 +160,7 @@ def _naive(model, x, ignore, graph, orders, batches):
     return m
 
 
-@pytest.mark.parametrize("kind", ["resnet", "mlp", "shared", "traced", "inplace", "sharedfold", "widths"])
+@pytest.mark.parametrize("kind", ["resnet", "mlp", "shared", "traced", "inplace", "sharedfold", "widths", "tokens"])
 @pytest.mark.parametrize("cache,slice_,nhwc,fold", [(True, True, False, False), (True, True, True, True), (True, False, True, True),
                                                     (True, True, False, True), (False, False, False, False)])
 def test_engine_equals_naive_loop(kind, cache, slice_, nhwc, fold):
@@ -159,10 +168,10 @@ def test_engine_equals_naive_loop(kind, cache, slice_, nhwc, fold):
     before = {k: v.clone() for k, v in model.state_dict().items()}
     ev = Evaluator(model, graph.groups, orders, RATIOS, batches, x[:1], ignore, cache_prefix=cache, slice_channels=slice_,
                    channels_last=nhwc, fold_bn=fold)
-    assert bool(ev._fold_pairs) == (fold and kind not in ("mlp", "shared", "widths"))  # no chain: nothing folded
+    assert bool(ev._fold_pairs) == (fold and kind not in ("mlp", "shared", "widths", "tokens"))  # no chain (or BN): nothing folded
     if kind == "sharedfold":  # the convolution that also runs outside its block keeps its BatchNorm unfolded
         assert all(conv is not model.blk.conv for _, conv, _ in ev._fold_pairs)
-    assert ev.channels_last == (nhwc and kind != "mlp")  # NHWC only where there are 2-D convolutions
+    assert ev.channels_last == (nhwc and kind not in ("mlp", "tokens"))  # NHWC only where there are 2-D convolutions
     assert (ev.chain is None) == (not cache or kind in ("shared", "widths"))  # widths: a traced 16 would go stale
     G = len(graph.groups)
     layouts = []

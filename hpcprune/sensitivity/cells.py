@@ -673,8 +673,9 @@ class Evaluator:
         """From a cached value to the input of the chain element where the cell's forward goes on."""
         if plan is not None:  # the cut part of block k, from its cached values
             return k + 1, blockcache.run(plan, h, keep, self.channels_last)
-        if keep is not None:
-            h = nhwc(h.index_select(1, keep)) if self.channels_last else h.index_select(1, keep)
+        if keep is not None:  # the cached output of element k - 1, a leaf layer: its channels' axis
+            dim = h.dim() - 1 if isinstance(self.chain[k - 1][1], nn.Linear) else 1  # type: ignore[index]
+            h = nhwc(h.index_select(dim, keep)) if self.channels_last else h.index_select(dim, keep)
         elif isinstance(h, torch.Tensor):  # the element may write into its input (x += f(x), an in-place
             h = h.clone(memory_format=torch.preserve_format)  # activation): the cache serves every cell and the next group
         return k, h
