@@ -97,11 +97,18 @@ def _needs_onednn_off(model: nn.Module) -> bool:
 def counting_env(model: nn.Module) -> Iterator[None]:
     """Eval mode, no autograd, the fused ``nn.MultiheadAttention`` fast path off, and oneDNN off
     where the model has recurrent layers (:func:`_needs_onednn_off`); the same switches for a model
-    and every cut of it, so their recordings list the same ops."""
+    and every cut of it, so their recordings list the same ops. Parameters are marked as not
+    requiring gradients meanwhile: under ``no_grad`` a view of one (``self.query.expand(n, -1, -1)``:
+    DETR's object queries, Perceiver's latents) still requires grad but has no ``grad_fn``, and
+    ``FlopCounterMode``'s module tracker fails on it ("Expected gradient function to be set",
+    PyTorch 2.13)."""
     was = model.training
     fast = torch.backends.mha.get_fastpath_enabled()
     model.eval()
     torch.backends.mha.set_fastpath_enabled(False)
+    trainable = [p for p in model.parameters() if p.requires_grad]
+    for p in trainable:
+        p.requires_grad_(False)
     try:
         with contextlib.ExitStack() as stack:
             if _needs_onednn_off(model):
@@ -118,6 +125,8 @@ def counting_env(model: nn.Module) -> Iterator[None]:
             with torch.no_grad():
                 yield
     finally:
+        for p in trainable:
+            p.requires_grad_(True)
         torch.backends.mha.set_fastpath_enabled(fast)
         model.train(was)
 

@@ -499,3 +499,24 @@ def test_levels_recorded_from_a_chain_element_give_the_whole_forwards_polynomial
     assert out[0] == out[1]
     # past the cut's last element, the dense recording's ops were used (the models with a later element)
     assert bool(spliced) == (case != "embedding_mean"), len(spliced)
+
+
+def test_a_parameter_expanded_over_the_batch_is_counted():
+    """DETR's object queries, Perceiver's latents: ``self.query.expand(n, -1, -1)`` into a Linear. Under
+    no_grad that view requires grad without a grad_fn, and FlopCounterMode's module tracker failed on
+    it ("Expected gradient function to be set"), ending the groups stage."""
+    from torch import nn
+
+    from hpcprune.flops import count_macs
+
+    class Queries(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.query, self.proj = nn.Parameter(torch.randn(1, 4, 8)), nn.Linear(8, 8)
+
+        def forward(self, x):
+            return (self.proj(self.query.expand(x.shape[0], -1, -1)) + x).mean(1)
+
+    model = Queries()
+    assert count_macs(model, torch.randn(2, 4, 8)) == 4 * 8 * 8
+    assert all(p.requires_grad for p in model.parameters())  # put back
