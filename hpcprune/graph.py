@@ -264,8 +264,11 @@ class Graph:
             if any(id(m) in ignored for m in outs):
                 continue
             width = int(pruner.get_out_channels(root))
-            # a weight Torch-Pruning cuts as a bare parameter (an einsum's operand) is the cause to name instead
-            drop = _other_axis_readers(self.dg, group, width) if not self.bare_parameters(group, width) else frozenset()
+            # a weight Torch-Pruning cuts along a last dimension that is not the channels (an einsum's
+            # operand) is the cause to name instead; a (1, 1, C) scale (ResMLP's Affine) is cut right
+            wrong = any(isinstance(dep.target.module, nn.Parameter) and dep.target.module.shape[-1] != width
+                        for dep, _ in group)
+            drop = _other_axis_readers(self.dg, group, width) if not wrong else frozenset()
             info = self._info(name, root, _without(group, drop), drop=drop)
             if info is not None:
                 infos.append(info)
@@ -423,6 +426,7 @@ class Graph:
         has that width (a position embedding ``(1, T, C)`` added to tokens) is cut where it is used,
         and not named."""
         out = []
+        by_type: dict[str, list[tuple[str, str, tuple]]] = {}  # a layer type's weights: one line for all of them
         for dep, _ in group:
             p = dep.target.module
             if not isinstance(p, nn.Parameter) or id(p) in self._buffers or p.dim() < 2:  # 1-D: a norm scale, cut right
@@ -434,14 +438,23 @@ class Graph:
             if not layer and channels is not None and p.shape[-1] == channels and list(p.shape).count(channels) == 1:
                 continue
             if layer:
-                out.append(f"{pname} belongs to {owner_name} ({type(owner).__name__}), a layer Torch-Pruning has no "
-                           f"pruner for: it cuts that {tuple(p.shape)} weight along its last dimension only, so the group "
-                           f"stays whole; to prune the layers that feed it, build {owner_name} from layers Torch-Pruning "
-                           "knows (Linear, Conv)")
+                by_type.setdefault(type(owner).__name__, []).append((pname, owner_name, tuple(p.shape)))
             else:
                 out.append(f"{pname} is an nn.Parameter {tuple(p.shape)} outside any layer (a functional call such as "
                            f"F.conv2d, F.linear or torch.einsum uses it): Torch-Pruning cuts it along its last dimension "
                            f"only; hold it in an nn.Conv2d / nn.Linear to have it cut with the channels")
+        for kind, found in by_type.items():
+            found.sort(key=lambda f: self.order.get(f[1], -1))  # model order
+            if len(found) == 1:
+                pname, owner_name, shape = found[0]
+                out.insert(0, f"{pname} belongs to {owner_name} ({kind}), a layer Torch-Pruning has no pruner for: it cuts "
+                              f"that {shape} weight along its last dimension only, so the group stays whole; to prune the "
+                              f"layers that feed it, build {owner_name} from layers Torch-Pruning knows (Linear, Conv)")
+            else:
+                names = ", ".join(n for n, _, _ in found[:3]) + (" ..." if len(found) > 3 else "")
+                out.insert(0, f"{len(found)} weights ({names}) belong to {kind} layers, which Torch-Pruning has no pruner "
+                              f"for: it cuts each along its last dimension only, so the group stays whole; to prune the "
+                              f"layers that feed them, build {kind} from layers Torch-Pruning knows (Linear, Conv)")
         return "".join(f"; {o}" for o in dict.fromkeys(out))
 
     def _closure_stride(self, root: nn.Module, channels: int) -> int | None:

@@ -31,6 +31,7 @@ eca_attention            images    Conv1d over the channel axis    ECA-Net: Torc
 input_cat                images    cat([x, h], 1) of the input     the model's input has no autograd history (Torch-Pruning does not trace it): h's channel c is the next conv's input c + 1
 lrn_window               images    LocalResponseNorm(5, alpha=1)   its window mixes neighbouring channels: exclude the conv before it naming the LRN (not the plain max-pool after it)
 glu_channels             images    nn.GLU(dim=1)                   output channel c is input c gated by input c + C/2: exclude the conv before it naming the GLU
+resmlp_affine            images16  ResMLP: Affine, token Linear    per-channel (1, 1, C) Affine scales; a Linear over the 16 tokens behind a transpose is not the channels: cut the residual width past it
 =======================  ========  ==============================  ==================================================================
 """
 from __future__ import annotations
@@ -393,6 +394,45 @@ def glu_channels(num_classes: int = 10) -> nn.Module:
                          nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(32, num_classes))
 
 
+class _Affine(nn.Module):
+    def __init__(self, c: int) -> None:
+        super().__init__()
+        self.alpha, self.beta = nn.Parameter(torch.ones(1, 1, c)), nn.Parameter(torch.zeros(1, 1, c))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.alpha * x + self.beta
+
+
+class _ResMLPBlock(nn.Module):
+    def __init__(self, t: int, c: int) -> None:
+        super().__init__()
+        self.aff1, self.tok, self.aff2 = _Affine(c), nn.Linear(t, t), _Affine(c)
+        self.fc1, self.fc2 = nn.Linear(c, 2 * c), nn.Linear(2 * c, c)
+        self.ls1, self.ls2 = nn.Parameter(0.1 * torch.ones(c)), nn.Parameter(0.1 * torch.ones(c))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = x + self.ls1 * self.tok(self.aff1(x).transpose(1, 2)).transpose(1, 2)
+        return x + self.ls2 * self.fc2(F.gelu(self.fc1(self.aff2(x))))
+
+
+class ResMLP(nn.Module):
+    """ResMLP (Touvron et al. 2021): 4x4 patches of a 16x16 image (16 tokens), Affine instead of norms."""
+
+    def __init__(self, c: int = 32, num_classes: int = 10) -> None:
+        super().__init__()
+        self.embed = nn.Conv2d(1, c, 4, 4)
+        self.blocks = nn.Sequential(_ResMLPBlock(16, c), _ResMLPBlock(16, c))
+        self.aff = _Affine(c)
+        self.head = nn.Linear(c, num_classes)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.head(self.aff(self.blocks(self.embed(x).flatten(2).transpose(1, 2))).mean(1))
+
+
+def resmlp_affine(num_classes: int = 10) -> nn.Module:
+    return ResMLP(32, num_classes)
+
+
 CASES: dict[str, tuple] = {
     "tcn_causal": (tcn_causal, data_signal),
     "pixel_shuffle_sr": (pixel_shuffle_sr, data_images),
@@ -417,6 +457,7 @@ CASES: dict[str, tuple] = {
     "input_cat": (input_cat, data_images),
     "lrn_window": (lrn_window, data_images),
     "glu_channels": (glu_channels, data_images),
+    "resmlp_affine": (resmlp_affine, data_images16),
 }
 """case name -> (model function, data function); see the module docstring for what each exercises."""
 

@@ -832,3 +832,25 @@ def test_a_glu_over_the_channels_is_named():
     graph = Graph(model, torch.randn(1, 1, 8, 8))
     ex = {e.name: e.reason for e in graph.excluded}
     assert "0" in ex and "a GLU (nn.GLU / F.glu" in ex["0"], ex
+
+
+def test_weights_of_one_unknown_layer_type_are_named_in_one_clause():
+    """Several layers of one type Torch-Pruning has no pruner for, in one group: one clause naming
+    the type and a few of the weights (it repeated the same clause for each of them)."""
+    class PerChannel(nn.Module):  # weight (C, 2): a scale and a shift per channel, C on the first axis
+        def __init__(self, c):
+            super().__init__()
+            self.weight = nn.Parameter(torch.randn(c, 2))
+
+        def forward(self, x):
+            return x * self.weight[:, 0, None, None] + self.weight[:, 1, None, None]
+
+    model = nn.Sequential(nn.Conv2d(1, 8, 3, padding=1), PerChannel(8), nn.ReLU(), PerChannel(8), nn.ReLU(),
+                          PerChannel(8), nn.Conv2d(8, 16, 3, padding=1), nn.AdaptiveAvgPool2d(1), nn.Flatten(),
+                          nn.Linear(16, 10)).eval()
+    x = torch.randn(2, 1, 8, 8)
+    graph = Graph(model, x[:1])
+    reasons = {e.name: e.reason for e in verify_groups(graph, x, 0.5)}
+    assert "0" in reasons, reasons
+    assert "3 weights (1.weight, 3.weight, 5.weight) belong to PerChannel layers" in reasons["0"], reasons["0"]
+    assert reasons["0"].count("PerChannel") == 2, reasons["0"]

@@ -96,6 +96,7 @@ ARCHS2_EXPECTED = {
     "input_cat": (["c1.0", "c2.0", "c3.0"], {}),
     "lrn_window": (["4"], {"0": "2 (LocalResponseNorm, size 5) normalises each channel over a window"}),
     "glu_channels": (["2"], {"0": "a GLU (nn.GLU / F.glu"}),
+    "resmlp_affine": (["embed", "blocks.0.fc1", "blocks.1.fc1"], {}),
 }
 
 
