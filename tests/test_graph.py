@@ -853,4 +853,4 @@ def test_weights_of_one_unknown_layer_type_are_named_in_one_clause():
     reasons = {e.name: e.reason for e in verify_groups(graph, x, 0.5)}
     assert "0" in reasons, reasons
     assert "3 weights (1.weight, 3.weight, 5.weight) belong to PerChannel layers" in reasons["0"], reasons["0"]
-    assert reasons["0"].count("PerChannel") == 2, reasons["0"]
+    assert reasons["0"].count("belong") == 1, reasons["0"]
