@@ -159,6 +159,7 @@ class Graph:
             raise ValueError(f"groups.kinds: {bad[0]!r} is not a group kind (choose from {', '.join(KINDS)})")
         self.ignored = [self.by_name[n] for n in dict.fromkeys([*ignore, *self.structure.ignore])]
         self.excluded: list[Excluded] = []
+        self._example = example_input  # for a trial cut while the groups are searched (_runs_without)
         self._buffers: dict[int, str] = {}  # id(parameter standing for a buffer while traced) -> its name
         t0 = time.perf_counter()
         with time_limit(timeout_s, f"groups: Torch-Pruning's dependency graph of {type(model).__name__} did not finish in "
@@ -269,10 +270,36 @@ class Graph:
             wrong = any(isinstance(dep.target.module, nn.Parameter) and dep.target.module.shape[-1] != width
                         for dep, _ in group)
             drop = _other_axis_readers(self.dg, group, width) if not wrong else frozenset()
+            if not drop and not wrong:  # as many tokens as channels (or a multiple): only a trial cut tells
+                maybe = _other_axis_readers(self.dg, group, width, any_width=True)
+                if maybe and self._runs_without(root, pruner, maybe):
+                    drop = maybe
             info = self._info(name, root, _without(group, drop), drop=drop)
             if info is not None:
                 infos.append(info)
         return infos
+
+    def _runs_without(self, root: nn.Module, pruner: Any, drop: frozenset[int]) -> bool:
+        """Whether the model runs on the example input, its outputs the dense shapes, with ``root``'s
+        channel 0 cut through its group without the nodes ``drop`` (:func:`units.other_axis_readers`
+        with ``any_width``); the model is restored either way."""
+        from .verify import output_shapes
+
+        x, was = self._example, self.model.training
+        self.model.eval()  # no BatchNorm statistics updated, no dropout
+        try:
+            with torch.no_grad():
+                dense = output_shapes(self.model(x))
+                cut = TPCut.apply(self.dg, _without(self.dg.get_pruning_group(root, pruner.prune_out_channels, [0]), drop),
+                                  self._buffers)
+                try:
+                    return output_shapes(self.model(x)) == dense
+                finally:
+                    cut.restore()
+        except Exception:  # noqa: BLE001 - does not run so: Torch-Pruning's group stands (and verification judges it)
+            return False
+        finally:
+            self.model.train(was)
 
     def _from_consumer(self, root: nn.Module, ignored: set[int]) -> tuple[nn.Module, Any] | None:
         """The group of ``root``'s outputs built from the layer that reads them, when Torch-Pruning

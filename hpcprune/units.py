@@ -165,7 +165,7 @@ def runs_on(model: nn.Module, example_input: Any, error: type[Exception]) -> Non
 _MOVES = ("Transpose", "Permute")  # autograd node names of ops that move a dimension
 
 
-def other_axis_readers(dg: Any, group: Any, channels: int) -> frozenset[int]:
+def other_axis_readers(dg: Any, group: Any, channels: int, any_width: bool = False) -> frozenset[int]:
     """The nodes of a Torch-Pruning ``group`` (ids of its ``dep.target`` nodes; ``dg``: its
     dependency graph) behind a transpose or permute that lead only to Linear layers reading another
     dimension than the group's channels: what Torch-Pruning wrongly couples to the channels, to be
@@ -181,7 +181,10 @@ def other_axis_readers(dg: Any, group: Any, channels: int) -> frozenset[int]:
     dimensions, which Torch-Pruning maps in blocks): that side cannot hold the channels. Leaving a
     Linear out that did read them fails loudly: uncut, its input no longer fits once the group is
     cut, and verification runs every group's cut. A transpose with any other layer or parameter
-    behind it (a layer reading the channels after a transpose back) is left to Torch-Pruning."""
+    behind it (a layer reading the channels after a transpose back) is left to Torch-Pruning.
+    ``any_width``: every Linear behind a transpose qualifies, whatever its width (as many tokens as
+    channels): a candidate only, which :class:`hpcprune.graph.Graph` keeps where a trial cut without
+    those Linears runs (with them, it cannot: their input keeps the token count)."""
     if channels <= 0:
         return frozenset()
     deps = [dep for dep, _ in group]
@@ -198,7 +201,7 @@ def other_axis_readers(dg: Any, group: Any, channels: int) -> frozenset[int]:
         if not isinstance(mod, nn.Linear):
             return False
         size = mod.out_features if dg.is_out_channel_pruning_fn(dep.handler) else mod.in_features
-        return size != channels and size % channels != 0
+        return any_width or (size != channels and size % channels != 0)
 
     def chain(node: Any) -> Iterator[Any]:
         seen: set[int] = set()
