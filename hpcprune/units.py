@@ -161,7 +161,6 @@ def runs_on(model: nn.Module, example_input: Any, error: type[Exception]) -> Non
                     "classes)") from e
 
 
-
 _MOVES = ("Transpose", "Permute")  # autograd node names of ops that move a dimension
 
 
