@@ -205,8 +205,9 @@ class Graph:
                 # tensor runs the model on example_input[0], an unbatched sample, wherever that runs
                 inputs = (example_input,) if isinstance(example_input, torch.Tensor) else example_input
                 try:
-                    return tp.DependencyGraph().build_dependency(model, example_inputs=inputs,
-                                                                 customized_pruners=customized_pruners(model))
+                    with _glu_as_chunks():
+                        return tp.DependencyGraph().build_dependency(model, example_inputs=inputs,
+                                                                     customized_pruners=customized_pruners(model))
                 except GraphError:
                     raise
                 except Exception as e:
@@ -644,6 +645,27 @@ class Graph:
         if not g.channels or g.channels == g.size:
             return channel_scores
         return channel_scores.reshape(g.channels // g.size, g.size).sum(dim=0)
+
+
+@contextlib.contextmanager
+def _glu_as_chunks() -> Iterator[None]:
+    """``F.glu`` (and ``nn.GLU``, which calls it) traced as what it computes, ``a * sigmoid(b)`` of
+    the two halves ``a, b = x.chunk(2, dim)``: Torch-Pruning takes the one ``GluBackward0`` node for an
+    element-wise op and passes the 2C channels 1:1 onto the C it outputs (the cut could not run); as
+    a chunk and a product it couples channel u with u + C, one unit (:meth:`Graph._closure_stride`),
+    as for a fused gate/up projection. Only while the graph is traced; the model itself is unchanged
+    (the cut keeps both halves in order, so ``F.glu`` pairs them as before)."""
+    fn = torch.nn.functional.glu
+
+    def glu(input: torch.Tensor, dim: int = -1) -> torch.Tensor:
+        a, b = input.chunk(2, dim)
+        return a * torch.sigmoid(b)
+
+    torch.nn.functional.glu = glu  # type: ignore[assignment]
+    try:
+        yield
+    finally:
+        torch.nn.functional.glu = fn  # type: ignore[assignment]
 
 
 def _without(group: Any, drop: frozenset[int]) -> Any:

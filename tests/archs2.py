@@ -30,7 +30,7 @@ shuffle_by_hand          images    view, transpose(1, 2), reshape  a channel shu
 eca_attention            images    Conv1d over the channel axis    ECA-Net: Torch-Pruning ties the 24 channels to the Conv1d's one channel: exclude that group saying so (it was kept as a 1-unit group, silently); the stem can be cut
 input_cat                images    cat([x, h], 1) of the input     the model's input has no autograd history (Torch-Pruning does not trace it): h's channel c is the next conv's input c + 1
 lrn_window               images    LocalResponseNorm(5, alpha=1)   its window mixes neighbouring channels: exclude the conv before it naming the LRN (not the plain max-pool after it)
-glu_channels             images    nn.GLU(dim=1)                   output channel c is input c gated by input c + C/2: exclude the conv before it naming the GLU
+glu_channels             images    nn.GLU(dim=1)                   output channel c is input c gated by input c + C/2: cut the conv before it in pairs (u, u + C/2)
 resmlp_affine            images16  ResMLP: Affine, token Linear    per-channel (1, 1, C) Affine scales; a Linear over the 16 tokens behind a transpose is not the channels: cut the residual width past it
 =======================  ========  ==============================  ==================================================================
 """

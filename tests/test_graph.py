@@ -802,14 +802,26 @@ def test_a_concat_with_the_models_input_first_maps_the_offsets():
     torch.testing.assert_close(model(x), dense(x))
 
 
-def test_a_glu_over_the_channels_is_named():
-    """nn.GLU(dim=1) halves the channels (output c = input c gated by input c + C/2); Torch-Pruning
-    passes them 1:1, onto a consumer half as wide: the group is excluded and the reason names the GLU."""
-    model = nn.Sequential(nn.Conv2d(1, 48, 3, padding=1), nn.GLU(dim=1), nn.Conv2d(24, 32, 3, padding=1),
+def test_a_glu_over_the_channels_is_cut_in_pairs():
+    """nn.GLU(dim=1): output channel c is input c gated by input c + C/2. Torch-Pruning took the GLU
+    for an element-wise op and passed the 48 channels onto the next conv's 24 (excluded); traced as
+    chunk and product, a unit is the pair (u, u + 24). The cut equals the dense model whose next conv
+    ignores those GLU outputs, and a GLU written with F.glu in a forward is the same."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(1, 48, 3, padding=1), nn.GLU(dim=1), nn.Conv2d(24, 32, 3, padding=1), nn.ReLU(),
                           nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(32, 10)).eval()
-    graph = Graph(model, torch.randn(1, 1, 8, 8))
-    ex = {e.name: e.reason for e in graph.excluded}
-    assert "0" in ex and "a GLU (nn.GLU / F.glu" in ex["0"], ex
+    x = torch.randn(2, 1, 8, 8)
+    graph = Graph(model, x[:1])
+    assert [e.name for e in verify_groups(graph, x, 0.5)] == ["6"]  # the classifier only
+    g = graph.group("0")
+    assert (g.size, g.channels, g.unit_channels([1])) == (24, 48, [1, 25])
+    dense = copy.deepcopy(model)
+    with torch.no_grad():
+        dense[2].weight[:, [1, 5]] = 0
+    graph.prune_group("0", [1, 5])
+    assert (model[0].out_channels, model[2].in_channels) == (44, 22)
+    torch.testing.assert_close(model(x), dense(x))
+    assert torch.nn.functional.glu(torch.tensor([1.0, 0.0])).item() == 0.5  # F.glu itself is back
 
 
 def test_weights_of_one_unknown_layer_type_are_named_in_one_clause():

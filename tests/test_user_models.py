@@ -95,7 +95,7 @@ ARCHS2_EXPECTED = {
     "eca_attention": (["c1"], {"eca": "ties c2's 24 output channels to the single channel of eca"}),
     "input_cat": (["c1.0", "c2.0", "c3.0"], {}),
     "lrn_window": (["4"], {"0": "2 (LocalResponseNorm, size 5) normalises each channel over a window"}),
-    "glu_channels": (["2"], {"0": "a GLU (nn.GLU / F.glu"}),
+    "glu_channels": (["0", "2"], {}),  # a unit is the pair (u, u + 24) the GLU multiplies
     "resmlp_affine": (["embed", "blocks.0.fc1", "blocks.1.fc1"], {}),
 }
 
