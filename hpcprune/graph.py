@@ -400,7 +400,7 @@ class Graph:
         if size == channels and any(isinstance(dep.target.module, tp.ops._SplitOp) for dep, _ in group) and root_out:
             size = self._closure_stride(root, channels)
         if size is None:  # what splits them: the members in blocks, a split or chunk of the channels
-            why = list(dict.fromkeys(f"{n} in blocks of {w}" for n, _, _, w in blocks))[:3] + _layout_ops(group, self.model)
+            why = list(dict.fromkeys(_in_blocks(n, self.by_name[n], w) for n, _, _, w in blocks))[:3] + _layout_ops(group, self.model)
             self.excluded.append(Excluded(name, types, "its layers split the channels into blocks that no cut of whole "
                                           f"units keeps equal ({'; '.join(why) or 'grouped convolution, GroupNorm, attention heads'})"))
             return None
@@ -666,6 +666,18 @@ def _glu_as_chunks() -> Iterator[None]:
         yield
     finally:
         torch.nn.functional.glu = fn  # type: ignore[assignment]
+
+
+def _in_blocks(name: str, mod: nn.Module, width: int) -> str:
+    """'<name> in blocks of <width>', or what such a layer is where its blocks have a name: a
+    depthwise convolution with a channel multiplier (``Conv2d(C, k C, groups=C)``, k > 1), whose
+    input channel c feeds k outputs that Torch-Pruning does not cut with it."""
+    if (isinstance(mod, nn.modules.conv._ConvNd) and mod.groups == mod.in_channels > 1
+            and mod.out_channels > mod.in_channels):
+        return (f"{name} is a depthwise convolution with a channel multiplier of {mod.out_channels // mod.in_channels} "
+                f"(groups={mod.groups}, {mod.out_channels} outputs): Torch-Pruning does not cut an input with its "
+                f"{mod.out_channels // mod.in_channels} outputs, so the layers feeding it stay whole")
+    return f"{name} in blocks of {width}"
 
 
 def _without(group: Any, drop: frozenset[int]) -> Any:

@@ -844,3 +844,15 @@ def test_weights_of_one_unknown_layer_type_are_named_in_one_clause():
     assert "0" in reasons, reasons
     assert "3 weights (1.weight, 3.weight, 5.weight) belong to PerChannel layers" in reasons["0"], reasons["0"]
     assert reasons["0"].count("belong") == 1, reasons["0"]
+
+
+def test_a_depthwise_convolution_with_a_channel_multiplier_is_named():
+    """Conv2d(16, 32, groups=16): input channel c feeds outputs 2c and 2c + 1, which Torch-Pruning
+    does not cut with it: the feeding conv stays whole and the reason says why; the depthwise
+    convolution's own outputs are cut one position of every group at a time."""
+    model = nn.Sequential(nn.Conv2d(1, 16, 3, padding=1), nn.ReLU(), nn.Conv2d(16, 32, 3, padding=1, groups=16), nn.ReLU(),
+                          nn.Conv2d(32, 24, 1), nn.ReLU(), nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(24, 10)).eval()
+    graph = Graph(model, torch.randn(1, 1, 8, 8))
+    ex = {e.name: e.reason for e in graph.excluded}
+    assert "2 is a depthwise convolution with a channel multiplier of 2 (groups=16, 32 outputs)" in ex["0"], ex
+    assert [(g.name, g.size, g.channels) for g in graph.groups][:2] == [("2", 2, 32), ("4", 24, 24)]
