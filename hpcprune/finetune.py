@@ -26,7 +26,7 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
-from .metrics import EvalSums, GradientCheck, batch_sums, logits_of, training_loss
+from .metrics import EvalSums, GradientCheck, batch_sums, classes_last, logits_of, training_loss
 from .tb import TrainLog
 
 
@@ -294,8 +294,8 @@ def _train_epoch(ddp: nn.Module, teacher: nn.Module | None, loader: Any, opt: An
             with torch.no_grad():
                 t_logits = logits_of(teacher(x))
             kd = F.kl_div(  # in float32 (16-bit logits upcast, as in task_loss)
-                F.log_softmax(logits.float() / T, -1).flatten(0, -2),
-                F.log_softmax(t_logits.float() / T, -1).flatten(0, -2),
+                F.log_softmax(classes_last(logits).float() / T, -1).flatten(0, -2),
+                F.log_softmax(classes_last(t_logits).float() / T, -1).flatten(0, -2),
                 reduction="batchmean",
                 log_target=True,
             ) * (T * T)

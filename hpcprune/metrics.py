@@ -76,9 +76,17 @@ def logits_of(out: Any) -> torch.Tensor:
     raise TypeError(f"the model's output ({type(out).__name__}) holds no tensor")
 
 
+def classes_last(logits: torch.Tensor) -> torch.Tensor:
+    """Logits with the class axis last: a dense prediction's (batch, classes, H, W[, D]) (PyTorch's
+    layout for segmentation, class axis 1) as (batch, H, W[, D], classes); others as they are
+    ((batch, classes), a language model's (batch, tokens, vocab))."""
+    return logits.movedim(1, -1) if logits.dim() >= 4 else logits
+
+
 def task_loss(logits: Any, target: torch.Tensor, reduction: str = "mean") -> torch.Tensor:
-    """Cross-entropy of a model output (``logits_of``): (batch, classes) against (batch,) labels, or
-    a language model's (batch, tokens, vocab) against (batch, tokens) next tokens. 16-bit logits
+    """Cross-entropy of a model output (``logits_of``): (batch, classes) against (batch,) labels, a
+    language model's (batch, tokens, vocab) against (batch, tokens) next tokens, or a dense
+    prediction's (batch, classes, H, W) against (batch, H, W) labels (segmentation). 16-bit logits
     (bfloat16, float16) are upcast to float32 first (log-softmax over a vocabulary in bfloat16 loses
     ~2 significant digits); the gradient flows back through the cast."""
     logits = logits_of(logits)
@@ -145,10 +153,12 @@ class GradientCheck:
 
 
 def batch_sums(logits: Any, target: torch.Tensor) -> EvalSums:
+    """(correct, summed loss, count) of one batch: per sample for classification, per token for a
+    language model, per pixel for a dense prediction (its accuracy is pixel accuracy)."""
     logits = logits_of(logits)
     loss = task_loss(logits.float(), target, reduction="sum").item()
-    if logits.dim() == 3:
-        return EvalSums(float((logits.argmax(-1) == target).sum()), loss, float(target.numel()))
+    if logits.dim() >= 3:
+        return EvalSums(float((classes_last(logits).argmax(-1) == target).sum()), loss, float(target.numel()))
     return EvalSums(float((logits.argmax(-1) == target).sum()), loss, float(target.shape[0]))
 
 
@@ -163,7 +173,7 @@ def reference_targets(logits: Any, target: torch.Tensor, topk: int) -> torch.Ten
     ``target.shape + (2 + 2k,)``, k = min(``topk``, classes): the label, the log-probability of the
     classes outside the top k (-inf when k covers them all), the top-k class indices, their
     log-probabilities. Labels and indices are exact in float64 (up to 2**53)."""
-    lp = torch.log_softmax(logits_of(logits).float(), dim=-1)
+    lp = torch.log_softmax(classes_last(logits_of(logits)).float(), dim=-1)
     k = min(int(topk), lp.shape[-1])
     top_lp, top_i = lp.topk(k, dim=-1)
     tail = _tail_logp(lp, top_i)
@@ -188,7 +198,7 @@ def kl_sums(logits: Any, packed: torch.Tensor) -> EvalSums:
     Pruning and Knowledge Distillation" (Minitron, 2024). Unlike the loss increase it does not
     depend on which next token the calibration text happens to hold, so a few calibration windows
     rank small damages with less noise."""
-    logits = logits_of(logits)
+    logits = classes_last(logits_of(logits))
     k = (packed.shape[-1] - 2) // 2
     target = packed[..., 0].long()
     lq = torch.log_softmax(logits.float(), dim=-1)  # once: the loss is read off it too

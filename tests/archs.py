@@ -73,6 +73,7 @@ gated_glu            images    sigmoid gating and F.glu          x * sigmoid(gat
 stack_cat_spatial    images    torch.stack, cat on width dim     torch.stack([a, b], 1).amax(1) ties a and b; torch.cat(..., dim=3) joins along width: channels pass through unchanged
 dw_multiplier        images    depthwise, channel multiplier 2   Conv2d(16, 32, groups=16): input channel c feeds outputs 2c and 2c+1; cut an input with both of its outputs (keep the multiplier)
 reused_block         images    one module applied twice          the same conv module runs twice in sequence (a BatchNorm per use): its output channels are also its input channels (one index set for both dims), tied to the stem by the residual adds
+unet_seg             seg       segmentation U-Net, per-pixel    logits (N, 3, 16, 16) against labels (N, 16, 16): loss and pixel accuracy over pixels; the 1x1 output conv is the classifier (kept); decoder reads cat([encoder, up])
 ===================  ========  ================================  ====================================================================
 """
 from __future__ import annotations
@@ -142,6 +143,16 @@ def data_rgb16(calib_samples: int = 256, val_samples: int = 400, seed: int = 0) 
     x, y = _images()
     u = _up16(x)
     return _task(torch.cat([u, u.flip(-1), u.transpose(-1, -2)], dim=1), y, calib_samples, val_samples, seed)
+
+
+def data_seg(calib_samples: int = 256, val_samples: int = 400, seed: int = 0) -> TaskData:
+    """Segmentation of 16x16 digits: each pixel's label is its intensity band (0: background, 1:
+    faint, 2: stroke) of the upsampled image: inputs (N, 1, 16, 16), labels (N, 16, 16), 3 classes."""
+    raw, _ = _digits()
+    u = _up16(raw / 16.0)
+    labels = torch.bucketize(u[:, 0], torch.tensor([0.15, 0.6]))
+    task = _task((u - 0.3) / 0.4, labels, calib_samples, val_samples, seed)
+    return TaskData(train=task.train, val=task.val, calib=task.calib, example_input=task.example_input, num_classes=3)
 
 
 def data_seq(calib_samples: int = 256, val_samples: int = 400, seed: int = 0) -> TaskData:
@@ -931,6 +942,25 @@ def unet(num_classes: int = 10) -> nn.Module:
     return UNetTiny(num_classes)
 
 
+class UNetSeg(nn.Module):
+    """A segmentation U-Net: per-pixel logits (N, classes, 16, 16) from a 1x1 conv classifier."""
+
+    def __init__(self, num_classes: int = 3) -> None:
+        super().__init__()
+        self.enc1, self.enc2 = cbr(1, 16), cbr(16, 32, stride=2)
+        self.up = nn.ConvTranspose2d(32, 16, 2, stride=2)
+        self.dec = cbr(16 + 16, 16)
+        self.out = nn.Conv2d(16, num_classes, 1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        e1 = self.enc1(x)
+        return self.out(self.dec(torch.cat([e1, F.relu(self.up(self.enc2(e1)))], dim=1)))
+
+
+def unet_seg(num_classes: int = 3) -> nn.Module:
+    return UNetSeg(num_classes)
+
+
 # ---------------------------------------------------------------------------------------------------
 # 23 DenseNet-style dense block
 # ---------------------------------------------------------------------------------------------------
@@ -1332,6 +1362,7 @@ def dict_output(num_classes: int = 10) -> nn.Module:
 
 CASES: dict[str, tuple] = {
     "mlp": (mlp, data_images),
+    "unet_seg": (unet_seg, data_seg),
     "lenet_flatten": (lenet_flatten, data_images),
     "inception_concat": (inception_concat, data_images),
     "csp_chunk": (csp_chunk, data_images),

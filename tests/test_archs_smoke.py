@@ -31,7 +31,8 @@ def test_case(name):
     torch.set_num_threads(1)
     model_fn, data_fn = archs.CASES[name]
     data = _data(data_fn)
-    assert data.num_classes == 10 and len(data.val) == 400 and len(data.calib) == 32
+    classes = 3 if name == "unet_seg" else 10  # the segmentation case: 3 classes per pixel
+    assert data.num_classes == classes and len(data.val) == 400 and len(data.calib) == 32
     assert data.example_input.shape[0] == 8
     torch.manual_seed(0)
     model = model_fn().eval()
@@ -45,6 +46,7 @@ def test_case(name):
     with torch.no_grad():
         y = model(x)
         y8 = model(data.example_input)
-    assert y.shape == (16, 10) and y8.shape == (8, 10)
+    out = (classes, 16, 16) if name == "unet_seg" else (classes,)
+    assert y.shape == (16, *out) and y8.shape == (8, *out)
     assert torch.isfinite(y).all() and torch.isfinite(y8).all()
     assert not any(isinstance(m, torch.nn.Dropout) and m.p > 0 for m in model.modules())

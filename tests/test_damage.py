@@ -143,3 +143,17 @@ def test_stale_batchnorm_statistics_are_measured_and_restored(caplog):
     ev.close()
     no_recal = Evaluator(model, graph.groups, {}, [0.5], [(x, y)], x[:1], damage="kl")
     assert _check_stale_bn(no_recal, 0) == 0.0
+
+
+def test_a_dense_prediction_is_scored_per_pixel_with_its_class_axis_first():
+    """Segmentation logits (N, K, H, W) against labels (N, H, W): loss, pixel accuracy and the KL
+    damage over the class axis 1, one count per pixel, equal to the same logits laid out (N*H*W, K)."""
+    torch.manual_seed(0)
+    logits, labels = torch.randn(2, 3, 4, 5), torch.randint(0, 3, (2, 4, 5))
+    flat, flat_labels = logits.permute(0, 2, 3, 1).reshape(-1, 3), labels.reshape(-1)
+    s, ref = metrics.batch_sums(logits, labels), metrics.batch_sums(flat, flat_labels)
+    assert (s.count, s.correct) == (40, ref.correct) and s.loss == pytest.approx(ref.loss, rel=1e-6)
+    packed = metrics.reference_targets(logits, labels, topk=2)
+    assert packed.shape == (2, 4, 5, 2 + 2 * 2)
+    k = metrics.kl_sums(logits, packed)
+    assert k.count == 40 and k.correct == s.correct and abs(k.kl) < 1e-9

@@ -95,7 +95,8 @@ def _check_logits(model: nn.Module, ctx: Context) -> None:
     except Exception:
         runs_on(model, ctx.example[:2], ConfigError)  # the same error again, as one line naming the input shape
         raise
-    width, classes = int(out.shape[-1]), int(ctx.data.num_classes)
+    dense = out.dim() >= 4  # a dense prediction (segmentation): (batch, classes, H, W), the class axis 1
+    width, classes = int(out.shape[1] if dense else out.shape[-1]), int(ctx.data.num_classes)
     token = ctx.metric == "perplexity"
     if token and classes == 256 and width > classes:
         log.warning("groups: the data's tokens are UTF-8 bytes (256 ids) but the model predicts %d tokens: a model "
@@ -103,7 +104,7 @@ def _check_logits(model: nn.Module, ctx: Context) -> None:
     if (token and width < classes) or (not token and width != classes):
         raise ConfigError(
             f"model: its main output (the output itself, a tuple's first tensor or a dict's 'logits') has shape "
-            f"{tuple(out.shape)}, {width} values per {'token' if token else 'sample'}, but the data has {classes} "
+            f"{tuple(out.shape)}, {width} values per {'token' if token else 'pixel' if dense else 'sample'}, but the data has {classes} "
             f"{'tokens in its vocabulary' if token else 'classes'}: return the logits first, or give the model "
             f"{classes} outputs (found on the architecture, before any training)")
 
