@@ -243,17 +243,14 @@ def test_sigterm_in_sensitivity_keeps_the_done_cells(tmp_path, dense_ckpt, refer
     stops with one line saying how many; the rerun evaluates the others and ends with the
     uninterrupted run's numbers. (Before, SIGTERM ended the process where it stood: the cells since
     the last flush, here all of them, were lost.)"""
-    ref, ref_s = references(False)
+    ref, _ = references(False)
     cfg = ov(config(dense_ckpt), ["sensitivity.flush_s=60"])
     d = tmp_path / "run"
-    job = Job(sweep_cmd(d, *cfg), tmp_path / "log")
-    watcher = Watcher(d)
+    # the signal after 5 of the 18 cells (sitecustomize.py here): not after a time, which a fast
+    # machine finished the whole grid within
+    job = Job(sweep_cmd(d, *cfg), tmp_path / "log", env=fault_env(SIGTERM_AFTER_CELLS=5))
     try:
-        assert _wait_for(job, watcher, lambda: watcher.log_has("stage baseline:")), "ended before the sensitivity stage"
-        time.sleep(0.6 * ref_s["sensitivity"])
-        assert job.alive(), "the sweep ended before the signal"
-        job.signal_group(signal.SIGTERM)
-        code = job.wait(timeout=60)
+        code = job.wait(timeout=300)
         err = job.stderr()
     finally:
         job.cleanup()
