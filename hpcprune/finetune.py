@@ -182,7 +182,11 @@ class FinetuneJob:
             # one walk of the autograd graph per step
             ddp = nn.parallel.DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None,
                                                       find_unused_parameters=True)
-        opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=ft.lr, weight_decay=ft.weight_decay)
+        trainable = [p for p in model.parameters() if p.requires_grad]
+        if not trainable:
+            raise ValueError("finetune: every parameter of the pruned model is frozen (requires_grad=False): nothing to "
+                             "fine-tune; set finetune.epochs=0")
+        opt = torch.optim.AdamW(trainable, lr=ft.lr, weight_decay=ft.weight_decay)
         sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=max(1, ft.epochs))  # stepped once per epoch
         sampler = torch.utils.data.distributed.DistributedSampler(
             data.train, num_replicas=world, rank=rank, shuffle=True, seed=cfg.seed, drop_last=True

@@ -65,3 +65,17 @@ def test_dense_training_trains_an_auxiliary_classifier_and_names_one_it_does_not
         else:
             assert torch.equal(model.aux.weight, before)
             assert "2 trainable parameters got no gradient in a whole epoch (aux.weight, aux.bias)" in text, text
+
+
+def test_a_model_with_every_parameter_frozen_is_not_trained(caplog):
+    """Nothing to train: one warning, the model unchanged (AdamW refused an empty parameter list)."""
+    data = archs.data_images(calib_samples=64, val_samples=64)
+    model = AuxNet()
+    for p in model.parameters():
+        p.requires_grad_(False)
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    cfg = OmegaConf.create({"seed": 0, "baseline": {"epochs": 1, "batch_size": 64, "lr": 0.003, "weight_decay": 0.0}})
+    with caplog.at_level(logging.INFO, logger="hpcprune.stages"):
+        train_dense(model, data, cfg, "cpu")
+    assert "every parameter of the model is frozen" in caplog.text
+    assert all(torch.equal(v, before[k]) for k, v in model.state_dict().items()) and not model.training

@@ -128,7 +128,13 @@ def train_dense(model: torch.nn.Module, data: Any, cfg: Any, device: str) -> Non
     model.to(device).train()
     loader = torch.utils.data.DataLoader(data.train, batch_size=int(b.batch_size), shuffle=True,
                                          generator=torch.Generator().manual_seed(int(cfg.seed)), drop_last=True)
-    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=float(b.lr), weight_decay=float(b.weight_decay))
+    trainable = [p for p in model.parameters() if p.requires_grad]
+    if not trainable:
+        log.warning("dense training: every parameter of the model is frozen (requires_grad=False): nothing to train "
+                    "(baseline.epochs=0 says so without this line)")
+        model.eval()
+        return
+    opt = torch.optim.AdamW(trainable, lr=float(b.lr), weight_decay=float(b.weight_decay))
     sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=float(b.lr), total_steps=max(1, int(b.epochs) * len(loader)))
     check = metrics.GradientCheck(model)
     epochs, aux_weight = int(b.epochs), float(b.get("aux_weight", 0.0))
