@@ -208,8 +208,9 @@ class FinetuneJob:
             check = GradientCheck(model) if epoch == start else None
             loss_sum, n = _train_epoch(ddp, teacher, loader, opt, device, ft.distill, lambda loss: tb.train_step(loss, lr),
                                        float(ft.get("aux_weight", 0.0)), check)
-            if check is not None and check.warning("fine-tuning"):
-                notes.append(check.warning("fine-tuning"))  # logged by the sweep (stages.finetune), printed here
+            note = check.warning("fine-tuning") if check is not None else None
+            if note:
+                notes.append(note)  # logged by the sweep (stages.finetune), printed here
                 if rank == 0:
                     print(f"WARNING: {notes[-1]}", flush=True)
             sched.step()

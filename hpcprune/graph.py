@@ -160,6 +160,7 @@ class Graph:
         self.ignored = [self.by_name[n] for n in dict.fromkeys([*ignore, *self.structure.ignore])]
         self.excluded: list[Excluded] = []
         self._example = example_input  # for a trial cut while the groups are searched (_runs_without)
+        self._dense_shapes: list | None = None  # the dense model's output shapes on it, once a trial needs them
         self._buffers: dict[int, str] = {}  # id(parameter standing for a buffer while traced) -> its name
         t0 = time.perf_counter()
         with time_limit(timeout_s, f"groups: Torch-Pruning's dependency graph of {type(model).__name__} did not finish in "
@@ -290,7 +291,9 @@ class Graph:
         self.model.eval()  # no BatchNorm statistics updated, no dropout
         try:
             with torch.no_grad():
-                dense = output_shapes(self.model(x))
+                if self._dense_shapes is None:  # once per graph: the model is dense between trials
+                    self._dense_shapes = output_shapes(self.model(x))
+                dense = self._dense_shapes
                 cut = TPCut.apply(self.dg, _without(self.dg.get_pruning_group(root, pruner.prune_out_channels, [0]), drop),
                                   self._buffers)
                 try:

@@ -102,15 +102,12 @@ def auxiliary_outputs(out: Any, main: torch.Tensor) -> list[torch.Tensor]:
     other than ``main`` (:func:`logits_of`) with ``main``'s shape: auxiliary classifiers' logits, as
     torchvision's GoogLeNet (``GoogLeNetOutputs(logits, aux_logits2, aux_logits1)``) and Inception v3
     return in training. Features of another shape (a tuple ``(logits, features)``) are not counted."""
-    found: list[torch.Tensor] = []
-    items = list(out.values()) if isinstance(out, dict) else list(out) if isinstance(out, (list, tuple)) else []
-    for o in items:
-        if isinstance(o, (list, tuple, dict)):
-            inner = list(o.values()) if isinstance(o, dict) else list(o)
-            found += [t for t in inner if isinstance(t, torch.Tensor) and t is not main and t.shape == main.shape]
-        elif isinstance(o, torch.Tensor) and o is not main and o.shape == main.shape and o.is_floating_point():
-            found.append(o)
-    return found
+    def items(o: Any) -> list:
+        return list(o.values()) if isinstance(o, dict) else list(o) if isinstance(o, (list, tuple)) else [o]
+
+    flat = [t for o in (items(out) if isinstance(out, (dict, list, tuple)) else []) for t in items(o)]
+    return [t for t in flat if isinstance(t, torch.Tensor) and t is not main and t.shape == main.shape
+            and t.is_floating_point()]
 
 
 def training_loss(out: Any, target: torch.Tensor, aux_weight: float = 0.0) -> tuple[torch.Tensor, int]:

@@ -154,8 +154,9 @@ def train_dense(model: torch.nn.Module, data: Any, cfg: Any, device: str) -> Non
             sched.step()
             loss_sum += float(loss) * x.shape[0]
             n += x.shape[0]
-        if epoch == 0 and check.warning("dense training"):
-            log.warning("%s", check.warning("dense training"))
+        note = check.warning("dense training") if epoch == 0 else None
+        if note:
+            log.warning("%s", note)
         log.info("dense training: epoch %d/%d, loss %.4f, %.1f s", epoch + 1, epochs, loss_sum / max(n, 1),
                  time.perf_counter() - t0)
     model.eval()
