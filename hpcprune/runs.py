@@ -7,6 +7,8 @@ beside the run file, or the referenced dense checkpoint; schema 1: datasets insi
 """
 from __future__ import annotations
 
+import functools
+import threading
 from typing import Any
 
 import torch
@@ -51,6 +53,30 @@ def build_model(model_cfg: Any) -> nn.Module:
 # torch.nn.init's in-place initialisers (kaiming_uniform_, normal_, ...): what layers' reset_parameters
 # and model builders call
 _INITS = tuple(n for n in dir(nn.init) if n.endswith("_") and not n.startswith("_") and callable(getattr(nn.init, n)))
+_ORIGINAL_INITS = {n: getattr(nn.init, n) for n in _INITS}
+_skipping = threading.local()  # .touched: the tensors skipped by the build_to_load running in this thread
+
+
+def _skippable(name: str) -> Any:
+    """``torch.nn.init.<name>`` that does nothing while :func:`build_to_load` builds a model in this
+    thread (it notes the tensor) and is the original otherwise. A library imported during such a
+    build may keep a reference to it (transformers' ``TORCH_INIT_FUNCTIONS`` table does): that
+    reference must still initialise after the build, or every model it builds later keeps
+    uninitialised tensors (a BERT's ``token_type_ids`` buffer, garbage token types)."""
+    original = _ORIGINAL_INITS[name]
+
+    @functools.wraps(original)
+    def init(tensor: Any, *args: Any, **kwargs: Any) -> Any:
+        touched = getattr(_skipping, "touched", None)
+        if touched is None:
+            return original(tensor, *args, **kwargs)
+        if isinstance(tensor, torch.Tensor):
+            touched.append(tensor)
+        return tensor
+    return init
+
+
+_SKIPPABLE_INITS = {n: _skippable(n) for n in _INITS}
 
 
 def build_to_load(model_cfg: Any) -> nn.Module:
@@ -61,19 +87,14 @@ def build_to_load(model_cfg: Any) -> nn.Module:
     buffer) makes it build the model again, initialised: nothing is left uninitialised unless the
     state dict overwrites it."""
     touched: list[torch.Tensor] = []
-
-    def skip(tensor: Any, *args: Any, **kwargs: Any) -> Any:
-        if isinstance(tensor, torch.Tensor):
-            touched.append(tensor)
-        return tensor
-
-    saved = {n: getattr(nn.init, n) for n in _INITS}
+    _skipping.touched = touched
     try:
         for n in _INITS:
-            setattr(nn.init, n, skip)
+            setattr(nn.init, n, _SKIPPABLE_INITS[n])
         model = build_model(model_cfg)
     finally:
-        for n, f in saved.items():
+        _skipping.touched = None
+        for n, f in _ORIGINAL_INITS.items():
             setattr(nn.init, n, f)
     held = {t.data_ptr() for t in model.state_dict().values() if isinstance(t, torch.Tensor)}
     if any(t.numel() and t.data_ptr() not in held for t in touched):

@@ -212,6 +212,30 @@ class _Projected(torch.nn.Module):
         self.register_buffer("proj", torch.nn.init.orthogonal_(torch.empty(4, 4)), persistent=False)
 
 
+_CAPTURED: dict = {}
+
+
+class _CapturesInit(torch.nn.Linear):
+    """Keeps a reference to torch.nn.init.zeros_ taken while it is built, as transformers' import-time
+    table of init functions does when transformers is first imported during such a build."""
+
+    def __init__(self):
+        super().__init__(4, 3)
+        _CAPTURED["zeros_"] = torch.nn.init.zeros_
+
+
+def test_an_init_function_kept_from_a_build_to_load_initialises_afterwards():
+    """An init function referenced during build_to_load (transformers' TORCH_INIT_FUNCTIONS, imported
+    by load_pruned's first build) skipped forever: later models kept uninitialised tensors (a BERT
+    loaded by transformers got garbage token_type_ids; save_hf_dir fell back, at random)."""
+    from hpcprune import runs
+
+    runs.build_to_load({"_target_": "test_store._CapturesInit"})
+    t = torch.ones(3)
+    _CAPTURED["zeros_"](t)
+    assert torch.equal(t, torch.zeros(3))
+
+
 def test_a_model_built_to_be_loaded_skips_init_unless_the_state_dict_misses_a_tensor(monkeypatch):
     from hpcprune import runs
 
