@@ -338,6 +338,11 @@ class TPCut:
                     owner, attr = _owner(model, name)
                     if buffers is not None and id(mod) in buffers:  # the model's current buffer, cut the same way
                         cur = nn.Parameter(owner._buffers[attr], requires_grad=False)
+                        # the pruner is one object shared by every graph: Dependency.__call__ sets the
+                        # dim to cut before each call; called directly, it cut along the dim of whatever
+                        # parameter the last cut of any model left there (a ConvNeXt's (C,) scale: dim 0
+                        # of a (1, T, C) position table, which then stayed whole)
+                        dep.handler.__self__.pruning_dim = dep.target.pruning_dim
                         owner._buffers[attr] = dep.handler(cur, list(idxs)).detach()
                         new = nn.Parameter(owner._buffers[attr], requires_grad=False)
                     else:

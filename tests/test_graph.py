@@ -357,6 +357,25 @@ def test_mixer_residual_width_is_cut_past_the_token_mixing(d, permanent):
         torch.testing.assert_close(model(x), dense_out)
 
 
+
+def test_a_buffer_is_cut_along_its_own_dim_whatever_an_earlier_cut_left_in_the_shared_pruner():
+    """Torch-Pruning's pruner objects are shared by every graph and ``Dependency.__call__`` sets their
+    ``pruning_dim`` before each call; the buffer path calls the pruner itself, so it must set it too.
+    It did not: after a ConvNeXt's cost model cut its (C,) layer scales (dim 0 left there), a Mixer's
+    (1, T, C) position buffer was cut along dim 0 (stayed whole) and its width group was excluded,
+    depending on which tests ran before in the same process."""
+    import archs
+
+    torch.manual_seed(0)
+    model, x = archs.mixer_buffer_posenc(d=32).eval(), torch.randn(2, 8, 8)
+    graph = Graph(model, x[:1])
+    pe = next(dep for dep, _ in graph.tp_group("embed", [0]) if isinstance(dep.target.module, nn.Parameter))
+    pe.handler.__self__.pruning_dim = 0  # what another model's cut of a (C,) parameter leaves
+    cut = graph.cut("embed", [0, 5, 31])
+    assert model.pe.shape == (1, 8, 29) and model(x).shape == (2, 10)
+    cut.restore()
+    assert model.pe.shape == (1, 8, 32)
+
 class _FrozenNHWC(torch.nn.Module):
     """A frozen stem, a frozen per-channel scale (an nn.Parameter, as the buffer refusal advises) and
     a trainable conv, in channels-last layout."""
