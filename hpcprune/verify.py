@@ -357,7 +357,8 @@ def _check(graph: Graph, g: GroupInfo, x: torch.Tensor, dense_out: tuple[torch.T
     if not torch.isfinite(got).all():
         return "the cut model's output is not finite"
     if slices:
-        sl = slice_group(graph.by_name, g, [i for i in range(g.size) if i not in set(drop)])
+        dropped = set(drop)  # once: per unit it was 7 s over ViT-H/14's groups (5120 units, 4608 cut)
+        sl = slice_group(graph.by_name, g, [i for i in range(g.size) if i not in dropped])
         if _same_state(_members_state(graph, g), tp_state):  # the same layers, tensors and sizes: the same model
             sl.restore()
             other: Any = (got, shapes)
