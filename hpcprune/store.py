@@ -19,6 +19,7 @@ import fcntl
 import hashlib
 import io
 import json
+import logging
 import os
 import re
 import time
@@ -43,6 +44,7 @@ TIMED_STAGES = tuple(s for s in STAGES if s != "finetune")
 WEIGHT_FILES = {"baseline": "dense.safetensors", "pruned": "pruned.safetensors", "final": "final.safetensors"}
 
 
+log = logging.getLogger("hpcprune.store")
 _WRITES = [0]  # run-file transactions of this process (for the fault tests' failpoint)
 
 
@@ -388,19 +390,26 @@ def _file_record(path: str, sha256: str | None = None) -> dict[str, Any]:
 
 
 def write_weights(run_file: RunFile, stage: str, state_dict: dict[str, Any], group: h5py.Group | None = None,
-                  reference: str | None = None) -> dict[str, Any]:
+                  reference: str | None = None, same_as: dict[str, Any] | None = None) -> dict[str, Any]:
     """Store the weights of ``stage`` (``baseline``, ``pruned``, ``final``) beside the run file and
     record them in the stage group as attributes: ``weights_file`` (relative to the run directory;
     an absolute path for a referenced checkpoint), ``weights_bytes``, ``weights_sha256``,
     ``weights_mtime_ns``, ``weights_reference`` (True: the user's file, not copied).
 
     ``reference``: a checkpoint file to record instead of writing ``state_dict`` (the dense weights
-    loaded from it with :func:`load_checkpoint`). ``group``: the stage's group inside an open
+    loaded from it with :func:`load_checkpoint`). ``same_as``: the recorded attributes of another
+    stage whose weights file holds exactly ``state_dict`` (the final weights of a run that is not
+    fine-tuned are the pruned ones): that file is hard-linked under this stage's name, neither
+    written nor hashed again (an 8B model: 16 GB not written twice), where the file system allows
+    it; else ``state_dict`` is written. ``group``: the stage's group inside an open
     transaction of ``run_file`` (the weights file lands before that transaction does); without it
     this function makes its own transaction on ``/<stage>``. Returns the recorded attributes."""
     if stage not in WEIGHT_FILES:
         raise ValueError(f"stage {stage!r} holds no weights (one of {', '.join(WEIGHT_FILES)})")
-    if reference is not None:
+    linked = _linked(run_file, stage, same_as) if same_as is not None and reference is None else None
+    if linked is not None:
+        rec = linked
+    elif reference is not None:
         path = os.path.abspath(str(reference))
         rec = {"weights_file": path, **_file_record(path), "weights_reference": True}
     else:
@@ -421,6 +430,28 @@ def write_weights(run_file: RunFile, stage: str, state_dict: dict[str, Any], gro
         with run_file.write() as f:
             put(f.require_group(stage))
     return rec
+
+
+def _linked(run_file: RunFile, stage: str, src: dict[str, Any]) -> dict[str, Any] | None:
+    """``stage``'s weights file as a hard link of the file recorded in ``src`` (checked against its
+    record first); its record, or None where there is no such file or no hard link can be made
+    (the caller writes the weights then)."""
+    if src.get("weights_reference") or "weights_file" not in src:
+        return None
+    verify_weights(run_file, next((k for k, v in WEIGHT_FILES.items() if v == src["weights_file"]), "source"), src)
+    name = WEIGHT_FILES[stage]
+    path = os.path.join(os.path.dirname(run_file.path), name)
+    tmp = path + ".tmp"
+    try:
+        if os.path.lexists(tmp):
+            os.remove(tmp)
+        os.link(weights_path(run_file, src), tmp)
+        os.replace(tmp, path)
+    except OSError as e:  # a file system without hard links
+        log.info("weights: %s written anew (no hard link to %s: %s)", name, src["weights_file"], e)
+        return None
+    return {"weights_file": name, "weights_bytes": int(src["weights_bytes"]), "weights_mtime_ns": int(os.stat(path).st_mtime_ns),
+            "weights_sha256": str(src["weights_sha256"]), "weights_reference": False}
 
 
 def has_weights(f: h5py.File, stage: str) -> bool:

@@ -104,6 +104,16 @@ def test_export_runs_like_torch_and_is_recorded(run_path, reference, name, fmt, 
         assert dims[:2] == (["batch", "sequence"] if lm else ["batch", 1])
 
 
+
+def test_a_run_not_fine_tuned_links_its_final_weights_to_the_pruned_ones(run_path):
+    """finetune.epochs=0: the final weights are the pruned ones, one file under both names."""
+    rf = RunFile(run_path("cnn"))
+    d = os.path.dirname(rf.path)
+    assert os.path.samefile(os.path.join(d, "final.safetensors"), os.path.join(d, "pruned.safetensors"))
+    assert rf.attrs("final")["weights_sha256"] == rf.attrs("pruned")["weights_sha256"]
+    a, b = pruned_model(rf, weights="final").state_dict(), pruned_model(rf, weights="pruned").state_dict()
+    assert list(a) == list(b) and all(torch.equal(a[k], b[k]) for k in a)
+
 @pytest.mark.parametrize("case", ["tuple_aux", "fixed_length"])
 def test_models_of_several_outputs_or_one_length_export(case, tmp_path):
     """A model returning (logits, features) exports its main output (the logits, as hpcprune

@@ -253,6 +253,34 @@ def test_a_model_built_to_be_loaded_skips_init_unless_the_state_dict_misses_a_te
     torch.testing.assert_close(got.proj, want)  # built again, initialised: the buffer is the real projection
 
 
+
+@pytest.mark.parametrize("links", [True, False])
+def test_weights_equal_to_another_stages_are_a_hard_link_or_else_written(tmp_path, monkeypatch, links):
+    """``same_as``: a run that is not fine-tuned records its pruned weights as its final ones. The
+    file is hard-linked (not written or hashed again), the record the source's digest and size; on a
+    file system without hard links the weights are written. Either way they read back and verify."""
+    rf = _new_run(tmp_path)
+    state = OrderedDict([("a.weight", torch.randn(5, 3)), ("a.bias", torch.randn(5))])
+    src = write_weights(rf, "pruned", state)
+    if not links:
+        def no_link(*a, **k):
+            raise OSError(1, "Operation not permitted")
+        monkeypatch.setattr(os, "link", no_link)
+    rec = write_weights(rf, "final", state, same_as=src)
+    same = os.path.samefile(tmp_path / "final.safetensors", tmp_path / "pruned.safetensors")
+    assert same == links and rec["weights_file"] == "final.safetensors"
+    assert (rec["weights_sha256"], rec["weights_bytes"]) == (src["weights_sha256"], src["weights_bytes"])
+    back = read_weights(rf, "final")  # verified against its record first
+    assert all(torch.equal(back[k], v) for k, v in state.items())
+    # the source rewritten later (a new file renamed over it): the final file keeps what it recorded
+    write_weights(rf, "pruned", OrderedDict([("a.weight", torch.zeros(5, 3)), ("a.bias", torch.zeros(5))]))
+    assert torch.equal(read_weights(rf, "final")["a.weight"], state["a.weight"])
+    # a source that no longer matches its record is not linked silently
+    with open(tmp_path / "pruned.safetensors", "ab") as fh:
+        fh.write(b"x")
+    with pytest.raises(WeightsError):
+        write_weights(rf, "final", state, same_as=rf.attrs("pruned"))
+
 def test_equal_weights_give_equal_files_whatever_the_metadata_order(tmp_path):
     """Equal weights gave other file bytes (safetensors writes its metadata mapping in a random
     order; a state dict's _metadata may come in another order too), so the recorded sha256 could

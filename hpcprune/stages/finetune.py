@@ -49,7 +49,8 @@ def run(ctx: Context, cfg: Any, rf: RunFile) -> Record:
     rec = measure(ctx, cfg, model)
     log.info("fine-tuned: %s %.4f (dense %.4f); %s", ctx.metric, rec["metric"], float(ctx.base["metric"]),
              speed_note(rec, "fine-tuned", cfg))
-    pruned = rf.attrs("pruned").get("metric")
+    pruned_rec = rf.attrs("pruned")
+    pruned = pruned_rec.get("metric")
     sign = 1.0 if metrics.METRIC_HIGHER_IS_BETTER.get(ctx.metric, True) else -1.0
     if history and pruned is not None and sign * (float(pruned) - rec["metric"]) > 0:
         log.warning("fine-tuned: its %s %.4f is worse than the pruned model's %.4f before fine-tuning (%d epoch(s) at "
@@ -67,7 +68,8 @@ def run(ctx: Context, cfg: Any, rf: RunFile) -> Record:
         ft.attrs["complete"] = True
         fin = replace_group(f, "final")
         put_attrs(fin, rec)
-        write_weights(rf, "final", model.state_dict(), fin)
+        # not fine-tuned: the final weights are the pruned ones (a hard link, not a second copy)
+        write_weights(rf, "final", model.state_dict(), fin, same_as=None if int(cfg.finetune.epochs) > 0 else pruned_rec)
         fin.attrs["complete"] = True
 
     return write
