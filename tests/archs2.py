@@ -324,6 +324,14 @@ def channel_roll(num_classes: int = 10) -> nn.Module:
     return ChannelRoll(num_classes)
 
 
+def frozen_cnn(num_classes: int = 10) -> nn.Module:
+    """A small CNN with every parameter frozen (a feature extractor handed over as it is): nothing to
+    fine-tune (not a CASES entry)."""
+    model = nn.Sequential(nn.Conv2d(1, 8, 3, padding=1), nn.ReLU(), nn.Conv2d(8, 16, 3, padding=1), nn.ReLU(),
+                          nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(16, num_classes))
+    return model.requires_grad_(False)
+
+
 class ShuffleByHand(nn.Module):
     """ShuffleNet's channel shuffle written with view / transpose / reshape after a grouped conv."""
 

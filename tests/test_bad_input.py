@@ -133,6 +133,21 @@ def test_a_refusal_names_the_excluded_groups_and_records_them(tmp_path):
     assert report.load_run(str(run / "run.h5")).excluded[0][0] == "stem.0"
 
 
+def test_a_frozen_model_to_be_fine_tuned_is_refused_before_any_training(tmp_path):
+    """Every parameter frozen and finetune.epochs > 0: the fine-tune would fail after the whole grid;
+    the groups stage says so in one line, on the architecture, before dense training."""
+    import h5py
+
+    run = tmp_path / "run"
+    with pytest.raises(ConfigError) as e:
+        sweep_in_process(run, *[o for o in FAST if not o.startswith("data.")], "model=custom",
+                         "model._target_=archs2.frozen_cnn", "data=custom", "data._target_=archs.data_images",
+                         "+data.calib_samples=16")
+    msg = str(e.value)
+    assert "\n" not in msg and msg.startswith("groups: every parameter of the model is frozen") and "finetune.epochs=0" in msg, msg
+    with h5py.File(run / "run.h5") as f:
+        assert "baseline" not in f and "sensitivity" not in f
+
 def test_no_whole_fine_tune_batch_refused_before_the_run(tmp_path, dense_ckpt, capsys):
     """A fine-tune batch larger than the training set (on its DDP tasks) would train on nothing after
     all the compute: refused at the start, naming the key, before the run file exists."""

@@ -35,6 +35,10 @@ def run(ctx: Context, cfg: Any, rf: RunFile) -> Record:
     ctx.arch_model = None  # handed over: no second copy of a large model from here on
     model = model.eval()
     _check_logits(model, ctx)
+    if int(cfg.finetune.epochs) > 0 and not any(p.requires_grad for p in model.parameters()):
+        raise ConfigError("groups: every parameter of the model is frozen (requires_grad=False): the fine-tune would "
+                          "have nothing to train; set finetune.epochs=0 (and baseline.epochs=0), or unfreeze the layers "
+                          "to train in the model's function")
     t0 = time.perf_counter()
     graph, ignore = build_graph(model, cfg, ctx.example)
     log.info("groups: dependency graph in %.1f s: %d groups found, %d more excluded by the search", time.perf_counter() - t0,
