@@ -376,6 +376,10 @@ def _check(graph: Graph, g: GroupInfo, x: torch.Tensor, dense_out: tuple[torch.T
         except IndexError as e:  # a consumer indexed past its inputs: the mapping is wrong
             return f"Torch-Pruning maps the channels past a consumer's inputs ({_line(e)}){_hint(graph, g, x)}"
         diff = None if ref is None else _disagree(graph, g, drop, x, ref, got, scale, _oracle)
+        if diff is not None:  # channels no layer reads as inputs (a non-local block's theta and phi, multiplied)
+            made = _made_oracle(graph, g, drop, x, fwd)
+            if made is not None and _disagree(graph, g, drop, x, made, got, scale, _made_oracle) is None:
+                diff = None
         if diff is not None:
             windows = _channel_windows(graph, g, x)
             if windows:
@@ -599,6 +603,50 @@ def _oracle(graph: Graph, g: GroupInfo, drop: Sequence[int], x: torch.Tensor, fw
     finally:
         for w, data in zeroed:
             w.data = data
+
+
+def _made_oracle(graph: Graph, g: GroupInfo, drop: Sequence[int], x: torch.Tensor, fwd: Any = None) -> torch.Tensor | None:
+    """The dense model with the removed channels zeroed where they are made: the output rows (and
+    bias entries) of every linear or convolution producing them, and the scale and shift of every
+    BatchNorm on them (its output is then 0). The reference where no layer reads the channels as
+    inputs: a non-local block's (Wang et al., 2018) theta and phi outputs are only multiplied with
+    each other (``bmm``), so :func:`_oracle`, which zeroes consumers' input columns, keeps them and
+    cannot equal the cut. None when a producer is of another kind or when nothing is made here."""
+    dg = graph.dg
+    zeroed: list[tuple[torch.Tensor, torch.Tensor]] = []
+
+    def zero(t: torch.Tensor | None, i: torch.Tensor, dim: int) -> None:
+        if t is not None:
+            zeroed.append((t, t.data.clone()))
+            t.data.index_fill_(dim, i, 0)
+
+    try:
+        for dep, idxs in graph.tp_group(g.name, g.unit_channels(drop)):
+            mod = dep.target.module
+            if not isinstance(mod, nn.Module) or type(mod).__module__.startswith("torch_pruning"):
+                if isinstance(mod, nn.Parameter):
+                    return None  # a bare parameter on the channels: what it does is not known here
+                continue
+            if not dg.is_out_channel_pruning_fn(dep.handler):
+                continue
+            i = torch.as_tensor(list(idxs), dtype=torch.long)
+            if is_conv1d(mod):  # weight [in, out]: an output channel is a column
+                zero(mod.weight, i, 1)
+                zero(mod.bias, i, 0)
+            elif isinstance(mod, nn.Linear) or (isinstance(mod, nn.modules.conv._ConvNd) and not mod.transposed):
+                zero(mod.weight, i, 0)
+                zero(mod.bias, i, 0)
+            elif isinstance(mod, nn.modules.batchnorm._BatchNorm) and mod.affine:
+                zero(mod.weight, i, 0)
+                zero(mod.bias, i, 0)
+            else:
+                return None
+        if not zeroed:
+            return None
+        return first_tensor((fwd or graph.model)(x)).clone()
+    finally:
+        for t, data in reversed(zeroed):
+            t.data = data
 
 
 def _line(e: BaseException) -> str:

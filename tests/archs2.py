@@ -324,6 +324,27 @@ def channel_roll(num_classes: int = 10) -> nn.Module:
     return ChannelRoll(num_classes)
 
 
+class NonLocalNet(nn.Module):
+    """A conv stem and a non-local block (Wang et al., 2018): theta, phi, g 1x1 convs, attention over
+    the positions from theta^T phi (bmm: theta's and phi's channels are multiplied with each other,
+    no layer reads them as inputs), g's values back through a 1x1 conv, a residual add."""
+
+    def __init__(self, num_classes: int = 10, c: int = 16, inner: int = 8) -> None:
+        super().__init__()
+        self.stem = nn.Sequential(nn.Conv2d(1, c, 3, padding=1), nn.ReLU())
+        self.theta, self.phi, self.g = nn.Conv2d(c, inner, 1), nn.Conv2d(c, inner, 1), nn.Conv2d(c, inner, 1)
+        self.out = nn.Conv2d(inner, c, 1)
+        self.fc = nn.Linear(c, num_classes)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = self.stem(x)
+        n, _, hh, ww = h.shape
+        t, p, v = (m(h).flatten(2) for m in (self.theta, self.phi, self.g))  # (N, inner, HW)
+        a = torch.softmax(torch.bmm(t.transpose(1, 2), p) * 0.25, dim=-1)  # (N, HW, HW)
+        y = torch.bmm(v, a.transpose(1, 2)).view(n, -1, hh, ww)
+        return self.fc((h + self.out(y)).mean((2, 3)))
+
+
 def frozen_cnn(num_classes: int = 10) -> nn.Module:
     """A small CNN with every parameter frozen (a feature extractor handed over as it is): nothing to
     fine-tune (not a CASES entry)."""

@@ -376,6 +376,33 @@ def test_a_buffer_is_cut_along_its_own_dim_whatever_an_earlier_cut_left_in_the_s
     cut.restore()
     assert model.pe.shape == (1, 8, 32)
 
+
+def test_channels_only_multiplied_with_each_other_are_verified_where_they_are_made():
+    """A non-local block's theta and phi outputs meet only in bmm(theta^T, phi): no layer reads them
+    as inputs, so the reference that zeroes consumers' input columns kept them and the exact cut was
+    excluded ("passes them 1:1 through a transpose"). The reference with the channels zeroed where
+    they are made (theta's, phi's and g's rows) equals the cut: the group is kept, and the cut equals
+    that reference."""
+    import archs2
+
+    torch.manual_seed(0)
+    model, x = archs2.NonLocalNet().eval(), torch.randn(2, 1, 8, 8)
+    graph = Graph(model, x[:1])
+    excluded = {e.name: e.reason for e in verify_groups(graph, x, 0.9)}
+    assert "theta" not in excluded and "stem.0" not in excluded, excluded
+    g = graph.group("theta")
+    assert sorted({m.module for m in g.members}) == ["g", "out", "phi", "theta"]
+    drop = [1, 4, 6]
+    ref = copy.deepcopy(model)
+    with torch.no_grad():
+        for name in ("theta", "phi", "g"):
+            getattr(ref, name).weight[drop] = 0
+            getattr(ref, name).bias[drop] = 0
+    cut = graph.cut("theta", drop)
+    assert model.theta.out_channels == 5 and model.out.in_channels == 5
+    torch.testing.assert_close(model(x), ref(x))
+    cut.restore()
+
 class _FrozenNHWC(torch.nn.Module):
     """A frozen stem, a frozen per-channel scale (an nn.Parameter, as the buffer refusal advises) and
     a trainable conv, in channels-last layout."""
