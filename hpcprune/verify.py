@@ -274,6 +274,10 @@ def _drop(g: GroupInfo, max_ratio: float, round_to: int, seed: int) -> list[int]
     n = g.size - n_keep(g, max_ratio, round_to)
     if n == 0:  # round_to keeps the group whole, yet the cost model's probes cut it (to half and N-1 units): check a cut anyway
         n = g.size - n_keep(g, max_ratio, 1)
+    if g.kind in ("channels", "neurons") and g.size >= 3 and g.size - n < 2:
+        # two units kept, not one: a single channel broadcasts against an uncut tensor of the dense width
+        # in an element-wise op (h + res(z) with res in no group) where any other width fails
+        n = g.size - 2
     if g.kind == "block":
         n = 1
     # unit 0 always goes, the others at random: every kept unit before the next dropped one moves down a
@@ -349,8 +353,9 @@ def _check(graph: Graph, g: GroupInfo, x: torch.Tensor, dense_out: tuple[torch.T
     tp_state = _members_state(graph, g) if slices else None
     got = _run_cut(fwd, x, cut, graph.names)
     if isinstance(got, str):
-        return (f"the model fails once it is cut ({got}){_fixed_width(g, got)}"
-                f"{_heads_hint(g) if g.kind == 'heads' else _RNN_HINT if _in_rnn(graph, got) else _hint(graph, g, x)}")
+        unused = _unused(graph, got, x)
+        return (f"the model fails once it is cut ({got}){_fixed_width(g, got)}{unused}" + ("" if unused else
+                f"{_heads_hint(g) if g.kind == 'heads' else _RNN_HINT if _in_rnn(graph, got) else _hint(graph, g, x)}"))
     got, shapes = got
     if shapes != dense_shapes:  # any output, not only the main one (a second head, a dict of outputs)
         return OUTPUT
@@ -443,6 +448,49 @@ def _in_rnn(graph: Graph, error: str) -> bool:
     """Whether ``error`` (a :func:`_run_cut` line) was raised in a recurrent layer (GRU, LSTM, RNN)."""
     m = re.match(r"\w+ in ([\w.]+) \(", error)
     return m is not None and isinstance(graph.by_name.get(m.group(1)), nn.RNNBase)
+
+
+def _unused(graph: Graph, error: str, x: torch.Tensor) -> str:
+    """'; ...' when ``error`` (a :func:`_run_cut` line) was raised in a layer, or a module holding a
+    layer, whose output does not reach the model's output: Torch-Pruning traces back from the
+    outputs, so a layer whose result the forward computes and throws away (a WaveNet's last residual
+    conv) is in no group, is never cut, and fails on its cut input (or its output on the cut stream).
+    Told by autograd on the dense model: no gradient reaches the layer's output."""
+    m = re.match(r"\w+ in (the model itself|[\w.]+) \(", error)
+    if m is None:
+        return ""
+    prefix = "" if m.group(1) == "the model itself" else m.group(1)
+    mod = graph.by_name.get(prefix) if prefix else graph.model
+    if mod is None:
+        return ""
+    traced = {graph.names.get(t) for t in graph.dg.module2node if isinstance(t, nn.Module)}
+    candidates = {sub: n for n, sub in mod.named_modules(prefix=prefix) if not any(True for _ in sub.children())
+                  and any(True for _ in sub.parameters(recurse=False)) and n not in traced}
+    if not candidates:
+        return ""
+    outs: dict[str, torch.Tensor] = {}
+
+    def keep(sub: nn.Module, args: Any, out: Any) -> None:
+        if isinstance(out, torch.Tensor) and out.requires_grad:
+            outs.setdefault(candidates[sub], out)
+
+    hooks = [sub.register_forward_hook(keep) for sub in candidates]
+    try:
+        with torch.enable_grad():
+            out = first_tensor(graph.model(x))
+            if not outs or not out.requires_grad:
+                return ""
+            grads = torch.autograd.grad(out.float().sum(), list(outs.values()), allow_unused=True)
+    except Exception:  # noqa: BLE001 - only a hint: without it the reason stands as it is
+        return ""
+    finally:
+        for h in hooks:
+            h.remove()
+    dead = [n for n, gr in zip(outs, grads) if gr is None]
+    if not dead:
+        return ""
+    return (f"; {dead[0]}'s output does not reach the model's output (computed and not used), so Torch-Pruning "
+            "leaves it out of every group: remove it from the forward (or use its output)")
 
 
 def _fixed_width(g: GroupInfo, error: str) -> str:

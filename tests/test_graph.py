@@ -403,6 +403,33 @@ def test_channels_only_multiplied_with_each_other_are_verified_where_they_are_ma
     torch.testing.assert_close(model(x), ref(x))
     cut.restore()
 
+
+class _DeadResidual(nn.Module):
+    """A WaveNet-like block whose residual conv's result is computed and thrown away."""
+
+    def __init__(self):
+        super().__init__()
+        self.inp, self.f, self.res = nn.Conv1d(2, 8, 1), nn.Conv1d(8, 8, 3, padding=1), nn.Conv1d(8, 8, 1)
+        self.head = nn.Linear(8, 4)
+
+    def forward(self, x):
+        h = self.inp(x)
+        z = torch.tanh(self.f(h))
+        _ = h + self.res(z)  # not used: Torch-Pruning, tracing back from the output, never sees res
+        return self.head(z.mean(-1))
+
+
+def test_a_layer_whose_output_is_not_used_is_named_as_the_reason():
+    """The groups it sits on fail once cut (res is in no group, so never cut); the reason names the
+    unused layer and what to change, not a channel slice or a wrong mapping."""
+    torch.manual_seed(0)
+    model, x = _DeadResidual().eval(), torch.randn(2, 2, 16)
+    graph = Graph(model, x[:1])
+    reasons = {e.name: e.reason for e in verify_groups(graph, x, 0.9)}
+    for name in ("inp", "f"):
+        assert "res's output does not reach the model's output (computed and not used)" in reasons[name], reasons
+        assert "slice" not in reasons[name], reasons[name]
+
 class _FrozenNHWC(torch.nn.Module):
     """A frozen stem, a frozen per-channel scale (an nn.Parameter, as the buffer refusal advises) and
     a trainable conv, in channels-last layout."""
