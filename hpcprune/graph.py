@@ -213,6 +213,14 @@ class Graph:
                     raise
                 except Exception as e:
                     _runs_on(model, example_input, GraphError)
+                    op = _failing_mapping(e)
+                    if op is not None:  # the forward runs and is traced: Torch-Pruning's own mapping of an op fails
+                        raise GraphError(f"groups: Torch-Pruning cannot map the channels through {op} of "
+                                         f"{type(model).__name__} ({type(e).__name__}: {_first_line(e)}); the "
+                                         "forward runs: rewrite that op (channel slices or chunks concatenated in "
+                                         "another order, as a rotary embedding's rotate_half before the split into "
+                                         "heads, are not mapped), or set groups.kinds=[heads, block] with "
+                                         "prune_structure()") from e
                     raise GraphError(f"groups: Torch-Pruning cannot trace {type(model).__name__} ({type(e).__name__}: "
                                      f"{_first_line(e)}); the model's forward must run on the data's example input "
                                      "with autograd (no torch.no_grad() inside), or set groups.kinds=[heads, block] "
@@ -648,6 +656,23 @@ class Graph:
         if not g.channels or g.channels == g.size:
             return channel_scores
         return channel_scores.reshape(g.channels // g.size, g.size).sum(dim=0)
+
+
+_MAPPINGS = (("concat", "a torch.cat"), ("split", "a split or chunk"), ("reshape", "a reshape or view"),
+             ("flatten", "a flatten"), ("slice", "a slice"))
+
+
+def _failing_mapping(e: BaseException) -> str | None:
+    """The kind of op whose index mapping raised ``e`` inside Torch-Pruning's (or ``tp_fixes``')
+    ``update_*_index_mapping`` while it built the dependency graph ('a torch.cat', ...), or None."""
+    tb, names = e.__traceback__, []
+    while tb is not None:
+        names.append(tb.tb_frame.f_code.co_name)
+        tb = tb.tb_next
+    fn = next((n for n in reversed(names) if "index_mapping" in n), None)
+    if fn is None:
+        return None
+    return next((what for key, what in _MAPPINGS if key in fn), "an op")
 
 
 @contextlib.contextmanager

@@ -1,6 +1,6 @@
 """Torch-Pruning's upstream bugs that hpcprune patches at import, and those it works around elsewhere.
 
-Importing this module replaces twelve functions of Torch-Pruning (1.6) for the whole process;
+Importing this module replaces fourteen functions of Torch-Pruning (1.6) for the whole process;
 :mod:`hpcprune.graph` imports it first, so the patches are in place before any ``DependencyGraph``
 is built. Each section below is one upstream bug, described as it would be reported upstream:
 
@@ -21,6 +21,9 @@ is built. Each section below is one upstream bug, described as it would be repor
 8. ``update_concat_index_mapping`` maps no offsets for a ``torch.cat`` with an input that has no
    autograd history (``cat([x, h], 1)`` of the model's input): channel ``c`` of ``h`` is cut as the
    next layer's input ``c`` instead of ``c + 1`` (:func:`_update_concat_index_mapping`).
+9. ``get_pruning_group`` never returns where the indices change on every round of its expansion
+   (channel slices concatenated in another order, ``torch.cat([-q[..., 16:], q[..., :16]], -1)``)
+   (:func:`_add_dep`: the group is refused at once, its root excluded by name).
 
 Upstream behaviour hpcprune works around elsewhere, without patching Torch-Pruning:
 
@@ -310,3 +313,37 @@ def _update_concat_index_mapping(graph: Any, cat_node: Any) -> None:
 
 
 tp.dependency.index_mapping.update_concat_index_mapping = _update_concat_index_mapping
+
+
+# ---- 9. get_pruning_group: a search that never ends ------------------------------------------------
+_tp_add_dep = tp.dependency.group.Group.add_dep
+_tp_get_pruning_group = tp.dependency.graph.DependencyGraph.get_pruning_group
+_DEPS_PER_NODE = 20  # the most a group has needed on the zoo and tests/archs*: 2.7 per graph node (Swin-T)
+_max_deps = [0]  # while get_pruning_group runs: the most entries its group may take (0: no limit)
+
+
+def _get_pruning_group(self: Any, module: Any, pruning_fn: Any, idxs: Any) -> Any:
+    _max_deps[0] = _DEPS_PER_NODE * len(self.module2node) + 1000
+    try:
+        return _tp_get_pruning_group(self, module, pruning_fn, idxs)
+    finally:
+        _max_deps[0] = 0
+
+
+def _add_dep(self: Any, dep: Any, idxs: Any) -> None:
+    """Torch-Pruning expands a group until no dependency brings new (layer, indices) pairs; through
+    channel slices concatenated in another order (``torch.cat([-q[..., 16:], q[..., :16]], -1)``, a
+    rotary embedding's ``rotate_half`` before any split into heads) the indices change on every
+    round and the search never ends (a two-layer model ran into ``groups.timeout_s``). Past
+    ``_DEPS_PER_NODE`` entries per node of the graph the group is refused at once, so that only its
+    root is excluded."""
+    if _max_deps[0] and len(self._group) >= _max_deps[0]:
+        raise ValueError(f"Torch-Pruning's search for the group does not end ({len(self._group)} dependencies for "
+                         f"{(_max_deps[0] - 1000) // _DEPS_PER_NODE} layers and ops): it reaches the same layers with "
+                         "other channel indices on every round, as through slices of the channels concatenated in "
+                         "another order (torch.cat([x[..., k:], x[..., :k]], -1))")
+    _tp_add_dep(self, dep, idxs)
+
+
+tp.dependency.group.Group.add_dep = _add_dep
+tp.dependency.graph.DependencyGraph.get_pruning_group = _get_pruning_group

@@ -345,6 +345,22 @@ class NonLocalNet(nn.Module):
         return self.fc((h + self.out(y)).mean((2, 3)))
 
 
+class RotateHalf(nn.Module):
+    """A rotary embedding's rotate_half on the whole width, before any split into heads:
+    ``q + cat([-b, a])`` of ``a, b = q.chunk(2, -1)`` (``chunks=True``) or of slices ``q[..., 16:]``,
+    ``q[..., :16]``; inputs (N, T, 16)."""
+
+    def __init__(self, chunks: bool = True, num_classes: int = 4) -> None:
+        super().__init__()
+        self.chunks = chunks
+        self.q, self.fc = nn.Linear(16, 32), nn.Linear(32, num_classes)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        q = self.q(x)
+        a, b = q.chunk(2, -1) if self.chunks else (q[..., :16], q[..., 16:])
+        return self.fc((q + torch.cat([-b, a], -1)).mean(1))
+
+
 def frozen_cnn(num_classes: int = 10) -> nn.Module:
     """A small CNN with every parameter frozen (a feature extractor handed over as it is): nothing to
     fine-tune (not a CASES entry)."""

@@ -430,6 +430,30 @@ def test_a_layer_whose_output_is_not_used_is_named_as_the_reason():
         assert "res's output does not reach the model's output (computed and not used)" in reasons[name], reasons
         assert "slice" not in reasons[name], reasons[name]
 
+
+def test_channel_halves_concatenated_in_another_order_are_refused_at_once():
+    """rotate_half on the whole width. With slices, Torch-Pruning's group search never ended (a
+    two-layer model waited out groups.timeout_s): the root is now excluded at once, naming the
+    pattern. With chunks, its concat mapping fails while the graph is built: the one line names the
+    torch.cat and the remedy, not autograd or torch.no_grad()."""
+    import time
+
+    import archs2
+
+    from hpcprune.graph import GraphError
+
+    torch.manual_seed(0)
+    x = torch.randn(2, 12, 16)
+    t0 = time.perf_counter()
+    graph = Graph(archs2.RotateHalf(chunks=False).eval(), x[:1])
+    assert time.perf_counter() - t0 < 30  # not a timing test: the search ran for ever before
+    (ex,) = [e for e in graph.excluded if e.name == "q"]
+    assert "search for the group does not end" in ex.reason and "torch.cat([x[..., k:], x[..., :k]], -1)" in ex.reason
+    with pytest.raises(GraphError) as e:
+        Graph(archs2.RotateHalf(chunks=True).eval(), x[:1])
+    msg = str(e.value)
+    assert "\n" not in msg and "cannot map the channels through a torch.cat of RotateHalf" in msg and "no_grad" not in msg, msg
+
 class _FrozenNHWC(torch.nn.Module):
     """A frozen stem, a frozen per-channel scale (an nn.Parameter, as the buffer refusal advises) and
     a trainable conv, in channels-last layout."""
