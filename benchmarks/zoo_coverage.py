@@ -53,6 +53,11 @@ SWEEP_ARGS = [
     "baseline.batch_size=16",
 ]
 
+def sweep_args(threads: int) -> list[str]:
+    """SWEEP_ARGS with ``threads`` torch threads per sweep."""
+    return [f"threads={threads}" if arg == "threads=1" else arg for arg in SWEEP_ARGS]
+
+
 # checks on a finished run file, in a fresh process (the sweep's imports stay out of this one)
 CHECK = r"""
 import json, sys, warnings
@@ -201,10 +206,10 @@ def run_one(name: str, a: argparse.Namespace, cache: dict, lock: threading.Lock)
         import shutil
 
         shutil.rmtree(run_dir)
-    cmd = [sys.executable, "-m", "hpcprune.sweep", *SWEEP_ARGS, f"model.name={name}", f"data.root={root}",
+    cmd = [sys.executable, "-m", "hpcprune.sweep", *sweep_args(a.threads), f"model.name={name}", f"data.root={root}",
            f"data.image_size={size}", f"hydra.run.dir={run_dir}",
            f"groups.timeout_s={a.timeout}"]  # a graph build that hangs is refused in time, not timed out
-    env = dict(os.environ, OMP_NUM_THREADS="1", MKL_NUM_THREADS="1", PYTHONWARNINGS="ignore")
+    env = dict(os.environ, OMP_NUM_THREADS=str(a.threads), MKL_NUM_THREADS=str(a.threads), PYTHONWARNINGS="ignore")
     row: dict = {"model": name, "size": size}
     os.makedirs(run_dir)
     out_path = os.path.join(run_dir, "coverage_output.txt")  # the sweep's stdout and stderr, kept on a timeout too
@@ -305,6 +310,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--timeout", type=int, default=180,
                     help="CPU seconds per model's sweep (default 180; wall time is capped at 4x)")
     ap.add_argument("--jobs", type=int, default=2, help="sweeps at once (default 2)")
+    ap.add_argument("--threads", type=int, default=1,
+                    help="torch threads per sweep (default 1: CPU seconds are then the time on an idle core)")
     ap.add_argument("--root", help="where the digits ImageFolders go (default: the temp dir)")
     ap.add_argument("--out", default=os.path.join(tempfile.gettempdir(), "hpcprune_zoo_runs"), help="run directories")
     ap.add_argument("--keep-weights", action="store_true",
@@ -330,7 +337,7 @@ def main(argv: list[str] | None = None) -> int:
 
     log(f"# hpcprune on torchvision's zoo: {len(names)} models, torch {torch.__version__}, torchvision "
         f"{torchvision.__version__}, limit {a.timeout} CPU s per sweep, {a.jobs} at a time, {time.strftime('%Y-%m-%d %H:%M:%S')}")
-    log("# sweep: python -m hpcprune.sweep " + " ".join(SWEEP_ARGS) + " model.name=NAME data.root=DIGITS data.image_size=SIZE"
+    log("# sweep: python -m hpcprune.sweep " + " ".join(sweep_args(a.threads)) + " model.name=NAME data.root=DIGITS data.image_size=SIZE"
         f" groups.timeout_s={a.timeout}")
     cache: dict = {}
     lock = threading.Lock()
