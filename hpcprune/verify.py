@@ -444,10 +444,21 @@ _RNN_HINT = ("; a recurrent layer's input_size is fixed and hpcprune does not cu
              "stay whole")
 
 
+def _raised_module(graph: Graph, error: str) -> tuple[str, nn.Module] | None:
+    """(qualified name, module) of the module ``error`` (a :func:`_run_cut` line) names as raising
+    it; ``("", model)`` for the model's own forward; None when it names none."""
+    m = re.match(r"\w+ in (the model itself|[\w.]+) \(", error)
+    if m is None:
+        return None
+    name = "" if m.group(1) == "the model itself" else m.group(1)
+    mod = graph.by_name.get(name) if name else graph.model
+    return None if mod is None else (name, mod)
+
+
 def _in_rnn(graph: Graph, error: str) -> bool:
     """Whether ``error`` (a :func:`_run_cut` line) was raised in a recurrent layer (GRU, LSTM, RNN)."""
-    m = re.match(r"\w+ in ([\w.]+) \(", error)
-    return m is not None and isinstance(graph.by_name.get(m.group(1)), nn.RNNBase)
+    found = _raised_module(graph, error)
+    return found is not None and isinstance(found[1], nn.RNNBase)
 
 
 def _unused(graph: Graph, error: str, x: torch.Tensor) -> str:
@@ -456,13 +467,10 @@ def _unused(graph: Graph, error: str, x: torch.Tensor) -> str:
     outputs, so a layer whose result the forward computes and throws away (a WaveNet's last residual
     conv) is in no group, is never cut, and fails on its cut input (or its output on the cut stream).
     Told by autograd on the dense model: no gradient reaches the layer's output."""
-    m = re.match(r"\w+ in (the model itself|[\w.]+) \(", error)
-    if m is None:
+    found = _raised_module(graph, error)
+    if found is None:
         return ""
-    prefix = "" if m.group(1) == "the model itself" else m.group(1)
-    mod = graph.by_name.get(prefix) if prefix else graph.model
-    if mod is None:
-        return ""
+    prefix, mod = found
     traced = {graph.names.get(t) for t in graph.dg.module2node if isinstance(t, nn.Module)}
     candidates = {sub: n for n, sub in mod.named_modules(prefix=prefix) if not any(True for _ in sub.children())
                   and any(True for _ in sub.parameters(recurse=False)) and n not in traced}
