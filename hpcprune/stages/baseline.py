@@ -152,7 +152,7 @@ def train_dense(model: torch.nn.Module, data: Any, cfg: Any, device: str) -> Non
                 check.step()
             opt.step()
             sched.step()
-            loss_sum += float(loss) * x.shape[0]
+            loss_sum += loss.item() * x.shape[0]
             n += x.shape[0]
         note = check.warning("dense training") if epoch == 0 else None
         if note:
