@@ -34,6 +34,7 @@ def run(ctx: Context, cfg: Any, rf: RunFile) -> Record:
     model = ctx.arch_model or build_model(cfg.model)
     ctx.arch_model = None  # handed over: no second copy of a large model from here on
     model = model.eval()
+    marks = _marks(model)
     _check_logits(model, ctx)
     if int(cfg.finetune.epochs) > 0 and not any(p.requires_grad for p in model.parameters()):
         raise ConfigError("groups: every parameter of the model is frozen (requires_grad=False): the fine-tune would "
@@ -80,7 +81,29 @@ def run(ctx: Context, cfg: Any, rf: RunFile) -> Record:
     log.info("%d groups: %s", len(gs), ", ".join(
         f"{g.name}({g.size})" if not g.channels or g.channels == g.size else f"{g.name}({g.size} units of {g.channels // g.size} channels)"
         for g in gs))
+    _hand_back(ctx, model, marks)
     return lambda f: _write(f, graph, ignore, terms, cost, key, source)
+
+
+def _marks(model: nn.Module) -> list[tuple]:
+    """What the stage's tracing and counting set on a model and must take off again: every module's
+    hooks (Torch-Pruning traces with forward hooks) and every parameter's ``requires_grad``
+    (``flops.counting_env`` clears them while counting)."""
+    out: list[tuple] = [(n, len(m._forward_hooks), len(m._forward_pre_hooks), len(m._backward_hooks))
+                        for n, m in model.named_modules()]
+    out += [(n, p.requires_grad) for n, p in model.named_parameters()]
+    return out
+
+
+def _hand_back(ctx: Context, model: nn.Module, marks: list[tuple]) -> None:
+    """The verified model to the dense stage (``baseline.arch_model``), which would otherwise build
+    and initialise it again: every cut was restored (``verify_groups`` checks the tensors, sizes and
+    output after all of them) and ``_marks`` are as before the stage; else it is dropped and the
+    dense stage builds its own."""
+    if _marks(model) != marks:
+        log.debug("groups: the stage left hooks or requires_grad flags on the model: the dense stage builds it again")
+        return
+    ctx.arch_model = model
 
 
 def _check_logits(model: nn.Module, ctx: Context) -> None:
