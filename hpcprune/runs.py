@@ -8,6 +8,7 @@ beside the run file, or the referenced dense checkpoint; schema 1: datasets insi
 from __future__ import annotations
 
 import functools
+import sys
 import threading
 from typing import Any
 
@@ -79,23 +80,42 @@ def _skippable(name: str) -> Any:
 _SKIPPABLE_INITS = {n: _skippable(n) for n in _INITS}
 
 
+def _bound_inits() -> list[tuple[dict, str]]:
+    """(module namespace, name) for every loaded module that imported an initialiser by name
+    (``from torch.nn.init import xavier_uniform_``: ``nn.MultiheadAttention``'s packed projection,
+    ``nn.Transformer``), which patching ``torch.nn.init`` does not reach: vit_h_14's 32 attention
+    layers drew 2.6 s of random numbers in every build meant for loading."""
+    out = []
+    for mod in list(sys.modules.values()):
+        namespace = getattr(mod, "__dict__", None)
+        if not isinstance(namespace, dict) or mod is nn.init:
+            continue
+        out += [(namespace, n) for n in _INITS if namespace.get(n) is _ORIGINAL_INITS[n]]
+    return out
+
+
 def build_to_load(model_cfg: Any) -> nn.Module:
     """:func:`build_model` for a model whose weights are loaded next: ``torch.nn.init``'s
     initialisers are skipped while it is built (the idea of transformers' ``no_init_weights``;
-    wide_resnet101_2 0.98 -> 0.01 s, vit_h_14 4.2 -> 1.1 s, once per stage that rebuilds the dense
+    wide_resnet101_2 0.98 -> 0.01 s, vit_h_14 4.2 -> 0.07 s, once per stage that rebuilds the dense
     model). A tensor they would have initialised that the state dict does not hold (a non-persistent
     buffer) makes it build the model again, initialised: nothing is left uninitialised unless the
     state dict overwrites it."""
     touched: list[torch.Tensor] = []
     _skipping.touched = touched
+    bound = _bound_inits()
     try:
         for n in _INITS:
             setattr(nn.init, n, _SKIPPABLE_INITS[n])
+        for namespace, n in bound:
+            namespace[n] = _SKIPPABLE_INITS[n]
         model = build_model(model_cfg)
     finally:
         _skipping.touched = None
         for n, f in _ORIGINAL_INITS.items():
             setattr(nn.init, n, f)
+        for namespace, n in bound:
+            namespace[n] = _ORIGINAL_INITS[n]
     held = {t.data_ptr() for t in model.state_dict().values() if isinstance(t, torch.Tensor)}
     if any(t.numel() and t.data_ptr() not in held for t in touched):
         return build_model(model_cfg)
@@ -139,8 +159,44 @@ def read_plan(run: RunFile) -> dict[str, list[int]]:
 def dense_model(run: RunFile, cfg: DictConfig | None = None) -> nn.Module:
     cfg = cfg or load_config(run)
     model = build_to_load(cfg.model)
-    model.load_state_dict(read_weights(run, "baseline"))  # strict: every parameter and persistent buffer
+    load_weights(model, read_weights(run, "baseline"))  # strict: every parameter and persistent buffer
     return model.eval()
+
+
+def load_weights(model: nn.Module, state: Any) -> None:
+    """``model.load_state_dict(state)`` (strict) that takes the state dict's tensors as they are
+    (``assign=True``) instead of copying each into the model's own: a safetensors file's tensors are
+    its pages, mapped copy-on-write (:func:`hpcprune.store.load_safetensors`), so loading costs no
+    copy (vit_h_14: 2.5 GB, 3-7 s a load on one CPU thread, four loads a run). Each parameter keeps
+    its ``requires_grad``, and names that share one parameter (a tied embedding and output head)
+    keep sharing it. Where that cannot hold (a state dict with other dtypes, or tied names stored as
+    two tensors), the tensors are copied as ``load_state_dict`` always did."""
+    own = dict(model.named_parameters(remove_duplicate=False))
+    tensors = {**own, **dict(model.named_buffers(remove_duplicate=False))}
+    wrapped: dict[int, nn.Parameter] = {}  # id of the model's parameter -> the loaded one that replaces it
+    taken: dict[int, Any] = {}  # id of the model's parameter -> the stored tensor it takes
+    out: Any = type(state)()
+    assign = True
+    for k, v in state.items():
+        mine = tensors.get(k)
+        if not isinstance(v, torch.Tensor) or mine is None or v.dtype != mine.dtype or v.device != mine.device:
+            assign = False
+            break
+        if k in own:
+            first = taken.setdefault(id(mine), v)
+            if first is not v:  # one parameter of the model, two tensors in the state dict
+                assign = False
+                break
+            if id(mine) not in wrapped:
+                wrapped[id(mine)] = nn.Parameter(v, requires_grad=mine.requires_grad)
+            v = wrapped[id(mine)]
+        out[k] = v
+    if not assign:
+        model.load_state_dict(state)
+        return
+    if getattr(state, "_metadata", None) is not None:
+        out._metadata = state._metadata
+    model.load_state_dict(out, assign=True)
 
 
 def example_input(run: RunFile) -> torch.Tensor:
@@ -170,7 +226,7 @@ def pruned_model(run: RunFile, cfg: DictConfig | None = None, weights: str = "fi
         if stored:
             state = read_weights(run, stored[0])
             create_missing_biases(model, {k: v.shape for k, v in state.items()})  # prune.bias_compensation's (compensate)
-            model.load_state_dict(state)
+            load_weights(model, state)
     return model.eval()
 
 

@@ -53,7 +53,7 @@ from collections import OrderedDict
 import numpy as np
 import torch
 
-from hpcprune.store import WeightsError, has_weights, read_weights, write_weights
+from hpcprune.store import WeightsError, has_weights, load_safetensors, read_weights, save_safetensors, write_weights
 
 DATA = os.path.join(os.path.dirname(os.path.abspath(__file__)), "data")
 # the overrides the fixtures in tests/data were made with (see tests/data/README.md)
@@ -252,6 +252,73 @@ def test_a_model_built_to_be_loaded_skips_init_unless_the_state_dict_misses_a_te
     got = runs.build_to_load({"_target_": "test_store._Projected"})
     torch.testing.assert_close(got.proj, want)  # built again, initialised: the buffer is the real projection
 
+
+
+
+def test_an_initialiser_imported_by_name_is_skipped_too_and_put_back(monkeypatch):
+    """nn.MultiheadAttention calls the xavier_uniform_ torch/nn/modules/activation.py imported by
+    name (vit_h_14: 2.6 s of random draws per build meant for loading): skipped during the build, the
+    module's own name restored after it."""
+    import torch.nn.modules.activation as activation
+
+    from hpcprune import runs
+
+    original = activation.xavier_uniform_
+    drawn = []
+    monkeypatch.setattr(torch.Tensor, "uniform_", lambda self, *a, **k: drawn.append(self.shape) or self)
+    runs.build_to_load({"_target_": "torch.nn.MultiheadAttention", "embed_dim": 8, "num_heads": 2})
+    assert (24, 8) not in drawn  # the packed in_proj_weight: not initialised
+    assert activation.xavier_uniform_ is original
+    torch.nn.MultiheadAttention(8, 2)
+    assert (24, 8) in drawn  # outside the build: initialised as before
+
+
+
+class _Tied(torch.nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.emb = torch.nn.Embedding(7, 4)
+        self.head = torch.nn.Linear(4, 7, bias=False)
+        self.head.weight = self.emb.weight
+        self.norm = torch.nn.BatchNorm1d(4)
+        self.frozen = torch.nn.Linear(4, 4)
+        self.frozen.requires_grad_(False)
+
+
+def test_weights_are_loaded_without_a_copy_keeping_ties_and_frozen_layers(tmp_path):
+    """runs.load_weights: a safetensors file's tensors become the model's (no copy); a tied
+    parameter stays one parameter, a frozen one stays frozen; the values are the stored ones."""
+    from hpcprune import runs
+
+    src = _Tied()
+    src.norm.running_mean.add_(1.0)
+    save_safetensors(str(tmp_path / "w.safetensors"), src.state_dict())
+    state = load_safetensors(str(tmp_path / "w.safetensors"))
+    model = _Tied()
+    runs.load_weights(model, state)
+    assert model.emb.weight is model.head.weight and len(list(model.parameters())) == len(list(src.parameters()))
+    assert model.emb.weight.data_ptr() == state["emb.weight"].data_ptr()  # the stored tensor itself
+    assert not model.frozen.weight.requires_grad and model.emb.weight.requires_grad
+    for k, v in src.state_dict().items():
+        assert torch.equal(model.state_dict()[k], v), k
+    model.emb.weight.data.add_(1.0)  # written copy-on-write: the file keeps its values
+    assert torch.equal(load_safetensors(str(tmp_path / "w.safetensors"))["emb.weight"], src.emb.weight)
+
+
+def test_weights_that_cannot_be_taken_as_they_are_are_copied():
+    """Tied names stored as two tensors, or another dtype: copied into the model's own tensors
+    (load_state_dict as before), ties and dtypes kept."""
+    from hpcprune import runs
+
+    src = _Tied()
+    state = {k: v.clone() for k, v in src.state_dict().items()}  # emb.weight and head.weight: two tensors
+    model = _Tied()
+    runs.load_weights(model, state)
+    assert model.emb.weight is model.head.weight and torch.equal(model.emb.weight, src.emb.weight)
+    state = {k: v.double() if v.is_floating_point() else v for k, v in src.state_dict().items()}
+    model = _Tied()
+    runs.load_weights(model, state)
+    assert model.frozen.weight.dtype == torch.float32 and torch.equal(model.frozen.weight, src.frozen.weight)
 
 
 @pytest.mark.parametrize("links", [True, False])

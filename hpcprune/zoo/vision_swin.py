@@ -62,9 +62,9 @@ class SwinHeadAttention(nn.Module):
             self.logit_scale = nn.Embedding(1, self.num_heads)
             self.logit_scale.weight.data.copy_(src.logit_scale.data.view(1, -1))
         else:
-            table = src.relative_position_bias_table
-            self.relative_position_bias_table = nn.Embedding(table.shape[0], table.shape[1])
-            self.relative_position_bias_table.weight.data.copy_(table.data)
+            table = src.relative_position_bias_table  # the same storage (not a copy): a build for loading
+            # (runs.build_to_load) skips its initialisation and sees the table loaded
+            self.relative_position_bias_table = nn.Embedding(table.shape[0], table.shape[1], _weight=table.data)
 
     def relative_position_bias(self) -> torch.Tensor:
         """``(1, h, N, N)`` with ``N = Wh * Ww``."""
