@@ -91,7 +91,10 @@ def verify_groups(graph: Graph, example: torch.Tensor, max_ratio: float, round_t
         train_only = _train_only(model, x)
         for i, g in enumerate(list(graph.groups)):
             try:
-                reason = _check(graph, g, x, (dense, shapes), scale, max_ratio, round_to, seed, prefix.forward(g))
+                fwd = prefix.forward(g)
+                reason = _check(graph, g, x, (dense, shapes), scale, max_ratio, round_to, seed, fwd)
+                if reason is not None and getattr(fwd, "partial", False):  # the whole forward gives the reason
+                    reason = _check(graph, g, x, (dense, shapes), scale, max_ratio, round_to, seed, prefix.forward(g, False))
                 if reason is None and train_only and g.kind in ("channels", "neurons"):
                     reason = _check_training(graph, g, x, max_ratio, round_to, seed, train_only)
             finally:
@@ -291,7 +294,12 @@ class _FromPrefix:
     chain element a group touches (the sensitivity engine's chain, ``cells.chain_of``): what comes
     before is the same for every cut of the group. The whole forward where the model is no chain,
     for a block group (its skip replaces the module in its parent, not in the chain), for any other
-    input (the float64 recheck), or where the activations would take more than ``budget`` bytes."""
+    input (the float64 recheck), or where the activations would take more than ``budget`` bytes.
+
+    It also stops early (:class:`_Partial`): past the last chain element the cut changed, once an
+    activation has its dense shapes, the rest of the forward is the same layers on the same shapes,
+    and two cuts (or a cut and its reference) that agree there agree on the output. A group's checks
+    then compare that activation, as the cost model's recordings do (``costs._ChainStarts``)."""
 
     def __init__(self, model: nn.Module, x: torch.Tensor, budget: int = 1 << 30) -> None:
         from .sensitivity.cells import chain_of
@@ -299,6 +307,7 @@ class _FromPrefix:
         self.model, self.x = model, x
         self.chain = chain_of(model, x)
         self.inputs: list[Any] = []
+        self.states: list[tuple] = []
         if self.chain is None:
             return
         h, size = x, 0
@@ -309,6 +318,9 @@ class _FromPrefix:
             if size > budget:
                 self.chain, self.inputs = None, []
                 return
+        from .costs import _element_state
+
+        self.states = [_element_state(e) for _, e in self.chain]
 
     def entry(self, g: GroupInfo) -> int:
         """The first chain element holding one of the group's layers (0: the whole forward)."""
@@ -318,9 +330,14 @@ class _FromPrefix:
             return 0
         return first_element(self.chain, [m.module for m in g.members])
 
-    def forward(self, g: GroupInfo) -> Any:
-        """``f(x)``: the model's output for group ``g``'s checks."""
+    def forward(self, g: GroupInfo, stop: bool = True) -> Any:
+        """``f(x)``: the model's output for group ``g``'s checks; with ``stop``, a :class:`_Partial`
+        that may stop before the end of the chain."""
         k = self.entry(g)
+        located = k > 0 or (self.chain is not None and g.kind != "block" and all(
+            any(m.module == name or m.module.startswith(name + ".") for name, _ in self.chain) for m in g.members))
+        if stop and located:
+            return _Partial(self, k)
         if k == 0:
             return self.model
 
@@ -333,6 +350,52 @@ class _FromPrefix:
                 h = element(h)
             return h
         return f
+
+
+class _Partial:
+    """A group's forward from chain element ``k`` that stops where its first call (the cut's: every
+    check of a group runs the cut first) found the rest of the forward unchanged: at the first
+    element ``j`` at or past the last one whose tensors or sizes the cut changed
+    (``costs._element_state``) whose output has the dense shapes. Later calls (the cells' slice, the
+    references) stop at the same place. ``stop``: the index of the element the activation returned
+    enters (``len(chain)``: the model's output)."""
+
+    def __init__(self, prefix: _FromPrefix, k: int) -> None:
+        self.prefix, self.k, self.stop = prefix, k, None
+
+    @property
+    def partial(self) -> bool:
+        return self.stop is not None and self.stop < len(self.prefix.chain)
+
+    def reference(self, dense: Any, shapes: list, scale: float) -> tuple[Any, list, float]:
+        """(the dense activation, its shapes, the tolerance scale) where this forward stopped; the
+        model's own (``dense``, ``shapes``, ``scale``) when it ran to the end."""
+        if not self.partial:
+            return dense, shapes, scale
+        h = first_tensor(self.prefix.inputs[self.stop])
+        return h, output_shapes(self.prefix.inputs[self.stop]), 1.0 + float(h.abs().max())
+
+    def __call__(self, x: torch.Tensor) -> Any:
+        from .costs import _element_state, _same_shapes
+
+        p = self.prefix
+        if x is not p.x:
+            return p.model(x)
+        chain, n = p.chain, len(p.chain)
+        h = p.inputs[self.k]
+        h = h.clone() if isinstance(h, torch.Tensor) else h  # an element may write into its input
+        if self.stop is None:
+            last = max((j for j in range(self.k, n) if _element_state(chain[j][1]) != p.states[j]), default=self.k)
+            for j in range(self.k, n):
+                h = chain[j][1](h)
+                if j >= last and j + 1 < n and _same_shapes(h, p.inputs[j + 1]):
+                    self.stop = j + 1
+                    return h
+            self.stop = n
+            return h
+        for j in range(self.k, self.stop):
+            h = chain[j][1](h)
+        return h
 
 
 def _check(graph: Graph, g: GroupInfo, x: torch.Tensor, dense_out: tuple[torch.Tensor, list], scale: float,
@@ -357,6 +420,8 @@ def _check(graph: Graph, g: GroupInfo, x: torch.Tensor, dense_out: tuple[torch.T
         return (f"the model fails once it is cut ({got}){_fixed_width(g, got)}{unused}" + ("" if unused else
                 f"{_heads_hint(g) if g.kind == 'heads' else _RNN_HINT if _in_rnn(graph, got) else _hint(graph, g, x)}"))
     got, shapes = got
+    if isinstance(fwd, _Partial):  # compared where it stopped
+        dense, dense_shapes, scale = fwd.reference(dense, dense_shapes, scale)
     if shapes != dense_shapes:  # any output, not only the main one (a second head, a dict of outputs)
         return OUTPUT
     if not torch.isfinite(got).all():

@@ -765,7 +765,8 @@ def test_refusals_name_the_weight_or_buffer_torch_pruning_does_not_cut():
                                   "dilated_hardswish", "pixel_shuffle_sr", "tcn_causal"])
 def test_verification_from_cached_activations_finds_what_the_whole_forward_finds(case, monkeypatch):
     """Verification runs a group's cuts from the dense activations entering the first chain element
-    it touches: the same exclusions, with the same reasons, as running the whole forward."""
+    it touches, and stops past the last element the cut changes: the same exclusions, with the same
+    reasons, as running the whole forward."""
     import archs
     import archs2
 
@@ -773,10 +774,10 @@ def test_verification_from_cached_activations_finds_what_the_whole_forward_finds
     from hpcprune.runs import ignore_names
 
     model_fn, data_fn = {**archs.CASES, **archs2.CASES}[case]
-    found, entries = [], []
+    found, entries, stops = [], [], []
     for prefix in (True, False):
         if not prefix:
-            monkeypatch.setattr(verify._FromPrefix, "forward", lambda self, g: self.model)
+            monkeypatch.setattr(verify._FromPrefix, "forward", lambda self, g, stop=True: self.model)
         torch.manual_seed(0)
         model = model_fn().eval()
         x = data_fn(calib_samples=16, val_samples=16).example_input
@@ -784,9 +785,21 @@ def test_verification_from_cached_activations_finds_what_the_whole_forward_finds
         if prefix:
             p = verify._FromPrefix(model, x[:2])
             entries = [p.entry(g) for g in graph.groups]
+            for g in graph.groups:  # where each group's cut leaves the rest of the forward unchanged
+                f, drop = p.forward(g), verify._drop(g, 0.9, 1, 0)
+                if isinstance(f, verify._Partial) and drop:
+                    cut = graph.cut(g.name, drop)
+                    try:
+                        f(p.x)
+                    except Exception:  # noqa: BLE001 - a group verification excludes
+                        pass
+                    finally:
+                        cut.restore()
+                    stops.append(f.partial)
         found.append(sorted((e.name, e.reason) for e in verify_groups(graph, x, 0.9, 1)))
     assert found[0] == found[1]
     assert max(entries) > 0  # some group's checks start past the first element
+    assert any(stops) or case == "tcn_causal"  # ... and stop before the output (the TCN's groups reach its classifier)
 
 
 @pytest.mark.parametrize("case", ["lenet_flatten", "mobilenetv2", "inception_concat", "resnext_grouped", "se_resnet",
