@@ -56,6 +56,7 @@ class Sweep:
         self.data: Any = None  # built while the run is prepared (rank 0: checked there)
         self.arch_model: Any = None  # rank 0: the model the inputs check built, for the groups stage
         self._forced: dict[str, Any] | None = None  # rank 0: a resume.force over a changed config (config_history)
+        self.finished = False  # a complete run started again with its own config: nothing to run or record
 
     # ---- the run ----------------------------------------------------------------------------------
     def run(self) -> int:
@@ -63,6 +64,12 @@ class Sweep:
         self.hosts = sorted(set(self.world.allgather(socket.gethostname())))  # every rank's node, for the record
         if not self._accepted():
             return 2
+        if self.finished:  # its record (statuses, seconds, world size) is left as the run that did the work wrote it
+            if self.main:
+                self.lock.release()  # type: ignore[union-attr]
+                self._print_summary()
+            self.world.barrier()
+            return 0
         # rank 0 works alone (others sleep) in every stage but sensitivity: it may use every core,
         # and the same thread count with 1 or N ranks keeps dense training bit-identical
         threads = self.world.set_threads(int(self.cfg.threads), alone=True)
@@ -190,7 +197,7 @@ class Sweep:
             except Exception as e:  # raised below, unless rank 0 stops every rank with one line
                 early = e
         problem = self._prepare() if self.main else None
-        problem = self.world.bcast(problem)
+        problem, self.finished = self.world.bcast((problem, self.finished))
         if problem:
             if self.main:
                 print(f"hpcprune: error: {problem}", file=sys.stderr, flush=True)
@@ -216,6 +223,11 @@ class Sweep:
                 self.rf.check()
                 self._check_resume(resolved)
                 verify_weights(self.rf, "baseline")  # a referenced dense checkpoint that changed: one line
+                done = self.rf.done_stages()
+                if not self._forced and self.rf.attrs().get("status") == "complete" and all(st.key in done for st in STAGES):
+                    self.finished = True
+                    log.info("%s is complete, every stage done: nothing to run (the run file is left as it is)", self.rf.path)
+                    return None
             # bad data, model or checkpoint, or too little disk: one line, before the run file is touched
             self._check_inputs()
             if self.rf.exists():

@@ -97,7 +97,7 @@ def test_resume_skips_finished_stages(fast_run, tmp_path):
     metric = before["sensitivity/metric"][()]
     before.close()
     p = run_sweep(d, *FAST)
-    assert "resuming" in p.stderr and "fine-tune job" not in p.stderr
+    assert "every stage done: nothing to run" in p.stderr and "fine-tune job" not in p.stderr
     with h5py.File(d / "run.h5") as f:
         assert f.attrs["created"] == created and f.attrs["status"] == "complete"
         np.testing.assert_array_equal(f["sensitivity/metric"][()], metric)

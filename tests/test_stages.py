@@ -34,3 +34,19 @@ def test_without_the_verified_model_the_dense_stage_builds_the_same_one(monkeypa
     want = default_model().state_dict()
     for k, v in model.state_dict().items():
         assert torch.equal(v, want[k]), k
+
+
+def test_a_complete_run_started_again_is_left_as_it_is(tmp_path, capsys):
+    """Started again with its own config, a complete run runs nothing and records nothing (its
+    seconds and world size stay those of the run that did the work); it prints its summary."""
+    import hashlib
+
+    run = tmp_path / "run"
+    assert sweep_in_process(run, *QUICK) == 0
+    before = hashlib.sha256((run / "run.h5").read_bytes()).hexdigest()
+    capsys.readouterr()
+    assert sweep_in_process(run, *QUICK) == 0
+    assert hashlib.sha256((run / "run.h5").read_bytes()).hexdigest() == before
+    assert "run file:" in capsys.readouterr().out
+    assert sweep_in_process(run, *QUICK, "prune.target.macs=0.6", "resume.force=true") == 0  # a changed config runs
+    assert hashlib.sha256((run / "run.h5").read_bytes()).hexdigest() != before
