@@ -87,7 +87,10 @@ def _bound_inits() -> list[tuple[dict, str]]:
     layers drew 2.6 s of random numbers in every build meant for loading."""
     out = []
     for mod in list(sys.modules.values()):
-        namespace = getattr(mod, "__dict__", None)
+        try:
+            namespace = vars(mod)
+        except Exception:  # noqa: BLE001 - an entry of sys.modules that is not a module (a shim)
+            continue
         if not isinstance(namespace, dict) or mod is nn.init:
             continue
         out += [(namespace, n) for n in _INITS if namespace.get(n) is _ORIGINAL_INITS[n]]
