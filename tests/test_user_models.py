@@ -51,7 +51,7 @@ def test_a_dict_output_is_trained_measured_and_pruned(tmp_path):
 def test_features_returned_before_the_logits_refused_before_training(tmp_path):
     """``(features, logits)``: the first tensor would be scored, trained and pruned as 10-class logits
     although it is 32 features wide; one line naming both widths, before any training."""
-    with pytest.raises(ConfigError, match=r"main output .* has shape \(2, 32\), 32 values per sample, but the data has 10 classes"):
+    with pytest.raises(ConfigError, match=r"main output .* has shape \(batch, 32\), 32 values per sample, but the data has 10 classes"):
         sweep_in_process(tmp_path, *TINY, "model=custom", "model._target_=archs2.features_first")
     with h5py.File(tmp_path / "run.h5", "r") as f:
         assert "baseline" not in f

@@ -131,7 +131,7 @@ def _check_logits(model: nn.Module, ctx: Context) -> None:
     if (token and width < classes) or (not token and width != classes):
         raise ConfigError(
             f"model: its main output (the output itself, a tuple's first tensor or a dict's 'logits') has shape "
-            f"{tuple(out.shape)}, {width} values per {'token' if token else 'pixel' if dense else 'sample'}, but the data has {classes} "
+            f"(batch, {', '.join(str(int(d)) for d in out.shape[1:])}), {width} values per {'token' if token else 'pixel' if dense else 'sample'}, but the data has {classes} "
             f"{'tokens in its vocabulary' if token else 'classes'}: return the logits first, or give the model "
             f"{classes} outputs (found on the architecture, before any training)")
 
