@@ -966,3 +966,43 @@ def test_a_depthwise_convolution_with_a_channel_multiplier_is_named():
     ex = {e.name: e.reason for e in graph.excluded}
     assert "2 is a depthwise convolution with a channel multiplier of 2 (groups=16, 32 outputs)" in ex["0"], ex
     assert [(g.name, g.size, g.channels) for g in graph.groups][:2] == [("2", 2, 32), ("4", 24, 24)]
+
+
+@pytest.mark.parametrize("case", ["densenet", "inception_concat", "unet"])
+def test_concat_offsets_are_mapped_as_torch_pruning_maps_them(case):
+    """tp_fixes._tp_update_concat (upstream's update_concat_index_mapping without its cubic search for
+    the dependencies it mapped) sets every dependency's concat mapping as upstream does, on the dense
+    graph and with a group already cut (the cost model's joint level)."""
+    import archs
+    from torch_pruning.dependency import index_mapping as im
+
+    from hpcprune import tp_fixes
+
+    def mappings(graph):
+        out = []
+        for node in graph.dg.module2node.values():
+            for dep in node.dependencies:
+                m = dep.index_mapping[1]
+                out.append((id(dep), (tuple(m.offset), m.reverse) if isinstance(m, im._ConcatIndexMapping) else None))
+        return out
+
+    model_fn, data_fn = archs.CASES[case]
+    torch.manual_seed(0)
+    model = model_fn().eval()
+    x = data_fn(calib_samples=16, val_samples=16).example_input
+    graph = Graph(model, x[:1], [])
+    cats = [n for n in graph.dg.module2node.values() if n.type == tp_fixes.tp.ops.OPTYPE.CONCAT]
+    assert cats
+    cut = graph.cut(graph.groups[0].name, [0])
+    try:
+        for _ in range(2):  # with a group cut, then dense again
+            got, want = [], []
+            for fn, out in ((tp_fixes._tp_update_concat, got), (tp_fixes._tp_update_concat_upstream, want)):
+                for node in cats:
+                    node.module.concat_sizes = None  # measured again from the widths, as on a new graph
+                    fn(graph.dg, node)
+                out.append(mappings(graph))
+            assert got == want and any(m is not None for _, m in got[0])
+            cut.restore()
+    finally:
+        cut.restore()
