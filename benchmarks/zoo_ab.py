@@ -56,7 +56,7 @@ def main() -> int:
     ap.add_argument("--base", required=True, help="the git revision to compare this tree against")
     ap.add_argument("--models", default="efficientnet_v2_l,vit_h_14,swin_v2_b,swin_b,swin_v2_s,densenet201,"
                                         "efficientnet_b7,regnet_y_32gf,wide_resnet101_2,densenet161")
-    ap.add_argument("--timeout", type=float, default=600.0, help="CPU seconds per sweep (zoo_coverage.py --timeout)")
+    ap.add_argument("--timeout", type=int, default=600, help="CPU seconds per sweep (zoo_coverage.py --timeout)")
     ap.add_argument("--root", help="where the digits ImageFolders go (zoo_coverage.py --root)")
     ap.add_argument("--out", default=None, help="run directories and the base's worktree (default: a temp dir)")
     ap.add_argument("--log", default=os.path.join(HERE, "results", "zoo_ab.log"))
@@ -110,7 +110,7 @@ def main() -> int:
     gmean = math.exp(sum(math.log(r) for r in ok) / len(ok)) if ok else float("nan")
     over = [name for name, _, h, _ in rows if h.get("cpu", math.inf) > 60.0]
     say(f"geometric mean ratio (this tree / base, CPU s): {gmean:.3f}; over 60 CPU s in this tree: {len(over)} of {len(rows)}")
-    summary = {"base": rev, "head": head, "dirty": dirty, "gmean_ratio": round(gmean, 4), "over_60_cpu_s": over,
+    summary = {"base": rev, "head": head, "dirty": dirty, "gmean_ratio": round(gmean, 4) if ok else None, "over_60_cpu_s": over,
                "models": {name: {"base_cpu_s": b.get("cpu"), "cpu_s": h.get("cpu"), "ratio": round(r, 4) if math.isfinite(r) else None}
                           for name, b, h, r in rows}}
     say(json.dumps(summary))
