@@ -367,13 +367,16 @@ class _Partial:
     def partial(self) -> bool:
         return self.stop is not None and self.stop < len(self.prefix.chain)
 
-    def reference(self, dense: Any, shapes: list, scale: float) -> tuple[Any, list, float]:
+    def reference(self, dense: Any, shapes: list, scale: float, got: torch.Tensor) -> tuple[Any, list, float]:
         """(the dense activation, its shapes, the tolerance scale) where this forward stopped; the
-        model's own (``dense``, ``shapes``, ``scale``) when it ran to the end."""
+        model's own (``dense``, ``shapes``, ``scale``) when it ran to the end. The scale is the
+        larger of the cut's activation ``got`` and the stored dense one (which an element that
+        works in place on its input, a ``ReLU(inplace=True)``, may have changed since)."""
         if not self.partial:
             return dense, shapes, scale
         h = first_tensor(self.prefix.inputs[self.stop])
-        return h, output_shapes(self.prefix.inputs[self.stop]), 1.0 + float(h.abs().max())
+        big = max(float(h.abs().max()), float(got.abs().max()) if torch.isfinite(got).all() else 0.0)
+        return h, output_shapes(self.prefix.inputs[self.stop]), 1.0 + big
 
     def __call__(self, x: torch.Tensor) -> Any:
         from .costs import _element_state, _same_shapes
@@ -421,7 +424,7 @@ def _check(graph: Graph, g: GroupInfo, x: torch.Tensor, dense_out: tuple[torch.T
                 f"{_heads_hint(g) if g.kind == 'heads' else _RNN_HINT if _in_rnn(graph, got) else _hint(graph, g, x)}"))
     got, shapes = got
     if isinstance(fwd, _Partial):  # compared where it stopped
-        dense, dense_shapes, scale = fwd.reference(dense, dense_shapes, scale)
+        dense, dense_shapes, scale = fwd.reference(dense, dense_shapes, scale, got)
     if shapes != dense_shapes:  # any output, not only the main one (a second head, a dict of outputs)
         return OUTPUT
     if not torch.isfinite(got).all():
