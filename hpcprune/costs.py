@@ -91,6 +91,7 @@ class _ChainStarts:
     def __init__(self, model: nn.Module, chain: list, inputs: list, first_op: list[int], ops: list[Op]) -> None:
         self.model, self.chain, self.inputs, self.first_op, self.ops = model, chain, inputs, first_op, ops
         self.states = [_element_state(e) for _, e in chain]
+        self.stops = stops_safely(model)
 
     @classmethod
     def make(cls, model: nn.Module, x: Any, ops: list[Op], probes: Sequence[Probe],
@@ -150,9 +151,41 @@ class _ChainStarts:
             h = h.clone() if isinstance(h, torch.Tensor) else h  # an element may write into its input
             for j in range(k, n):
                 h = self.chain[j][1](h)
-                if j >= last and j + 1 < n and _same_shapes(h, self.inputs[j + 1]):
+                if self.stops and j >= last and j + 1 < n and _same_shapes(h, self.inputs[j + 1]):
                     return rec.ops + self.ops[self.first_op[j + 1]:]
         return rec.ops
+
+
+_TORCH_INTERNALS = ("_modules", "_parameters", "_buffers", "_non_persistent_buffers_set")
+
+
+def stops_safely(model: nn.Module) -> bool:
+    """Whether the output of a chain element decides the rest of the forward, so that a cut's
+    forward may stop past the last element it changed (:class:`_ChainStarts`, ``verify._Partial``):
+    no forward hooks (a hook on a later layer may read any other), and no module that holds another
+    module, a tensor or a bound method of a module outside its registered children, parameters and
+    buffers (``self.ref = [conv0]`` read by a later element). False: every forward runs to the end."""
+    from torch.nn.modules import module as tm
+
+    if tm._global_forward_hooks or tm._global_forward_pre_hooks:
+        return False
+    for m in model.modules():
+        if m._forward_hooks or m._forward_pre_hooks:
+            return False
+        own: set[int] | None = None  # the module itself, its submodules, their parameters and buffers
+        for k, v in vars(m).items():
+            if k in _TORCH_INTERNALS or k.startswith(("_forward", "_backward", "_state_dict", "_load_state_dict")):
+                continue
+            items = list(v.values()) if isinstance(v, dict) else list(v) if isinstance(v, (list, tuple, set)) else [v]
+            for e in items:
+                ref = e if isinstance(e, (nn.Module, torch.Tensor)) else getattr(e, "__self__", None)
+                if not isinstance(ref, (nn.Module, torch.Tensor)):
+                    continue
+                if own is None:  # an LSTM's _flat_weights, a model's own bound method (prune_chain): its own
+                    own = {id(x) for x in (*m.modules(), *m.parameters(), *m.buffers())}
+                if id(ref) not in own:
+                    return False
+    return True
 
 
 def _element_state(element: nn.Module) -> tuple:

@@ -82,11 +82,24 @@ def verify_groups(graph: Graph, example: torch.Tensor, max_ratio: float, round_t
     t0 = time.perf_counter()
     with torch.no_grad():
         x = _short(model, example[:2])
+        before = _module_attrs(model)
         out0 = model(x)
         dense, shapes = first_tensor(out0).clone(), output_shapes(out0)
         del out0
+        after = _module_attrs(model)  # attributes the model's own forward changes (a counter): not sizes a cut must put back
+        volatile = {(n, k) for n, d in after.items() for k in set(d) | set(before.get(n, {}))
+                    if d.get(k) != before.get(n, {}).get(k)}
+        again = first_tensor(model(x))
+        if not torch.equal(again, dense):
+            from .config import ConfigError
+
+            raise ConfigError(
+                "groups: the model's output on the same input changes from one forward to the next in eval mode (max "
+                f"difference {float((again - dense).abs().max()):.3g}): its forward updates state that its output "
+                "depends on (or draws random numbers in eval mode), so no cut can be checked against it; make the "
+                "forward deterministic in eval mode")
         scale = 1.0 + float(dense.abs().max())
-        state = _state(model)
+        state = _state(model, volatile)
         prefix = _FromPrefix(model, x)
         train_only = _train_only(model, x)
         for i, g in enumerate(list(graph.groups)):
@@ -98,7 +111,7 @@ def verify_groups(graph: Graph, example: torch.Tensor, max_ratio: float, round_t
                 if reason is None and train_only and g.kind in ("channels", "neurons"):
                     reason = _check_training(graph, g, x, max_ratio, round_to, seed, train_only)
             finally:
-                if _state(model) != state:
+                if _state(model, volatile) != state:
                     raise RuntimeError(f"hpcprune bug: group {g.name} did not restore the model's tensors and sizes after a cut")
             if reason is not None:
                 out.append(Excluded(g.name, list(g.layer_types), reason))
@@ -318,9 +331,10 @@ class _FromPrefix:
             if size > budget:
                 self.chain, self.inputs = None, []
                 return
-        from .costs import _element_state
+        from .costs import _element_state, stops_safely
 
         self.states = [_element_state(e) for _, e in self.chain]
+        self.stops = stops_safely(model)
 
     def entry(self, g: GroupInfo) -> int:
         """The first chain element holding one of the group's layers (0: the whole forward)."""
@@ -336,7 +350,7 @@ class _FromPrefix:
         k = self.entry(g)
         located = k > 0 or (self.chain is not None and g.kind != "block" and all(
             any(m.module == name or m.module.startswith(name + ".") for name, _ in self.chain) for m in g.members))
-        if stop and located:
+        if stop and located and self.stops:
             return _Partial(self, k)
         if k == 0:
             return self.model
@@ -684,14 +698,23 @@ def _raised_in(e: BaseException, names: dict) -> str:
     return f" in {names[found] or 'the model itself'} ({type(found).__name__})" if found is not None else ""
 
 
-def _state(model: nn.Module) -> list[tuple]:
+def _module_attrs(model: nn.Module) -> dict[str, dict]:
+    """Every module's ``size_attrs``, by qualified name."""
+    return {name: dict(size_attrs(mod)) for name, mod in model.named_modules(remove_duplicate=False)}
+
+
+def _state(model: nn.Module, volatile: Any = frozenset()) -> list[tuple]:
     """Every parameter and buffer (name, object, shape) and every module's integer and tuple
     attributes (sizes, head counts, groups): what a cut changes and ``restore()`` must put back.
-    Checked after every group; the dense output itself once, after all of them."""
+    Checked after every group; the dense output itself once, after all of them. ``volatile``:
+    (module name, attribute) pairs the model's own forward changes (a counter), left out."""
     out: list[tuple] = [(n, id(t), tuple(t.shape)) for n, t in model.named_parameters(remove_duplicate=False)]
     out += [(n, id(t), tuple(t.shape)) for n, t in model.named_buffers(remove_duplicate=False)]
     for name, mod in model.named_modules(remove_duplicate=False):
-        out.append((name, id(mod), size_attrs(mod)))
+        attrs = size_attrs(mod)
+        if volatile:
+            attrs = tuple((k, v) for k, v in attrs if (name, k) not in volatile)
+        out.append((name, id(mod), attrs))
     return out
 
 

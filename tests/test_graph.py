@@ -1006,3 +1006,71 @@ def test_concat_offsets_are_mapped_as_torch_pruning_maps_them(case):
             cut.restore()
     finally:
         cut.restore()
+
+
+class _Reader(nn.Module):
+    """Reads an earlier layer's width at run time through a reference that is not a submodule."""
+
+    def __init__(self, ref):
+        super().__init__()
+        self.ref = [ref]
+
+    def forward(self, x):
+        return x + 0.01 * torch.arange(self.ref[0].out_channels, dtype=x.dtype).view(1, -1, 1, 1)
+
+
+class _Counter(nn.Module):
+    """Counts its forwards in a plain attribute (not a size a cut changes)."""
+
+    def __init__(self):
+        super().__init__()
+        self.calls = 0
+
+    def forward(self, x):
+        self.calls += 1
+        return x
+
+
+def test_a_later_layer_reading_a_cut_layer_through_a_hidden_reference_is_checked_on_the_whole_forward():
+    """A chain element that reads another layer outside its registered children (here its width):
+    the cut's effect reaches past the last element it changes, so no check stops early there
+    (costs.stops_safely); the group whose cut breaks the model is excluded, not kept. A counter the
+    forward updates is no restore bug."""
+    from hpcprune import verify
+    from hpcprune.costs import stops_safely
+
+    x = torch.randn(4, 3, 8, 8)
+    for counter in (False, True):
+        torch.manual_seed(0)
+        c0 = nn.Conv2d(3, 8, 3, padding=1)
+        model = nn.Sequential(c0, nn.ReLU(), nn.Conv2d(8, 8, 3, padding=1), nn.ReLU(), _Reader(c0),
+                              *([_Counter()] if counter else []), nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(8, 5)).eval()
+        assert not stops_safely(model)
+        graph = Graph(model, x[:1], [])
+        excluded = {e.name: e.reason for e in verify_groups(graph, x, 0.9, 1)}  # no "hpcprune bug" for the counter
+        assert "0" in excluded and "fails once it is cut" in excluded["0"]
+        for g in graph.groups:  # every kept group's cut runs through the whole model
+            cut = graph.cut(g.name, verify._drop(g, 0.9, 1, 0))
+            try:
+                model(x)
+            finally:
+                cut.restore()
+
+
+def test_a_model_whose_output_changes_from_one_forward_to_the_next_is_refused_in_one_line():
+    from hpcprune.config import ConfigError
+
+    class Drifting(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.fc = nn.Linear(6, 4)
+            self.register_buffer("seen", torch.zeros(()))
+
+        def forward(self, x):
+            self.seen += 1
+            return self.fc(x) * (1 + 1e-3 * self.seen)
+
+    model = Drifting().eval()
+    x = torch.randn(4, 6)
+    with pytest.raises(ConfigError, match="changes from one forward to the next in eval mode"):
+        verify_groups(Graph(model, x[:1], []), x, 0.9, 1)
