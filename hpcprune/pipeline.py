@@ -225,6 +225,8 @@ class Sweep:
                 verify_weights(self.rf, "baseline")  # a referenced dense checkpoint that changed: one line
                 done = self.rf.done_stages()
                 if not self._forced and self.rf.attrs().get("status") == "complete" and all(st.key in done for st in STAGES):
+                    for stage in ("pruned", "finetune", "final"):  # a weights file gone or changed: one line, as the dense one
+                        verify_weights(self.rf, stage)
                     self.finished = True
                     log.info("%s is complete, every stage done: nothing to run (the run file is left as it is)", self.rf.path)
                     return None

@@ -1,6 +1,8 @@
 """What the stages hand each other in one process (in-process sweeps, the run file read back)."""
+import os
 import types
 
+import pytest
 import torch
 
 from hpcprune.stages import baseline
@@ -50,3 +52,54 @@ def test_a_complete_run_started_again_is_left_as_it_is(tmp_path, capsys):
     assert "run file:" in capsys.readouterr().out
     assert sweep_in_process(run, *QUICK, "prune.target.macs=0.6", "resume.force=true") == 0  # a changed config runs
     assert hashlib.sha256((run / "run.h5").read_bytes()).hexdigest() != before
+
+
+class CountingNet(torch.nn.Module):
+    """A tiny CNN on the digits that counts its forwards in a persistent buffer (unused by its output)."""
+
+    def __init__(self, num_classes: int = 10):
+        super().__init__()
+        self.body = torch.nn.Sequential(torch.nn.Conv2d(1, 16, 3, padding=1), torch.nn.BatchNorm2d(16), torch.nn.ReLU(),
+                                        torch.nn.AdaptiveAvgPool2d(1), torch.nn.Flatten())
+        self.fc = torch.nn.Linear(16, num_classes)
+        self.register_buffer("seen", torch.zeros((), dtype=torch.long))
+
+    def forward(self, x):
+        self.seen += 1
+        return self.fc(self.body(x))
+
+
+def counting_net(num_classes: int = 10) -> torch.nn.Module:
+    return CountingNet(num_classes)
+
+
+def test_a_model_whose_forward_updates_a_buffer_is_built_again_for_the_dense_stage(tmp_path, monkeypatch):
+    """The groups stage's forwards leave their count in such a model: the dense stage does not take
+    it, and the stored dense weights are those of a run resumed after the groups stage."""
+    args = [*QUICK, "model=custom", "model._target_=test_stages.counting_net", "prune.round_to=1"]
+    assert sweep_in_process(tmp_path / "a", *args) == 0
+    real = baseline.arch_model
+
+    def stop_once(ctx, cfg):
+        monkeypatch.setattr(baseline, "arch_model", real)
+        raise RuntimeError("stopped after the groups stage")
+
+    monkeypatch.setattr(baseline, "arch_model", stop_once)
+    with pytest.raises(RuntimeError, match="stopped after the groups stage"):
+        sweep_in_process(tmp_path / "b", *args)
+    assert sweep_in_process(tmp_path / "b", *args) == 0  # resumed: the groups stage is not run again
+    for stage in ("baseline", "pruned", "final"):
+        a, b = (read_weights(RunFile(str(tmp_path / d / "run.h5")), stage) for d in "ab")
+        assert list(a) == list(b)
+        for k in a:
+            assert torch.equal(a[k], b[k]), (stage, k)
+
+
+def test_a_complete_run_whose_weights_file_is_gone_is_refused_in_one_line(tmp_path, capsys):
+    run = tmp_path / "run"
+    assert sweep_in_process(run, *QUICK) == 0
+    os.remove(run / "final.safetensors")
+    capsys.readouterr()
+    assert sweep_in_process(run, *QUICK) == 2
+    err = [ln for ln in capsys.readouterr().err.splitlines() if ln.startswith("hpcprune: error:")]
+    assert len(err) == 1 and "final.safetensors" in err[0] and "is gone" in err[0], err

@@ -13,6 +13,7 @@ from typing import Any
 
 import h5py
 import numpy as np
+import torch
 from torch import nn
 
 from .. import allocate, reuse
@@ -88,20 +89,30 @@ def run(ctx: Context, cfg: Any, rf: RunFile) -> Record:
 def _marks(model: nn.Module) -> list[tuple]:
     """What the stage's tracing and counting set on a model and must take off again: every module's
     hooks (Torch-Pruning traces with forward hooks) and every parameter's ``requires_grad``
-    (``flops.counting_env`` clears them while counting)."""
+    (``flops.counting_env`` clears them while counting); and every buffer's values (a copy: a
+    forward that updates one, a counter, leaves the stage's forwards in it)."""
     out: list[tuple] = [(n, len(m._forward_hooks), len(m._forward_pre_hooks), len(m._backward_hooks))
                         for n, m in model.named_modules()]
     out += [(n, p.requires_grad) for n, p in model.named_parameters()]
+    out += [(n, b.detach().clone()) for n, b in model.named_buffers()]
     return out
+
+
+def _same_marks(a: list[tuple], b: list[tuple]) -> bool:
+    return len(a) == len(b) and all(
+        x[0] == y[0] and len(x) == len(y) and all(
+            (isinstance(u, torch.Tensor) and isinstance(v, torch.Tensor) and u.shape == v.shape and u.dtype == v.dtype
+             and torch.equal(u, v)) or (not isinstance(u, torch.Tensor) and u == v) for u, v in zip(x[1:], y[1:]))
+        for x, y in zip(a, b))
 
 
 def _hand_back(ctx: Context, model: nn.Module, marks: list[tuple]) -> None:
     """The verified model to the dense stage (``baseline.arch_model``), which would otherwise build
     and initialise it again: every cut was restored (``verify_groups`` checks the tensors, sizes and
-    output after all of them) and ``_marks`` are as before the stage; else it is dropped and the
+    output after all of them) and :func:`_marks` are as before the stage; else it is dropped and the
     dense stage builds its own."""
-    if _marks(model) != marks:
-        log.debug("groups: the stage left hooks or requires_grad flags on the model: the dense stage builds it again")
+    if not _same_marks(_marks(model), marks):
+        log.debug("groups: the stage left hooks, flags or buffer values on the model: the dense stage builds it again")
         return
     ctx.arch_model = model
 
