@@ -143,17 +143,27 @@ class _ChainStarts:
         dense shapes: its ops are the dense recording's, not recorded again (a channel group's cut
         reaches one or two elements of a deep chain: EfficientNetV2-L's 145 groups record 1/25 of
         what whole suffixes would)."""
-        n = len(self.chain)
-        last = max((j for j in range(k, n) if _element_state(self.chain[j][1]) != self.states[j]), default=k)
         rec = ShapeRecorder(self.model)
         with counting_env(self.model), rec:
-            h = self.inputs[k]
-            h = h.clone() if isinstance(h, torch.Tensor) else h  # an element may write into its input
-            for j in range(k, n):
-                h = self.chain[j][1](h)
-                if self.stops and j >= last and j + 1 < n and _same_shapes(h, self.inputs[j + 1]):
-                    return rec.ops + self.ops[self.first_op[j + 1]:]
-        return rec.ops
+            _, stop = run_to_unchanged(self.chain, self.inputs, self.states, k, self.stops)
+        return rec.ops + self.ops[self.first_op[stop]:] if stop < len(self.chain) else rec.ops
+
+
+def run_to_unchanged(chain: list, inputs: list, states: list, k: int, stops: bool = True) -> tuple[Any, int]:
+    """Run chain elements from ``k`` on a copy of element ``k``'s dense input (``inputs[k]``) until
+    the rest of the forward is unchanged: past the last element whose :func:`_element_state` differs
+    from ``states`` (what a cut changed), at the first element whose output has the dense shapes of
+    the next one's input. (the activation, the index of the element it enters: ``len(chain)`` when
+    it ran to the end, always so without ``stops``, see :func:`stops_safely`)."""
+    n = len(chain)
+    last = max((j for j in range(k, n) if _element_state(chain[j][1]) != states[j]), default=k)
+    h = inputs[k]
+    h = h.clone() if isinstance(h, torch.Tensor) else h  # an element may write into its input
+    for j in range(k, n):
+        h = chain[j][1](h)
+        if stops and j >= last and j + 1 < n and _same_shapes(h, inputs[j + 1]):
+            return h, j + 1
+    return h, n
 
 
 _TORCH_INTERNALS = ("_modules", "_parameters", "_buffers", "_non_persistent_buffers_set")

@@ -296,11 +296,21 @@ def _tp_update_concat(graph: Any, cat_node: Any) -> None:
             return
         offsets.append(offsets[-1] + ch)
     cat_node.module.offsets = offsets
+    _map_concat_inputs(cat_node, offsets, range(len(cat_node.inputs)))
+
+
+def _map_concat_inputs(cat_node: Any, offsets: list[int], positions: Any) -> None:
+    """Upstream's mapping of each traced input ``i`` of a concat to its channels
+    ``offsets[positions[i]:positions[i] + 2]``, both ways (the concat's dependency on the input, the
+    input's on the concat; the first one not yet mapped, as upstream); nothing where the concat's
+    index mapping is off."""
+    from torch_pruning.dependency import index_mapping as im
+
     if not cat_node.enable_index_mapping:  # upstream then maps nothing (its loops set no mapping)
         return
     for owner_of, reverse in ((lambda n: cat_node, True), (lambda n: n, False)):
         addressed: set[int] = set()
-        for i, in_node in enumerate(cat_node.inputs):
+        for i, in_node in zip(positions, cat_node.inputs):
             target = in_node if reverse else cat_node
             for dep in owner_of(in_node).dependencies:
                 if id(dep) not in addressed and dep.target == target:
@@ -343,16 +353,7 @@ def _update_concat_index_mapping(graph: Any, cat_node: Any) -> None:
     for c in sizes:
         offsets.append(offsets[-1] + c)
     cat_node.module.offsets = offsets
-    if not cat_node.enable_index_mapping:
-        return
-    for i, in_node in enumerate(cat_node.inputs):  # as upstream, each traced input at its own offsets
-        j = pos[i]
-        dep = next((d for d in cat_node.dependencies if d.target == in_node), None)
-        if dep is not None:
-            dep.index_mapping[1] = im._ConcatIndexMapping(offset=offsets[j:j + 2], reverse=True)
-        dep = next((d for d in in_node.dependencies if d.target == cat_node), None)
-        if dep is not None:
-            dep.index_mapping[1] = im._ConcatIndexMapping(offset=offsets[j:j + 2], reverse=False)
+    _map_concat_inputs(cat_node, offsets, pos)  # as upstream, each traced input at its own offsets
 
 
 tp.dependency.index_mapping.update_concat_index_mapping = _update_concat_index_mapping

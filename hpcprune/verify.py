@@ -347,9 +347,11 @@ class _FromPrefix:
     def forward(self, g: GroupInfo, stop: bool = True) -> Any:
         """``f(x)``: the model's output for group ``g``'s checks; with ``stop``, a :class:`_Partial`
         that may stop before the end of the chain."""
+        from .sensitivity.cells import element_of
+
         k = self.entry(g)
         located = k > 0 or (self.chain is not None and g.kind != "block" and all(
-            any(m.module == name or m.module.startswith(name + ".") for name, _ in self.chain) for m in g.members))
+            element_of(self.chain, m.module) is not None for m in g.members))
         if stop and located and self.stops:
             return _Partial(self, k)
         if k == 0:
@@ -393,25 +395,18 @@ class _Partial:
         return h, output_shapes(self.prefix.inputs[self.stop]), 1.0 + big
 
     def __call__(self, x: torch.Tensor) -> Any:
-        from .costs import _element_state, _same_shapes
+        from .costs import run_to_unchanged
 
         p = self.prefix
         if x is not p.x:
             return p.model(x)
-        chain, n = p.chain, len(p.chain)
+        if self.stop is None:
+            h, self.stop = run_to_unchanged(p.chain, p.inputs, p.states, self.k)
+            return h
         h = p.inputs[self.k]
         h = h.clone() if isinstance(h, torch.Tensor) else h  # an element may write into its input
-        if self.stop is None:
-            last = max((j for j in range(self.k, n) if _element_state(chain[j][1]) != p.states[j]), default=self.k)
-            for j in range(self.k, n):
-                h = chain[j][1](h)
-                if j >= last and j + 1 < n and _same_shapes(h, p.inputs[j + 1]):
-                    self.stop = j + 1
-                    return h
-            self.stop = n
-            return h
         for j in range(self.k, self.stop):
-            h = chain[j][1](h)
+            h = p.chain[j][1](h)
         return h
 
 

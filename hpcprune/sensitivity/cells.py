@@ -221,11 +221,16 @@ def first_element(chain: Sequence[tuple[str, nn.Module]], modules: Sequence[str]
     one of them is in none (a parameter of the model itself, a layer the forward does not reach)."""
     at = []
     for m in modules:
-        k = next((i for i, (name, _) in enumerate(chain) if m == name or m.startswith(name + ".")), None)
+        k = element_of(chain, m)
         if k is None:
             return 0
         at.append(k)
     return min(at, default=0)
+
+
+def element_of(chain: Sequence[tuple[str, nn.Module]], module: str) -> int | None:
+    """The index of the chain element that holds ``module`` (a qualified name), None when none does."""
+    return next((i for i, (name, _) in enumerate(chain) if module == name or module.startswith(name + ".")), None)
 
 
 def chain_of(model: nn.Module, x: Any) -> list[tuple[str, nn.Module]] | None:

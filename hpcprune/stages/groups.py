@@ -86,27 +86,23 @@ def run(ctx: Context, cfg: Any, rf: RunFile) -> Record:
     return lambda f: _write(f, graph, ignore, terms, cost, key, source)
 
 
-def _marks(model: nn.Module) -> list[tuple]:
+def _marks(model: nn.Module) -> tuple[list[tuple], list[tuple[str, torch.Tensor]]]:
     """What the stage's tracing and counting set on a model and must take off again: every module's
     hooks (Torch-Pruning traces with forward hooks) and every parameter's ``requires_grad``
     (``flops.counting_env`` clears them while counting); and every buffer's values (a copy: a
     forward that updates one, a counter, leaves the stage's forwards in it)."""
-    out: list[tuple] = [(n, len(m._forward_hooks), len(m._forward_pre_hooks), len(m._backward_hooks))
-                        for n, m in model.named_modules()]
-    out += [(n, p.requires_grad) for n, p in model.named_parameters()]
-    out += [(n, b.detach().clone()) for n, b in model.named_buffers()]
-    return out
+    flags: list[tuple] = [(n, len(m._forward_hooks), len(m._forward_pre_hooks), len(m._backward_hooks))
+                          for n, m in model.named_modules()]
+    flags += [(n, p.requires_grad) for n, p in model.named_parameters()]
+    return flags, [(n, b.detach().clone()) for n, b in model.named_buffers()]
 
 
-def _same_marks(a: list[tuple], b: list[tuple]) -> bool:
-    return len(a) == len(b) and all(
-        x[0] == y[0] and len(x) == len(y) and all(
-            (isinstance(u, torch.Tensor) and isinstance(v, torch.Tensor) and u.shape == v.shape and u.dtype == v.dtype
-             and torch.equal(u, v)) or (not isinstance(u, torch.Tensor) and u == v) for u, v in zip(x[1:], y[1:]))
-        for x, y in zip(a, b))
+def _same_marks(a: tuple[list, list], b: tuple[list, list]) -> bool:
+    return a[0] == b[0] and [n for n, _ in a[1]] == [n for n, _ in b[1]] and all(
+        u.dtype == v.dtype and u.shape == v.shape and torch.equal(u, v) for (_, u), (_, v) in zip(a[1], b[1]))
 
 
-def _hand_back(ctx: Context, model: nn.Module, marks: list[tuple]) -> None:
+def _hand_back(ctx: Context, model: nn.Module, marks: tuple[list, list]) -> None:
     """The verified model to the dense stage (``baseline.arch_model``), which would otherwise build
     and initialise it again: every cut was restored (``verify_groups`` checks the tensors, sizes and
     output after all of them) and :func:`_marks` are as before the stage; else it is dropped and the
