@@ -16,6 +16,7 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 from matplotlib.colors import CenteredNorm  # noqa: E402
+from matplotlib.figure import Figure as MplFigure  # noqa: E402
 from matplotlib.patches import Rectangle  # noqa: E402
 from matplotlib.ticker import MaxNLocator  # noqa: E402
 
@@ -58,7 +59,7 @@ def sensitivity_heatmap(run: "Run", index: int) -> Figure | None:
     status = s["status"]
     shown = np.ma.masked_where(status != DONE, change)
     G, R = change.shape
-    fig, ax = plt.subplots(figsize=(1.6 + 0.62 * R, 1.3 + 0.36 * G), dpi=DPI, layout="constrained")
+    fig, ax = _subplots(figsize=(1.6 + 0.62 * R, 1.3 + 0.36 * G), dpi=DPI, layout="constrained")
     finite = np.abs(change[status == DONE])
     finite = finite[np.isfinite(finite)]
     half = float(finite.max()) if finite.size and finite.max() > 0 else 1.0
@@ -100,7 +101,7 @@ def sensitivity_curves(run: "Run", index: int) -> Figure | None:
     s = run.sens
     if s is None:
         return None
-    fig, ax = plt.subplots(figsize=(6.4, 1.3 + 0.36 * max(len(run.groups), 8)), dpi=DPI, layout="constrained")
+    fig, ax = _subplots(figsize=(6.4, 1.3 + 0.36 * max(len(run.groups), 8)), dpi=DPI, layout="constrained")
     x = np.concatenate([[0.0], s["ratios"]])
     curves = {}
     many = len(run.groups) > 10
@@ -129,7 +130,7 @@ def allocation_chart(runs: Sequence["Run"], fig_id: str, title: str) -> Figure |
         return None
     groups, sizes = list(runs[0].groups), np.asarray(runs[0].sizes)
     G, n = len(groups), len(runs)
-    fig, ax = plt.subplots(figsize=(max(6.0, 1.2 + G * (0.35 + 0.25 * n)), 3.8), dpi=DPI, layout="constrained")
+    fig, ax = _subplots(figsize=(max(6.0, 1.2 + G * (0.35 + 0.25 * n)), 3.8), dpi=DPI, layout="constrained")
     x = np.arange(G)
     ax.bar(x, sizes, width=0.86, color="none", edgecolor="#444444", linestyle="--", linewidth=1.0, label="dense width")
     width = 0.8 / n
@@ -182,7 +183,7 @@ def pareto(runs: Sequence["Run"], fig_id: str = "pareto") -> Figure | None:
     metric_name = runs[0].metric_name
     higher = runs[0].higher_is_better
     panels = PARETO_AXES + ((ENERGY_AXIS,) if any((r.final or r.pruned).get("energy_kept") is not None for r in runs) else ())
-    fig, axes = plt.subplots(1, len(panels), figsize=(14 * len(panels) / 3, 4.4), dpi=DPI, layout="constrained")
+    fig, axes = _subplots(1, len(panels), figsize=(14 * len(panels) / 3, 4.4), dpi=DPI, layout="constrained")
     data: dict[str, Any] = {"metric": metric_name, "axes": {}}
     colours = plt.get_cmap("tab10")
     for ax, (key, xlabel, higher_x) in zip(axes, panels):
@@ -246,7 +247,7 @@ def finetune_curves(runs: Sequence["Run"], fig_id: str = "finetune") -> Figure |
     runs = [r for r in runs if r.history is not None and len(r.history)]
     if not runs:
         return None
-    fig, (a1, a2) = plt.subplots(1, 2, figsize=(12, 3.8), dpi=DPI, layout="constrained")
+    fig, (a1, a2) = _subplots(1, 2, figsize=(12, 3.8), dpi=DPI, layout="constrained")
     colours = plt.get_cmap("tab10")
     data: dict[str, Any] = {}
     for i, r in enumerate(runs):
@@ -282,7 +283,7 @@ def timings_chart(runs: Sequence["Run"], fig_id: str = "timings") -> Figure | No
     runs = [r for r in runs if r.timings or r.wall is not None]
     if not runs:
         return None
-    fig, ax = plt.subplots(figsize=(12, 1.4 + 0.42 * len(runs)), dpi=DPI, layout="constrained")
+    fig, ax = _subplots(figsize=(12, 1.4 + 0.42 * len(runs)), dpi=DPI, layout="constrained")
     data: dict[str, Any] = {}
     y = np.arange(len(runs))
     for i, r in enumerate(runs):
@@ -309,9 +310,18 @@ def timings_chart(runs: Sequence["Run"], fig_id: str = "timings") -> Figure | No
     return Figure(fig_id, "Time per stage", f"Stacked bars of seconds per stage for {len(runs)} runs", fig, data)
 
 
+def _subplots(*grid: int, figsize: tuple[float, float], dpi: float, layout: str) -> tuple[Any, Any]:
+    """``plt.subplots`` on a figure pyplot does not keep: a report of many runs draws more than
+    pyplot's 20 open figures (its "More than 20 figures" warning), and nothing holds them after
+    they are rendered."""
+    fig = MplFigure(figsize=figsize, dpi=dpi, layout=layout)
+    return fig, fig.subplots(*grid)
+
+
 def close(figs: Sequence[Figure]) -> None:
+    """Free the figures' drawings (they are not pyplot's: nothing else holds them)."""
     for f in figs:
-        plt.close(f.fig)
+        f.fig.clear()
 
 
 def nan_to_none(v: Any) -> Any:

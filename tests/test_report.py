@@ -387,3 +387,23 @@ def test_every_column_is_explained_in_the_help():
     assert [h for _, h in COLUMNS] == list(LEGEND)
     text = " ".join(_parser().format_help().split())
     assert all(f"{h}: " in text for _, h in COLUMNS)
+
+
+def test_a_report_of_many_runs_keeps_no_pyplot_figures(runs):
+    """A report of 8 runs or more draws more than pyplot's 20 open figures (two per run): they are
+    drawn on figures pyplot does not keep, so no "More than 20 figures" warning and nothing held."""
+    import warnings
+
+    import matplotlib.pyplot as plt
+
+    from hpcprune import plots, report_html
+
+    loaded = [report.load_run(p) for p in all_paths(runs)] * 8
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", RuntimeWarning)
+        figs = report_html.build_figures(loaded)
+        try:
+            assert len(figs) > 20 and plt.get_fignums() == []
+            assert all(report_html.figure_png(f)[:4] == b"\x89PNG" for f in figs[:2])
+        finally:
+            plots.close(figs)
