@@ -31,7 +31,7 @@ from .cuts import size_attrs
 
 # the counting lived here before hpcprune.flops: its public names are re-exported
 from .flops import (  # noqa: F401
-    EXTRA_FORMULAS, Op, Recorder, ShapeRecorder, _first, count_macs, count_params, counting_env, record,  # noqa: F401
+    EXTRA_FORMULAS, Op, Recorder, ShapeRecorder, _first, count_macs, count_params, counting_env, counting_switches, record,  # noqa: F401
 )
 
 log = logging.getLogger(__name__)
@@ -354,6 +354,15 @@ class ExactCost:
 
     @classmethod
     def derive(cls, model: nn.Module, example_input: Any, probes: Sequence[Probe], seed: int = 0) -> "ExactCost":
+        """The exact cost polynomials of ``model`` over ``probes``' groups (the class docstring): one
+        recording per channel group; when every probe cuts ``model`` in place (its own graph's), all
+        of them inside one :func:`~hpcprune.flops.counting_switches`."""
+        in_place = all(isinstance(p, GraphProbe) and p.graph.model is model for p in probes)
+        with counting_switches(model) if in_place else contextlib.nullcontext():
+            return cls._derive(model, example_input, probes, seed)
+
+    @classmethod
+    def _derive(cls, model: nn.Module, example_input: Any, probes: Sequence[Probe], seed: int) -> "ExactCost":
         t0 = time.perf_counter()
         rng = random.Random(seed)
         x = _first(example_input)
@@ -505,6 +514,7 @@ class ExactCost:
         inside = [block in op.scope for op in ops]
         prefix = block + "."
         with probe.cut(0) as cut_model:
+            cut_model.eval()  # the skip module put in (a counting_env is already entered: it does not switch again)
             rec = record(cut_model, x)
             rest = {n: tuple(p.shape) for n, p in cut_model.named_parameters()}
         left = [op for op in rec.ops if block in op.scope]

@@ -520,3 +520,41 @@ def test_a_parameter_expanded_over_the_batch_is_counted():
     model = Queries()
     assert count_macs(model, torch.randn(2, 4, 8)) == 4 * 8 * 8
     assert all(p.requires_grad for p in model.parameters())  # put back
+
+
+@pytest.mark.parametrize("case", ["mha_vit", "mobilenetv2", "gru_seq"])
+def test_one_set_of_counting_switches_for_a_whole_derivation(case, monkeypatch):
+    """The cost model sets the counting switches (eval, no MHA fast path, parameters not requiring
+    grad, oneDNN off for recurrent layers) once for all its recordings of graph probes: the same
+    exact polynomials as switching per recording, and the model's modes, flags and MHA fast path
+    put back afterwards."""
+    import archs
+    import archs2
+
+    from hpcprune import flops
+    from hpcprune.graph import Graph
+    from hpcprune.runs import ignore_names
+
+    model_fn, data_fn = {**archs.CASES, **archs2.CASES}[case]
+    walks = []
+    switches = flops._switches
+    monkeypatch.setattr(flops, "_switches", lambda m: walks.append(1) or switches(m))
+    out = []
+    for once in (True, False):
+        if not once:
+            monkeypatch.setattr(costs, "counting_switches", lambda m: contextlib.nullcontext())  # as before
+        torch.manual_seed(0)
+        model = model_fn().train()
+        x = data_fn(calib_samples=16, val_samples=16).example_input[:1]
+        graph = Graph(model, x, ignore_names(model, []))
+        model.get_submodule(next(n for n, _ in model.named_modules() if n)).eval()  # one module's own mode
+        modes = {n: m.training for n, m in model.named_modules()}
+        walks.clear()
+        fast = torch.backends.mha.get_fastpath_enabled()
+        ex = costs.ExactCost.derive(model, x, costs.probes_from_graph(graph))
+        out.append((ex.exact, ex.dense, len(walks)))
+        assert {n: m.training for n, m in model.named_modules()} == modes
+        assert all(p.requires_grad for p in model.parameters()) and torch.is_grad_enabled()
+        assert torch.backends.mha.get_fastpath_enabled() == fast
+    assert out[0][:2] == out[1][:2]
+    assert out[0][2] == 1 and out[1][2] > len(graph.groups)  # once, against once per recording
