@@ -90,6 +90,13 @@ def structure_of(model: nn.Module) -> Structure:
     fn = getattr(model, "prune_structure", None)
     if callable(fn):
         return fn()
+    return detected_structure(model)
+
+
+def detected_structure(model: nn.Module) -> Structure:
+    """The structure of a model that declares none: the attention layers :func:`detect_heads`
+    recognises (their head groups; their projections in ``ignore``), everything else left to
+    Torch-Pruning."""
     heads = detect_heads(model)
     return Structure(heads=heads, ignore=[n for h in heads for n in (*h.fused, *h.q, *h.kv)])
 

@@ -282,3 +282,64 @@ def test_bidirectional_encoder_warned_once(saved, caplog):
         _load(f"model.path={saved['llama'][0]}")
     lines = [r.getMessage() for r in caplog.records if "bidirectional encoder" in r.getMessage()]
     assert len(lines) == 1 and lines[0].startswith("model: BertForMaskedLM (bert) is a bidirectional encoder"), lines
+
+
+def _vision(name):
+    """Tiny random ``transformers`` image classifiers for 1x8x8 digits whose configs hold per-stage
+    widths (and head counts): no single ``hidden_size`` / ``num_attention_heads``."""
+    tf = hf._transformers()
+    torch.manual_seed(0)
+    common = dict(num_labels=10, num_channels=1)
+    if name == "convnextv2":
+        return tf.ConvNextV2ForImageClassification(tf.ConvNextV2Config(patch_size=2, hidden_sizes=[8, 16], depths=[1, 1],
+                                                                       num_stages=2, image_size=8, **common))
+    if name == "resnet":
+        return tf.ResNetForImageClassification(tf.ResNetConfig(embedding_size=8, hidden_sizes=[8, 16], depths=[1, 1],
+                                                               layer_type="bottleneck", **common))
+    return tf.SwinForImageClassification(tf.SwinConfig(image_size=8, patch_size=2, embed_dim=8, depths=[1, 1],
+                                                       num_heads=[2, 4], window_size=2, mlp_ratio=2.0, **common))
+
+
+@pytest.mark.parametrize("name", ["resnet", "swin"])
+def test_image_classifiers_with_per_stage_widths_get_the_structure_of_own_models(name, tmp_path):
+    """HF ResNet / Swin (``hidden_sizes``, per-stage ``num_heads``) through model=hf: structured as a
+    model of one's own (Torch-Pruning's channel groups, recognised attentions), not refused with an
+    AttributeError on ``config.hidden_size``; their groups verified as every group is."""
+    from hpcprune.graph import Graph
+    from hpcprune.runs import ignore_names
+    from hpcprune.verify import verify_groups
+
+    _vision(name).save_pretrained(str(tmp_path))
+    model = _load(f"model.path={tmp_path}").eval()
+    assert isinstance(model, hf.HFImageClassifier)
+    x = torch.randn(4, 1, 8, 8)
+    graph = Graph(model, x, ignore_names(model, []))
+    excluded = verify_groups(graph, x, 0.5)
+    kept = [g for g in graph.groups if g.kind in ("channels", "neurons")]
+    assert len(kept) >= 2, (graph.groups, excluded)
+    if name == "swin":  # its attentions recognised (heads), then excluded by verification: a per-head position table
+        assert any(e.name.endswith(":heads") for e in excluded)
+
+
+def test_sweep_of_a_saved_convnext_v2(tmp_path):
+    """model=hf on a saved tiny ConvNeXt-V2 (a CNN: no hidden_size in its config) through a whole
+    sweep: it is pruned to its MACs target, and the reloaded model's MACs and metric are the run's."""
+    import h5py
+
+    import hpcprune
+    from hpcprune import metrics
+    from hpcprune.zoo.data import digits
+
+    _vision("convnextv2").save_pretrained(str(tmp_path / "ckpt"))
+    run = tmp_path / "run"
+    assert sweep_in_process(run, "threads=1", "launcher=debug", "model=hf", f"model.path={tmp_path / 'ckpt'}",
+                            "data=digits", "data.calib_samples=64", "data.val_samples=64", "baseline.epochs=0",
+                            "finetune.epochs=0", "sensitivity.ratios=[0.5]", "baseline.latency_repeats=1",
+                            "baseline.latency_batch=4", "prune.target.macs=0.7") == 0
+    with h5py.File(run / "run.h5") as f:
+        macs, metric, dense = f["final"].attrs["macs"], f["final"].attrs["metric"], f["baseline"].attrs["macs"]
+    assert macs <= 0.7 * dense
+    model = hpcprune.load_pruned(str(run / "run.h5")).eval()
+    data = digits(calib_samples=64, val_samples=64)
+    assert metrics.macs(model, data.example_input) == macs
+    assert metrics.evaluate(model, metrics.make_batches(data.val, 256)).metric("accuracy") == pytest.approx(metric, rel=1e-6)

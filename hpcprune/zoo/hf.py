@@ -6,8 +6,8 @@ or tokenizer without it raises one line naming ``pip install hpcprune[llm]``.
 Models are wrapped so that ``forward`` takes one tensor and returns logits (what hpcprune's
 training, evaluation and tracing call): :class:`HFCausalLM` (decoders: Llama, Qwen2/3, Mistral,
 Gemma/Gemma 2, Phi, Phi-3, OPT, GPT-2, GPT-NeoX; ``input_ids[B, T] -> logits[B, T, V]``),
-:class:`HFEncoderLM` (BERT, RoBERTa, DistilBERT masked-LM heads), :class:`HFImageClassifier` (ViT;
-``pixel_values -> logits[B, classes]``), :class:`HFSeq2SeqLM` (T5). Every wrapper declares its
+:class:`HFEncoderLM` (BERT, RoBERTa, DistilBERT masked-LM heads), :class:`HFImageClassifier` (ViT,
+and CNNs or hierarchical transformers structured as own models; ``pixel_values -> logits[B, classes]``), :class:`HFSeq2SeqLM` (T5). Every wrapper declares its
 structure (:mod:`hpcprune.structure`) as :mod:`hpcprune.zoo.hf_structure` reads it from the model's
 config and modules: whole KV groups per attention (grouped-query attention stays valid; fused
 ``qkv_proj`` / ``query_key_value`` / ``c_attn`` rows cut per head), whole layers as blocks, and the
@@ -30,7 +30,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from ..structure import Structure
+from ..structure import Structure, StructureError, detected_structure
 from .data import TaskData, _bundle
 from .hf_structure import TupleSkip, hf_structure  # noqa: F401 (TupleSkip: removed 4.x layers, re-exported)
 from .text import TokenWindows
@@ -93,6 +93,17 @@ class HFImageClassifier(_HFWrapper):
 
     def forward(self, pixel_values: torch.Tensor) -> torch.Tensor:
         return self.hf(pixel_values=pixel_values).logits
+
+    def prune_structure(self) -> Structure:
+        """A ViT-like model (one width and head count in its config, a layer list with attentions):
+        :func:`~hpcprune.zoo.hf_structure.hf_structure`. Any other image classifier (ConvNeXt, ResNet,
+        RegNet, MobileViT, SegFormer, Swin: per-stage widths and head counts) is structured as a model
+        of one's own: Torch-Pruning's channel groups, and the attentions
+        :func:`hpcprune.structure.detect_heads` recognises (each verified like every group)."""
+        try:
+            return hf_structure(self, self.hf)
+        except StructureError:
+            return detected_structure(self)
 
 
 class HFSeq2SeqLM(_HFWrapper):

@@ -113,8 +113,14 @@ def _interleaved(config: Any) -> bool:
 
 
 def _config_dims(config: Any) -> tuple[int, int, int, int]:
-    """(d, H, n_rep, hd) from a transformers config (see the module docstring)."""
-    d, H = int(config.hidden_size), int(config.num_attention_heads)
+    """(d, H, n_rep, hd) from a transformers config (see the module docstring). StructureError when
+    the config has no single residual width and head count (a convolutional network's
+    ``hidden_sizes``, a hierarchical transformer's per-stage ``num_heads``)."""
+    d, H = getattr(config, "hidden_size", None), getattr(config, "num_attention_heads", None)
+    if not all(isinstance(v, int) and not isinstance(v, bool) and v > 0 for v in (d, H)):
+        raise StructureError(f"model: {type(config).__name__} has no single hidden_size and num_attention_heads "
+                             f"(hidden_size={d!r}, num_attention_heads={H!r})")
+    d, H = int(d), int(H)
     KV = _kv_heads(config, H)
     hd = int(getattr(config, "head_dim", None) or d // H)
     return d, H, max(1, H // KV), hd
