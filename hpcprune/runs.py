@@ -203,8 +203,13 @@ def load_weights(model: nn.Module, state: Any) -> None:
 
 
 def example_input(run: RunFile) -> torch.Tensor:
+    """The data's example input the run recorded (``/baseline/example_input``), in its own dtype
+    (``@torch_dtype``: a bfloat16 input is stored as float32, which holds it exactly)."""
     with run.read() as f:
-        return torch.from_numpy(f["baseline/example_input"][()])
+        d = f["baseline/example_input"]
+        x = torch.from_numpy(d[()])
+        dtype = d.attrs.get("torch_dtype")
+    return x.to(getattr(torch, str(dtype))) if dtype is not None and str(dtype) != str(x.dtype).removeprefix("torch.") else x
 
 
 def pruned_model(run: RunFile, cfg: DictConfig | None = None, weights: str = "final") -> nn.Module:

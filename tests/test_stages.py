@@ -103,3 +103,38 @@ def test_a_complete_run_whose_weights_file_is_gone_is_refused_in_one_line(tmp_pa
     assert sweep_in_process(run, *QUICK) == 2
     err = [ln for ln in capsys.readouterr().err.splitlines() if ln.startswith("hpcprune: error:")]
     assert len(err) == 1 and "final.safetensors" in err[0] and "is gone" in err[0], err
+
+
+def bf16_mlp():
+    """A model of one's own in bfloat16 (tests/test_stages.py's, for ``model._target_``)."""
+    torch.manual_seed(0)
+    return torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(64, 32), torch.nn.ReLU(),
+                               torch.nn.Linear(32, 10)).to(torch.bfloat16)
+
+
+def bf16_digits(calib_samples=64, val_samples=64, seed=0):
+    """scikit-learn's digits with bfloat16 inputs (the model's dtype), integer labels."""
+    from torch.utils.data import TensorDataset
+
+    from hpcprune.zoo.data import _split, digits
+
+    d = digits(calib_samples=calib_samples, val_samples=val_samples, seed=seed)
+    x = torch.cat([d.train.tensors[0], d.val.tensors[0]]).to(torch.bfloat16)
+    y = torch.cat([d.train.tensors[1], d.val.tensors[1]])
+    assert isinstance(d.train, TensorDataset)
+    return _split(x, y, val_samples, calib_samples, seed)
+
+
+def test_a_bfloat16_model_and_input_of_ones_own(tmp_path):
+    """A bfloat16 model fed bfloat16 inputs goes through the whole sweep: its example input is stored
+    (numpy has no bfloat16: as float32, exactly, with its dtype) and read back as it was."""
+    import hpcprune
+    from hpcprune.runs import example_input
+
+    run = tmp_path / "run"
+    assert sweep_in_process(run, *QUICK, "model._target_=test_stages.bf16_mlp", "data._target_=test_stages.bf16_digits") == 0
+    rf = RunFile(str(run / "run.h5"))
+    x = example_input(rf)
+    assert x.dtype == torch.bfloat16 and torch.equal(x, bf16_digits().example_input)
+    model = hpcprune.load_pruned(str(run / "run.h5"))
+    assert model(x).dtype == torch.bfloat16 and next(model.parameters()).dtype == torch.bfloat16

@@ -86,7 +86,9 @@ def run(ctx: Context, cfg: Any, rf: RunFile) -> Record:
         g = replace_group(f, "baseline")
         put_attrs(g, rec)
         write_weights(rf, "baseline", model.state_dict(), g, reference=reference)
-        g.create_dataset("example_input", data=example.numpy())
+        stored = example.float() if example.dtype == torch.bfloat16 else example  # numpy has no bfloat16: exact in float32
+        d = g.create_dataset("example_input", data=stored.numpy())
+        d.attrs["torch_dtype"] = str(example.dtype).removeprefix("torch.")
         g.attrs["complete"] = True
 
     return write
