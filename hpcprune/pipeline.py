@@ -268,6 +268,32 @@ class Sweep:
                               f"about {need / 2**20:.1f} MiB (run file, its temporary copy, fine-tune checkpoint)")
         self.arch_model = model  # the groups stage verifies this instance (no second build of a large model)
         self._check_batches()
+        self._check_task()
+
+    def _check_task(self) -> None:
+        """Rank 0: what the data holds is what every stage feeds the model and the loss: one input
+        tensor per batch (``model(x)``), and integer targets (class indices, token ids or per-pixel
+        classes) for the cross-entropy that trains, calibrates and scores. ConfigError naming what
+        the data gives, before any compute: a tuple input or float targets failed only in a later
+        stage (a regression's float labels after the groups stage, a multi-label's after dense training)."""
+        where = f"data (_target_={self.cfg.data.get('_target_', '?')})"
+        x = self.data.example_input
+        if not isinstance(x, torch.Tensor):
+            kind = type(x).__name__ + (f" of {len(x)}" if isinstance(x, (tuple, list, dict)) else "")
+            raise ConfigError(f"{where}: example_input is a {kind}, not one tensor: hpcprune calls model(x) with one "
+                              "input tensor per batch (training, evaluation, tracing, export); give the model one input "
+                              "(concatenate the inputs, or wrap the model in a module whose forward splits one tensor)")
+        sample = self.data.train[0]
+        if not isinstance(sample, (tuple, list)) or len(sample) != 2:
+            return
+        y = sample[1]
+        dtype = y.dtype if isinstance(y, torch.Tensor) else torch.tensor(y).dtype if isinstance(y, (int, float)) else None
+        if dtype is not None and (dtype.is_floating_point or dtype.is_complex or dtype == torch.bool):
+            shape = tuple(y.shape) if isinstance(y, torch.Tensor) else ()
+            raise ConfigError(
+                f"{where}: the training targets are {str(dtype).removeprefix('torch.')} (one sample's: shape {shape}), not "
+                "integer class indices: hpcprune trains, calibrates and scores with cross-entropy over classes (or tokens); "
+                "regression and multi-label (float) targets are not supported; give each sample its class as a torch.long")
 
     def _check_batches(self) -> None:
         """Rank 0: every training epoch has at least one whole batch (both loaders drop the last

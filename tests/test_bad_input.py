@@ -157,6 +157,47 @@ def test_no_whole_fine_tune_batch_refused_before_the_run(tmp_path, dense_ckpt, c
     assert not (tmp_path / "run" / "run.h5").exists()
 
 
+def float_targets(calib_samples=16, multi_label=False):
+    """scikit-learn's digits with float targets: the digit's value (a regression), or one-hot rows
+    (multi-label): tasks hpcprune does not train (its loss is cross-entropy over class indices)."""
+    from torch.utils.data import TensorDataset
+
+    from hpcprune.zoo.data import _bundle, digits
+
+    d = digits(calib_samples=calib_samples, val_samples=64)
+
+    def as_float(ds):
+        x, y = ds.tensors
+        return TensorDataset(x, torch.nn.functional.one_hot(y, 10).float() if multi_label else y.float())
+    return _bundle(as_float(d.train), as_float(d.val), calib_samples, 0, 10)
+
+
+def pair_input(calib_samples=16):
+    """scikit-learn's digits, each sample given as a (image, extra features) pair: two inputs."""
+    from hpcprune.zoo.data import digits
+
+    d = digits(calib_samples=calib_samples, val_samples=64)
+    d.example_input = (d.example_input, torch.zeros(len(d.example_input), 4))
+    return d
+
+
+@pytest.mark.parametrize("target,needle", [
+    ("test_bad_input.float_targets", "the training targets are float32 (one sample's: shape ())"),
+    ("test_bad_input.float_targets +data.multi_label=true", "the training targets are float32 (one sample's: shape (10,))"),
+    ("test_bad_input.pair_input", "example_input is a tuple of 2, not one tensor"),
+], ids=["regression", "multi-label", "two-inputs"])
+def test_a_task_hpcprune_does_not_train_is_refused_before_the_run(tmp_path, capsys, target, needle):
+    """Float targets (a regression, multi-label rows) or two inputs per sample: each failed only in a
+    later stage (after the groups stage, after dense training); now one line naming the data's
+    target and what it gives, before the run file exists."""
+    target, *more = target.split()
+    assert sweep_in_process(tmp_path / "run", *[o for o in FAST if not o.startswith("data.")], "data=custom",
+                            f"data._target_={target}", "+data.calib_samples=16", *more) != 0
+    lines = [l for l in capsys.readouterr().err.splitlines() if l.startswith("hpcprune: error:")]
+    assert len(lines) == 1 and f"data (_target_={target}): {needle}" in lines[0], lines
+    assert not (tmp_path / "run" / "run.h5").exists()
+
+
 E2E = [
     (["model=nosuchmodel"], COMPOSE_CASES[0][1]),  # the dry composition, before Hydra
     (["prune.target.macs=1.5"], "prune.target.macs=1.5: a target is the fraction"),  # validate, on rank 0
