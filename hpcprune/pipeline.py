@@ -19,6 +19,7 @@ import time
 from typing import Any
 
 import torch
+from torch import nn
 from omegaconf import OmegaConf
 
 from . import __version__
@@ -255,6 +256,7 @@ class Sweep:
         self.data = instantiate("data", build_data, self.cfg.data)
         torch.manual_seed(int(self.cfg.seed))  # the architecture's weights (the groups stage verifies on them) the same
         model = instantiate("model", build_model, self.cfg.model)  # in every process, whatever ran in it before
+        _check_eager(model, self.cfg)
         if self.cfg.checkpoint and not (self.rf.exists() and self._done("baseline")):
             load_dense_checkpoint(model, str(self.cfg.checkpoint))
         # the run directory holds up to three copies of the weights (dense, pruned, fine-tuned: *.safetensors
@@ -358,3 +360,22 @@ class Sweep:
             ),
             "run_dir": self.run_dir,
         }
+
+
+def _check_eager(model: nn.Module, cfg: Any) -> None:
+    """The model is an eager ``nn.Module`` whose parameters have their shapes: a TorchScript module
+    (its layers cannot be cut, its graph not traced) and lazy layers (``nn.LazyConv2d``: no shape
+    until a first forward) are refused in one line naming what to change, before any compute."""
+    where = f"model (_target_={cfg.model.get('_target_', '?')})"
+    if isinstance(model, torch.jit.ScriptModule):
+        raise ConfigError(f"{where}: a TorchScript module ({type(model).__name__}, from torch.jit.script / torch.jit.trace): "
+                          "hpcprune prunes the eager nn.Module; return the model before scripting it (script the pruned "
+                          "model afterwards: torch.jit.script(hpcprune.load_pruned(run.h5)))")
+    lazy = next(((n, m) for n, m in model.named_modules()
+                 if any(nn.parameter.is_lazy(t) for t in (*m.parameters(recurse=False), *m.buffers(recurse=False)))), None)
+    if lazy is not None:
+        n, m = lazy
+        raise ConfigError(f"{where}: {n or 'the model'} ({type(m).__name__}) has uninitialised (lazy) parameters: their "
+                          "shapes come from a first forward; call the model once on an example batch in your model "
+                          "function, or use the sized layer (nn.Conv2d, nn.Linear, ...)")
+

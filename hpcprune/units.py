@@ -36,6 +36,9 @@ def unsupported_member(by_name: dict[str, nn.Module], members: Sequence[Any]) ->
             return (f"{m.module} is an nn.MultiheadAttention with kdim={mod.kdim}, vdim={mod.vdim} != embed_dim={mod.embed_dim}: "
                     "Torch-Pruning cuts its key and value inputs as if they were embed_dim wide; this group is not "
                     "pruned (give key and value the query's width to prune it)")
+        if mod is not None and hasattr(mod, "weight_mask") and hasattr(mod, "weight_orig"):  # torch.nn.utils.prune
+            return (f"{m.module} carries an unstructured pruning mask (torch.nn.utils.prune: weight_orig and weight_mask); "
+                    "make it permanent before structured pruning: torch.nn.utils.prune.remove(layer, 'weight')")
         if mod is not None and (torch.nn.utils.parametrize.is_parametrized(mod) or hasattr(mod, "weight_g")
                                 or hasattr(mod, "weight_orig")):  # weight_orig: the hook-based spectral_norm
             return (f"{m.module} has a reparametrised weight (weight or spectral norm, or a parametrization of your own); "

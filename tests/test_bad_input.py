@@ -198,6 +198,52 @@ def test_a_task_hpcprune_does_not_train_is_refused_before_the_run(tmp_path, caps
     assert not (tmp_path / "run" / "run.h5").exists()
 
 
+def _digits_cnn():
+    torch.manual_seed(0)
+    return torch.nn.Sequential(torch.nn.Conv2d(1, 8, 3, padding=1), torch.nn.BatchNorm2d(8), torch.nn.ReLU(),
+                               torch.nn.Conv2d(8, 16, 3, padding=1), torch.nn.ReLU(), torch.nn.AdaptiveAvgPool2d(1),
+                               torch.nn.Flatten(), torch.nn.Linear(16, 10))
+
+
+def scripted_cnn():
+    return torch.jit.script(_digits_cnn())
+
+
+def lazy_cnn():
+    return torch.nn.Sequential(torch.nn.LazyConv2d(8, 3), torch.nn.ReLU(), torch.nn.AdaptiveAvgPool2d(1),
+                               torch.nn.Flatten(), torch.nn.Linear(8, 10))
+
+
+def masked_cnn():
+    """Unstructured-pruned already (torch.nn.utils.prune: weight_orig and a weight_mask buffer)."""
+    from torch.nn.utils import prune
+
+    model = _digits_cnn()
+    for i in (0, 3):
+        prune.l1_unstructured(model[i], "weight", amount=0.3)
+    return model
+
+
+@pytest.mark.parametrize("target,needle", [
+    ("scripted_cnn", "a TorchScript module (RecursiveScriptModule, from torch.jit.script / torch.jit.trace): hpcprune "
+                     "prunes the eager nn.Module"),
+    ("lazy_cnn", "0 (LazyConv2d) has uninitialised (lazy) parameters"),
+    ("masked_cnn", "carries an unstructured pruning mask (torch.nn.utils.prune: weight_orig and weight_mask); make it "
+                   "permanent before structured pruning: torch.nn.utils.prune.remove(layer, 'weight')"),
+])
+def test_a_model_that_is_not_a_plain_eager_module_is_refused_naming_the_remedy(tmp_path, capsys, target, needle):
+    """A TorchScript module, lazy layers and torch.nn.utils.prune's masks: one line saying what the
+    model is and what to change (before: a vague "no prunable group (layer types:
+    RecursiveScriptModule)", torch's own uninitialised-parameter error with no stage, advice to remove
+    a weight norm)."""
+    try:  # refused before the run (a return code and the line) or by the groups stage (its ConfigError, in process)
+        assert sweep_in_process(tmp_path / "run", *FAST, f"model._target_=test_bad_input.{target}") != 0
+        lines = [l for l in capsys.readouterr().err.splitlines() if l.startswith("hpcprune: error:")]
+    except ConfigError as e:
+        lines = [str(e)]
+    assert len(lines) == 1 and "\n" not in lines[0] and needle in lines[0], lines
+
+
 E2E = [
     (["model=nosuchmodel"], COMPOSE_CASES[0][1]),  # the dry composition, before Hydra
     (["prune.target.macs=1.5"], "prune.target.macs=1.5: a target is the fraction"),  # validate, on rank 0
