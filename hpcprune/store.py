@@ -76,6 +76,10 @@ def _now() -> str:
 
 class RunFile:
     def __init__(self, path: str) -> None:
+        """The run file at ``path``; a run directory stands for the ``run.h5`` in it."""
+        path = os.fspath(path)
+        if os.path.isdir(path) and os.path.isfile(os.path.join(path, "run.h5")):
+            path = os.path.join(path, "run.h5")
         self.path = os.path.abspath(path)
 
     def exists(self) -> bool:
@@ -86,6 +90,8 @@ class RunFile:
         """Raise RunFileError unless this is a readable hpcprune run file of a known schema (1 or 2)."""
         if not os.path.exists(self.path):
             raise RunFileError(f"{self.path}: no such file")
+        if os.path.isdir(self.path):
+            raise RunFileError(f"{self.path}: a directory without a run.h5 (give a run file, or the run directory holding it)")
         try:
             with h5py.File(self.path, "r") as f:
                 fmt = f.attrs.get("format")

@@ -36,6 +36,18 @@ def test_foreign_and_newer_files_refused(tmp_path):
         RunFile(str(junk)).check()
 
 
+def test_a_run_directory_stands_for_its_run_file(tmp_path):
+    """``load_pruned(run_dir)`` and friends: the directory's run.h5 (an h5py IsADirectoryError before);
+    a directory without one is named as such."""
+    rf = RunFile(str(tmp_path / "run.h5"))
+    rf.create("a: 1\n", {})
+    assert RunFile(str(tmp_path)).path == rf.path and RunFile(tmp_path).attrs()["format"] == "hpcprune-run"
+    RunFile(str(tmp_path)).check()
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(RunFileError, match="empty: a directory without a run.h5"):
+        RunFile(str(tmp_path / "empty")).check()
+
+
 def test_lock_is_exclusive_and_released(tmp_path):
     a = RunLock(str(tmp_path)).acquire()
     with pytest.raises(RunDirLocked, match="in use by pid"):
