@@ -268,7 +268,8 @@ class Graph:
                         infos.append(info)
                     continue
                 self.excluded.append(Excluded(name, [type(root).__name__], f"Torch-Pruning cannot build its group "
-                                              f"({type(e).__name__}: {_first_line(e)}){self._unknown_layers}"))
+                                              f"({type(e).__name__}: {_first_line(e)}{_tp_mapping_of(e)})"
+                                              f"{self._unknown_layers}"))
                 continue
             outs = [dep.target.module for dep, _ in group if self.dg.is_out_channel_pruning_fn(dep.handler)]
             visited.update(id(m) for m in outs)
@@ -720,6 +721,25 @@ def _without(group: Any, drop: frozenset[int]) -> Any:
 
 def _depthwise(mod: nn.Module) -> bool:
     return isinstance(mod, nn.modules.conv._ConvNd) and mod.groups > 1 and mod.groups == mod.in_channels == mod.out_channels
+
+
+_TP_MAPPINGS = {"_SplitIndexMapping": "a split of the channels (torch.split / chunk / unbind)",
+                "_ConcatIndexMapping": "a concatenation (torch.cat)",
+                "_FlattenIndexMapping": "a flatten or reshape of the channels",
+                "_SliceIndexMapping": "a slice of the channels (x[..., a:b])",
+                "_GQAIndexMapping": "grouped-query attention's repeated key/value heads"}
+
+
+def _tp_mapping_of(e: BaseException) -> str:
+    """', in Torch-Pruning's index mapping through <the op>' when ``e`` was raised inside one of
+    Torch-Pruning's channel index mappings (which op the group's search failed at), else ''."""
+    tb, found = e.__traceback__, None
+    while tb is not None:
+        obj = tb.tb_frame.f_locals.get("self")
+        if type(obj).__name__ in _TP_MAPPINGS and type(obj).__module__.startswith("torch_pruning"):
+            found = type(obj).__name__
+        tb = tb.tb_next
+    return f", in Torch-Pruning's index mapping through {_TP_MAPPINGS[found]}" if found else ""
 
 
 def _first_line(e: BaseException) -> str:

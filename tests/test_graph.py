@@ -1074,3 +1074,35 @@ def test_a_model_whose_output_changes_from_one_forward_to_the_next_is_refused_in
     x = torch.randn(4, 6)
     with pytest.raises(ConfigError, match="changes from one forward to the next in eval mode"):
         verify_groups(Graph(model, x[:1], []), x, 0.9, 1)
+
+
+class SelectiveScan(nn.Module):
+    """A Mamba-like selective scan written by hand: ``x_proj(u).split([1, n, n])`` then a loop over
+    time steps indexing the parts (``dt[:, t]``) and stacking them again."""
+
+    def __init__(self, d=16, e=32, n=4):
+        super().__init__()
+        self.in_proj, self.x_proj, self.dt_proj = nn.Linear(d, 2 * e), nn.Linear(e, 2 * n + 1), nn.Linear(1, e)
+        self.A_log = nn.Parameter(torch.log(torch.arange(1, n + 1).float()).repeat(e, 1))
+        self.out_proj, self.head, self.n = nn.Linear(e, d), nn.Linear(d, 3), n
+
+    def forward(self, x):
+        u, z = self.in_proj(x).chunk(2, -1)
+        u = nn.functional.silu(u)
+        dt, Bm, Cm = self.x_proj(u).split([1, self.n, self.n], -1)
+        dt, A = nn.functional.softplus(self.dt_proj(dt)), -torch.exp(self.A_log)
+        h, ys = u.new_zeros(x.shape[0], u.shape[-1], self.n), []
+        for t in range(x.shape[1]):
+            h = torch.exp(dt[:, t, :, None] * A) * h + dt[:, t, :, None] * Bm[:, t, None, :] * u[:, t, :, None]
+            ys.append((h * Cm[:, t, None, :]).sum(-1))
+        return self.head((x + self.out_proj(torch.stack(ys, 1) * nn.functional.silu(z))).mean(1))
+
+
+def test_a_group_search_failing_in_a_split_mapping_names_the_split():
+    """Torch-Pruning's search fails inside its split index mapping (IndexError) on a hand-written
+    selective scan: the exclusion says where, not only "IndexError: list index out of range"."""
+    torch.manual_seed(0)
+    graph = Graph(SelectiveScan().eval(), torch.randn(2, 5, 16), ["head"])
+    reasons = {e.name: e.reason for e in graph.excluded}
+    assert "in_proj" in reasons, reasons
+    assert "in Torch-Pruning's index mapping through a split of the channels (torch.split / chunk / unbind)" in reasons["in_proj"]
