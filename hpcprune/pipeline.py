@@ -285,7 +285,10 @@ class Sweep:
             raise ConfigError(f"{where}: example_input is a {kind}, not one tensor: hpcprune calls model(x) with one "
                               "input tensor per batch (training, evaluation, tracing, export); give the model one input "
                               "(concatenate the inputs, or wrap the model in a module whose forward splits one tensor)")
-        sample = self.data.train[0]
+        try:
+            sample = self.data.train[0]
+        except (TypeError, NotImplementedError, IndexError, KeyError):  # an iterable-only or empty dataset: not checked here
+            return
         if not isinstance(sample, (tuple, list)) or len(sample) != 2:
             return
         y = sample[1]
@@ -378,4 +381,3 @@ def _check_eager(model: nn.Module, cfg: Any) -> None:
         raise ConfigError(f"{where}: {n or 'the model'} ({type(m).__name__}) has uninitialised (lazy) parameters: their "
                           "shapes come from a first forward; call the model once on an example batch in your model "
                           "function, or use the sized layer (nn.Conv2d, nn.Linear, ...)")
-
