@@ -28,6 +28,7 @@ from .cuts import _NORMS, Mask, Slice, TPCut, _dim_size, expand, mask_group, ski
 from .errors import HpcpruneError
 from .structure import Skip, Structure, structure_of  # noqa: F401
 from .units import block_width as _block_width, layout_ops as _layout_ops, member_overflow as _member_overflow
+from .units import narrow_readers as _narrow_readers
 from .units import other_axis_readers as _other_axis_readers
 from .units import runs_on as _runs_on, unit_count as _unit_count, unsupported_member as _unsupported_member
 from .tp_layers import customized_pruners, is_conv1d
@@ -169,6 +170,7 @@ class Graph:
                                    "or raise groups.timeout_s"):
             self.dg = self._build(model, example_input)
             self._tp_groups: dict[str, Any] = {}
+            self.reduced: set[str] = set()  # groups whose channels some layer reads reduced (:meth:`_info`)
             self.all_groups = self._enumerate(t0) + self._structure_groups()
         self.all_groups.sort(key=lambda gi: (self.order.get(gi.block or _module_of(gi), 0), gi.kind == "block"))
         self.kinds = kinds
@@ -241,6 +243,7 @@ class Graph:
         ignored = {id(m) for m in self.ignored} | {id(m) for m in self.dg.IGNORED_LAYERS_IN_TRACING}
         visited: set[int] = set()
         roots = [m for m in self.dg.module2node if (isinstance(m, _ROOTS) or is_conv1d(m)) and id(m) not in ignored]
+        root_ids = {id(m) for m in roots}
         last = time.perf_counter()
         for i, root in enumerate(roots):
             if time.perf_counter() - last > 10.0:
@@ -272,6 +275,13 @@ class Graph:
                                               f"{self._unknown_layers}"))
                 continue
             outs = [dep.target.module for dep, _ in group if self.dg.is_out_channel_pruning_fn(dep.handler)]
+            if int(pruner.get_out_channels(root)) == 1 and any(
+                    m is not root and id(m) not in visited and id(m) not in ignored and id(m) in root_ids
+                    and _dim_size(m, True) > 1 for m in outs):
+                # a 1-channel layer broadcast over wider channels (CBAM's spatial map, ECA's gate): a group of
+                # one unit; the wider layer's own group, searched later, holds the channels (and leaves it out)
+                visited.add(id(root))
+                continue
             visited.update(id(m) for m in outs)
             if any(id(m) in ignored for m in outs):
                 continue
@@ -281,11 +291,17 @@ class Graph:
             wrong = any(isinstance(dep.target.module, nn.Parameter) and dep.target.module.shape[-1] != width
                         for dep, _ in group)
             drop = _other_axis_readers(self.dg, group, width) if not wrong else frozenset()
+            reduced = False
             if not drop and not wrong:  # as many tokens as channels (or a multiple): only a trial cut tells
                 maybe = _other_axis_readers(self.dg, group, width, any_width=True)
                 if maybe and self._runs_without(root, pruner, maybe):
                     drop = maybe
-            info = self._info(name, root, _without(group, drop), drop=drop)
+            if not drop and not wrong:  # layers reading the channels reduced to a few, or broadcasting a few over them
+                narrow = _narrow_readers(self.dg, group, self.names)
+                if narrow and self._runs_without(root, pruner, narrow):
+                    drop = narrow
+                    reduced = True
+            info = self._info(name, root, _without(group, drop), drop=drop, reduced=reduced)
             if info is not None:
                 infos.append(info)
         return infos
@@ -369,11 +385,14 @@ class Graph:
         return f"it would cut parameter {tied} (tied weights would come apart)" if tied else ""
 
     def _info(self, name: str, root: nn.Module, group: Any, root_out: bool = True,
-              drop: frozenset[int] = frozenset()) -> GroupInfo | None:
+              drop: frozenset[int] = frozenset(), reduced: bool = False) -> GroupInfo | None:
         """A Torch-Pruning group as plain data, or None (and an ``excluded`` entry) when hpcprune
         cannot cut it correctly. ``root_out``: the group is rooted at ``root``'s outputs (else at its
         inputs: :meth:`_from_consumer`); ``drop``: the nodes left out of every use of the group
-        (:func:`hpcprune.units.other_axis_readers`)."""
+        (:func:`hpcprune.units.other_axis_readers`, :func:`hpcprune.units.narrow_readers`);
+        ``reduced``: ``drop`` holds layers that read the channels reduced to a few or broadcast a
+        few over them: zeroing channels is not cutting them (a mean over the channels counts zeros),
+        so the group is not maskable and its name goes into :attr:`reduced`."""
         members: list[Member] = []
         types: list[str] = []
         identity = True
@@ -438,6 +457,9 @@ class Graph:
         maskable = plain and identity and all(self._maskable(self.by_name[m.module], m.out) for m in members)
         sliceable = plain and identity and all(self._sliceable(self.by_name[m.module], m.out) for m in members)
         self._tp_groups[name] = (root, root_out, drop)
+        if reduced:
+            maskable = False
+            self.reduced.add(name)
         return GroupInfo(name, kind, size, members, maskable, sliceable, channels=channels, layer_types=types)
 
     @functools.cached_property

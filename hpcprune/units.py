@@ -167,6 +167,62 @@ def runs_on(model: nn.Module, example_input: Any, error: type[Exception]) -> Non
 _MOVES = ("Transpose", "Permute")  # autograd node names of ops that move a dimension
 
 
+def narrow_readers(dg: Any, group: Any, names: dict) -> frozenset[int]:
+    """The nodes of a Torch-Pruning ``group`` (ids of its ``dep.target`` nodes) that lead only to
+    layers Torch-Pruning maps the group's channels onto past their width: layers that read the
+    channels reduced to a few (``torch.cat([x.mean(1, keepdim=True), x.amax(1, keepdim=True)])``
+    into CBAM's 2-to-1 spatial-attention conv; ECA's ``Conv1d`` over the pooled channels as its
+    length) or whose few outputs are broadcast over them (the spatial map times ``x``). Torch-Pruning
+    1.6 passes the channels 1:1 through the reduction and the broadcast, so it cuts indices up to
+    C - 1 from a 2-channel input and a 1-channel output: the group cannot be cut (``member_overflow``).
+    Such a layer and the op nodes above it that lead to nothing else are what to leave out; empty
+    when there is none. Whether the model runs without them, and computes what a pruned copy
+    computes, is tried and verified by the caller (``Graph._runs_without``, ``verify_groups``).
+    ``names``: the model's layers by module (op nodes are not in it)."""
+    deps = [(dep, idxs) for dep, idxs in group]
+    narrow: set[int] = set()
+    layers: set[int] = set()
+    for dep, idxs in deps:
+        mod = dep.target.module
+        if not isinstance(mod, nn.Module) or mod not in names:
+            continue
+        layers.add(id(dep.target))
+        pruner = dg.get_pruner_of_module(mod)
+        out = dg.is_out_channel_pruning_fn(dep.handler)
+        width = None if pruner is None else (pruner.get_out_channels(mod) if out else pruner.get_in_channels(mod))
+        if width is not None and len(idxs) and max(int(i) for i in idxs) >= int(width):
+            narrow.add(id(dep.target))
+    if not narrow:
+        return frozenset()
+    children: dict[int, set[int]] = {}
+    for dep, _ in deps:
+        if dep.target is not dep.source:
+            children.setdefault(id(dep.source), set()).add(id(dep.target))
+    memo: dict[int, frozenset[int]] = {}
+
+    def reached(node: int, path: frozenset[int] = frozenset()) -> frozenset[int]:
+        """The layers below ``node`` in the group (itself when it is one)."""
+        if node in memo:
+            return memo[node]
+        if node in layers:
+            return frozenset({node})
+        out: set[int] = set()
+        for c in children.get(node, ()):
+            if c not in path:
+                out |= reached(c, path | {node})
+        memo[node] = frozenset(out)
+        return memo[node]
+
+    drop = set(narrow)
+    for dep, _ in deps:
+        node = id(dep.target)
+        if node not in layers:
+            below = reached(node)
+            if below and below <= narrow:
+                drop.add(node)
+    return frozenset(drop)
+
+
 def other_axis_readers(dg: Any, group: Any, channels: int, any_width: bool = False) -> frozenset[int]:
     """The nodes of a Torch-Pruning ``group`` (ids of its ``dep.target`` nodes; ``dg``: its
     dependency graph) behind a transpose or permute that lead only to Linear layers reading another

@@ -27,7 +27,8 @@ grouped_convtranspose    images16  ConvTranspose2d(groups=2)       weight (in, o
 layerscale_4d            images    gamma (1, C, 1, 1) * f(x)       the layer-scale Parameter is cut on dim 1 with the channels, not on its last dim (size 1)
 channel_roll             images    x + torch.roll(f(x), 4, dims=1) a shift of channels Torch-Pruning takes as elementwise: exclude the trunk naming torch.roll; f's inner conv can be cut
 shuffle_by_hand          images    view, transpose(1, 2), reshape  a channel shuffle written out after a grouped conv: exclude its group naming the transpose; the stem can be cut
-eca_attention            images    Conv1d over the channel axis    ECA-Net: Torch-Pruning ties the 24 channels to the Conv1d's one channel: exclude that group saying so (it was kept as a 1-unit group, silently); the stem can be cut
+eca_attention            images    Conv1d over the channel axis    ECA-Net: Torch-Pruning ties the 24 channels to the Conv1d's one channel (it was kept as a 1-unit group, silently): leave the Conv1d out, cut the 24 channels (the Conv1d slides over fewer)
+cbam_attention           images    CBAM: mean/amax over channels   the 2-to-1 spatial conv reads the channels reduced and its 1-channel map is broadcast over them: leave it out, cut the channels and the MLP bottleneck
 input_cat                images    cat([x, h], 1) of the input     the model's input has no autograd history (Torch-Pruning does not trace it): h's channel c is the next conv's input c + 1
 lrn_window               images    LocalResponseNorm(5, alpha=1)   its window mixes neighbouring channels: exclude the conv before it naming the LRN (not the plain max-pool after it)
 glu_channels             images    nn.GLU(dim=1)                   output channel c is input c gated by input c + C/2: cut the conv before it in pairs (u, u + C/2)
@@ -478,6 +479,38 @@ def resmlp_affine(num_classes: int = 10) -> nn.Module:
     return ResMLP(32, num_classes)
 
 
+class CBAM(nn.Module):
+    """CBAM (Woo et al. 2018): channel attention (a shared MLP on average- and max-pooled features)
+    then spatial attention (a 7x7 conv on the channels' mean and max, broadcast over the channels)."""
+
+    def __init__(self, c: int, r: int = 4) -> None:
+        super().__init__()
+        self.mlp = nn.Sequential(nn.Conv2d(c, c // r, 1), nn.ReLU(), nn.Conv2d(c // r, c, 1))
+        self.spatial = nn.Conv2d(2, 1, 7, padding=3)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        pooled = self.mlp(x.mean(dim=(2, 3), keepdim=True)) + self.mlp(x.amax(dim=(2, 3), keepdim=True))
+        x = x * torch.sigmoid(pooled)
+        s = torch.cat([x.mean(1, keepdim=True), x.amax(1, keepdim=True)], 1)
+        return x * torch.sigmoid(self.spatial(s))
+
+
+class CBAMNet(nn.Module):
+    def __init__(self, num_classes: int = 10) -> None:
+        super().__init__()
+        self.c1 = nn.Sequential(nn.Conv2d(1, 16, 3, padding=1), nn.BatchNorm2d(16), nn.ReLU())
+        self.c2 = nn.Sequential(nn.Conv2d(16, 24, 3, padding=1), nn.BatchNorm2d(24), nn.ReLU())
+        self.att = CBAM(24)
+        self.fc = nn.Linear(24, num_classes)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.fc(self.att(self.c2(self.c1(x))).mean(dim=(2, 3)))
+
+
+def cbam_attention(num_classes: int = 10) -> nn.Module:
+    return CBAMNet(num_classes)
+
+
 CASES: dict[str, tuple] = {
     "tcn_causal": (tcn_causal, data_signal),
     "pixel_shuffle_sr": (pixel_shuffle_sr, data_images),
@@ -503,6 +536,7 @@ CASES: dict[str, tuple] = {
     "lrn_window": (lrn_window, data_images),
     "glu_channels": (glu_channels, data_images),
     "resmlp_affine": (resmlp_affine, data_images16),
+    "cbam_attention": (cbam_attention, data_images),
 }
 """case name -> (model function, data function); see the module docstring for what each exercises."""
 

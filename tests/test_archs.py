@@ -156,3 +156,33 @@ def test_architecture_two_ranks_equal_one(name, tmp_path):
     np.testing.assert_allclose(out[2][0], out[1][0], rtol=1e-5, atol=1e-6)
     assert out[2][2] == out[1][2]
     assert out[2][1]["metric"] == pytest.approx(out[1][1]["metric"], abs=1e-9)
+
+
+@pytest.mark.parametrize("name,group", [("cbam_attention", "c2.0"), ("eca_attention", "c2")])
+def test_channels_read_reduced_are_cut_end_to_end(name, group, tmp_path):
+    """CBAM's spatial attention (a conv on the channels' mean and max, its 1-channel map broadcast
+    over them) and ECA's Conv1d over the pooled channels: Torch-Pruning ties the channels to those
+    layers' one or two channels, so the group was excluded; now they are left out of it
+    (``units.narrow_readers``) and the channels are cut. The sensitivity cells equal pruned copies,
+    the MACs are the reloaded model's, the target is met, the reload gives the final metric."""
+    import archs2
+
+    torch.set_num_threads(1)
+    model_fn, data_fn = archs2.CASES[name]
+    run_dir = tmp_path / "run"
+    assert run_inprocess(run_dir, ["model=custom", f"model._target_=archs2.{model_fn.__name__}", "data=custom",
+                                   f"data._target_=archs.{data_fn.__name__}", "+data.calib_samples=64",
+                                   *[s for s in SETTINGS if not s.startswith("data.")]]) == 0
+    path = str(run_dir / "run.h5")
+    with h5py.File(path) as f:
+        kept = [n.decode() if isinstance(n, bytes) else n for n in f["groups/name"][()]]
+        final, dense_macs = dict(f["final"].attrs), float(f["baseline"].attrs["macs"])
+        assert (f["sensitivity/status"][()][kept.index(group)] == 1).all()  # its cells done, so compared below
+    assert _cells_equal_copies(path) > 0
+    model = load_pruned(path)
+    assert final["macs"] == count_macs(model, example_input(RunFile(path))[:1])
+    assert final["macs"] / dense_macs <= TARGET + 1e-9
+    from hpcprune.runs import build_data
+
+    data = build_data(load_config(RunFile(path)).data)
+    assert metrics.evaluate(model, metrics.make_batches(data.val, 256)).metric("accuracy") == pytest.approx(final["metric"], abs=1e-9)

@@ -92,7 +92,10 @@ ARCHS2_EXPECTED = {
     "layerscale_4d": (["0.0", "1.f.1", "2.f.1"], {}),
     "channel_roll": (["f.0"], {"stem.0": "passes them 1:1 through torch.roll (channel c becomes channel c + shift)"}),
     "shuffle_by_hand": (["stem", "post"], {"g": "a transpose of the channel dimension (a channel shuffle"}),
-    "eca_attention": (["c1"], {"eca": "ties c2's 24 output channels to the single channel of eca"}),
+    # ECA's Conv1d slides over the pooled channels and its one-channel gate is broadcast over them: left
+    # out of c2's group (units.narrow_readers), which is cut with the Conv1d over fewer channels
+    "eca_attention": (["c1", "c2"], {}),
+    "cbam_attention": (["c1.0", "c2.0", "att.mlp.0"], {}),  # the spatial conv left out of c2.0's group
     "input_cat": (["c1.0", "c2.0", "c3.0"], {}),
     "lrn_window": (["4"], {"0": "2 (LocalResponseNorm, size 5) normalises each channel over a window"}),
     "glu_channels": (["0", "2"], {}),  # a unit is the pair (u, u + 24) the GLU multiplies
@@ -104,6 +107,8 @@ def _consumers_zeroed(model, graph, drops, x):
     """The dense model's output with the dropped channels' input columns zeroed in every consumer (a
     reference that does not use Torch-Pruning); None where a consumer or member mixes channels."""
     saved = []
+    if any(name in graph.reduced for name in drops):  # a layer reads the channels reduced: zeros are not removal
+        return None
     try:
         for name, drop in drops.items():
             g = graph.group(name)
