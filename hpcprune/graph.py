@@ -300,7 +300,9 @@ class Graph:
                 narrow = _narrow_readers(self.dg, group, self.names)
                 if narrow and self._runs_without(root, pruner, narrow):
                     drop = narrow
-                    reduced = True
+                    # a layer's input side left out: it reads the channels reduced (a broadcast map's
+                    # output alone leaves zeroing a channel equal to removing it)
+                    reduced = any(isinstance(d, tuple) and not d[1] for d in narrow)
             info = self._info(name, root, _without(group, drop), drop=drop, reduced=reduced)
             if info is not None:
                 infos.append(info)
@@ -731,13 +733,16 @@ def _in_blocks(name: str, mod: nn.Module, width: int) -> str:
     return f"{name} in blocks of {width}"
 
 
-def _without(group: Any, drop: frozenset[int]) -> Any:
-    """Torch-Pruning ``group`` without the items whose target node is in ``drop`` (node ids)."""
+def _without(group: Any, drop: frozenset) -> Any:
+    """Torch-Pruning ``group`` without the items whose target node is in ``drop``: node ids (every
+    item on that node), or ``(node id, out)`` pairs (the items cutting that side of the layer only,
+    :func:`hpcprune.units.narrow_readers`)."""
     if not drop:
         return group
     out = tp.dependency.Group()
     out._DG = group._DG
-    out._group = [item for item in group._group if id(item.dep.target) not in drop]
+    out._group = [item for item in group._group if id(item.dep.target) not in drop
+                  and (id(item.dep.target), bool(group._DG.is_out_channel_pruning_fn(item.dep.handler))) not in drop]
     return out
 
 

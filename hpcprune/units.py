@@ -167,20 +167,23 @@ def runs_on(model: nn.Module, example_input: Any, error: type[Exception]) -> Non
 _MOVES = ("Transpose", "Permute")  # autograd node names of ops that move a dimension
 
 
-def narrow_readers(dg: Any, group: Any, names: dict) -> frozenset[int]:
-    """The nodes of a Torch-Pruning ``group`` (ids of its ``dep.target`` nodes) that lead only to
-    layers Torch-Pruning maps the group's channels onto past their width: layers that read the
-    channels reduced to a few (``torch.cat([x.mean(1, keepdim=True), x.amax(1, keepdim=True)])``
-    into CBAM's 2-to-1 spatial-attention conv; ECA's ``Conv1d`` over the pooled channels as its
-    length) or whose few outputs are broadcast over them (the spatial map times ``x``). Torch-Pruning
-    1.6 passes the channels 1:1 through the reduction and the broadcast, so it cuts indices up to
-    C - 1 from a 2-channel input and a 1-channel output: the group cannot be cut (``member_overflow``).
-    Such a layer and the op nodes above it that lead to nothing else are what to leave out; empty
-    when there is none. Whether the model runs without them, and computes what a pruned copy
-    computes, is tried and verified by the caller (``Graph._runs_without``, ``verify_groups``).
-    ``names``: the model's layers by module (op nodes are not in it)."""
+def narrow_readers(dg: Any, group: Any, names: dict) -> frozenset:
+    """What to leave out of a Torch-Pruning ``group``: the sides of layers Torch-Pruning maps the
+    group's channels onto past their width, as ``(id(node), out)`` pairs, and the element-wise op
+    nodes (ids) that lead only to those layers. Such a layer reads the channels reduced to a few
+    (``torch.cat([x.mean(1, keepdim=True), x.amax(1, keepdim=True)])`` into CBAM's 2-to-1
+    spatial-attention conv; ECA's ``Conv1d`` over the pooled channels as its length), or its few
+    outputs are broadcast over them (a spatial SE's 1-channel map times ``x``: its input side, which
+    does read the channels, stays in the group). Torch-Pruning 1.6 passes the channels 1:1 through
+    the reduction and the broadcast, so it would cut indices up to C - 1 from a 2-channel input or a
+    1-channel output: the group could not be cut (``member_overflow``). Empty when there is none.
+    Whether the model runs without them, and what the cut computes, is tried and verified by the
+    caller (``Graph._runs_without``, ``verify_groups``). ``names``: the model's layers by module."""
+    import torch_pruning as tp
+
     deps = [(dep, idxs) for dep, idxs in group]
-    narrow: set[int] = set()
+    sides: set[tuple[int, bool]] = set()
+    narrow_nodes: set[int] = set()
     layers: set[int] = set()
     for dep, idxs in deps:
         mod = dep.target.module
@@ -188,12 +191,16 @@ def narrow_readers(dg: Any, group: Any, names: dict) -> frozenset[int]:
             continue
         layers.add(id(dep.target))
         pruner = dg.get_pruner_of_module(mod)
-        out = dg.is_out_channel_pruning_fn(dep.handler)
+        out = bool(dg.is_out_channel_pruning_fn(dep.handler))
         width = None if pruner is None else (pruner.get_out_channels(mod) if out else pruner.get_in_channels(mod))
         if width is not None and len(idxs) and max(int(i) for i in idxs) >= int(width):
-            narrow.add(id(dep.target))
-    if not narrow:
+            sides.add((id(dep.target), out))
+            narrow_nodes.add(id(dep.target))
+    if not sides:
         return frozenset()
+    whole = {n for n in narrow_nodes if all((n, o) in sides for o in (False, True)
+                                            if any(id(d.target) == n and bool(dg.is_out_channel_pruning_fn(d.handler)) == o
+                                                   for d, _ in deps))}
     children: dict[int, set[int]] = {}
     for dep, _ in deps:
         if dep.target is not dep.source:
@@ -213,13 +220,17 @@ def narrow_readers(dg: Any, group: Any, names: dict) -> frozenset[int]:
         memo[node] = frozenset(out)
         return memo[node]
 
-    drop = set(narrow)
+    drop: set[Any] = set(sides)
     for dep, _ in deps:
         node = id(dep.target)
-        if node not in layers:
-            below = reached(node)
-            if below and below <= narrow:
-                drop.add(node)
+        if node in layers:
+            continue
+        below = reached(node)
+        # an op that leads only to whole narrow layers (CBAM's concat of the mean and max); an
+        # element-wise op (a sigmoid) also when it leads to a narrow layer's left-out side only
+        elementwise = isinstance(dep.target.module, tp.ops._ElementWiseOp)
+        if below and (below <= whole or (elementwise and below <= narrow_nodes)):
+            drop.add(node)
     return frozenset(drop)
 
 

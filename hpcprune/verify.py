@@ -205,6 +205,34 @@ def _short(model: nn.Module, x: torch.Tensor) -> torch.Tensor:
     return x[:, :_TOKENS].contiguous()
 
 
+def _reduced_unchecked(graph: Graph, g: GroupInfo, drop: Sequence[int], x: torch.Tensor) -> str | None:
+    """Why a group whose channels some layer also reads reduced (``Graph.reduced``: no zeroed-channel
+    reference checks its cut, since zeros are not removal in a mean over the channels) is excluded
+    anyway: Torch-Pruning's cut would move the channels (a roll, a flip, a shuffle: ``_layout``), a
+    window normalises each channel over its neighbours (LRN), or the cut of ``drop`` maps onto
+    indices outside a member's width or twice onto one channel; None when none of these holds."""
+    why = "its channels are also read reduced (a mean or max over them, a broadcast map), so no zeroed-channel reference checks the cut"
+    ops = _layout(graph, g)
+    if ops:
+        return f"{why}, and Torch-Pruning passes them 1:1 through {'; '.join(ops)}, which moves them; the group stays whole"
+    windows = _channel_windows(graph, g, x)
+    if windows:
+        return f"{why}, and {'; '.join(windows)} normalises each channel over a window of its neighbours; the group stays whole"
+    dg = graph.dg
+    for dep, idxs in graph.tp_group(g.name, g.unit_channels(drop)):
+        mod = dep.target.module
+        if not isinstance(mod, nn.Module) or mod not in graph.names or not len(idxs):
+            continue
+        out = dg.is_out_channel_pruning_fn(dep.handler)
+        pruner = dg.get_pruner_of_module(mod)
+        width = None if pruner is None else (pruner.get_out_channels(mod) if out else pruner.get_in_channels(mod))
+        ii = [int(i) for i in idxs]
+        if width is not None and (min(ii) < 0 or max(ii) >= int(width) or len(set(ii)) != len(ii)):
+            return (f"{why}, and Torch-Pruning maps the cut onto {graph.names[mod]}'s {'output' if out else 'input'} "
+                    f"channels {min(ii)} .. {max(ii)} of {int(width)}; the group stays whole")
+    return None
+
+
 def _layout(graph: Graph, g: GroupInfo) -> list[str]:
     """The ops of the group Torch-Pruning does not follow (``units.layout_ops``)."""
     return layout_ops(graph.tp_group(g.name), graph.model) if g.kind in ("channels", "neurons") else []
@@ -420,6 +448,10 @@ def _check(graph: Graph, g: GroupInfo, x: torch.Tensor, dense_out: tuple[torch.T
     drop = _drop(g, max_ratio, round_to, seed)
     if not drop:
         return None
+    if g.name in getattr(graph, "reduced", ()):
+        why = _reduced_unchecked(graph, g, drop, x)
+        if why:
+            return why
     try:
         cut = graph.cut(g.name, drop)
     except Exception as e:  # noqa: BLE001 - the reason is recorded, the group excluded

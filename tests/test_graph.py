@@ -1106,3 +1106,66 @@ def test_a_group_search_failing_in_a_split_mapping_names_the_split():
     reasons = {e.name: e.reason for e in graph.excluded}
     assert "in_proj" in reasons, reasons
     assert "in Torch-Pruning's index mapping through a split of the channels (torch.split / chunk / unbind)" in reasons["in_proj"]
+
+
+def _cbr(i, o):
+    return nn.Sequential(nn.Conv2d(i, o, 3, padding=1), nn.BatchNorm2d(o), nn.ReLU())
+
+
+class _Gated(nn.Module):
+    """c1 -> c2 (16 channels) -> a gate of one kind -> mean pool -> fc."""
+
+    def __init__(self, kind):
+        super().__init__()
+        self.kind, self.c1, self.c2, self.fc = kind, _cbr(1, 8), _cbr(8, 16), nn.Linear(16, 10)
+        self.sse = nn.Conv2d(16, 1, 1)  # spatial SE: a 1-channel map from the channels, broadcast over them
+        self.spatial = nn.Conv2d(2, 1, 3, padding=1)  # CBAM's spatial attention on the channels' mean and max
+        self.a, self.b = nn.Conv2d(16, 16, 3, padding=1), nn.Conv2d(16, 16, 3, padding=1)
+        self.lrn = nn.LocalResponseNorm(3, alpha=1.0)
+
+    def forward(self, x):
+        h = self.c2(self.c1(x))
+        if self.kind == "sse":
+            h = h * torch.sigmoid(self.sse(h))
+        elif self.kind == "roll":  # channels moved by a roll, then gated by a map from another tensor
+            h = (self.a(h) + torch.roll(self.b(h), 4, 1)) * torch.sigmoid(self.sse(h))
+        else:
+            if self.kind == "lrn":
+                h = self.lrn(h)
+            h = h * torch.sigmoid(self.spatial(torch.cat([h.mean(1, keepdim=True), h.amax(1, keepdim=True)], 1)))
+        return self.fc(h.mean(dim=(2, 3)))
+
+
+@pytest.mark.parametrize("kind,group,excluded", [
+    ("sse", "c2.0", None),
+    ("cbam", "c2.0", None),
+    ("roll", "c2.0", ("a", "torch.roll")),
+    ("lrn", "c1.0", ("c2.0", "lrn (LocalResponseNorm, size 3) normalises each channel over a window")),
+])
+def test_layers_reading_the_channels_reduced_are_left_out_and_the_rest_still_checked(kind, group, excluded):
+    """A 1-channel map broadcast over the channels (spatial SE: the gate conv's input is cut, its
+    output left out; still checked against the dense model with the channels zeroed) and CBAM's
+    conv on the channels' mean and max (left out whole; no zeroed reference then): the channels are
+    cut. What the zeroed reference would have caught is still refused: a torch.roll of the
+    channels (a found by the reference), a LocalResponseNorm's window (named without it)."""
+    torch.manual_seed(0)
+    model, x = _Gated(kind).eval(), torch.randn(8, 1, 8, 8)
+    graph = Graph(model, x[:1], ["fc"])
+    verify_groups(graph, x, 0.9)
+    assert group in [g.name for g in graph.groups], graph.excluded
+    assert ("c2.0" in graph.reduced) == (kind in ("cbam", "lrn"))  # an input side left out: no zeroed reference
+    reasons = {e.name: e.reason for e in graph.excluded}
+    if excluded:
+        assert excluded[1] in reasons[excluded[0]], reasons
+    kept = [g for g in graph.groups if g.name != "fc"]
+    cost = allocate.CostModel.from_exact(graph.groups, ExactCost.derive(model, x[:1], probes_from_graph(graph)))
+    ratios = [0.5] * len(graph.groups)
+    pruned = copy.deepcopy(model)
+    pg = Graph(pruned, x[:1], ["fc"])
+    for g in kept:
+        pg.prune_group(g.name, list(range(0, g.size, 2)))
+    with torch.no_grad():
+        assert pruned(x).shape == (8, 10)
+    assert cost.cost("macs", ratios, 1) == pytest.approx(metrics.macs(pruned, x[:1]), rel=1e-9)
+    if kind == "sse":
+        assert pruned.sse.in_channels == 8 and pruned.sse.out_channels == 1
