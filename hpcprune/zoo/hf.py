@@ -7,9 +7,10 @@ Models are wrapped so that ``forward`` takes one tensor and returns logits (what
 training, evaluation and tracing call): :class:`HFCausalLM` (decoders: Llama, Qwen2/3, Mistral,
 Gemma/Gemma 2, Phi, Phi-3, OPT, GPT-2, GPT-NeoX; ``input_ids[B, T] -> logits[B, T, V]``),
 :class:`HFEncoderLM` (BERT, RoBERTa, DistilBERT masked-LM heads), :class:`HFImageClassifier` (ViT,
-and CNNs or hierarchical transformers structured as own models; ``pixel_values -> logits[B, classes]``), :class:`HFSeq2SeqLM` (T5). Every wrapper declares its
-structure (:mod:`hpcprune.structure`) as :mod:`hpcprune.zoo.hf_structure` reads it from the model's
-config and modules: whole KV groups per attention (grouped-query attention stays valid; fused
+and CNNs or hierarchical transformers structured as own models; ``pixel_values -> logits[B,
+classes]``), :class:`HFSeq2SeqLM` (T5). Every wrapper declares its structure
+(:mod:`hpcprune.structure`) as :mod:`hpcprune.zoo.hf_structure` reads it from the model's config
+and modules: whole KV groups per attention (grouped-query attention stays valid; fused
 ``qkv_proj`` / ``query_key_value`` / ``c_attn`` rows cut per head), whole layers as blocks, and the
 MLP neurons (``gate_proj`` and ``up_proj`` outputs with ``down_proj`` inputs, coupled by the product;
 a fused ``gate_up_proj``; ``fc1``/``c_fc``/``wi``) left to Torch-Pruning. The residual width, the
