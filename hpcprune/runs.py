@@ -208,8 +208,8 @@ def example_input(run: RunFile) -> torch.Tensor:
     with run.read() as f:
         d = f["baseline/example_input"]
         x = torch.from_numpy(d[()])
-        dtype = d.attrs.get("torch_dtype")
-    return x.to(getattr(torch, str(dtype))) if dtype is not None and str(dtype) != str(x.dtype).removeprefix("torch.") else x
+        dtype = d.attrs.get("torch_dtype")  # absent in run files written before it was recorded
+    return x if dtype is None else x.to(getattr(torch, str(dtype)))
 
 
 def pruned_model(run: RunFile, cfg: DictConfig | None = None, weights: str = "final") -> nn.Module:

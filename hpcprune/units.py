@@ -182,25 +182,21 @@ def narrow_readers(dg: Any, group: Any, names: dict) -> frozenset:
     import torch_pruning as tp
 
     deps = [(dep, idxs) for dep, idxs in group]
-    sides: set[tuple[int, bool]] = set()
-    narrow_nodes: set[int] = set()
-    layers: set[int] = set()
+    sides: set[tuple[int, bool]] = set()  # (layer node, out) of every layer side in the group
+    narrow: set[tuple[int, bool]] = set()  # those mapped past their width
     for dep, idxs in deps:
         mod = dep.target.module
         if not isinstance(mod, nn.Module) or mod not in names:
             continue
-        layers.add(id(dep.target))
-        pruner = dg.get_pruner_of_module(mod)
         out = bool(dg.is_out_channel_pruning_fn(dep.handler))
-        width = None if pruner is None else (pruner.get_out_channels(mod) if out else pruner.get_in_channels(mod))
-        if width is not None and len(idxs) and max(int(i) for i in idxs) >= int(width):
-            sides.add((id(dep.target), out))
-            narrow_nodes.add(id(dep.target))
-    if not sides:
+        sides.add((id(dep.target), out))
+        if member_overflow(dg, "", mod, out, idxs):
+            narrow.add((id(dep.target), out))
+    if not narrow:
         return frozenset()
-    whole = {n for n in narrow_nodes if all((n, o) in sides for o in (False, True)
-                                            if any(id(d.target) == n and bool(dg.is_out_channel_pruning_fn(d.handler)) == o
-                                                   for d, _ in deps))}
+    layers = {n for n, _ in sides}
+    narrow_nodes = {n for n, _ in narrow}
+    whole = {n for n in narrow_nodes if all(side in narrow for side in sides if side[0] == n)}  # every side narrow
     children: dict[int, set[int]] = {}
     for dep, _ in deps:
         if dep.target is not dep.source:
@@ -220,7 +216,7 @@ def narrow_readers(dg: Any, group: Any, names: dict) -> frozenset:
         memo[node] = frozenset(out)
         return memo[node]
 
-    drop: set[Any] = set(sides)
+    drop: set[Any] = set(narrow)
     for dep, _ in deps:
         node = id(dep.target)
         if node in layers:

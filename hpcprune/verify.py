@@ -448,7 +448,7 @@ def _check(graph: Graph, g: GroupInfo, x: torch.Tensor, dense_out: tuple[torch.T
     drop = _drop(g, max_ratio, round_to, seed)
     if not drop:
         return None
-    if g.name in getattr(graph, "reduced", ()):
+    if g.name in graph.reduced:
         why = _reduced_unchecked(graph, g, drop, x)
         if why:
             return why
@@ -486,7 +486,7 @@ def _check(graph: Graph, g: GroupInfo, x: torch.Tensor, dense_out: tuple[torch.T
                     f"{float((other - got).abs().max()):.3g})")
     # a group whose channels some layer reads reduced (a mean over them: CBAM's spatial attention) has
     # no reference without Torch-Pruning: zeroing a channel is not removing it from the mean
-    if g.kind in ("channels", "neurons") and not _mixes(g.layer_types) and g.name not in getattr(graph, "reduced", ()):
+    if g.kind in ("channels", "neurons") and not _mixes(g.layer_types) and g.name not in graph.reduced:
         try:
             ref = _oracle(graph, g, drop, x, fwd)
         except IndexError as e:  # a consumer indexed past its inputs: the mapping is wrong
